@@ -1,0 +1,434 @@
+//! The CPU backend: GEMM through the `gemm` crate, everything else as plain loops.
+//! This is the reference implementation; keep it obvious.
+
+use crate::{Activation, Backend, UpdateRule};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Element-wise work is split into chunks of this many elements; buffers smaller than one
+/// chunk run on the calling thread. Fixed chunks keep reductions deterministic: partial
+/// sums are combined in chunk order whatever the thread count.
+const CHUNK: usize = 1 << 15;
+
+/// CPU backend. `threads` bounds the GEMM parallelism (rayon's global pool is sized by the
+/// binary from `--threads`).
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    pub threads: usize,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self { threads: rayon::current_num_threads() }
+    }
+}
+
+impl CpuBackend {
+    pub fn new(threads: usize) -> Self {
+        Self { threads: threads.max(1) }
+    }
+
+    fn parallelism(&self, m: usize, k: usize, n: usize) -> Parallelism {
+        // Below ~1 MFLOP the fork/join costs more than it saves.
+        if self.threads <= 1 || m * k * n < (1 << 18) {
+            Parallelism::None
+        } else {
+            Parallelism::Rayon(self.threads)
+        }
+    }
+}
+
+const GELU_C: f32 = 0.797_884_6; // sqrt(2/pi)
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+#[inline]
+fn act_forward(act: Activation, x: f32) -> f32 {
+    match act {
+        Activation::Identity => x,
+        Activation::Sigmoid => sigmoid(x),
+        Activation::Tanh => x.tanh(),
+        Activation::Relu => x.max(0.0),
+        Activation::LeakyRelu { slope } => {
+            if x > 0.0 {
+                x
+            } else {
+                slope * x
+            }
+        }
+        Activation::Swish { beta } => x * sigmoid(beta * x),
+        Activation::Gelu => 0.5 * x * (1.0 + (GELU_C * (x + 0.044715 * x * x * x)).tanh()),
+    }
+}
+
+/// (d act/dx, d act/d beta) at x.
+#[inline]
+fn act_derivative(act: Activation, x: f32) -> (f32, f32) {
+    match act {
+        Activation::Identity => (1.0, 0.0),
+        Activation::Sigmoid => {
+            let s = sigmoid(x);
+            (s * (1.0 - s), 0.0)
+        }
+        Activation::Tanh => {
+            let t = x.tanh();
+            (1.0 - t * t, 0.0)
+        }
+        Activation::Relu => (if x > 0.0 { 1.0 } else { 0.0 }, 0.0),
+        Activation::LeakyRelu { slope } => (if x > 0.0 { 1.0 } else { slope }, 0.0),
+        Activation::Swish { beta } => {
+            let s = sigmoid(beta * x);
+            let ds = s * (1.0 - s);
+            (s + beta * x * ds, x * x * ds)
+        }
+        Activation::Gelu => {
+            let u = GELU_C * (x + 0.044715 * x * x * x);
+            let t = u.tanh();
+            let du = GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
+            (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du, 0.0)
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
+        buf.clone()
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) {
+        dst.copy_from_slice(src);
+    }
+    fn fill(&self, buf: &mut Vec<f32>, value: f32) {
+        buf.fill(value);
+    }
+    fn copy_range(&self, src: &Vec<f32>, src_off: usize, dst: &mut Vec<f32>, dst_off: usize, len: usize) {
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+    }
+
+    fn matmul(
+        &self,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        c: &mut Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+    ) {
+        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul: buffer too small");
+        // Strides of op(a) (m,k): row-major (k,1); stored transposed (k,m) -> (1,m).
+        let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+        let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                c[..m * n].fill(0.0);
+            }
+            return;
+        }
+        // SAFETY: the asserts above bound every index gemm touches by the strides given.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                a.as_ptr(),
+                a_cs,
+                a_rs,
+                b.as_ptr(),
+                b_cs,
+                b_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                self.parallelism(m, k, n),
+            );
+        }
+    }
+
+    fn add_row_vector(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) {
+        for row in x[..rows * cols].chunks_exact_mut(cols) {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+    }
+
+    fn sum_rows(&self, x: &Vec<f32>, out: &mut Vec<f32>, rows: usize, cols: usize, accumulate: bool) {
+        if !accumulate {
+            out[..cols].fill(0.0);
+        }
+        for row in x[..rows * cols].chunks_exact(cols) {
+            for (o, v) in out.iter_mut().zip(row) {
+                *o += v;
+            }
+        }
+    }
+
+    fn activation_forward(&self, act: Activation, x: &Vec<f32>, y: &mut Vec<f32>) {
+        for (y, &x) in y.iter_mut().zip(x.iter()) {
+            *y = act_forward(act, x);
+        }
+    }
+
+    fn activation_backward(
+        &self,
+        act: Activation,
+        x: &Vec<f32>,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> f32 {
+        let mut dbeta = 0.0f64;
+        for ((dx, &x), &dy) in dx.iter_mut().zip(x.iter()).zip(dy.iter()) {
+            let (d, db) = act_derivative(act, x);
+            if accumulate {
+                *dx += d * dy;
+            } else {
+                *dx = d * dy;
+            }
+            dbeta += (db * dy) as f64;
+        }
+        dbeta as f32
+    }
+
+    fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += alpha * x;
+        }
+    }
+    fn scale(&self, x: &mut Vec<f32>, alpha: f32) {
+        x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= alpha));
+    }
+    fn mul(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) {
+        for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+            *o = a * b;
+        }
+    }
+    fn mul_acc(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) {
+        for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+            *o += a * b;
+        }
+    }
+    fn sum_squares(&self, x: &Vec<f32>) -> f64 {
+        let partial: Vec<f64> =
+            x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).collect();
+        partial.iter().sum()
+    }
+    fn add_sign(&self, alpha: f32, src: &Vec<f32>, dst: &mut Vec<f32>) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            if s > 0.0 {
+                *d += alpha;
+            } else if s < 0.0 {
+                *d -= alpha;
+            }
+        }
+    }
+
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Vec<f32>,
+        targets: &[u32],
+        class_weights: Option<&[f32]>,
+        dlogits: &mut Vec<f32>,
+        rows: usize,
+        classes: usize,
+        grad_scale: f32,
+    ) -> (f64, usize) {
+        let mut loss = 0.0f64;
+        let mut correct = 0;
+        for (i, (row, drow)) in logits[..rows * classes]
+            .chunks_exact(classes)
+            .zip(dlogits[..rows * classes].chunks_exact_mut(classes))
+            .enumerate()
+        {
+            let t = targets[i] as usize;
+            let w = class_weights.map_or(1.0, |cw| cw[t]);
+            let (argmax, max) =
+                row.iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |(bi, bv), (j, &v)| if v > bv { (j, v) } else { (bi, bv) });
+            let mut sum = 0.0f32;
+            for (d, &v) in drow.iter_mut().zip(row) {
+                *d = (v - max).exp();
+                sum += *d;
+            }
+            let inv = 1.0 / sum;
+            // -log p_t = log(sum) - (z_t - max), no division before the log.
+            loss += (w * (sum.ln() - (row[t] - max))) as f64;
+            for d in drow.iter_mut() {
+                *d *= inv * w * grad_scale;
+            }
+            drow[t] -= w * grad_scale;
+            if argmax == t {
+                correct += 1;
+            }
+        }
+        (loss, correct)
+    }
+
+    fn softmax(&self, logits: &Vec<f32>, probs: &mut Vec<f32>, rows: usize, classes: usize) {
+        for (row, prow) in
+            logits[..rows * classes].chunks_exact(classes).zip(probs[..rows * classes].chunks_exact_mut(classes))
+        {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0;
+            for (p, &v) in prow.iter_mut().zip(row) {
+                *p = (v - max).exp();
+                sum += *p;
+            }
+            for p in prow.iter_mut() {
+                *p /= sum;
+            }
+        }
+    }
+
+    fn optimizer_step(
+        &self,
+        rule: UpdateRule,
+        lr: f32,
+        grad_scale: f32,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        state1: &mut Vec<f32>,
+        state2: &mut Vec<f32>,
+    ) {
+        let params = param.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK));
+        match rule {
+            UpdateRule::Sgd => params.for_each(|(w, g)| {
+                for (w, g) in w.iter_mut().zip(g) {
+                    *w -= lr * (grad_scale * g);
+                }
+            }),
+            UpdateRule::Momentum { mu, nesterov } => {
+                params.zip(state1.par_chunks_mut(CHUNK)).for_each(|((w, g), v)| {
+                    for ((w, g), v) in w.iter_mut().zip(g).zip(v.iter_mut()) {
+                        let g = grad_scale * g;
+                        *v = mu * *v + g;
+                        *w -= if nesterov { lr * (g + mu * *v) } else { lr * *v };
+                    }
+                })
+            }
+            UpdateRule::Adam { beta1, beta2, eps, step, decoupled_decay } => {
+                // PyTorch's form: w -= lr·(m/(1−β1ᵗ)) / (sqrt(v)/sqrt(1−β2ᵗ) + eps) + lr·wd·w
+                let step_size = lr / (1.0 - beta1.powi(step as i32));
+                let inv_sqrt_bc2 = 1.0 / (1.0 - beta2.powi(step as i32)).sqrt();
+                params.zip(state1.par_chunks_mut(CHUNK)).zip(state2.par_chunks_mut(CHUNK)).for_each(
+                    |(((w, g), m), v)| {
+                        for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                            let g = grad_scale * g;
+                            *m = beta1 * *m + (1.0 - beta1) * g;
+                            *v = beta2 * *v + (1.0 - beta2) * g * g;
+                            *w -= step_size * *m / (v.sqrt() * inv_sqrt_bc2 + eps) + lr * decoupled_decay * *w;
+                        }
+                    },
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for p in 0..k {
+                    let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                    s += av * bv;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matmul_matches_naive_for_all_transposes() {
+        let be = CpuBackend::new(2);
+        let (m, k, n) = (37, 53, 29);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        for ta in [false, true] {
+            for tb in [false, true] {
+                let want = naive_matmul(&a, &b, m, k, n, ta, tb);
+                let mut c = vec![1.0; m * n];
+                be.matmul(&a, &b, &mut c, m, k, n, ta, tb, false);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-4, "ta={ta} tb={tb}: {x} vs {y}");
+                }
+                // accumulate adds onto what is there
+                be.matmul(&a, &b, &mut c, m, k, n, ta, tb, true);
+                for (x, y) in c.iter().zip(&want) {
+                    assert!((x - 2.0 * y).abs() < 1e-3);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_ce_is_stable_and_known() {
+        let be = CpuBackend::new(1);
+        // Huge logits would overflow exp() without max-subtraction.
+        let logits = vec![1000.0, 1000.0, 1000.0 + 2f32.ln(), 0.0, 0.0, 0.0];
+        let mut d = vec![0.0; 6];
+        let (loss, correct) = be.softmax_cross_entropy(&logits, &[2, 0], None, &mut d, 2, 3, 1.0);
+        // row 0: p = (1/4, 1/4, 1/2) -> -ln(1/2); row 1: uniform -> ln 3
+        let want = 2f64.ln() + 3f64.ln();
+        assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
+        assert_eq!(correct, 2); // argmax row1 ties -> index 0
+        assert!((d[0] - 0.25).abs() < 1e-6 && (d[2] + 0.5).abs() < 1e-6);
+        assert!((d[3] + 2.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn activation_values_known() {
+        let x = [-2.0f32, -0.5, 0.0, 0.5, 2.0];
+        let check = |act, f: &dyn Fn(f32) -> f32| {
+            for &v in &x {
+                assert!((act_forward(act, v) - f(v)).abs() < 1e-6, "{act:?} at {v}");
+            }
+        };
+        check(Activation::Relu, &|v| v.max(0.0));
+        check(Activation::Sigmoid, &|v| 1.0 / (1.0 + (-v).exp()));
+        check(Activation::LeakyRelu { slope: 0.1 }, &|v| if v > 0.0 { v } else { 0.1 * v });
+        check(Activation::Swish { beta: 1.0 }, &|v| v / (1.0 + (-v).exp()));
+        // GELU(1) (tanh form) = 0.841192
+        assert!((act_forward(Activation::Gelu, 1.0) - 0.841_192).abs() < 1e-5);
+        // s' = s(1-s) at 0 is 1/4; tanh' at 0 is 1
+        assert!((act_derivative(Activation::Sigmoid, 0.0).0 - 0.25).abs() < 1e-7);
+        assert!((act_derivative(Activation::Tanh, 0.0).0 - 1.0).abs() < 1e-7);
+    }
+}

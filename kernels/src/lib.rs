@@ -1,0 +1,140 @@
+//! lockstep-kernels: the `Backend` trait (the narrow set of ops the layers need) and its
+//! CPU implementation, which is the reference every other backend is tested against.
+//!
+//! Buffers are flat `f32` arrays; shapes live one level up, in `lockstep-nn`'s `Tensor`.
+//! Matrices are row-major. Every op documents the shapes it expects in `// (rows, cols)`.
+
+pub mod cpu;
+
+pub use cpu::CpuBackend;
+
+/// Element-wise activation functions (T2). Parameters that are fixed live in the variant;
+/// a learnable Swish beta is passed to the ops by the layer that owns it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Identity,
+    Sigmoid,
+    Tanh,
+    Relu,
+    /// max(x, slope·x)
+    LeakyRelu {
+        slope: f32,
+    },
+    /// x·sigmoid(beta·x); beta = 1 is SiLU.
+    Swish {
+        beta: f32,
+    },
+    /// tanh approximation (GPT-2's).
+    Gelu,
+}
+
+/// Which parameter update rule `Backend::optimizer_step` applies (T19).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum UpdateRule {
+    /// w -= lr·g (weight decay, if any, already folded into g by the caller as L2).
+    Sgd,
+    /// v = mu·v + g; w -= lr·v   (or lr·(g + mu·v) with Nesterov).
+    Momentum { mu: f32, nesterov: bool },
+    /// Adam / AdamW; `decoupled_decay` is AdamW's w -= lr·wd·w.
+    Adam { beta1: f32, beta2: f32, eps: f32, step: u64, decoupled_decay: f32 },
+}
+
+/// The ops every backend provides. `Buf` is a device buffer of `f32`.
+///
+/// The trait is deliberately narrow: layers compose these ops; a new backend implements
+/// only this list and is checked op by op against [`CpuBackend`].
+pub trait Backend: Send + Sync + 'static {
+    type Buf: Send + Sync;
+
+    fn name(&self) -> String;
+
+    // ---- memory ----
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    fn download(&self, buf: &Self::Buf) -> Vec<f32>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf);
+    fn fill(&self, buf: &mut Self::Buf, value: f32);
+    /// dst[dst_off..dst_off+len] = src[src_off..src_off+len]
+    fn copy_range(&self, src: &Self::Buf, src_off: usize, dst: &mut Self::Buf, dst_off: usize, len: usize);
+
+    // ---- linear algebra ----
+    /// c = op(a)·op(b) (+ c if `accumulate`). op(a): (m,k), op(b): (k,n), c: (m,n).
+    /// `trans_a` means `a` is stored (k,m); `trans_b` means `b` is stored (n,k).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        c: &mut Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+    );
+    /// x (rows,cols) += bias (cols) broadcast over rows.
+    fn add_row_vector(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize);
+    /// out (cols) (+)= sum over rows of x (rows,cols). The bias gradient.
+    fn sum_rows(&self, x: &Self::Buf, out: &mut Self::Buf, rows: usize, cols: usize, accumulate: bool);
+
+    // ---- element-wise ----
+    /// y = act(x)
+    fn activation_forward(&self, act: Activation, x: &Self::Buf, y: &mut Self::Buf);
+    /// dx (+)= act'(x)·dy. Returns d(loss)/d(beta) for Swish (0 otherwise).
+    fn activation_backward(
+        &self,
+        act: Activation,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> f32;
+    /// y += alpha·x
+    fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf);
+    /// x *= alpha
+    fn scale(&self, x: &mut Self::Buf, alpha: f32);
+    /// out = a ⊙ b (Hadamard)
+    fn mul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf);
+    /// out (+)= a ⊙ b
+    fn mul_acc(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf);
+    /// Σ x², accumulated in f64.
+    fn sum_squares(&self, x: &Self::Buf) -> f64;
+    /// dst = sign(src) (0 at 0), scaled: dst += alpha·sign(src). The L1 sub-gradient.
+    fn add_sign(&self, alpha: f32, src: &Self::Buf, dst: &mut Self::Buf);
+
+    // ---- losses ----
+    /// Fused, max-subtracted softmax cross-entropy over rows of `logits` (rows,classes).
+    /// Writes d(loss)/d(logits) into `dlogits`, where loss = Σ_i w(t_i)·(-log p_i[t_i]) · grad_scale.
+    /// Returns (Σ_i w(t_i)·(-log p_i[t_i]), number of rows whose argmax == target).
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Self::Buf,
+        targets: &[u32],
+        class_weights: Option<&[f32]>,
+        dlogits: &mut Self::Buf,
+        rows: usize,
+        classes: usize,
+        grad_scale: f32,
+    ) -> (f64, usize);
+    /// Row-wise softmax (rows,classes) -> probabilities.
+    fn softmax(&self, logits: &Self::Buf, probs: &mut Self::Buf, rows: usize, classes: usize);
+
+    // ---- optimizer ----
+    /// One update of `param` from `grad_scale·grad` with learning rate `lr`; `state1`/`state2`
+    /// are the rule's moment buffers (unused ones may be empty). Folding the scale (1/batch,
+    /// clipping) in here saves a full pass over the gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn optimizer_step(
+        &self,
+        rule: UpdateRule,
+        lr: f32,
+        grad_scale: f32,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        state1: &mut Self::Buf,
+        state2: &mut Self::Buf,
+    );
+}

@@ -1,0 +1,181 @@
+//! Central finite-difference checks (T1). The scalar is L = Σ r ⊙ y for a fixed
+//! pseudo-random r (or the loss itself), summed in f64 on the host. Each entry must satisfy
+//! |analytic − numeric| / max(|analytic|, |numeric|, 1e-2) < 1e-3. The numeric derivative
+//! uses the 5-point stencil (8(L(x+h) − L(x−h)) − (L(x+2h) − L(x−2h)))/12h, whose O(h⁴)
+//! truncation lets h = 1e-2 stay large enough for f32 rounding to be negligible.
+
+use crate::{ForwardCtx, Layer, Result, Tensor};
+use lockstep_kernels::Backend;
+
+pub const F32_REL_TOL: f64 = 1e-3;
+const H: f32 = 1e-2;
+
+fn rel_err(a: f64, n: f64) -> f64 {
+    (a - n).abs() / a.abs().max(n.abs()).max(1e-2)
+}
+
+/// The 5-point central difference of `f` at offset 0 with step H.
+fn five_point(mut f: impl FnMut(f32) -> f64) -> f64 {
+    let h = H as f64;
+    (8.0 * (f(H) - f(-H)) - (f(2.0 * H) - f(-2.0 * H))) / (12.0 * h)
+}
+
+fn projection(len: usize) -> Vec<f32> {
+    (0..len).map(|i| ((i as f32 * 0.618 + 0.1).fract() - 0.5) * 2.0).collect()
+}
+
+fn project(y: &[f32], r: &[f32]) -> f64 {
+    y.iter().zip(r).map(|(&y, &r)| y as f64 * r as f64).sum()
+}
+
+/// Checks a scalar function's input gradient: `f` returns (L, dL/dx).
+pub fn check_input_gradient<B: Backend>(
+    be: &B,
+    shape: &[usize],
+    x: &[f32],
+    f: impl Fn(&B, &Tensor<B>) -> Result<(f64, Tensor<B>)>,
+) {
+    let input = Tensor::from_slice(be, shape, x);
+    let (_, grad) = f(be, &input).expect("forward");
+    let grad = grad.to_vec(be);
+    for i in 0..x.len() {
+        let numeric = five_point(|d| {
+            let mut xd = x.to_vec();
+            xd[i] += d;
+            f(be, &Tensor::from_slice(be, shape, &xd)).expect("forward").0
+        });
+        let e = rel_err(grad[i] as f64, numeric);
+        assert!(e < F32_REL_TOL, "dL/dx[{i}]: analytic {} numeric {numeric} rel err {e:.2e}", grad[i]);
+    }
+}
+
+/// Checks a layer's dL/dx and every parameter gradient against central differences.
+pub fn check_layer<B: Backend>(be: &B, layer: &mut dyn Layer<B>, shape: &[usize], x: &[f32], ctx: &ForwardCtx) {
+    let input = Tensor::from_slice(be, shape, x);
+    let y = layer.forward(be, input, ctx).expect("forward");
+    let r = projection(y.numel());
+    for p in layer.params_mut() {
+        be.fill(&mut p.grad, 0.0);
+    }
+    let dx = layer.backward(be, Tensor::from_slice(be, &y.shape, &r)).expect("backward").to_vec(be);
+    let eval = |layer: &mut dyn Layer<B>, x: &[f32]| -> f64 {
+        let y = layer.forward(be, Tensor::from_slice(be, shape, x), ctx).expect("forward");
+        project(&y.to_vec(be), &r)
+    };
+    for i in 0..x.len() {
+        let numeric = five_point(|d| {
+            let mut xd = x.to_vec();
+            xd[i] += d;
+            eval(layer, &xd)
+        });
+        let e = rel_err(dx[i] as f64, numeric);
+        assert!(e < F32_REL_TOL, "{}: dL/dx[{i}] analytic {} numeric {numeric} rel err {e:.2e}", layer.name(), dx[i]);
+    }
+    let n_params = layer.params().len();
+    for pi in 0..n_params {
+        let (name, analytic, value) = {
+            let p = &layer.params()[pi];
+            (p.name.clone(), be.download(&p.grad), be.download(&p.value))
+        };
+        for i in 0..value.len() {
+            let numeric = five_point(|d| {
+                let mut v = value.clone();
+                v[i] += d;
+                layer.params_mut()[pi].value = be.upload(&v);
+                eval(layer, x)
+            });
+            layer.params_mut()[pi].value = be.upload(&value);
+            let e = rel_err(analytic[i] as f64, numeric);
+            assert!(e < F32_REL_TOL, "{name}[{i}]: analytic {} numeric {numeric} rel err {e:.2e}", analytic[i]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::{Act, Dropout, Linear};
+    use lockstep_kernels::{Activation, CpuBackend};
+
+    /// Inputs kept at least 0.05 away from 0 so ReLU-family kinks are never straddled by ±h.
+    fn input(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v = ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 3.0;
+                if v.abs() < 0.05 {
+                    v + 0.1
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn linear_gradients() {
+        let be = CpuBackend::new(1);
+        let w: Vec<f32> = (0..12).map(|i| ((i as f32) * 0.77).sin()).collect();
+        let mut layer = Linear::new(&be, "fc", 4, 3, &w);
+        layer.bias.value = vec![0.1, -0.2, 0.3];
+        check_layer(&be, &mut layer, &[5, 4], &input(20), &ForwardCtx { train: true, ..Default::default() });
+    }
+
+    #[test]
+    fn activation_gradients() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        for act in [
+            Activation::Sigmoid,
+            Activation::Tanh,
+            Activation::Relu,
+            Activation::LeakyRelu { slope: 0.1 },
+            Activation::Swish { beta: 1.0 },
+            Activation::Swish { beta: 1.7 },
+            Activation::Gelu,
+        ] {
+            check_layer(&be, &mut Act::new("act", act, 6), &[4, 6], &input(24), &ctx);
+        }
+        // Learnable beta: its gradient is checked as a parameter.
+        check_layer(&be, &mut Act::learnable_swish(&be, "swish", 0.8, 6), &[4, 6], &input(24), &ctx);
+    }
+
+    #[test]
+    fn dropout_gradient_and_scaling() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, seed: 3, step: 5, example_ids: vec![10, 11, 12, 13] };
+        check_layer(&be, &mut Dropout::new("drop", 0.3, 0), &[4, 6], &input(24), &ctx);
+
+        // Inverted scaling: kept units are x/(1−p), dropped are 0, the mean is preserved.
+        let mut drop = Dropout::new("drop", 0.25, 0);
+        let rows = 2000;
+        let ids: Vec<u64> = (0..rows as u64).collect();
+        let x = Tensor::from_slice(&be, &[rows, 50], &vec![1.0; rows * 50]);
+        let y = drop
+            .forward(&be, x.duplicate(&be), &ForwardCtx { train: true, seed: 1, step: 0, example_ids: ids })
+            .unwrap();
+        assert!(y.buf.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        let kept = y.buf.iter().filter(|&&v| v > 0.0).count() as f64 / y.buf.len() as f64;
+        assert!((kept - 0.75).abs() < 0.01, "{kept}");
+        let mean = y.buf.iter().map(|&v| v as f64).sum::<f64>() / y.buf.len() as f64;
+        assert!((mean - 1.0).abs() < 0.015, "{mean}");
+        // Eval mode is the identity.
+        let y = drop.forward(&be, x.duplicate(&be), &ForwardCtx::default()).unwrap();
+        assert_eq!(y.buf, x.buf);
+        // The same example at the same step gets the same mask wherever it is in the batch.
+        let a = drop
+            .forward(
+                &be,
+                x.duplicate(&be),
+                &ForwardCtx { train: true, seed: 1, step: 0, example_ids: (0..2000).collect() },
+            )
+            .unwrap();
+        let b = drop
+            .forward(
+                &be,
+                x.duplicate(&be),
+                &ForwardCtx { train: true, seed: 1, step: 0, example_ids: (0..2000).rev().collect() },
+            )
+            .unwrap();
+        assert_eq!(a.buf[..50], b.buf[1999 * 50..]);
+    }
+}

@@ -1,0 +1,62 @@
+use super::{cached, ForwardCtx, Layer};
+use crate::rng::Stream;
+use crate::{Result, Tensor};
+use lockstep_kernels::Backend;
+
+/// Inverted dropout (T9): in training keep each unit with probability 1−p and scale it by
+/// 1/(1−p); identity at eval. The mask of row i is drawn from the stream
+/// (seed, "dropout", layer, step, global example id), so it does not depend on the rank.
+pub struct Dropout<B: Backend> {
+    name: String,
+    pub p: f32,
+    layer_id: u64,
+    /// The scaled keep-mask (0 or 1/(1−p)) applied in forward, reused in backward.
+    mask_cache: Option<Tensor<B>>,
+}
+
+impl<B: Backend> Dropout<B> {
+    pub fn new(name: &str, p: f32, layer_id: u64) -> Self {
+        Self { name: name.to_string(), p, layer_id, mask_cache: None }
+    }
+}
+
+impl<B: Backend> Layer<B> for Dropout<B> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
+        if !ctx.train || self.p == 0.0 {
+            self.mask_cache = None;
+            return Ok(x);
+        }
+        let (rows, cols) = x.rows_cols();
+        if ctx.example_ids.len() != rows {
+            return crate::shape_err(
+                "Dropout::forward",
+                format!("{} rows but {} example ids", rows, ctx.example_ids.len()),
+            );
+        }
+        let keep_scale = 1.0 / (1.0 - self.p);
+        let mut mask = Vec::with_capacity(rows * cols);
+        for &example in &ctx.example_ids {
+            let mut stream = Stream::new(ctx.seed, "dropout", &[self.layer_id, ctx.step, example]);
+            mask.extend((0..cols).map(|_| if stream.uniform() >= self.p { keep_scale } else { 0.0 }));
+        }
+        let mask = Tensor::from_slice(be, &x.shape, &mask);
+        let mut y = Tensor::zeros(be, &x.shape);
+        be.mul(&x.buf, &mask.buf, &mut y.buf);
+        self.mask_cache = Some(mask);
+        Ok(y)
+    }
+
+    fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
+        if self.p == 0.0 {
+            return Ok(dy);
+        }
+        let mask = cached(&mut self.mask_cache, &self.name)?;
+        let mut dx = Tensor::zeros(be, &dy.shape);
+        be.mul(&dy.buf, &mask.buf, &mut dx.buf);
+        Ok(dx)
+    }
+}

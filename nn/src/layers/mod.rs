@@ -1,0 +1,80 @@
+//! Layers. Each is a forward/backward pair: `forward` caches what `backward` needs (named
+//! after what it holds), `backward` takes dL/dy, accumulates parameter gradients and
+//! returns dL/dx.
+
+mod activation;
+mod dropout;
+mod linear;
+
+pub use activation::Act;
+pub use dropout::Dropout;
+pub use linear::Linear;
+
+use crate::{Result, Tensor};
+use lockstep_kernels::Backend;
+
+/// A trainable tensor and its gradient, named for init streams and checkpoints.
+pub struct Param<B: Backend> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub value: B::Buf,
+    pub grad: B::Buf,
+    /// Weight decay / L1 / L2 apply (false for biases and norm parameters by default, T20).
+    pub decay: bool,
+    /// Frozen parameters get no gradient, no optimizer state and no all-reduce traffic.
+    pub trainable: bool,
+}
+
+impl<B: Backend> Param<B> {
+    pub fn new(be: &B, name: impl Into<String>, shape: &[usize], value: &[f32], decay: bool) -> Self {
+        let n: usize = shape.iter().product();
+        assert_eq!(n, value.len(), "Param::new: shape/value mismatch");
+        Self {
+            name: name.into(),
+            shape: shape.to_vec(),
+            value: be.upload(value),
+            grad: be.zeros(n),
+            decay,
+            trainable: true,
+        }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// What a forward pass needs to know besides its input.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardCtx {
+    /// Training mode: dropout active, caches kept for backward.
+    pub train: bool,
+    pub seed: u64,
+    pub step: u64,
+    /// Global dataset index of each row, so per-example randomness (dropout, augmentation)
+    /// is keyed by the example, never by the rank that processes it (T40).
+    pub example_ids: Vec<u64>,
+}
+
+pub trait Layer<B: Backend>: Send {
+    fn name(&self) -> &str;
+    /// y = f(x). Takes x by value so a layer that needs it in backward keeps it without a copy.
+    fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>>;
+    /// dL/dx from dL/dy; parameter gradients are accumulated (+=).
+    fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>>;
+    fn params(&self) -> Vec<&Param<B>> {
+        Vec::new()
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        Vec::new()
+    }
+    /// Forward FLOPs for one example (T34): a (M,K)x(K,N) matmul is M·K·N multiplies plus
+    /// M·N·(K−1) adds.
+    fn flops_per_example(&self) -> u64 {
+        0
+    }
+}
+
+/// Takes the cached tensor or reports that backward ran without a training forward.
+pub(crate) fn cached<T>(cache: &mut Option<T>, layer: &str) -> Result<T> {
+    cache.take().ok_or_else(|| crate::NnError::Invalid(format!("{layer}: backward called without a training forward")))
+}

@@ -1,0 +1,66 @@
+//! A sequential stack of layers.
+
+use crate::{ForwardCtx, Layer, Param, Result, Tensor};
+use lockstep_kernels::Backend;
+
+pub struct Sequential<B: Backend> {
+    pub layers: Vec<Box<dyn Layer<B>>>,
+}
+
+impl<B: Backend> Sequential<B> {
+    pub fn new(layers: Vec<Box<dyn Layer<B>>>) -> Self {
+        Self { layers }
+    }
+
+    pub fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
+        let mut h = x;
+        for layer in &mut self.layers {
+            h = layer.forward(be, h, ctx)?;
+        }
+        Ok(h)
+    }
+
+    pub fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
+        let mut d = dy;
+        for layer in self.layers.iter_mut().rev() {
+            d = layer.backward(be, d)?;
+        }
+        Ok(d)
+    }
+
+    pub fn params(&self) -> Vec<&Param<B>> {
+        self.layers.iter().flat_map(|l| l.params()).collect()
+    }
+
+    pub fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        self.layers.iter_mut().flat_map(|l| l.params_mut()).collect()
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.params().iter().map(|p| p.numel()).sum()
+    }
+
+    pub fn flops_per_example(&self) -> u64 {
+        self.layers.iter().map(|l| l.flops_per_example()).sum()
+    }
+
+    pub fn zero_grad(&mut self, be: &B) {
+        for p in self.params_mut() {
+            be.fill(&mut p.grad, 0.0);
+        }
+    }
+
+    /// FNV-1a over every parameter's bits, in order: equal hashes = bitwise-equal weights.
+    pub fn weight_hash(&self, be: &B) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for p in self.params() {
+            for v in be.download(&p.value) {
+                for b in v.to_bits().to_le_bytes() {
+                    h ^= b as u64;
+                    h = h.wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+        }
+        h
+    }
+}

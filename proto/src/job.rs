@@ -1,0 +1,467 @@
+//! Job files: TOML deserialised into [`JobSpec`] with unknown keys rejected, then validated.
+//! Every error names the key and, where the file has it, the line.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot read job file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("job file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("job file {path}: bad --set {assignment:?}: {message}")]
+    Override { path: PathBuf, assignment: String, message: String },
+    #[error("job file {path}{}: `{key}` {message}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Invalid { path: PathBuf, key: String, line: Option<usize>, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Run name; the default output directory is `runs/<name>`.
+    pub name: String,
+    /// The one seed every random stream is derived from (T40).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    pub optim: OptimSpec,
+    #[serde(default)]
+    pub schedule: ScheduleSpec,
+}
+
+fn default_seed() -> u64 {
+    1234
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    Mlp,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationKind {
+    Sigmoid,
+    Tanh,
+    Relu,
+    LeakyRelu,
+    Silu,
+    Swish,
+    Gelu,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InitKind {
+    /// Kaiming for ReLU-family activations, Xavier for sigmoid/tanh (T18).
+    Auto,
+    XavierUniform,
+    KaimingNormal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub kind: ModelKind,
+    /// Hidden layer widths of the MLP.
+    #[serde(default)]
+    pub hidden: Vec<usize>,
+    #[serde(default = "default_activation")]
+    pub activation: ActivationKind,
+    /// LeakyReLU negative slope.
+    #[serde(default = "default_leaky_slope")]
+    pub leaky_slope: f32,
+    /// Swish beta (initial value when learnable).
+    #[serde(default = "one")]
+    pub swish_beta: f32,
+    #[serde(default)]
+    pub swish_learnable_beta: bool,
+    /// Inverted dropout probability after each hidden activation (T9).
+    #[serde(default)]
+    pub dropout: f32,
+    #[serde(default = "default_init")]
+    pub init: InitKind,
+}
+
+fn default_activation() -> ActivationKind {
+    ActivationKind::Relu
+}
+fn default_leaky_slope() -> f32 {
+    0.01
+}
+fn one() -> f32 {
+    1.0
+}
+fn default_init() -> InitKind {
+    InitKind::Auto
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    /// IDX files (MNIST layout) in `data.dir`.
+    Idx,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Normalize {
+    None,
+    MinMax,
+    ZScore,
+    L2,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Remainder {
+    /// The last partial global batch of an epoch is dropped.
+    Drop,
+    /// The last partial global batch is filled from the start of the epoch's permutation.
+    Pad,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    pub kind: DatasetKind,
+    /// Directory of the dataset; relative paths are resolved against the working directory.
+    pub dir: PathBuf,
+    #[serde(default = "default_normalize")]
+    pub normalize: Normalize,
+    #[serde(default = "default_remainder")]
+    pub remainder: Remainder,
+    /// Use only the first N training examples (0 = all). For quick runs and tests.
+    #[serde(default)]
+    pub train_limit: usize,
+    /// Use only the first N test examples (0 = all).
+    #[serde(default)]
+    pub test_limit: usize,
+}
+
+fn default_normalize() -> Normalize {
+    Normalize::ZScore
+}
+fn default_remainder() -> Remainder {
+    Remainder::Drop
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    pub epochs: usize,
+    /// Global batch size: the sum over data-parallel ranks.
+    pub batch_size: usize,
+    /// Stop after this many steps (0 = run all epochs).
+    #[serde(default)]
+    pub max_steps: usize,
+    /// A `train` line in metrics.jsonl every this many steps.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+}
+
+fn default_log_every() -> usize {
+    50
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    Sgd,
+    Momentum,
+    Nesterov,
+    Adam,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSpec {
+    pub kind: OptimizerKind,
+    pub lr: f32,
+    #[serde(default = "default_momentum")]
+    pub momentum: f32,
+    #[serde(default = "default_beta1")]
+    pub beta1: f32,
+    #[serde(default = "default_beta2")]
+    pub beta2: f32,
+    #[serde(default = "default_eps")]
+    pub eps: f32,
+    /// AdamW's decoupled weight decay.
+    #[serde(default)]
+    pub weight_decay: f32,
+    /// L2 penalty lambda: grad += lambda·w (T20).
+    #[serde(default)]
+    pub l2: f32,
+    /// L1 penalty lambda: grad += lambda·sign(w) (T20).
+    #[serde(default)]
+    pub l1: f32,
+    /// Apply decay/penalties to biases and norm parameters too (off by default, T20).
+    #[serde(default)]
+    pub decay_biases: bool,
+    /// Clip by global L2 norm (0 = off, T21).
+    #[serde(default)]
+    pub clip_norm: f32,
+}
+
+fn default_momentum() -> f32 {
+    0.9
+}
+fn default_beta1() -> f32 {
+    0.9
+}
+fn default_beta2() -> f32 {
+    0.999
+}
+fn default_eps() -> f32 {
+    1e-8
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    #[default]
+    Constant,
+    Step,
+    Exponential,
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    #[serde(default)]
+    pub kind: ScheduleKind,
+    /// Linear warmup from `warmup_start_lr` to lr over this many steps.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default)]
+    pub warmup_start_lr: f32,
+    /// Floor for linear and cosine.
+    #[serde(default)]
+    pub min_lr: f32,
+    /// Step decay: multiply by `gamma` every `step_size` steps.
+    #[serde(default = "default_step_size")]
+    pub step_size: u64,
+    #[serde(default = "default_gamma")]
+    pub gamma: f32,
+    /// Exponential: lr0 · rate^(step/decay_steps).
+    #[serde(default = "default_rate")]
+    pub rate: f32,
+    #[serde(default = "default_step_size")]
+    pub decay_steps: u64,
+}
+
+impl Default for ScheduleSpec {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::Constant,
+            warmup_steps: 0,
+            warmup_start_lr: 0.0,
+            min_lr: 0.0,
+            step_size: default_step_size(),
+            gamma: default_gamma(),
+            rate: default_rate(),
+            decay_steps: default_step_size(),
+        }
+    }
+}
+
+fn default_step_size() -> u64 {
+    1000
+}
+fn default_gamma() -> f32 {
+    0.1
+}
+fn default_rate() -> f32 {
+    0.96
+}
+
+impl JobSpec {
+    /// Reads, applies `--set key=value` overrides, parses and validates a job file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, JobError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read { path: path.into(), source })?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// Parses job text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, JobError> {
+        let text = apply_overrides(text, path, overrides)?;
+        let spec: JobSpec =
+            toml::from_str(&text).map_err(|e| JobError::Parse { path: path.into(), message: e.to_string() })?;
+        if let Err((key, message)) = spec.validate() {
+            let line = line_of_key(&text, &key);
+            return Err(JobError::Invalid { path: path.into(), key, line, message });
+        }
+        Ok(spec)
+    }
+
+    /// Value checks serde cannot express. Returns the offending dotted key and why.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        fn check(ok: bool, key: &str, msg: &str) -> Result<(), (String, String)> {
+            if ok {
+                Ok(())
+            } else {
+                Err((key.to_string(), msg.to_string()))
+            }
+        }
+        check(!self.name.trim().is_empty(), "name", "must not be empty")?;
+        check(!self.name.contains(['/', '\\']), "name", "must not contain path separators")?;
+        check(self.model.hidden.iter().all(|&h| h > 0), "model.hidden", "widths must be > 0")?;
+        check((0.0..1.0).contains(&self.model.dropout), "model.dropout", "must be in [0, 1)")?;
+        check(self.model.leaky_slope.is_finite(), "model.leaky_slope", "must be finite")?;
+        check(self.model.swish_beta.is_finite(), "model.swish_beta", "must be finite")?;
+        check(self.train.epochs > 0, "train.epochs", "must be > 0")?;
+        check(self.train.batch_size > 0, "train.batch_size", "must be > 0")?;
+        check(self.train.log_every > 0, "train.log_every", "must be > 0")?;
+        let o = &self.optim;
+        check(o.lr.is_finite() && o.lr > 0.0, "optim.lr", "must be a positive number")?;
+        check((0.0..1.0).contains(&o.momentum), "optim.momentum", "must be in [0, 1)")?;
+        check((0.0..1.0).contains(&o.beta1), "optim.beta1", "must be in [0, 1)")?;
+        check((0.0..1.0).contains(&o.beta2), "optim.beta2", "must be in [0, 1)")?;
+        check(o.eps > 0.0, "optim.eps", "must be > 0")?;
+        check(o.weight_decay >= 0.0, "optim.weight_decay", "must be >= 0")?;
+        check(o.l1 >= 0.0, "optim.l1", "must be >= 0")?;
+        check(o.l2 >= 0.0, "optim.l2", "must be >= 0")?;
+        check(o.clip_norm >= 0.0, "optim.clip_norm", "must be >= 0 (0 = off)")?;
+        let s = &self.schedule;
+        check(s.warmup_start_lr >= 0.0, "schedule.warmup_start_lr", "must be >= 0")?;
+        check(s.min_lr >= 0.0 && s.min_lr <= o.lr, "schedule.min_lr", "must be in [0, optim.lr]")?;
+        check(s.step_size > 0, "schedule.step_size", "must be > 0")?;
+        check(s.decay_steps > 0, "schedule.decay_steps", "must be > 0")?;
+        check(s.gamma > 0.0 && s.gamma <= 1.0, "schedule.gamma", "must be in (0, 1]")?;
+        check(s.rate > 0.0 && s.rate <= 1.0, "schedule.rate", "must be in (0, 1]")?;
+        Ok(())
+    }
+
+    /// Canonical TOML of the resolved spec (written next to every run).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Applies `key.path=value` assignments to the TOML text, keeping its layout so that line
+/// numbers in later errors still point into the user's file. A value that does not parse as
+/// TOML is taken as a string (so `--set data.dir=/tmp/x` works unquoted).
+fn apply_overrides(text: &str, path: &Path, overrides: &[String]) -> Result<String, JobError> {
+    if overrides.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| JobError::Parse { path: path.into(), message: e.to_string() })?;
+    for assignment in overrides {
+        let bad = |message: &str| JobError::Override {
+            path: path.into(),
+            assignment: assignment.clone(),
+            message: message.to_string(),
+        };
+        let (key, raw) = assignment.split_once('=').ok_or_else(|| bad("expected key=value"))?;
+        let parts: Vec<&str> = key.trim().split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(bad("empty key segment"));
+        }
+        let value: toml_edit::Value = raw.trim().parse().unwrap_or_else(|_| toml_edit::Value::from(raw.trim()));
+        let mut table = doc.as_table_mut();
+        for part in &parts[..parts.len() - 1] {
+            let entry = table.entry(part).or_insert(toml_edit::table());
+            table = entry.as_table_mut().ok_or_else(|| bad(&format!("`{part}` is not a table")))?;
+        }
+        table.insert(parts[parts.len() - 1], toml_edit::value(value));
+    }
+    Ok(doc.to_string())
+}
+
+/// 1-based line of the dotted `key` in `text`, if the key is written there.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let doc = toml_edit::Document::parse(text).ok()?;
+    let mut item = doc.as_item();
+    for part in key.split('.') {
+        item = item.get(part)?;
+    }
+    let span = item.span()?;
+    Some(text[..span.start].matches('\n').count() + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "t"
+seed = 7
+[model]
+kind = "mlp"
+hidden = [16]
+[data]
+kind = "idx"
+dir = "data/mnist"
+[train]
+epochs = 1
+batch_size = 8
+[optim]
+kind = "adamw"
+lr = 0.001
+"#;
+
+    fn parse(text: &str, sets: &[&str]) -> Result<JobSpec, JobError> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        JobSpec::parse(text, Path::new("job.toml"), &sets)
+    }
+
+    #[test]
+    fn good_file_parses_with_defaults() {
+        let spec = parse(GOOD, &[]).unwrap();
+        assert_eq!(spec.seed, 7);
+        assert_eq!(spec.model.activation, ActivationKind::Relu);
+        assert_eq!(spec.schedule.kind, ScheduleKind::Constant);
+        assert_eq!(spec.optim.beta2, 0.999);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = GOOD.replace("epochs = 1", "epochs = 1\nepoch = 3");
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("epoch") && err.contains("line 12"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let text = GOOD.replace("batch_size = 8", "batch_size = \"eight\"");
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("line 12") && err.contains("batch_size"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_key_and_line() {
+        let text = GOOD.replace("lr = 0.001", "lr = -1.0");
+        let err = parse(&text, &[]).unwrap_err().to_string();
+        assert!(err.contains("`optim.lr`") && err.contains("line 15"), "{err}");
+    }
+
+    #[test]
+    fn overrides_set_any_field() {
+        let spec = parse(GOOD, &["optim.lr=0.5", "data.dir=/tmp/other", "schedule.kind=cosine", "seed=9"]).unwrap();
+        assert_eq!(spec.optim.lr, 0.5);
+        assert_eq!(spec.data.dir, PathBuf::from("/tmp/other"));
+        assert_eq!(spec.schedule.kind, ScheduleKind::Cosine);
+        assert_eq!(spec.seed, 9);
+        let err = parse(GOOD, &["train.epochs=0"]).unwrap_err().to_string();
+        assert!(err.contains("train.epochs"), "{err}");
+        let err = parse(GOOD, &["nonsense"]).unwrap_err().to_string();
+        assert!(err.contains("key=value"), "{err}");
+        let err = parse(GOOD, &["optim.bogus=1"]).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn broken_toml_is_an_error() {
+        let err = parse("name = \n[model", &[]).unwrap_err().to_string();
+        assert!(err.contains("line"), "{err}");
+    }
+}

@@ -1,0 +1,144 @@
+//! `lockstep train` end to end: a real process, the shipped data, the run directory.
+
+mod common;
+use common::*;
+use sha2::{Digest, Sha256};
+
+#[test]
+fn shipped_data_matches_sha256sums() {
+    let data = repo().join("data");
+    let sums = std::fs::read_to_string(data.join("SHA256SUMS")).expect("data/SHA256SUMS");
+    let mut checked = 0;
+    for line in sums.lines().filter(|l| !l.trim().is_empty()) {
+        let (want, name) = line.split_once("  ").expect("sha256sum line format");
+        let bytes = std::fs::read(data.join(name)).unwrap_or_else(|e| panic!("data/{name}: {e}"));
+        let got = format!("{:x}", Sha256::digest(&bytes));
+        assert_eq!(got, want, "data/{name} does not match SHA256SUMS");
+        checked += 1;
+    }
+    assert_eq!(checked, 5);
+}
+
+#[test]
+fn train_writes_metrics_and_summary_and_learns() {
+    let out_dir = temp_dir("train-learns");
+    let out = run(bin()
+        .args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"])
+        .arg(&out_dir)
+        .args(small_mnist(6000, 2)));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary = summary(&out_dir);
+    assert_eq!(summary["steps"], 2 * (6000 / 128));
+    assert_eq!(summary["params"], 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10);
+    let acc = summary["test_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.85, "2 epochs on 6000 examples should pass 85% (chance is 10%), got {acc}");
+    for key in ["wall_s", "examples_per_s", "test_loss"] {
+        assert!(summary[key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let train: Vec<_> = lines.iter().filter(|l| l["kind"] == "train").collect();
+    let eval: Vec<_> = lines.iter().filter(|l| l["kind"] == "eval").collect();
+    assert_eq!(eval.len(), 2);
+    assert_eq!(eval[1]["split"], "test");
+    assert!(train.len() >= 18);
+    for key in ["step", "epoch", "loss", "lr", "grad_norm", "examples_per_s"] {
+        assert!(train[0].get(key).is_some(), "train line lacks {key}");
+    }
+    let first = train[0]["loss"].as_f64().unwrap();
+    let last = train.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < first / 3.0, "loss should fall: {first} -> {last}");
+}
+
+#[test]
+fn same_seed_is_bitwise_identical_and_seed_matters() {
+    let hash = |name: &str, seed: u64| {
+        let dir = temp_dir(name);
+        let mut args = small_mnist(1024, 1);
+        args.extend(["--set".into(), format!("seed={seed}")]);
+        let out = run(bin().args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"]).arg(&dir).args(args));
+        assert!(out.status.success(), "{}", stderr(&out));
+        summary(&dir)["weight_hash"].as_str().unwrap().to_string()
+    };
+    let a = hash("seed-a", 7);
+    let b = hash("seed-b", 7);
+    let c = hash("seed-c", 8);
+    assert_eq!(a, b, "same seed must give bitwise-identical weights");
+    assert_ne!(a, c, "a different seed must give different weights");
+}
+
+#[test]
+fn bad_configs_fail_cleanly_naming_the_problem() {
+    let dir = temp_dir("bad-configs");
+    let good = std::fs::read_to_string(repo().join("configs/mnist-mlp.toml")).unwrap();
+    let cases = [
+        (good.replace("epochs = 15", "epochs = 15\nepocs = 3"), "epocs"),
+        (good.replace("batch_size = 128", "batch_size = \"big\""), "line"),
+        (good.replace("lr = 0.001", "lr = -0.5"), "`optim.lr`"),
+        (good.replace("dropout = 0.2", "dropout = 1.5"), "`model.dropout`"),
+        (good.replace("kind = \"adamw\"", "kind = \"adamx\""), "adamx"),
+        ("name = \"x\"\n[model\n".to_string(), "TOML parse error"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = run(bin().args(["train", "--quiet"]).arg(&path));
+        assert!(!out.status.success(), "case {i} should fail");
+        let err = stderr(&out);
+        assert!(
+            err.contains(needle) && err.contains(&format!("bad{i}.toml")),
+            "case {i}: expected {needle:?} in:\n{err}"
+        );
+    }
+    let out = run(bin().args(["train", "/nonexistent/job.toml"]));
+    assert!(!out.status.success() && stderr(&out).contains("/nonexistent/job.toml"));
+    let out = run(bin().args(["train", "configs/mnist-mlp.toml", "--set", "optim.nope=1"]));
+    assert!(!out.status.success() && stderr(&out).contains("nope"));
+}
+
+#[test]
+fn bad_data_files_fail_cleanly_naming_file_and_offset() {
+    let src = repo().join("data/mnist");
+    let copy_dataset = |name: &str| {
+        let dir = temp_dir(name);
+        for f in std::fs::read_dir(&src).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+        }
+        dir
+    };
+    let train = |dir: &std::path::Path| {
+        let out = run(bin()
+            .args(["train", "configs/mnist-mlp.toml", "--quiet", "--set"])
+            .arg(format!("data.dir={}", dir.display())));
+        assert!(!out.status.success());
+        stderr(&out)
+    };
+
+    // Truncated gzip.
+    let dir = copy_dataset("truncated-gz");
+    let labels = dir.join("t10k-labels-idx1-ubyte.gz");
+    let bytes = std::fs::read(&labels).unwrap();
+    std::fs::write(&labels, &bytes[..bytes.len() / 2]).unwrap();
+    let err = train(&dir);
+    assert!(err.contains("t10k-labels-idx1-ubyte.gz") && err.contains("byte offset"), "{err}");
+
+    // Valid gzip of a truncated IDX payload.
+    let dir = copy_dataset("truncated-idx");
+    let labels = dir.join("t10k-labels-idx1-ubyte.gz");
+    std::fs::remove_file(&labels).unwrap();
+    let mut idx = vec![0u8, 0, 8, 1, 0, 0, 0x27, 0x10]; // 10000 labels declared
+    idx.extend(vec![1u8; 500]);
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), &idx).unwrap();
+    let err = train(&dir);
+    assert!(err.contains("t10k-labels-idx1-ubyte: byte offset 508: truncated"), "{err}");
+
+    // Wrong magic.
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte"), b"PK\x03\x04garbage").unwrap();
+    let err = train(&dir);
+    assert!(err.contains("byte offset 0: not an IDX file"), "{err}");
+
+    // Missing directory.
+    let err = train(std::path::Path::new("/nonexistent/mnist"));
+    assert!(err.contains("/nonexistent/mnist"), "{err}");
+}

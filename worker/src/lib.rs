@@ -1,0 +1,24 @@
+//! lockstep-worker: builds a model replica from a job spec and runs training steps. The
+//! same `Trainer` serves `lockstep train` (one process) and the worker daemon (one rank of
+//! many, with a gradient all-reduce between backward and the update).
+
+pub mod build;
+pub mod run;
+pub mod trainer;
+
+pub use run::{run_training, RunEvent, RunOptions};
+pub use trainer::{GradReducer, NoReduce, StepStats, Trainer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Nn(#[from] lockstep_nn::NnError),
+    #[error("{0}")]
+    Config(String),
+    #[error("collective: {0}")]
+    Collective(String),
+    #[error("training stopped: {0}")]
+    Stopped(String),
+}
+
+pub type Result<T> = std::result::Result<T, WorkerError>;

@@ -1,0 +1,118 @@
+//! One replica's training step. Data parallelism (T41) enters through `GradReducer`: the
+//! loss gradient is a per-example **sum**, reduced (summed) across ranks, then divided by
+//! the global batch once, so the update does not depend on how the batch was split.
+
+use crate::build;
+use crate::Result;
+use lockstep_kernels::Backend;
+use lockstep_nn::data::Dataset;
+use lockstep_nn::loss::softmax_cross_entropy;
+use lockstep_nn::optim::{clip_factor, global_grad_norm, Optimizer};
+use lockstep_nn::schedule::Schedule;
+use lockstep_nn::{ForwardCtx, Param, Sequential, Tensor};
+use lockstep_proto::JobSpec;
+
+/// Sums gradients and a few scalars across data-parallel ranks. Every rank must end with
+/// identical bits.
+pub trait GradReducer<B: Backend> {
+    fn reduce_grads(&mut self, be: &B, params: &mut [&mut Param<B>]) -> Result<()>;
+    fn reduce_scalars(&mut self, values: &mut [f64]) -> Result<()>;
+}
+
+/// World size 1: nothing to reduce.
+pub struct NoReduce;
+
+impl<B: Backend> GradReducer<B> for NoReduce {
+    fn reduce_grads(&mut self, _: &B, _: &mut [&mut Param<B>]) -> Result<()> {
+        Ok(())
+    }
+    fn reduce_scalars(&mut self, _: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the global batch.
+    pub loss: f64,
+    /// Global gradient norm (of the batch-mean gradient) before clipping.
+    pub grad_norm: f64,
+    pub lr: f32,
+}
+
+pub struct Trainer<B: Backend> {
+    pub be: B,
+    pub spec: JobSpec,
+    pub model: Sequential<B>,
+    pub optimizer: Optimizer<B>,
+    pub schedule: Schedule,
+    /// Steps taken so far; the next step is number `global_step`.
+    pub global_step: u64,
+}
+
+impl<B: Backend> Trainer<B> {
+    pub fn new(be: B, spec: &JobSpec, features: usize, classes: usize, total_steps: u64) -> Self {
+        let model = build::build_mlp(&be, spec, features, classes);
+        let optimizer = Optimizer::new(&be, build::optimizer_config(spec), &model.params());
+        let schedule = build::schedule(spec, total_steps);
+        Self { be, spec: spec.clone(), model, optimizer, schedule, global_step: 0 }
+    }
+
+    /// Forward, backward, reduce, clip, update on this rank's `local` examples of a global
+    /// batch of `global_batch` examples.
+    pub fn step(
+        &mut self,
+        data: &Dataset,
+        local: &[u32],
+        global_batch: usize,
+        reducer: &mut dyn GradReducer<B>,
+    ) -> Result<StepStats> {
+        let be = &self.be;
+        self.model.zero_grad(be);
+        let mut loss_sum = 0.0;
+        if !local.is_empty() {
+            let (x, y) = data.gather(local);
+            let ctx = ForwardCtx {
+                train: true,
+                seed: self.spec.seed,
+                step: self.global_step,
+                example_ids: local.iter().map(|&i| i as u64).collect(),
+            };
+            let input = Tensor::from_slice(be, &[local.len(), data.features], &x); // (B, F)
+            let logits = self.model.forward(be, input, &ctx)?; // (B, C)
+            let out = softmax_cross_entropy(be, &logits, &y, None, 1.0)?;
+            loss_sum = out.loss_sum;
+            self.model.backward(be, out.grad)?;
+        }
+        let mut params = self.model.params_mut();
+        reducer.reduce_grads(be, &mut params)?;
+        let mut scalars = [loss_sum];
+        reducer.reduce_scalars(&mut scalars)?;
+        // The gradients hold per-example sums; the batch mean and the clip factor are applied
+        // inside the update (one pass over the parameters instead of three).
+        let grad_norm = global_grad_norm(be, &params) / global_batch as f64;
+        let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / global_batch as f64;
+        let lr = self.schedule.lr(self.global_step);
+        self.optimizer.step_scaled(be, &mut params, lr, scale as f32);
+        self.global_step += 1;
+        Ok(StepStats { loss: scalars[0] / global_batch as f64, grad_norm, lr })
+    }
+
+    /// Mean loss and accuracy over `data` in eval mode (no dropout, no caches).
+    pub fn evaluate(&mut self, data: &Dataset) -> Result<(f64, f64)> {
+        let be = &self.be;
+        let ctx = ForwardCtx { train: false, seed: self.spec.seed, step: self.global_step, example_ids: Vec::new() };
+        let (mut loss, mut correct) = (0.0, 0usize);
+        let indices: Vec<u32> = (0..data.len() as u32).collect();
+        for chunk in indices.chunks(1000) {
+            let (x, y) = data.gather(chunk);
+            let input = Tensor::from_slice(be, &[chunk.len(), data.features], &x);
+            let logits = self.model.forward(be, input, &ctx)?;
+            let out = softmax_cross_entropy(be, &logits, &y, None, 1.0)?;
+            loss += out.loss_sum;
+            correct += out.correct;
+        }
+        let n = data.len().max(1) as f64;
+        Ok((loss / n, correct as f64 / n))
+    }
+}
