@@ -401,15 +401,17 @@ mod tests {
     #[test]
     fn softmax_ce_is_stable_and_known() {
         let be = CpuBackend::new(1);
-        // Huge logits would overflow exp() without max-subtraction.
-        let logits = vec![1000.0, 1000.0, 1000.0 + 2f32.ln(), 0.0, 0.0, 0.0];
+        // Huge logits would overflow exp() without max-subtraction. Values are exact in f32.
+        let logits = vec![1000.0, 1000.0, 1001.0, 0.0, 0.0, 0.0];
         let mut d = vec![0.0; 6];
         let (loss, correct) = be.softmax_cross_entropy(&logits, &[2, 0], None, &mut d, 2, 3, 1.0);
-        // row 0: p = (1/4, 1/4, 1/2) -> -ln(1/2); row 1: uniform -> ln 3
-        let want = 2f64.ln() + 3f64.ln();
-        assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
-        assert_eq!(correct, 2); // argmax row1 ties -> index 0
-        assert!((d[0] - 0.25).abs() < 1e-6 && (d[2] + 0.5).abs() < 1e-6);
+        // row 0: p = (1/e, 1/e, 1)/(1 + 2/e), target 2 -> ln(1 + 2/e); row 1: uniform -> ln 3
+        let e = std::f64::consts::E;
+        let want = (1.0 + 2.0 / e).ln() + 3f64.ln();
+        assert!((loss - want).abs() < 1e-6, "{loss} vs {want}");
+        assert_eq!(correct, 2); // row 1 ties -> argmax is index 0
+        let p_other = (1.0 / e) / (1.0 + 2.0 / e);
+        assert!((d[0] as f64 - p_other).abs() < 1e-6 && (d[2] as f64 - (1.0 / (1.0 + 2.0 / e) - 1.0)).abs() < 1e-6);
         assert!((d[3] + 2.0 / 3.0).abs() < 1e-6);
     }
 
