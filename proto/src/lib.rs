@@ -3,6 +3,7 @@
 
 pub mod job;
 pub mod metrics;
+pub mod wire;
 
 pub use job::{JobError, JobSpec};
 pub use metrics::{EvalRecord, MetricsLine, Summary, TrainRecord};

@@ -1,0 +1,45 @@
+//! lockstep-collective: the `Communicator` trait and its implementations.
+//!
+//! The ring algorithms (`ring`) are written once against a `RingLink` (send to the next
+//! rank, receive from the previous one). Links: `thread` (in-process channels, for tests)
+//! and `quic` (QUIC connections between processes, certificates pinned both ways).
+
+#[cfg(target_endian = "big")]
+compile_error!("lockstep sends tensors as raw little-endian bytes");
+
+pub mod quic;
+pub mod ring;
+pub mod thread;
+pub mod tls;
+
+pub use ring::{ring_all_reduce, ring_broadcast, RingComm, RingLink};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("peer link: {0}")]
+    Link(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, CollectiveError>;
+
+/// Collective operations of one rank in a group. Every rank of the group must make the same
+/// calls in the same order; after an all-reduce every rank holds identical bits.
+pub trait Communicator: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// In place: buf ← Σ over ranks of buf.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// In place: every rank's buf ← root's buf.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<()> {
+        let mut token = [0.0f32];
+        self.all_reduce_sum(&mut token)
+    }
+}

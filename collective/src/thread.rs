@@ -1,0 +1,118 @@
+//! An in-process ring over channels: one thread per rank, for unit tests of everything
+//! above the transport.
+
+use crate::ring::{RingComm, RingLink};
+use crate::{CollectiveError, Result};
+use std::sync::mpsc::{channel, Receiver, Sender};
+
+pub struct ThreadLink {
+    to_next: Sender<Vec<f32>>,
+    from_prev: Receiver<Vec<f32>>,
+}
+
+impl RingLink for ThreadLink {
+    fn exchange(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        // The channel is unbounded, so sending first cannot deadlock.
+        self.to_next.send(send.to_vec()).map_err(|_| CollectiveError::Link("next rank hung up".into()))?;
+        let got = self.from_prev.recv().map_err(|_| CollectiveError::Link("previous rank hung up".into()))?;
+        if got.len() != recv.len() {
+            return Err(CollectiveError::Protocol(format!("expected {} values, got {}", recv.len(), got.len())));
+        }
+        recv.copy_from_slice(&got);
+        Ok(())
+    }
+}
+
+/// Communicators for ranks 0..world, to be moved into one thread each.
+pub fn thread_group(world: usize) -> Vec<RingComm<ThreadLink>> {
+    let (senders, receivers): (Vec<_>, Vec<_>) = (0..world).map(|_| channel()).unzip();
+    // Rank r sends on channel r+1 (received by rank r+1) and receives on channel r.
+    let mut receivers: Vec<Option<Receiver<Vec<f32>>>> = receivers.into_iter().map(Some).collect();
+    (0..world)
+        .map(|rank| RingComm {
+            link: ThreadLink {
+                to_next: senders[(rank + 1) % world].clone(),
+                from_prev: receivers[rank].take().expect("each receiver taken once"),
+            },
+            rank,
+            world,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Communicator;
+
+    /// Runs `f` on every rank of a thread group and returns each rank's result.
+    fn on_group<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(&mut dyn Communicator) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
+        let f = std::sync::Arc::new(f);
+        let handles: Vec<_> = thread_group(world)
+            .into_iter()
+            .map(|mut comm| {
+                let f = f.clone();
+                std::thread::spawn(move || f(&mut comm))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    }
+
+    fn input(rank: usize, len: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 31 + rank * 17) % 97) as f32 * 0.01 + rank as f32).collect()
+    }
+
+    #[test]
+    fn all_reduce_is_exact_and_identical_on_every_rank() {
+        for world in 1..=5 {
+            for len in [0usize, 1, 2, 7, world * 3 + 1, 1000] {
+                let results = on_group(world, move |c| {
+                    let mut buf = input(c.rank(), len);
+                    c.all_reduce_sum(&mut buf).unwrap();
+                    buf
+                });
+                let want: Vec<f64> = (0..len).map(|i| (0..world).map(|r| input(r, len)[i] as f64).sum()).collect();
+                for (r, got) in results.iter().enumerate() {
+                    assert_eq!(got.len(), len);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((*g as f64 - w).abs() < 1e-3, "world {world} len {len} rank {r}: {g} vs {w}");
+                    }
+                    // identical bits everywhere
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        results[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_reduce_64_mib() {
+        let len = 16 << 20; // 64 MiB of f32
+        let results = on_group(4, move |c| {
+            let mut buf = vec![c.rank() as f32 + 1.0; len];
+            c.all_reduce_sum(&mut buf).unwrap();
+            (buf.iter().all(|&v| v == 10.0), buf.len())
+        });
+        assert!(results.iter().all(|&(ok, n)| ok && n == len));
+    }
+
+    #[test]
+    fn broadcast_and_barrier() {
+        for world in 1..=5 {
+            for root in 0..world {
+                let results = on_group(world, move |c| {
+                    let mut buf = input(c.rank(), 9);
+                    c.broadcast(&mut buf, root).unwrap();
+                    c.barrier().unwrap();
+                    buf
+                });
+                assert!(results.iter().all(|b| *b == input(root, 9)), "world {world} root {root}");
+            }
+        }
+    }
+}

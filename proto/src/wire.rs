@@ -1,0 +1,256 @@
+//! Control-plane messages and their framing. A frame is a little-endian u32 payload length
+//! followed by a bincode-2 payload. The length is checked against a maximum *before*
+//! anything is allocated, and a payload that does not decode is an error, never a panic.
+
+use crate::{EvalRecord, Summary, TrainRecord};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Bumped on any incompatible change of these messages.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest control-plane frame (a job spec, a summary): far above any real message.
+pub const MAX_FRAME_BYTES: u32 = 4 << 20;
+
+/// Worker -> coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum ToCoordinator {
+    /// First message on a connection.
+    Hello {
+        version: u32,
+        token: String,
+        host: String,
+        pid: u32,
+        /// Where this worker's data-plane endpoint listens (its ring neighbour connects here).
+        data_addr: String,
+        /// SHA-256 of this worker's data-plane certificate (hex), pinned by its neighbours.
+        fingerprint: String,
+    },
+    /// Model built: the initial weights' hash, compared across ranks before step 0.
+    Ready {
+        rank: usize,
+        init_weight_hash: u64,
+    },
+    /// Every `log_every` steps, from every rank (hashes compared across ranks).
+    Step {
+        rank: usize,
+        record: TrainRecord,
+        weight_hash: u64,
+    },
+    /// Per-step heartbeat for progress (cheap).
+    Progress {
+        rank: usize,
+        step: u64,
+    },
+    Eval {
+        rank: usize,
+        record: EvalRecord,
+    },
+    Done {
+        rank: usize,
+        summary: Summary,
+    },
+    Failed {
+        rank: usize,
+        error: String,
+    },
+    /// Result of `lockstep bench allreduce` on this rank.
+    BenchResult {
+        rank: usize,
+        results: Vec<AllReduceTiming>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AllReduceTiming {
+    pub bytes: u64,
+    pub median_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerInfo {
+    pub rank: usize,
+    pub data_addr: String,
+    pub fingerprint: String,
+}
+
+/// What a worker is asked to do once the group has formed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Task {
+    /// Train the job (TOML text of the resolved spec).
+    Train { job_toml: String, threads: usize, bucket_bytes: u64 },
+    /// Time ring all-reduces of these sizes.
+    BenchAllReduce { sizes: Vec<u64>, iters: usize },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Assign {
+    pub rank: usize,
+    pub world: usize,
+    pub seed: u64,
+    /// Every rank's data-plane address and certificate fingerprint, by rank.
+    pub peers: Vec<PeerInfo>,
+    pub task: Task,
+}
+
+/// Coordinator -> worker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum ToWorker {
+    Welcome {
+        worker_id: u64,
+    },
+    Rejected {
+        reason: String,
+    },
+    Assign(Assign),
+    /// All ranks reported identical initial weights: begin step 0.
+    Start,
+    /// Abort the current task (another rank failed).
+    Abort {
+        reason: String,
+    },
+    /// The run is over; a daemon without `--once` waits for the next job.
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: u32, max: u32 },
+    #[error("malformed frame ({len} bytes): {message}")]
+    Malformed { len: u32, message: String },
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ MAX_FRAME_BYTES as usize }>()
+}
+
+/// Encodes one frame (length prefix + payload).
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut payload = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| FrameError::Malformed { len: 0, message: e.to_string() })?;
+    let len = payload.len() as u32;
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge { len, max: MAX_FRAME_BYTES });
+    }
+    let mut frame = len.to_le_bytes().to_vec();
+    frame.append(&mut payload);
+    Ok(frame)
+}
+
+/// Decodes a frame's payload. The whole payload must be consumed.
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, FrameError> {
+    let len = payload.len() as u32;
+    let (msg, used) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| FrameError::Malformed { len, message: e.to_string() })?;
+    if used != payload.len() {
+        return Err(FrameError::Malformed { len, message: format!("{} trailing bytes", payload.len() - used) });
+    }
+    Ok(msg)
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+    w.write_all(&encode_frame(msg)?).await?;
+    Ok(())
+}
+
+/// Reads one frame. A clean end of stream before the length prefix is `Closed`.
+pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(r: &mut R) -> Result<T, FrameError> {
+    let mut len_bytes = [0u8; 4];
+    match r.read_exact(&mut len_bytes).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len_bytes);
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge { len, max: MAX_FRAME_BYTES });
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            FrameError::Malformed { len, message: "stream ended inside the payload".into() }
+        }
+        _ => e.into(),
+    })?;
+    decode_payload(&payload)
+}
+
+/// Constant-time comparison of cluster tokens (no early exit on the first differing byte).
+pub fn tokens_equal(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> ToCoordinator {
+        ToCoordinator::Hello {
+            version: PROTOCOL_VERSION,
+            token: "t".into(),
+            host: "h".into(),
+            pid: 1,
+            data_addr: "127.0.0.1:1".into(),
+            fingerprint: "ab".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &hello()).await.unwrap();
+        write_frame(&mut buf, &ToCoordinator::Progress { rank: 3, step: 9 }).await.unwrap();
+        let mut r = &buf[..];
+        assert_eq!(read_frame::<_, ToCoordinator>(&mut r).await.unwrap(), hello());
+        assert_eq!(read_frame::<_, ToCoordinator>(&mut r).await.unwrap(), ToCoordinator::Progress { rank: 3, step: 9 });
+        assert!(matches!(read_frame::<_, ToCoordinator>(&mut r).await, Err(FrameError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_rejected_without_allocating() {
+        let buf = u32::MAX.to_le_bytes();
+        let err = read_frame::<_, ToCoordinator>(&mut &buf[..]).await.unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { len: u32::MAX, .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn garbage_and_truncation_are_errors() {
+        let mut buf = 16u32.to_le_bytes().to_vec();
+        buf.extend([0xff; 16]);
+        assert!(matches!(read_frame::<_, ToCoordinator>(&mut &buf[..]).await, Err(FrameError::Malformed { .. })));
+        let good = encode_frame(&hello()).unwrap();
+        let cut = &good[..good.len() - 3];
+        let err = read_frame::<_, ToCoordinator>(&mut &cut[..]).await.unwrap_err();
+        assert!(err.to_string().contains("ended inside"), "{err}");
+        // A valid frame with extra bytes inside the declared length.
+        let mut padded = good[4..].to_vec();
+        padded.push(0);
+        assert!(decode_payload::<ToCoordinator>(&padded).unwrap_err().to_string().contains("trailing"));
+        // Every prefix of a valid frame fails cleanly; every byte flip fails or decodes, never panics.
+        for n in 0..good.len() {
+            let _ = read_frame::<_, ToCoordinator>(&mut &good[..n]).await;
+        }
+        for i in 4..good.len() {
+            let mut flipped = good.clone();
+            flipped[i] ^= 0x5a;
+            let _ = read_frame::<_, ToCoordinator>(&mut &flipped[..]).await;
+        }
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(tokens_equal("abc", "abc"));
+        assert!(!tokens_equal("abc", "abd"));
+        assert!(!tokens_equal("abc", "abcd"));
+        assert!(!tokens_equal("", "a"));
+    }
+}
