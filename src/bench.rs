@@ -20,11 +20,37 @@ pub enum Which {
         #[arg(long, default_value_t = 200)]
         steps: usize,
     },
+    /// Ring all-reduce busbw over QUIC across N local processes vs a plain TCP stream.
+    Allreduce {
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Message sizes in bytes (repeatable; default 1, 4, 16 and 64 MiB).
+        #[arg(long = "size")]
+        sizes: Vec<u64>,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
+    /// (internal) the receiving process of the TCP reference stream.
+    #[command(hide = true)]
+    TcpSink {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        bytes: usize,
+    },
 }
 
 pub fn run(which: Which, threads: usize) -> Result<()> {
     match which {
-        Which::Mlp { batch, steps } => bench_mlp(threads, batch, steps),
+        Which::Mlp { batch, steps } => {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+            bench_mlp(threads, batch, steps)
+        }
+        Which::Allreduce { workers, sizes, iters } => {
+            let sizes = if sizes.is_empty() { vec![1 << 20, 4 << 20, 16 << 20, 64 << 20] } else { sizes };
+            crate::cluster::bench_allreduce(workers, sizes, iters.max(1), 1)
+        }
+        Which::TcpSink { connect, bytes } => crate::cluster::tcp_sink(&connect, bytes),
     }
 }
 

@@ -2,39 +2,107 @@
 //! lives in the library crates.
 
 mod bench;
-mod run_dir;
+mod cluster;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use lockstep_coordinator::RunWriter;
 use lockstep_kernels::CpuBackend;
 use lockstep_proto::JobSpec;
-use std::path::PathBuf;
+use lockstep_worker::daemon::{run_daemon, DaemonOptions};
+use lockstep_worker::{run_training, NoReduce, RunEvent, RunOptions};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "lockstep", version, about = "Distributed data-parallel training")]
 struct Cli {
-    /// Compute threads (default: all cores).
+    /// Compute threads (default: all cores; `local` divides them among its workers).
     #[arg(long, global = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct JobArgs {
+    /// Job file (TOML).
+    config: PathBuf,
+    /// Run directory (default: runs/<name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Override any job field: --set optim.lr=0.01 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// No progress bar (logs only).
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl JobArgs {
+    fn load(&self) -> Result<(JobSpec, PathBuf)> {
+        let spec = JobSpec::load(&self.config, &self.overrides)?;
+        let dir = self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
+        Ok((spec, dir))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train in this process (no network).
     Train {
-        /// Job file (TOML).
-        config: PathBuf,
-        /// Run directory (default: runs/<name>).
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// A coordinator and N worker processes on this machine, over loopback QUIC.
+    Local {
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// Gradient bucket size in MiB.
+        #[arg(long, default_value_t = 25.0)]
+        bucket_mb: f64,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Wait for N workers to join, train the job on them, shut them down.
+    Coordinator {
+        /// Address to listen on (UDP), e.g. 0.0.0.0:7070.
         #[arg(long)]
-        out: Option<PathBuf>,
-        /// Override any job field: --set optim.lr=0.01 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        overrides: Vec<String>,
-        /// No progress bar (logs only).
+        listen: SocketAddr,
         #[arg(long)]
-        quiet: bool,
+        workers: usize,
+        /// Host put in the join address (default: the listen IP).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Cluster token file (default: generate one and write it to the run directory).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        #[arg(long, default_value_t = 25.0)]
+        bucket_mb: f64,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// A worker daemon: joins a coordinator and runs what it is assigned.
+    Worker {
+        /// lockstep://HOST:PORT#<certificate sha256>, as printed by the coordinator.
+        #[arg(long)]
+        join: String,
+        /// Cluster token file (default: the LOCKSTEP_TOKEN variable).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Exit after the first task instead of waiting for the next.
+        #[arg(long)]
+        once: bool,
+        /// Local IP for the data-plane endpoint.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: IpAddr,
+        /// IP announced to peers (default: the interface that reaches the coordinator).
+        #[arg(long)]
+        advertise: Option<IpAddr>,
+        /// Seconds a collective may wait for a peer before failing.
+        #[arg(long, default_value_t = 300)]
+        collective_timeout: u64,
     },
     /// Benchmarks that print a ratio against a reference measured in the same run.
     Bench {
@@ -50,20 +118,92 @@ fn main() {
     }
 }
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn real_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("building the thread pool")?;
+    let threads = cli.threads.unwrap_or_else(cores).max(1);
     match cli.command {
-        Command::Train { config, out, overrides, quiet } => {
-            let spec = JobSpec::load(&config, &overrides)?;
-            let dir = out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
-            run_dir::train_single(CpuBackend::new(threads), &spec, &dir, !quiet)
+        Command::Train { job } => {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("building the thread pool")?;
+            let (spec, dir) = job.load()?;
+            train_single(CpuBackend::new(threads), &spec, &dir, !job.quiet)
+        }
+        Command::Local { workers, bucket_mb, job } => {
+            if workers == 0 {
+                anyhow::bail!("--workers must be at least 1");
+            }
+            let (spec, dir) = job.load()?;
+            let per_worker = cli.threads.map_or((cores() / workers).max(1), |t| t.max(1));
+            cluster::run_local(cluster::LocalRun {
+                spec,
+                workers,
+                dir: &dir,
+                threads_per_worker: per_worker,
+                bucket_bytes: (bucket_mb * (1 << 20) as f64) as u64,
+                progress: !job.quiet,
+            })
+        }
+        Command::Coordinator { listen, workers, advertise, token_file, bucket_mb, job } => {
+            let (mut spec, dir) = job.load()?;
+            cluster::absolutize_data_dir(&mut spec);
+            cluster::run_coordinator(cluster::CoordinatorRun {
+                spec,
+                listen,
+                advertise,
+                workers,
+                token_file: token_file.as_deref(),
+                dir: &dir,
+                threads_per_worker: cli.threads.unwrap_or(0),
+                bucket_bytes: (bucket_mb * (1 << 20) as f64) as u64,
+                progress: !job.quiet,
+            })
+        }
+        Command::Worker { join, token_file, once, bind, advertise, collective_timeout } => {
+            let token = cluster::read_token(token_file.as_deref())?;
+            let opts = DaemonOptions {
+                join,
+                token,
+                once,
+                threads,
+                bind,
+                advertise,
+                collective_timeout: Duration::from_secs(collective_timeout),
+            };
+            run_daemon(&opts).map_err(Into::into)
         }
         Command::Bench { which } => bench::run(which, threads),
     }
+}
+
+/// `lockstep train`: one process, world size 1.
+fn train_single(be: CpuBackend, spec: &JobSpec, dir: &Path, progress: bool) -> Result<()> {
+    let mut writer = RunWriter::create(dir, spec, progress)?;
+    let mut on_event = |event: RunEvent| -> lockstep_worker::Result<()> {
+        let written = match event {
+            RunEvent::Start { total_steps, params, flops_per_example, .. } => {
+                writer.start(total_steps, params, flops_per_example);
+                Ok(())
+            }
+            RunEvent::Step { step, record, .. } => match record {
+                Some((record, _)) => writer.train(record),
+                None => {
+                    writer.progress(step);
+                    Ok(())
+                }
+            },
+            RunEvent::Eval(record) => writer.eval(record),
+        };
+        written.map_err(|e| lockstep_worker::WorkerError::Stopped(e.to_string()))
+    };
+    let (summary, _) =
+        run_training(be, spec, RunOptions::default(), Box::new(|_| Ok(Box::new(NoReduce))), &mut on_event)?;
+    writer.finish(&summary)?;
+    Ok(())
 }

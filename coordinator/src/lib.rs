@@ -1,1 +1,32 @@
-pub fn x() {}
+//! lockstep-coordinator: rendezvous, rank assignment, the run directory (metrics sink) and
+//! the supervision of a group of workers over the QUIC control plane.
+
+pub mod run_writer;
+pub mod server;
+
+pub use run_writer::RunWriter;
+pub use server::{Coordinator, WorkerConn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("network: {0}")]
+    Net(String),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("run failed: {0}")]
+    Run(String),
+}
+
+pub type Result<T> = std::result::Result<T, CoordError>;
+
+/// A fresh random cluster token (128 bits, hex) from the OS.
+pub fn generate_token() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|source| CoordError::Io { what: "reading /dev/urandom for a token".into(), source })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

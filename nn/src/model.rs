@@ -21,9 +21,32 @@ impl<B: Backend> Sequential<B> {
     }
 
     pub fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
+        self.backward_with_hook(be, dy, &mut |_, _| Ok(()))
+    }
+
+    /// Backward that calls `grads_ready(first_param_index, params)` as soon as each layer's
+    /// parameter gradients are final (last layer first), so a data-parallel reducer can
+    /// start sending them while earlier layers still compute. `first_param_index` is the
+    /// position of the layer's first parameter in `params()`.
+    pub fn backward_with_hook(
+        &mut self,
+        be: &B,
+        dy: Tensor<B>,
+        grads_ready: &mut dyn FnMut(usize, &[&Param<B>]) -> Result<()>,
+    ) -> Result<Tensor<B>> {
+        let mut first_index: Vec<usize> = Vec::with_capacity(self.layers.len());
+        let mut count = 0;
+        for layer in &self.layers {
+            first_index.push(count);
+            count += layer.params().len();
+        }
         let mut d = dy;
-        for layer in self.layers.iter_mut().rev() {
+        for (i, layer) in self.layers.iter_mut().enumerate().rev() {
             d = layer.backward(be, d)?;
+            let params = layer.params();
+            if !params.is_empty() {
+                grads_ready(first_index[i], &params)?;
+            }
         }
         Ok(d)
     }

@@ -47,4 +47,10 @@ pub struct Summary {
     pub weight_hash: String,
     /// Fraction of exactly-zero decay-eligible weights (L1 report, T20).
     pub sparsity: f64,
+    /// Every rank's final weight hash (filled in by the coordinator; all equal).
+    #[serde(default)]
+    pub rank_weight_hashes: Vec<String>,
+    /// Gradient bytes all-reduced per step by each rank (0 for one process).
+    #[serde(default)]
+    pub allreduce_bytes_per_step: u64,
 }

@@ -3,10 +3,12 @@
 //! many, with a gradient all-reduce between backward and the update).
 
 pub mod build;
+pub mod daemon;
+pub mod reducer;
 pub mod run;
 pub mod trainer;
 
-pub use run::{run_training, RunEvent, RunOptions};
+pub use run::{run_training, ReducerFactory, RunEvent, RunOptions};
 pub use trainer::{GradReducer, NoReduce, StepStats, Trainer};
 
 #[derive(Debug, thiserror::Error)]

@@ -13,17 +13,19 @@ use std::time::Instant;
 
 #[derive(Debug, Clone)]
 pub enum RunEvent {
-    /// Training is about to start: total steps, parameter count, forward FLOPs/example.
+    /// Training is about to start: total steps, parameter count, forward FLOPs/example and
+    /// the hash of the initial weights (compared across ranks before step 0).
     Start {
         total_steps: u64,
         params: usize,
         flops_per_example: u64,
+        init_weight_hash: u64,
     },
-    /// After every step (cheap); `record` is set every `log_every` steps.
+    /// After every step (cheap); every `log_every` steps `record` and the weight hash are set.
     Step {
         step: u64,
         loss: f64,
-        record: Option<TrainRecord>,
+        record: Option<(TrainRecord, u64)>,
     },
     Eval(EvalRecord),
 }
@@ -40,13 +42,18 @@ impl Default for RunOptions {
     }
 }
 
-/// Trains `spec` as rank `opts.rank` of `opts.world` and returns the run summary.
+/// Makes the gradient reducer once the model exists: it gets each parameter's element count
+/// (`None` for frozen parameters).
+pub type ReducerFactory<'a, B> = Box<dyn FnOnce(&[Option<usize>]) -> Result<Box<dyn GradReducer<B>>> + 'a>;
+
+/// Trains `spec` as rank `opts.rank` of `opts.world` and returns the run summary. An error
+/// from `on_event` stops the run (the coordinator aborted it).
 pub fn run_training<B: Backend>(
     be: B,
     spec: &JobSpec,
     opts: RunOptions,
-    reducer: &mut dyn GradReducer<B>,
-    on_event: &mut dyn FnMut(RunEvent),
+    make_reducer: ReducerFactory<'_, B>,
+    on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
 ) -> Result<(Summary, Trainer<B>)> {
     let (train, test) = build::load_data(spec)?;
     let sampler = EpochSampler {
@@ -71,11 +78,15 @@ pub fn run_training<B: Backend>(
         total_steps = total_steps.min(spec.train.max_steps as u64);
     }
     let mut trainer = Trainer::new(be, spec, train.features, train.classes, total_steps);
+    let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
+    let mut reducer = make_reducer(&sizes)?;
+    let allreduce_bytes_per_step = if opts.world > 1 { sizes.iter().flatten().sum::<usize>() as u64 * 4 } else { 0 };
     on_event(RunEvent::Start {
         total_steps,
         params: trainer.model.param_count(),
         flops_per_example: trainer.model.flops_per_example(),
-    });
+        init_weight_hash: trainer.model.weight_hash(&trainer.be),
+    })?;
 
     let started = Instant::now();
     let mut window_start = Instant::now();
@@ -93,7 +104,7 @@ pub fn run_training<B: Backend>(
             }
             let batch = sampler.global_batch(&order, s);
             let local = rank_slice(&batch, opts.rank, opts.world);
-            let stats = trainer.step(&train, local, batch.len(), reducer)?;
+            let stats = trainer.step(&train, local, batch.len(), reducer.as_mut())?;
             if !stats.loss.is_finite() {
                 return Err(crate::WorkerError::Stopped(format!(
                     "loss is {} at step {}: the learning rate ({}) is likely too high or gradients exploded (grad norm {:.3e}); lower optim.lr or set optim.clip_norm",
@@ -103,20 +114,23 @@ pub fn run_training<B: Backend>(
             window_examples += batch.len();
             examples_total += batch.len();
             let step = trainer.global_step;
-            let record = (step % spec.train.log_every as u64 == 0 || step == total_steps).then(|| {
+            let record = if step % spec.train.log_every as u64 == 0 || step == total_steps {
                 let rate = window_examples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
                 window_start = Instant::now();
                 window_examples = 0;
-                TrainRecord {
+                let record = TrainRecord {
                     step,
                     epoch,
                     loss: stats.loss,
                     lr: stats.lr as f64,
                     grad_norm: stats.grad_norm,
                     examples_per_s: rate,
-                }
-            });
-            on_event(RunEvent::Step { step, loss: stats.loss, record });
+                };
+                Some((record, trainer.model.weight_hash(&trainer.be)))
+            } else {
+                None
+            };
+            on_event(RunEvent::Step { step, loss: stats.loss, record })?;
         }
         (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, &test, epoch, on_event)?;
         evaluated_at = Some(trainer.global_step);
@@ -138,6 +152,8 @@ pub fn run_training<B: Backend>(
         test_accuracy,
         weight_hash: format!("{:016x}", trainer.model.weight_hash(&trainer.be)),
         sparsity: sparsity(&trainer.be, &trainer.model.params()),
+        rank_weight_hashes: Vec::new(),
+        allreduce_bytes_per_step,
     };
     Ok((summary, trainer))
 }
@@ -146,9 +162,9 @@ fn evaluate_and_report<B: Backend>(
     trainer: &mut Trainer<B>,
     test: &lockstep_nn::data::Dataset,
     epoch: u64,
-    on_event: &mut dyn FnMut(RunEvent),
+    on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
 ) -> Result<(f64, f64)> {
     let (loss, accuracy) = trainer.evaluate(test)?;
-    on_event(RunEvent::Eval(EvalRecord { step: trainer.global_step, epoch, split: "test".into(), loss, accuracy }));
+    on_event(RunEvent::Eval(EvalRecord { step: trainer.global_step, epoch, split: "test".into(), loss, accuracy }))?;
     Ok((loss, accuracy))
 }

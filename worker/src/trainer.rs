@@ -15,7 +15,13 @@ use lockstep_proto::JobSpec;
 /// Sums gradients and a few scalars across data-parallel ranks. Every rank must end with
 /// identical bits.
 pub trait GradReducer<B: Backend> {
-    fn reduce_grads(&mut self, be: &B, params: &mut [&mut Param<B>]) -> Result<()>;
+    /// Called during backward as soon as `params` (starting at `first_index` of
+    /// `model.params()`) hold final local gradients; a bucketed reducer starts sending here.
+    fn grads_ready(&mut self, _be: &B, _first_index: usize, _params: &[&Param<B>]) -> Result<()> {
+        Ok(())
+    }
+    /// After backward: every trainable gradient replaced by its sum over ranks.
+    fn finish_grads(&mut self, be: &B, params: &mut [&mut Param<B>]) -> Result<()>;
     fn reduce_scalars(&mut self, values: &mut [f64]) -> Result<()>;
 }
 
@@ -23,7 +29,7 @@ pub trait GradReducer<B: Backend> {
 pub struct NoReduce;
 
 impl<B: Backend> GradReducer<B> for NoReduce {
-    fn reduce_grads(&mut self, _: &B, _: &mut [&mut Param<B>]) -> Result<()> {
+    fn finish_grads(&mut self, _: &B, _: &mut [&mut Param<B>]) -> Result<()> {
         Ok(())
     }
     fn reduce_scalars(&mut self, _: &mut [f64]) -> Result<()> {
@@ -82,10 +88,16 @@ impl<B: Backend> Trainer<B> {
             let logits = self.model.forward(be, input, &ctx)?; // (B, C)
             let out = softmax_cross_entropy(be, &logits, &y, None, 1.0)?;
             loss_sum = out.loss_sum;
-            self.model.backward(be, out.grad)?;
+            self.model.backward_with_hook(be, out.grad, &mut |first, params| {
+                reducer.grads_ready(be, first, params).map_err(|e| lockstep_nn::NnError::Invalid(e.to_string()))
+            })?;
+        } else {
+            // No local examples this step: still take part in every collective, in order.
+            let params = self.model.params();
+            reducer.grads_ready(be, 0, &params)?;
         }
         let mut params = self.model.params_mut();
-        reducer.reduce_grads(be, &mut params)?;
+        reducer.finish_grads(be, &mut params)?;
         let mut scalars = [loss_sum];
         reducer.reduce_scalars(&mut scalars)?;
         // The gradients hold per-example sums; the batch mean and the clip factor are applied

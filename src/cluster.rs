@@ -1,0 +1,292 @@
+//! `lockstep local`, `lockstep coordinator`, `lockstep worker` and `bench allreduce`:
+//! wiring of the coordinator and worker crates to processes.
+
+use anyhow::{bail, Context, Result};
+use lockstep_coordinator::{generate_token, Coordinator, RunWriter, WorkerConn};
+use lockstep_proto::JobSpec;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting tokio")
+}
+
+/// Makes `data.dir` absolute so worker processes find it whatever their working directory.
+pub fn absolutize_data_dir(spec: &mut JobSpec) {
+    if spec.data.dir.is_relative() {
+        if let Ok(abs) = std::fs::canonicalize(&spec.data.dir) {
+            spec.data.dir = abs;
+        }
+    }
+}
+
+pub fn write_token(dir: &Path, token: &str) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("token");
+    std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(path)
+}
+
+pub fn read_token(path: Option<&Path>) -> Result<String> {
+    match path {
+        Some(p) => Ok(std::fs::read_to_string(p)
+            .with_context(|| format!("reading token file {}", p.display()))?
+            .trim()
+            .to_string()),
+        None => std::env::var("LOCKSTEP_TOKEN").context("no --token-file given and LOCKSTEP_TOKEN is not set"),
+    }
+}
+
+/// N `lockstep worker --once` child processes joined to `join`, logging to `dir/worker-i.log`.
+pub struct LocalWorkers {
+    children: Vec<tokio::process::Child>,
+    logs: Vec<PathBuf>,
+}
+
+impl LocalWorkers {
+    pub fn spawn(n: usize, join: &str, token_file: &Path, threads: usize, dir: &Path) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the lockstep binary")?;
+        let mut children = Vec::new();
+        let mut logs = Vec::new();
+        for i in 0..n {
+            let log_path = dir.join(format!("worker-{i}.log"));
+            let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+            let child = tokio::process::Command::new(&exe)
+                .args(["worker", "--once", "--join", join, "--threads", &threads.to_string(), "--token-file"])
+                .arg(token_file)
+                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting worker {i}"))?;
+            children.push(child);
+            logs.push(log_path);
+        }
+        Ok(Self { children, logs })
+    }
+
+    /// Resolves when any child exits, with its index and status.
+    pub async fn first_exit(&mut self) -> (usize, std::io::Result<std::process::ExitStatus>) {
+        let waits = self.children.iter_mut().enumerate().map(|(i, c)| Box::pin(async move { (i, c.wait().await) }));
+        futures_select_all(waits).await
+    }
+
+    fn log_tail(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(&self.logs[i]).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+
+    /// Waits for every child; an unsuccessful exit is an error naming the worker and its log.
+    pub async fn wait_all(&mut self, timeout: Duration) -> Result<()> {
+        for (i, child) in self.children.iter_mut().enumerate() {
+            match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) => bail!("worker {i} exited with {status}; log {}", self.logs[i].display()),
+                Ok(Err(e)) => bail!("worker {i}: {e}"),
+                Err(_) => {
+                    let _ = child.kill().await;
+                    bail!("worker {i} did not exit within {timeout:?}; killed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn kill_all(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+/// `select_all` over boxed futures without pulling in the futures crate.
+async fn futures_select_all<F: std::future::Future + Unpin>(futures: impl Iterator<Item = F>) -> F::Output {
+    let mut futures: Vec<F> = futures.collect();
+    std::future::poll_fn(move |cx| {
+        for f in futures.iter_mut() {
+            if let std::task::Poll::Ready(v) = std::pin::Pin::new(f).poll(cx) {
+                return std::task::Poll::Ready(v);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// Rendezvous while watching local children: a worker that dies first is reported at once.
+async fn rendezvous_local(coord: &mut Coordinator, n: usize, workers: &mut LocalWorkers) -> Result<Vec<WorkerConn>> {
+    tokio::select! {
+        joined = coord.rendezvous(n, RENDEZVOUS_TIMEOUT) => Ok(joined?),
+        (i, status) = workers.first_exit() => {
+            bail!("worker {i} exited ({status:?}) before the group formed:\n{}", workers.log_tail(i))
+        }
+    }
+}
+
+pub struct LocalRun<'a> {
+    pub spec: JobSpec,
+    pub workers: usize,
+    pub dir: &'a Path,
+    pub threads_per_worker: usize,
+    pub bucket_bytes: u64,
+    pub progress: bool,
+}
+
+/// `lockstep local`: a coordinator here and N worker processes over loopback QUIC.
+pub fn run_local(run: LocalRun<'_>) -> Result<()> {
+    let rt = runtime()?;
+    let mut spec = run.spec;
+    absolutize_data_dir(&mut spec);
+    let mut writer = RunWriter::create(run.dir, &spec, run.progress)?;
+    let token = generate_token()?;
+    let token_file = write_token(run.dir, &token)?;
+    let summary = rt.block_on(async {
+        let mut coord = Coordinator::bind("127.0.0.1:0".parse()?, None, token)?;
+        tracing::info!(join = %coord.join_address, "coordinator listening");
+        let mut workers =
+            LocalWorkers::spawn(run.workers, &coord.join_address, &token_file, run.threads_per_worker, run.dir)?;
+        let result = async {
+            let joined = rendezvous_local(&mut coord, run.workers, &mut workers).await?;
+            let summary = coord.run_train(joined, &spec, run.threads_per_worker, run.bucket_bytes, &mut writer).await?;
+            workers.wait_all(Duration::from_secs(30)).await?;
+            Ok::<_, anyhow::Error>(summary)
+        }
+        .await;
+        if result.is_err() {
+            workers.kill_all().await;
+        }
+        result.with_context(|| format!("worker logs are in {}", run.dir.display()))
+    })?;
+    writer.finish(&summary)?;
+    Ok(())
+}
+
+pub struct CoordinatorRun<'a> {
+    pub spec: JobSpec,
+    pub listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub workers: usize,
+    pub token_file: Option<&'a Path>,
+    pub dir: &'a Path,
+    pub threads_per_worker: usize,
+    pub bucket_bytes: u64,
+    pub progress: bool,
+}
+
+/// `lockstep coordinator`: waits for N workers to join, runs the job, shuts them down.
+pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
+    let rt = runtime()?;
+    let mut writer = RunWriter::create(run.dir, &run.spec, run.progress)?;
+    let token = match run.token_file {
+        Some(p) => read_token(Some(p))?,
+        None => {
+            let t = generate_token()?;
+            let path = write_token(run.dir, &t)?;
+            eprintln!("cluster token written to {}", path.display());
+            t
+        }
+    };
+    let summary = rt.block_on(async {
+        let mut coord = Coordinator::bind(run.listen, run.advertise.clone(), token)?;
+        println!("join address: {}", coord.join_address);
+        eprintln!(
+            "waiting for {} workers: lockstep worker --join '{}' --token-file <token>",
+            run.workers, coord.join_address
+        );
+        let joined = coord.rendezvous(run.workers, Duration::from_secs(24 * 3600)).await?;
+        let summary = coord.run_train(joined, &run.spec, run.threads_per_worker, run.bucket_bytes, &mut writer).await?;
+        Ok::<_, anyhow::Error>(summary)
+    })?;
+    writer.finish(&summary)?;
+    Ok(())
+}
+
+/// `lockstep bench allreduce`: ring all-reduce busbw across N local processes, next to a
+/// plain TCP stream between two local processes measured in the same run.
+pub fn bench_allreduce(workers: usize, sizes: Vec<u64>, iters: usize, threads: usize) -> Result<()> {
+    let rt = runtime()?;
+    let dir = std::env::temp_dir().join(format!("lockstep-bench-{}", std::process::id()));
+    let token = generate_token()?;
+    let token_file = write_token(&dir, &token)?;
+    let timings = rt.block_on(async {
+        let mut coord = Coordinator::bind("127.0.0.1:0".parse()?, None, token)?;
+        let mut children = LocalWorkers::spawn(workers, &coord.join_address, &token_file, threads, &dir)?;
+        let joined = rendezvous_local(&mut coord, workers, &mut children).await?;
+        let timings = coord.run_bench(joined, sizes.clone(), iters).await?;
+        children.wait_all(Duration::from_secs(30)).await?;
+        Ok::<_, anyhow::Error>(timings)
+    })?;
+    let tcp = rt.block_on(tcp_stream_throughput(64 << 20, 8))?;
+    println!("bench allreduce: ring over QUIC, {workers} processes, median of {iters}");
+    println!("  plain TCP stream between two local processes: {:.2} GB/s", tcp / 1e9);
+    println!("  {:>10} {:>10} {:>11} {:>11} {:>12}", "bytes", "median ms", "algbw GB/s", "busbw GB/s", "busbw/tcp");
+    for t in &timings {
+        let algbw = t.bytes as f64 / t.median_s;
+        let busbw = algbw * 2.0 * (workers as f64 - 1.0) / workers as f64;
+        println!(
+            "  {:>10} {:>10.3} {:>11.3} {:>11.3} {:>12.3}",
+            t.bytes,
+            t.median_s * 1e3,
+            algbw / 1e9,
+            busbw / 1e9,
+            busbw / tcp
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Bytes/s of one TCP stream to a child process (`lockstep bench tcp-sink`) that reads
+/// everything and acknowledges with one byte.
+async fn tcp_stream_throughput(bytes: usize, reps: usize) -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(["bench", "tcp-sink", "--connect", &addr.to_string(), "--bytes", &(bytes * reps).to_string()])
+        .kill_on_drop(true)
+        .spawn()?;
+    let (mut stream, _) = listener.accept().await?;
+    stream.set_nodelay(true)?;
+    let buf = vec![7u8; bytes];
+    // One untimed round trip warms the connection.
+    let start = std::time::Instant::now();
+    for _ in 0..reps {
+        stream.write_all(&buf).await?;
+    }
+    let mut ack = [0u8; 1];
+    stream.read_exact(&mut ack).await?;
+    let secs = start.elapsed().as_secs_f64();
+    child.wait().await?;
+    Ok((bytes * reps) as f64 / secs)
+}
+
+/// The child side of `tcp_stream_throughput`.
+pub fn tcp_sink(connect: &str, bytes: usize) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(connect)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = stream.read(&mut buf[..left.min(1 << 20)])?;
+        if n == 0 {
+            bail!("stream ended with {left} bytes to go");
+        }
+        left -= n;
+    }
+    stream.write_all(&[1])?;
+    Ok(())
+}
