@@ -200,7 +200,11 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
     };
     let summary = rt.block_on(async {
         let mut coord = Coordinator::bind(run.listen, run.advertise.clone(), token)?;
-        println!("join address: {}", coord.join_address);
+        {
+            use std::io::Write;
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "join address: {}", coord.join_address).and_then(|_| out.flush());
+        }
         eprintln!(
             "waiting for {} workers: lockstep worker --join '{}' --token-file <token>",
             run.workers, coord.join_address

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use lockstep_coordinator::RunWriter;
 use lockstep_kernels::CpuBackend;
+use lockstep_nn::checkpoint::save_weights;
 use lockstep_proto::JobSpec;
 use lockstep_worker::daemon::{run_daemon, DaemonOptions};
 use lockstep_worker::{run_training, NoReduce, RunEvent, RunOptions};
@@ -202,8 +203,9 @@ fn train_single(be: CpuBackend, spec: &JobSpec, dir: &Path, progress: bool) -> R
         };
         written.map_err(|e| lockstep_worker::WorkerError::Stopped(e.to_string()))
     };
-    let (summary, _) =
+    let (summary, trainer) =
         run_training(be, spec, RunOptions::default(), Box::new(|_| Ok(Box::new(NoReduce))), &mut on_event)?;
+    save_weights(&trainer.be, &trainer.model.params(), &dir.join("model.safetensors"))?;
     writer.finish(&summary)?;
     Ok(())
 }

@@ -18,6 +18,7 @@ pub struct QuicLink {
     to_next: SendStream,
     from_prev: RecvStream,
     // Held so the connections stay open as long as the link.
+    _dial_endpoint: Endpoint,
     _next: Connection,
     _prev: Connection,
     prev_rank: usize,
@@ -46,9 +47,14 @@ impl QuicLink {
         let prev = &peers[(rank + world - 1) % world];
         allowed.write().map_err(|_| link_err("peer set poisoned"))?.insert(prev.fingerprint.clone());
 
+        // Outgoing traffic gets its own endpoint (socket and driver task): encrypting what we
+        // send and decrypting what we receive then run on two threads instead of one.
+        let local_ip = endpoint.local_addr()?.ip();
+        let dial_endpoint =
+            crate::tls::endpoint(std::net::SocketAddr::new(local_ip, 0), crate::tls::server_config(me, None)?)?;
         let dial = async {
             let addr = resolve(&next.data_addr)?;
-            let conn = endpoint
+            let conn = dial_endpoint
                 .connect_with(client_config(me, &next.fingerprint)?, addr, "lockstep")
                 .map_err(link_err)?
                 .await
@@ -92,6 +98,7 @@ impl QuicLink {
             rt: Handle::current(),
             to_next,
             from_prev,
+            _dial_endpoint: dial_endpoint,
             _next: next_conn,
             _prev: prev_conn,
             prev_rank: prev.rank,
@@ -147,6 +154,13 @@ impl Drop for QuicLink {
     /// wait until the next rank has stopped reading it, so a message still in flight is not
     /// cut off by the connection closing. Stopping first breaks the wait cycle of the ring.
     fn drop(&mut self) {
+        let stats = self._next.stats();
+        tracing::debug!(
+            mtu = stats.path.current_mtu,
+            sent_packets = stats.path.sent_packets,
+            lost = stats.path.lost_packets,
+            "ring link to next rank closing"
+        );
         let _ = self.from_prev.stop(0u32.into());
         let _ = self.to_next.finish();
         if Handle::try_current().is_err() {

@@ -157,6 +157,11 @@ fn transport() -> Arc<TransportConfig> {
         .max_concurrent_uni_streams(VarInt::from_u32(64))
         .keep_alive_interval(Some(Duration::from_secs(1)))
         .max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60 s fits a VarInt")));
+    // Start with a large congestion window: the links are datacenter/loopback paths, and a
+    // step's gradients arrive as one burst after an idle compute phase.
+    let mut cubic = quinn::congestion::CubicConfig::default();
+    cubic.initial_window(8 << 20);
+    t.congestion_controller_factory(Arc::new(cubic));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(65_000);
     t.mtu_discovery_config(Some(mtu));
@@ -204,11 +209,46 @@ pub fn server_config(me: &Identity, peers: Option<AllowedPeers>) -> Result<Serve
     Ok(cfg)
 }
 
+/// Socket buffer size: a burst of 64 KiB datagrams overflows the usual 208 KiB default
+/// and every overflow is a loss that QUIC must detect and resend.
+const SOCKET_BUFFER_BYTES: usize = 32 << 20;
+
+/// A UDP socket with large kernel buffers. Ordinary requests are capped by
+/// net.core.{r,w}mem_max; as root SO_*BUFFORCE lifts the cap.
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let size = SOCKET_BUFFER_BYTES as libc::c_int;
+        for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+            // SAFETY: a valid fd and a c_int option value of the stated size.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+    if let (Ok(rcv), true) = (socket.recv_buffer_size(), tracing::enabled!(tracing::Level::DEBUG)) {
+        tracing::debug!(recv_buffer = rcv, "udp socket");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 /// A QUIC endpoint bound to `addr` that serves with `server` and can also connect out.
 pub fn endpoint(addr: SocketAddr, server: ServerConfig) -> Result<Endpoint> {
     let mut ep_cfg = EndpointConfig::default();
     ep_cfg.max_udp_payload_size(65_527).map_err(tls_err)?;
-    let socket = std::net::UdpSocket::bind(addr)?;
+    let socket = udp_socket(addr)?;
     let runtime = quinn::default_runtime().ok_or_else(|| CollectiveError::Tls("no async runtime".into()))?;
     Endpoint::new(ep_cfg, Some(server), socket, runtime).map_err(CollectiveError::Io)
 }

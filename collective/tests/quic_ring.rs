@@ -59,7 +59,7 @@ fn on_ranks<T: Send + 'static>(comms: Vec<RingComm<QuicLink>>, f: fn(&mut dyn Co
 #[test]
 fn quic_all_reduce_small_odd_and_empty() {
     let rt = runtime();
-    for world in [2usize, 3, 5] {
+    for world in [2usize, 3, 4, 5] {
         let comms = quic_group(&rt, world);
         let results = on_ranks(comms, |c| {
             let mut out = Vec::new();

@@ -82,7 +82,9 @@ impl RunWriter {
         let path = dir.join("summary.json");
         let text = serde_json::to_string_pretty(summary).map_err(|e| CoordError::Protocol(e.to_string()))? + "\n";
         std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))?;
-        println!(
+        // A closed stdout (a pipe whose reader went away) must not fail the run.
+        let _ = writeln!(
+            std::io::stdout(),
             "{}: {} steps in {:.1}s, {:.0} examples/s, {} params, test loss {:.4}, test accuracy {:.2}%  -> {}",
             summary.name,
             summary.steps,

@@ -109,7 +109,8 @@ impl Coordinator {
         bucket_bytes: u64,
         writer: &mut RunWriter,
     ) -> Result<Summary> {
-        let task = Task::Train { job_toml: spec.to_toml(), threads, bucket_bytes };
+        let weights_path = Some(writer.dir().join("model.safetensors").display().to_string());
+        let task = Task::Train { job_toml: spec.to_toml(), threads, bucket_bytes, weights_path };
         let mut group = Group::assign(workers, spec.seed, task).await?;
         let result = supervise_train(&mut group, writer).await;
         group.finish(&result).await;

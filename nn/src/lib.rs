@@ -1,6 +1,7 @@
 //! lockstep-nn: tensors, layers (each a forward/backward pair), losses, optimizers,
 //! learning-rate schedules, the counter-based RNG and data loading.
 
+pub mod checkpoint;
 pub mod data;
 pub mod gradcheck;
 pub mod init;

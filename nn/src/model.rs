@@ -3,6 +3,9 @@
 use crate::{ForwardCtx, Layer, Param, Result, Tensor};
 use lockstep_kernels::Backend;
 
+/// Called by `backward_with_hook` with (index of the layer's first parameter, its params).
+pub type GradsReadyHook<'a, B> = dyn FnMut(usize, &[&Param<B>]) -> Result<()> + 'a;
+
 pub struct Sequential<B: Backend> {
     pub layers: Vec<Box<dyn Layer<B>>>,
 }
@@ -32,7 +35,7 @@ impl<B: Backend> Sequential<B> {
         &mut self,
         be: &B,
         dy: Tensor<B>,
-        grads_ready: &mut dyn FnMut(usize, &[&Param<B>]) -> Result<()>,
+        grads_ready: &mut GradsReadyHook<'_, B>,
     ) -> Result<Tensor<B>> {
         let mut first_index: Vec<usize> = Vec::with_capacity(self.layers.len());
         let mut count = 0;

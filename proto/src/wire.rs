@@ -77,7 +77,13 @@ pub struct PeerInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Task {
     /// Train the job (TOML text of the resolved spec).
-    Train { job_toml: String, threads: usize, bucket_bytes: u64 },
+    Train {
+        job_toml: String,
+        threads: usize,
+        bucket_bytes: u64,
+        /// Where rank 0 writes the final weights (safetensors), if anywhere.
+        weights_path: Option<String>,
+    },
     /// Time ring all-reduces of these sizes.
     BenchAllReduce { sizes: Vec<u64>, iters: usize },
 }

@@ -11,6 +11,7 @@ use lockstep_collective::tls::{
 };
 use lockstep_collective::{Communicator, RingComm};
 use lockstep_kernels::CpuBackend;
+use lockstep_nn::checkpoint::save_weights;
 use lockstep_proto::wire::{
     read_frame, write_frame, AllReduceTiming, Assign, Task, ToCoordinator, ToWorker, PROTOCOL_VERSION,
 };
@@ -250,7 +251,7 @@ fn run_task(
 ) -> Result<()> {
     let (rank, world) = (assign.rank, assign.world);
     match &assign.task {
-        Task::Train { job_toml, threads, bucket_bytes } => {
+        Task::Train { job_toml, threads, bucket_bytes, weights_path } => {
             let spec = JobSpec::parse(job_toml, std::path::Path::new("<assigned job>"), &[])
                 .map_err(|e| WorkerError::Config(e.to_string()))?;
             let threads = if *threads > 0 { *threads } else { opts.threads };
@@ -295,7 +296,12 @@ fn run_task(
                     }
                     Ok(())
                 };
-                run_training(be, &spec, RunOptions { rank, world }, make_reducer, &mut on_event).map(|(s, _)| s)
+                let (summary, trainer) =
+                    run_training(be, &spec, RunOptions { rank, world }, make_reducer, &mut on_event)?;
+                if let (0, Some(path)) = (rank, weights_path) {
+                    save_weights(&trainer.be, &trainer.model.params(), std::path::Path::new(path))?;
+                }
+                Ok::<_, WorkerError>(summary)
             })?;
             session
                 .outbox

@@ -1,0 +1,106 @@
+//! Weights on disk as safetensors (little-endian f32, tensor names as the parameters are
+//! named: `fc0.weight`, ...), so PyTorch's `safetensors` loads them. Files are written to a
+//! temporary name, fsynced, renamed into place and the directory fsynced: a crash leaves
+//! either the old file or the new one, never a torn one.
+
+use crate::{NnError, Param, Result};
+use lockstep_kernels::Backend;
+use safetensors::tensor::{Dtype, TensorView};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `bytes` to `path` atomically (temp file + fsync + rename + directory fsync).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| NnError::Io { path: path.to_path_buf(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
+    let mut file = std::fs::File::create(&tmp).map_err(io)?;
+    file.write_all(bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    Ok(())
+}
+
+/// Serialises named f32 tensors to safetensors bytes.
+pub fn to_safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            TensorView::new(Dtype::F32, shape.clone(), bytemuck_f32(data))
+                .map(|v| (name.clone(), v))
+                .map_err(|e| NnError::Invalid(format!("tensor {name}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, None).map_err(|e| NnError::Invalid(format!("safetensors: {e}")))
+}
+
+fn bytemuck_f32(data: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the target is little-endian.
+    unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) }
+}
+
+/// Saves every parameter's value.
+pub fn save_weights<B: Backend>(be: &B, params: &[&Param<B>], path: &Path) -> Result<()> {
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+        params.iter().map(|p| (p.name.clone(), p.shape.clone(), be.download(&p.value))).collect();
+    write_atomic(path, &to_safetensors(&tensors)?)
+}
+
+/// Named tensors read from disk: name -> (shape, values).
+pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Reads every f32 tensor of a safetensors file. A corrupt file is an error naming the
+/// file and what is wrong.
+pub fn load_tensors(path: &Path) -> Result<TensorMap> {
+    let bytes = std::fs::read(path).map_err(|source| NnError::Io { path: path.to_path_buf(), source })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| NnError::Data {
+        path: path.to_path_buf(),
+        offset: 0,
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(NnError::Data {
+                path: path.to_path_buf(),
+                offset: 0,
+                message: format!("tensor {name} is {:?}, expected F32", view.dtype()),
+            });
+        }
+        let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        out.insert(name, (view.shape().to_vec(), values));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lockstep_kernels::CpuBackend;
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let be = CpuBackend::new(1);
+        let dir = std::env::temp_dir().join(format!("lockstep-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = Param::new(&be, "fc0.weight", &[2, 3], &[1., 2., 3., 4., 5., 6.], true);
+        let b = Param::new(&be, "fc0.bias", &[2], &[-1., 0.5], false);
+        let path = dir.join("model.safetensors");
+        save_weights(&be, &[&a, &b], &path).unwrap();
+        let t = load_tensors(&path).unwrap();
+        assert_eq!(t["fc0.weight"], (vec![2, 3], vec![1., 2., 3., 4., 5., 6.]));
+        assert_eq!(t["fc0.bias"], (vec![2], vec![-1., 0.5]));
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
+        let err = load_tensors(&path).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,204 @@
+//! Multi-process tests: real `lockstep` processes over loopback QUIC.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A short data-parallel job: 12 steps of the MNIST MLP with dropout.
+fn short_job() -> Vec<String> {
+    let mut args = small_mnist(1536, 1);
+    args.extend(["--set".into(), "train.log_every=3".into()]);
+    args
+}
+
+fn weights(dir: &Path) -> std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> {
+    lockstep_nn::checkpoint::load_tensors(&dir.join("model.safetensors")).expect("model.safetensors")
+}
+
+fn local(name: &str, workers: usize, extra: &[&str]) -> std::path::PathBuf {
+    let dir = temp_dir(name);
+    let out = run(bin()
+        .args(["local", "--workers", &workers.to_string(), "configs/mnist-mlp.toml", "--quiet", "--out"])
+        .arg(&dir)
+        .args(short_job())
+        .args(extra));
+    assert!(out.status.success(), "local --workers {workers} failed:\n{}", stderr(&out));
+    dir
+}
+
+#[test]
+fn data_parallel_ranks_agree_and_world_sizes_match() {
+    let single = temp_dir("dp-single");
+    let out = run(bin().args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"]).arg(&single).args(short_job()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reference = weights(&single);
+
+    for workers in [2usize, 4] {
+        // Small buckets so several all-reduces overlap with backward.
+        let dir = local(&format!("dp-{workers}"), workers, &["--bucket-mb", "0.5"]);
+        let s = summary(&dir);
+        assert_eq!(s["world_size"], workers);
+        assert_eq!(s["steps"], 12);
+        let hashes: Vec<&str> =
+            s["rank_weight_hashes"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
+        assert_eq!(hashes.len(), workers);
+        assert!(hashes.iter().all(|h| *h == hashes[0]), "ranks differ: {hashes:?}");
+
+        // Relative difference per tensor: ‖w_W − w_1‖₂ / ‖w_1‖₂. The summation order of the
+        // gradient differs with W (one k=128 GEMM vs partial sums added by the ring), so
+        // bits differ; the models must agree to floating-point accuracy.
+        let got = weights(&dir);
+        let (mut max_tensor_rel, mut max_abs) = (0f64, 0f64);
+        for (name, (shape, want)) in &reference {
+            let (gshape, g) = &got[name];
+            assert_eq!(gshape, shape);
+            let (mut diff2, mut norm2) = (0f64, 0f64);
+            for (a, b) in g.iter().zip(want) {
+                let d = (*a as f64) - (*b as f64);
+                diff2 += d * d;
+                norm2 += (*b as f64) * (*b as f64);
+                max_abs = max_abs.max(d.abs());
+            }
+            max_tensor_rel = max_tensor_rel.max((diff2 / norm2.max(1e-30)).sqrt());
+        }
+        println!("world {workers} vs 1 process: max per-tensor relative diff {max_tensor_rel:.3e}, max element abs diff {max_abs:.3e}");
+        assert!(
+            max_tensor_rel < 1e-5,
+            "world {workers}: weights differ from 1 process by {max_tensor_rel:e} (relative, per tensor)"
+        );
+        assert!(max_abs < 1e-5, "world {workers}: an element differs by {max_abs:e}");
+    }
+}
+
+#[test]
+fn same_world_and_seed_is_bitwise_identical() {
+    let a = summary(&local("repro-a", 2, &[]));
+    let b = summary(&local("repro-b", 2, &[]));
+    assert_eq!(a["weight_hash"], b["weight_hash"]);
+    assert_eq!(a["test_loss"], b["test_loss"]);
+}
+
+/// A `lockstep coordinator` process on a free port; returns it and its join address.
+fn start_coordinator(dir: &Path, token_file: &Path) -> (Child, String) {
+    let mut child = bin()
+        .args([
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "configs/mnist-mlp.toml",
+            "--quiet",
+            "--out",
+        ])
+        .arg(dir)
+        .arg("--token-file")
+        .arg(token_file)
+        .args(short_job())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
+        .spawn()
+        .expect("start coordinator");
+    let mut line = String::new();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    reader.read_line(&mut line).unwrap();
+    // Keep draining stdout so the coordinator's last lines have a reader.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let join = line.trim().strip_prefix("join address: ").expect("join address line").to_string();
+    (child, join)
+}
+
+fn worker(join: &str, token_file: &Path) -> Command {
+    let mut cmd = bin();
+    cmd.args(["worker", "--once", "--join", join, "--token-file"]).arg(token_file);
+    cmd
+}
+
+fn wait_ok(mut child: Child, what: &str, dir: &Path) {
+    for _ in 0..1200 {
+        if let Some(status) = child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default();
+            assert!(status.success(), "{what} exited with {status}:\n{log}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("{what} did not finish");
+}
+
+#[test]
+fn wrong_token_is_rejected_on_both_sides_and_service_continues() {
+    let dir = temp_dir("wrong-token");
+    let good = dir.join("good-token");
+    let bad = dir.join("bad-token");
+    std::fs::write(&good, "correct-horse").unwrap();
+    std::fs::write(&bad, "battery-staple").unwrap();
+    let (coord, join) = start_coordinator(&dir, &good);
+
+    let out = run(&mut worker(&join, &bad));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("rejected this worker: wrong cluster token"), "worker side:\n{err}");
+
+    let out = run(&mut worker(&join, &good));
+    assert!(out.status.success(), "good worker:\n{}", stderr(&out));
+    wait_ok(coord, "coordinator", &dir);
+    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
+    assert!(log.contains("wrong cluster token"), "coordinator side:\n{log}");
+    assert_eq!(summary(&dir)["steps"], 12);
+}
+
+#[test]
+fn worker_pinning_another_fingerprint_refuses_to_connect() {
+    let dir = temp_dir("wrong-fp");
+    let token = dir.join("token");
+    std::fs::write(&token, "t").unwrap();
+    let (mut coord, join) = start_coordinator(&dir, &token);
+    let (addr, fp) = join.split_once('#').unwrap();
+    let flipped: String = fp.chars().rev().collect();
+    let out = run(&mut worker(&format!("{addr}#{flipped}"), &token));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("fingerprint mismatch") && err.contains(&flipped), "{err}");
+    let _ = coord.kill();
+}
+
+#[test]
+fn garbage_and_oversized_frames_close_only_that_connection() {
+    use lockstep_collective::tls::{client_config, endpoint, parse_join_address, resolve, server_config, Identity};
+    let dir = temp_dir("garbage");
+    let token = dir.join("token");
+    std::fs::write(&token, "t").unwrap();
+    let (coord, join) = start_coordinator(&dir, &token);
+    let (addr, fp) = parse_join_address(&join).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let me = Identity::generate().unwrap();
+        let ep = endpoint("127.0.0.1:0".parse().unwrap(), server_config(&me, None).unwrap()).unwrap();
+        for payload in [vec![0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8], u32::MAX.to_le_bytes().to_vec()] {
+            let conn = ep
+                .connect_with(client_config(&me, &fp).unwrap(), resolve(&addr).unwrap(), "lockstep")
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            send.write_all(&payload).await.unwrap();
+            let _ = send.finish();
+            let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+                .await
+                .expect("coordinator closes the connection");
+            assert!(reason.to_string().contains("malformed frame"), "{reason}");
+        }
+    });
+    // The coordinator still serves a real worker.
+    let out = run(&mut worker(&join, &token));
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_ok(coord, "coordinator", &dir);
+    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
+    assert!(log.contains("exceeds the") && log.contains("bad first frame"), "{log}");
+}
