@@ -48,11 +48,38 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Handshake signature checks with the crypto provider's algorithms: what both pinning
+/// verifiers do once the certificate itself has been accepted.
+#[derive(Debug)]
+struct SignatureCheck(Arc<CryptoProvider>);
+
+impl SignatureCheck {
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Accepts exactly the server certificate with this fingerprint.
 #[derive(Debug)]
 struct PinnedServer {
     fingerprint: String,
-    provider: Arc<CryptoProvider>,
+    signatures: SignatureCheck,
 }
 
 impl ServerCertVerifier for PinnedServer {
@@ -80,7 +107,7 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.signatures.tls12(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -88,10 +115,10 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.signatures.tls13(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -102,7 +129,7 @@ pub type AllowedPeers = Arc<RwLock<HashSet<String>>>;
 #[derive(Debug)]
 struct PinnedClients {
     allowed: AllowedPeers,
-    provider: Arc<CryptoProvider>,
+    signatures: SignatureCheck,
 }
 
 impl ClientCertVerifier for PinnedClients {
@@ -129,7 +156,7 @@ impl ClientCertVerifier for PinnedClients {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.signatures.tls12(message, cert, dss)
     }
     fn verify_tls13_signature(
         &self,
@@ -137,10 +164,10 @@ impl ClientCertVerifier for PinnedClients {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        self.signatures.tls13(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -181,7 +208,7 @@ pub fn client_config(me: &Identity, server_fingerprint: &str) -> Result<ClientCo
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedServer {
             fingerprint: server_fingerprint.to_ascii_lowercase(),
-            provider,
+            signatures: SignatureCheck(provider),
         }))
         .with_client_auth_cert(vec![me.cert.clone()], me.key())
         .map_err(tls_err)?;
@@ -199,7 +226,9 @@ pub fn server_config(me: &Identity, peers: Option<AllowedPeers>) -> Result<Serve
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?;
     let builder = match peers {
-        Some(allowed) => builder.with_client_cert_verifier(Arc::new(PinnedClients { allowed, provider })),
+        Some(allowed) => {
+            builder.with_client_cert_verifier(Arc::new(PinnedClients { allowed, signatures: SignatureCheck(provider) }))
+        }
         None => builder.with_no_client_auth(),
     };
     let mut tls = builder.with_single_cert(vec![me.cert.clone()], me.key()).map_err(tls_err)?;

@@ -49,6 +49,16 @@ fn local_ip_towards(remote: SocketAddr) -> Option<IpAddr> {
     socket.local_addr().ok().map(|a| a.ip())
 }
 
+/// What this worker process owns for its whole life: the network runtime, its data-plane
+/// endpoint, identity and options.
+struct Node<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    data_ep: &'a quinn::Endpoint,
+    allowed: &'a AllowedPeers,
+    me: &'a Identity,
+    opts: &'a DaemonOptions,
+}
+
 struct Session {
     outbox: mpsc::UnboundedSender<ToCoordinator>,
     /// Behind a mutex only so the training closure (run on a rayon pool) may hold it.
@@ -88,253 +98,230 @@ pub fn run_daemon(opts: &DaemonOptions) -> Result<()> {
     let data_port = data_ep.local_addr().map_err(net("data-plane endpoint"))?.port();
     let advertise = opts.advertise.or_else(|| local_ip_towards(coord)).unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let data_addr = SocketAddr::new(advertise, data_port).to_string();
-    let result = join_and_serve(&rt, &data_ep, &allowed, &identity, coord, &coord_fp, &coord_addr, &data_addr, opts);
+    let node = Node { rt: &rt, data_ep: &data_ep, allowed: &allowed, me: &identity, opts };
+    let result = node.join_and_serve(coord, &coord_fp, &coord_addr, &data_addr);
     // Close the connections properly so the coordinator sees us leave at once.
     data_ep.close(0u32.into(), b"worker exiting");
     rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), data_ep.wait_idle()).await }).ok();
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-fn join_and_serve(
-    rt: &tokio::runtime::Runtime,
-    data_ep: &quinn::Endpoint,
-    allowed: &AllowedPeers,
-    identity: &Identity,
-    coord: SocketAddr,
-    coord_fp: &str,
-    coord_addr: &str,
-    data_addr: &str,
-    opts: &DaemonOptions,
-) -> Result<()> {
-    loop {
-        let session = match rt.block_on(join(data_ep, identity, coord, coord_fp, &opts.token, data_addr)) {
-            Ok(s) => s,
-            // A refusal or a pinning failure will not fix itself: report it and stop.
-            Err(e @ (WorkerError::Stopped(_) | WorkerError::Config(_))) => return Err(e),
-            Err(e) if opts.once => return Err(e),
-            Err(e) => {
-                tracing::warn!("cannot join {}: {e}; retrying in 2 s", opts.join);
-                std::thread::sleep(Duration::from_secs(2));
-                continue;
-            }
-        };
-        tracing::info!(coordinator = %coord_addr, data = %data_addr, "joined");
-        let finished = serve(rt, &session, data_ep, allowed, identity, opts);
-        match finished {
-            Ok(true) => return Ok(()),
-            Ok(false) if opts.once => return Ok(()),
-            Ok(false) => tracing::info!("coordinator went away; re-joining"),
-            Err(e) if opts.once => return Err(e),
-            Err(e) => tracing::warn!("task failed: {e}; re-joining"),
-        }
-    }
-}
-
-async fn join(
-    ep: &quinn::Endpoint,
-    me: &Identity,
-    coord: SocketAddr,
-    coord_fp: &str,
-    token: &str,
-    data_addr: &str,
-) -> Result<Session> {
-    let cfg = client_config(me, coord_fp).map_err(net("tls"))?;
-    let conn = ep.connect_with(cfg, coord, "lockstep").map_err(net("connect"))?.await.map_err(|e| {
-        let text = e.to_string();
-        if text.contains("fingerprint mismatch") {
-            WorkerError::Stopped(format!("refusing coordinator {coord}: {text}"))
-        } else {
-            WorkerError::Collective(format!("connecting to coordinator {coord}: {text}"))
-        }
-    })?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(net("control stream"))?;
-    let hello = ToCoordinator::Hello {
-        version: PROTOCOL_VERSION,
-        token: token.to_string(),
-        host: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
-        pid: std::process::id(),
-        data_addr: data_addr.to_string(),
-        fingerprint: me.fingerprint.clone(),
-    };
-    write_frame(&mut send, &hello).await.map_err(net("sending Hello"))?;
-    match read_frame::<_, ToWorker>(&mut recv).await {
-        Ok(ToWorker::Welcome { .. }) => {}
-        Ok(ToWorker::Rejected { reason }) => {
-            conn.close(0u32.into(), b"rejected");
-            return Err(WorkerError::Stopped(format!("coordinator {coord} rejected this worker: {reason}")));
-        }
-        Ok(other) => return Err(WorkerError::Collective(format!("expected Welcome, got {other:?}"))),
-        Err(e) => return Err(WorkerError::Collective(format!("coordinator {coord} closed the connection: {e}"))),
-    }
-    let (outbox, mut out_rx) = mpsc::unbounded_channel::<ToCoordinator>();
-    tokio::spawn(async move {
-        while let Some(msg) = out_rx.recv().await {
-            if let Err(e) = write_frame(&mut send, &msg).await {
-                tracing::warn!("control stream: {e}");
-                break;
-            }
-        }
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
-    });
-    let (in_tx, inbox) = std_mpsc::channel();
-    tokio::spawn(async move {
-        while let Ok(msg) = read_frame::<_, ToWorker>(&mut recv).await {
-            if in_tx.send(msg).is_err() {
-                break;
-            }
-        }
-        drop(conn);
-    });
-    Ok(Session { outbox, inbox: std::sync::Mutex::new(inbox) })
-}
-
-/// Runs assigned tasks until Shutdown (Ok(true)) or the connection ends (Ok(false)).
-fn serve(
-    rt: &tokio::runtime::Runtime,
-    session: &Session,
-    data_ep: &quinn::Endpoint,
-    allowed: &AllowedPeers,
-    me: &Identity,
-    opts: &DaemonOptions,
-) -> Result<bool> {
-    loop {
-        let Ok(msg) = session.recv(None) else { return Ok(false) };
-        match msg {
-            ToWorker::Assign(assign) => {
-                let rank = assign.rank;
-                let result = run_task(rt, session, data_ep, allowed, me, opts, &assign);
-                if let Err(e) = &result {
-                    tracing::error!(rank, "task failed: {e}");
-                    let _ = session.outbox.send(ToCoordinator::Failed { rank, error: e.to_string() });
-                }
-                allowed.write().map_err(|_| WorkerError::Collective("peer set poisoned".into()))?.clear();
-                if opts.once {
-                    // Wait (briefly) for the coordinator's Shutdown so the last reports land.
-                    let _ = session.recv(Some(Duration::from_secs(30)));
-                    return result.map(|_| true);
-                }
-            }
-            ToWorker::Shutdown => return Ok(true),
-            ToWorker::Abort { reason } => tracing::warn!("abort outside a task: {reason}"),
-            other => tracing::debug!("ignoring {other:?} outside a task"),
-        }
-    }
-}
-
-fn build_comm(
-    rt: &tokio::runtime::Runtime,
-    data_ep: &quinn::Endpoint,
-    allowed: &AllowedPeers,
-    me: &Identity,
-    assign: &Assign,
-    timeout: Duration,
-) -> Result<Option<Box<dyn Communicator>>> {
-    if assign.world <= 1 {
-        return Ok(None);
-    }
-    let link = rt
-        .block_on(QuicLink::connect(data_ep, allowed, me, assign.rank, &assign.peers, timeout))
-        .map_err(|e| WorkerError::Collective(e.to_string()))?;
-    Ok(Some(Box::new(RingComm { link, rank: assign.rank, world: assign.world })))
-}
-
-fn run_task(
-    rt: &tokio::runtime::Runtime,
-    session: &Session,
-    data_ep: &quinn::Endpoint,
-    allowed: &AllowedPeers,
-    me: &Identity,
-    opts: &DaemonOptions,
-    assign: &Assign,
-) -> Result<()> {
-    let (rank, world) = (assign.rank, assign.world);
-    match &assign.task {
-        Task::Train { job_toml, threads, bucket_bytes, weights_path } => {
-            let spec = JobSpec::parse(job_toml, std::path::Path::new("<assigned job>"), &[])
-                .map_err(|e| WorkerError::Config(e.to_string()))?;
-            let threads = if *threads > 0 { *threads } else { opts.threads };
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .map_err(|e| WorkerError::Config(format!("thread pool: {e}")))?;
-            let comm = build_comm(rt, data_ep, allowed, me, assign, opts.collective_timeout)?;
-            let bucket_bytes = *bucket_bytes as usize;
-            let outbox = session.outbox.clone();
-            let summary = pool.install(|| {
-                let be = CpuBackend::new(pool.current_num_threads());
-                let make_reducer: crate::ReducerFactory<'_, CpuBackend> = Box::new(move |sizes| {
-                    Ok(match comm {
-                        Some(comm) => {
-                            Box::new(BucketReducer::new(comm, sizes, bucket_bytes)) as Box<dyn GradReducer<CpuBackend>>
-                        }
-                        None => Box::new(NoReduce),
-                    })
-                });
-                let mut on_event = |event: RunEvent| -> Result<()> {
-                    let send =
-                        |m| outbox.send(m).map_err(|_| WorkerError::Stopped("coordinator connection closed".into()));
-                    match event {
-                        RunEvent::Start { init_weight_hash, .. } => {
-                            send(ToCoordinator::Ready { rank, init_weight_hash })?;
-                            wait_for_start(session)?;
-                        }
-                        RunEvent::Step { step, record, .. } => {
-                            if let Some((record, weight_hash)) = record {
-                                send(ToCoordinator::Step { rank, record, weight_hash })?;
-                            } else if rank == 0 {
-                                send(ToCoordinator::Progress { rank, step })?;
-                            }
-                            check_abort(session)?;
-                        }
-                        RunEvent::Eval(record) => {
-                            if rank == 0 {
-                                send(ToCoordinator::Eval { rank, record })?;
-                            }
-                        }
+impl Node<'_> {
+    fn join_and_serve(&self, coord: SocketAddr, coord_fp: &str, coord_addr: &str, data_addr: &str) -> Result<()> {
+        let opts = self.opts;
+        loop {
+            let session =
+                match self.rt.block_on(Self::join(self.data_ep, self.me, coord, coord_fp, &opts.token, data_addr)) {
+                    Ok(s) => s,
+                    // A refusal or a pinning failure will not fix itself: report it and stop.
+                    Err(e @ (WorkerError::Stopped(_) | WorkerError::Config(_))) => return Err(e),
+                    Err(e) if opts.once => return Err(e),
+                    Err(e) => {
+                        tracing::warn!("cannot join {}: {e}; retrying in 2 s", opts.join);
+                        std::thread::sleep(Duration::from_secs(2));
+                        continue;
                     }
-                    Ok(())
                 };
-                let (summary, trainer) =
-                    run_training(be, &spec, RunOptions { rank, world }, make_reducer, &mut on_event)?;
-                if let (0, Some(path)) = (rank, weights_path) {
-                    save_weights(&trainer.be, &trainer.model.params(), std::path::Path::new(path))?;
-                }
-                Ok::<_, WorkerError>(summary)
-            })?;
-            session
-                .outbox
-                .send(ToCoordinator::Done { rank, summary })
-                .map_err(|_| WorkerError::Stopped("coordinator connection closed".into()))?;
-            Ok(())
-        }
-        Task::BenchAllReduce { sizes, iters } => {
-            let mut comm = build_comm(rt, data_ep, allowed, me, assign, opts.collective_timeout)?;
-            let mut results = Vec::new();
-            for &bytes in sizes {
-                let mut buf = vec![1.0f32; (bytes / 4) as usize];
-                let mut times = Vec::new();
-                for i in 0..iters + 1 {
-                    if let Some(c) = comm.as_mut() {
-                        c.barrier().map_err(|e| WorkerError::Collective(e.to_string()))?;
-                    }
-                    let t = Instant::now();
-                    if let Some(c) = comm.as_mut() {
-                        c.all_reduce_sum(&mut buf).map_err(|e| WorkerError::Collective(e.to_string()))?;
-                    }
-                    if i > 0 {
-                        times.push(t.elapsed().as_secs_f64()); // iteration 0 warms up
-                    }
-                }
-                times.sort_by(|a, b| a.total_cmp(b));
-                results.push(AllReduceTiming { bytes, median_s: times[times.len() / 2] });
+            tracing::info!(coordinator = %coord_addr, data = %data_addr, "joined");
+            let finished = self.serve(&session);
+            match finished {
+                Ok(true) => return Ok(()),
+                Ok(false) if opts.once => return Ok(()),
+                Ok(false) => tracing::info!("coordinator went away; re-joining"),
+                Err(e) if opts.once => return Err(e),
+                Err(e) => tracing::warn!("task failed: {e}; re-joining"),
             }
-            session
-                .outbox
-                .send(ToCoordinator::BenchResult { rank, results })
-                .map_err(|_| WorkerError::Stopped("coordinator connection closed".into()))?;
-            Ok(())
+        }
+    }
+
+    async fn join(
+        ep: &quinn::Endpoint,
+        me: &Identity,
+        coord: SocketAddr,
+        coord_fp: &str,
+        token: &str,
+        data_addr: &str,
+    ) -> Result<Session> {
+        let cfg = client_config(me, coord_fp).map_err(net("tls"))?;
+        let conn = ep.connect_with(cfg, coord, "lockstep").map_err(net("connect"))?.await.map_err(|e| {
+            let text = e.to_string();
+            if text.contains("fingerprint mismatch") {
+                WorkerError::Stopped(format!("refusing coordinator {coord}: {text}"))
+            } else {
+                WorkerError::Collective(format!("connecting to coordinator {coord}: {text}"))
+            }
+        })?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(net("control stream"))?;
+        let hello = ToCoordinator::Hello {
+            version: PROTOCOL_VERSION,
+            token: token.to_string(),
+            host: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+            pid: std::process::id(),
+            data_addr: data_addr.to_string(),
+            fingerprint: me.fingerprint.clone(),
+        };
+        write_frame(&mut send, &hello).await.map_err(net("sending Hello"))?;
+        match read_frame::<_, ToWorker>(&mut recv).await {
+            Ok(ToWorker::Welcome { .. }) => {}
+            Ok(ToWorker::Rejected { reason }) => {
+                conn.close(0u32.into(), b"rejected");
+                return Err(WorkerError::Stopped(format!("coordinator {coord} rejected this worker: {reason}")));
+            }
+            Ok(other) => return Err(WorkerError::Collective(format!("expected Welcome, got {other:?}"))),
+            Err(e) => return Err(WorkerError::Collective(format!("coordinator {coord} closed the connection: {e}"))),
+        }
+        let (outbox, mut out_rx) = mpsc::unbounded_channel::<ToCoordinator>();
+        tokio::spawn(async move {
+            while let Some(msg) = out_rx.recv().await {
+                if let Err(e) = write_frame(&mut send, &msg).await {
+                    tracing::warn!("control stream: {e}");
+                    break;
+                }
+            }
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+        });
+        let (in_tx, inbox) = std_mpsc::channel();
+        tokio::spawn(async move {
+            while let Ok(msg) = read_frame::<_, ToWorker>(&mut recv).await {
+                if in_tx.send(msg).is_err() {
+                    break;
+                }
+            }
+            drop(conn);
+        });
+        Ok(Session { outbox, inbox: std::sync::Mutex::new(inbox) })
+    }
+
+    /// Runs assigned tasks until Shutdown (Ok(true)) or the connection ends (Ok(false)).
+    fn serve(&self, session: &Session) -> Result<bool> {
+        let opts = self.opts;
+        loop {
+            let Ok(msg) = session.recv(None) else { return Ok(false) };
+            match msg {
+                ToWorker::Assign(assign) => {
+                    let rank = assign.rank;
+                    let result = self.run_task(session, &assign);
+                    if let Err(e) = &result {
+                        tracing::error!(rank, "task failed: {e}");
+                        let _ = session.outbox.send(ToCoordinator::Failed { rank, error: e.to_string() });
+                    }
+                    self.allowed.write().map_err(|_| WorkerError::Collective("peer set poisoned".into()))?.clear();
+                    if opts.once {
+                        // Wait (briefly) for the coordinator's Shutdown so the last reports land.
+                        let _ = session.recv(Some(Duration::from_secs(30)));
+                        return result.map(|_| true);
+                    }
+                }
+                ToWorker::Shutdown => return Ok(true),
+                ToWorker::Abort { reason } => tracing::warn!("abort outside a task: {reason}"),
+                other => tracing::debug!("ignoring {other:?} outside a task"),
+            }
+        }
+    }
+
+    /// This rank's ring communicator (None at world size 1).
+    fn build_comm(&self, assign: &Assign) -> Result<Option<Box<dyn Communicator>>> {
+        if assign.world <= 1 {
+            return Ok(None);
+        }
+        let timeout = self.opts.collective_timeout;
+        let link = self
+            .rt
+            .block_on(QuicLink::connect(self.data_ep, self.allowed, self.me, assign.rank, &assign.peers, timeout))
+            .map_err(|e| WorkerError::Collective(e.to_string()))?;
+        Ok(Some(Box::new(RingComm { link, rank: assign.rank, world: assign.world })))
+    }
+
+    fn run_task(&self, session: &Session, assign: &Assign) -> Result<()> {
+        let opts = self.opts;
+        let (rank, world) = (assign.rank, assign.world);
+        match &assign.task {
+            Task::Train { job_toml, threads, bucket_bytes, weights_path } => {
+                let spec = JobSpec::parse(job_toml, std::path::Path::new("<assigned job>"), &[])
+                    .map_err(|e| WorkerError::Config(e.to_string()))?;
+                let threads = if *threads > 0 { *threads } else { opts.threads };
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(|e| WorkerError::Config(format!("thread pool: {e}")))?;
+                let comm = self.build_comm(assign)?;
+                let bucket_bytes = *bucket_bytes as usize;
+                let outbox = session.outbox.clone();
+                let summary = pool.install(|| {
+                    let be = CpuBackend::new(pool.current_num_threads());
+                    let make_reducer: crate::ReducerFactory<'_, CpuBackend> = Box::new(move |sizes| {
+                        Ok(match comm {
+                            Some(comm) => Box::new(BucketReducer::new(comm, sizes, bucket_bytes))
+                                as Box<dyn GradReducer<CpuBackend>>,
+                            None => Box::new(NoReduce),
+                        })
+                    });
+                    let mut on_event = |event: RunEvent| -> Result<()> {
+                        let send = |m| {
+                            outbox.send(m).map_err(|_| WorkerError::Stopped("coordinator connection closed".into()))
+                        };
+                        match event {
+                            RunEvent::Start { init_weight_hash, .. } => {
+                                send(ToCoordinator::Ready { rank, init_weight_hash })?;
+                                wait_for_start(session)?;
+                            }
+                            RunEvent::Step { step, record, .. } => {
+                                if let Some((record, weight_hash)) = record {
+                                    send(ToCoordinator::Step { rank, record, weight_hash })?;
+                                } else if rank == 0 {
+                                    send(ToCoordinator::Progress { rank, step })?;
+                                }
+                                check_abort(session)?;
+                            }
+                            RunEvent::Eval(record) => {
+                                if rank == 0 {
+                                    send(ToCoordinator::Eval { rank, record })?;
+                                }
+                            }
+                        }
+                        Ok(())
+                    };
+                    let (summary, trainer) =
+                        run_training(be, &spec, RunOptions { rank, world }, make_reducer, &mut on_event)?;
+                    if let (0, Some(path)) = (rank, weights_path) {
+                        save_weights(&trainer.be, &trainer.model.params(), std::path::Path::new(path))?;
+                    }
+                    Ok::<_, WorkerError>(summary)
+                })?;
+                session
+                    .outbox
+                    .send(ToCoordinator::Done { rank, summary })
+                    .map_err(|_| WorkerError::Stopped("coordinator connection closed".into()))?;
+                Ok(())
+            }
+            Task::BenchAllReduce { sizes, iters } => {
+                let mut comm = self.build_comm(assign)?;
+                let mut results = Vec::new();
+                for &bytes in sizes {
+                    let mut buf = vec![1.0f32; (bytes / 4) as usize];
+                    let mut times = Vec::new();
+                    for i in 0..iters + 1 {
+                        if let Some(c) = comm.as_mut() {
+                            c.barrier().map_err(|e| WorkerError::Collective(e.to_string()))?;
+                        }
+                        let t = Instant::now();
+                        if let Some(c) = comm.as_mut() {
+                            c.all_reduce_sum(&mut buf).map_err(|e| WorkerError::Collective(e.to_string()))?;
+                        }
+                        if i > 0 {
+                            times.push(t.elapsed().as_secs_f64()); // iteration 0 warms up
+                        }
+                    }
+                    times.sort_by(|a, b| a.total_cmp(b));
+                    results.push(AllReduceTiming { bytes, median_s: times[times.len() / 2] });
+                }
+                session
+                    .outbox
+                    .send(ToCoordinator::BenchResult { rank, results })
+                    .map_err(|_| WorkerError::Stopped("coordinator connection closed".into()))?;
+                Ok(())
+            }
         }
     }
 }
