@@ -6,6 +6,7 @@ use clap::Subcommand;
 use lockstep_kernels::{Backend, CpuBackend};
 use lockstep_nn::data::Dataset;
 use lockstep_nn::rng::Stream;
+use lockstep_proto::job::Device;
 use lockstep_proto::JobSpec;
 use lockstep_worker::{NoReduce, Trainer};
 use std::path::Path;
@@ -19,6 +20,9 @@ pub enum Which {
         batch: usize,
         #[arg(long, default_value_t = 200)]
         steps: usize,
+        /// cpu or cuda[:N]: the reference GEMMs run on the same device.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Ring all-reduce busbw over QUIC across N local processes vs a plain TCP stream.
     Allreduce {
@@ -42,9 +46,16 @@ pub enum Which {
 
 pub fn run(which: Which, threads: usize) -> Result<()> {
     match which {
-        Which::Mlp { batch, steps } => {
+        Which::Mlp { batch, steps, device } => {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
-            bench_mlp(threads, batch, steps)
+            match device.parse::<Device>().map_err(anyhow::Error::msg)? {
+                Device::Cpu => bench_mlp(CpuBackend::new(threads), batch, steps),
+                Device::Cuda(i) => {
+                    let be = lockstep_kernels::cuda::CudaBackend::new(i)
+                        .map_err(|e| anyhow::anyhow!("device cuda:{i} is not usable: {e}"))?;
+                    bench_mlp(be, batch, steps)
+                }
+            }
         }
         Which::Allreduce { workers, sizes, iters } => {
             let sizes = if sizes.is_empty() { vec![1 << 20, 4 << 20, 16 << 20, 64 << 20] } else { sizes };
@@ -71,8 +82,7 @@ kind = "adamw"
 lr = 0.001
 "#;
 
-fn bench_mlp(threads: usize, batch: usize, steps: usize) -> Result<()> {
-    let be = CpuBackend::new(threads);
+fn bench_mlp<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
     let spec = JobSpec::parse(MLP_JOB, Path::new("<bench>"), &[format!("train.batch_size={batch}")])?;
     let widths = [784usize, 512, 512, 10];
     let n = batch * 8;
@@ -83,7 +93,8 @@ fn bench_mlp(threads: usize, batch: usize, steps: usize) -> Result<()> {
         x: (0..n * 784).map(|_| rng.normal()).collect(),
         y: (0..n).map(|_| rng.below(10) as u32).collect(),
     };
-    let mut trainer = Trainer::new(be.clone(), &spec, 784, 10, steps as u64);
+    let device_name = be.name();
+    let mut trainer = Trainer::new(be, &spec, 784, 10, steps as u64);
     let batches: Vec<Vec<u32>> = (0..8).map(|b| ((b * batch) as u32..((b + 1) * batch) as u32).collect()).collect();
     let warmup = steps / 10 + 2;
     for b in batches.iter().take(warmup.min(8)) {
@@ -102,7 +113,7 @@ fn bench_mlp(threads: usize, batch: usize, steps: usize) -> Result<()> {
             trainer.step(&data, &batches[s % 8], batch, &mut NoReduce)?;
         }
         step_secs.push(t.elapsed().as_secs_f64() / (steps / rounds) as f64);
-        gemm_secs.push(time_raw_gemms(&be, &widths, batch, steps / rounds));
+        gemm_secs.push(time_raw_gemms(&trainer.be, &widths, batch, steps / rounds));
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -112,7 +123,7 @@ fn bench_mlp(threads: usize, batch: usize, steps: usize) -> Result<()> {
     let gemm_s = median(&mut gemm_secs);
     let achieved = gemm_flops_per_step / step_s;
     let raw = gemm_flops_per_step / gemm_s;
-    println!("bench mlp: 784-512-512-10, batch {batch}, AdamW, {threads} threads, {steps} steps");
+    println!("bench mlp: 784-512-512-10, batch {batch}, AdamW, {device_name}, {steps} steps");
     println!(
         "  training step   {:8.3} ms   {:9.0} examples/s   {:6.1} GFLOP/s",
         step_s * 1e3,
@@ -125,21 +136,17 @@ fn bench_mlp(threads: usize, batch: usize, steps: usize) -> Result<()> {
 }
 
 /// Seconds per step for exactly the GEMM calls of one MLP training step.
-fn time_raw_gemms(be: &CpuBackend, widths: &[usize], batch: usize, reps: usize) -> f64 {
-    let bufs: Vec<_> = widths
+fn time_raw_gemms<B: Backend>(be: &B, widths: &[usize], batch: usize, reps: usize) -> f64 {
+    let mut bufs: Vec<_> = widths
         .windows(2)
         .map(|w| {
             let (i, o) = (w[0], w[1]);
-            (
-                vec![0.5f32; batch * i],
-                vec![0.25f32; o * i],
-                vec![0.0f32; batch * o],
-                vec![0.0f32; o * i],
-                vec![0.0f32; batch * i],
-            )
+            let x = be.upload(&vec![0.5f32; batch * i]);
+            let weight = be.upload(&vec![0.25f32; o * i]);
+            (x, weight, be.zeros(batch * o), be.zeros(o * i), be.zeros(batch * i))
         })
         .collect();
-    let mut bufs = bufs;
+    let _ = be.check(); // the device is idle before timing starts
     let t = Instant::now();
     for _ in 0..reps {
         for (w, (x, weight, y, dw, dx)) in widths.windows(2).zip(bufs.iter_mut()) {
@@ -149,6 +156,7 @@ fn time_raw_gemms(be: &CpuBackend, widths: &[usize], batch: usize, reps: usize) 
             be.matmul(y, weight, dx, batch, o, i, false, false, false);
         }
     }
+    let _ = be.check(); // waits for the device
     std::hint::black_box(&bufs);
     t.elapsed().as_secs_f64() / reps as f64
 }

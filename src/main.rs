@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use lockstep_coordinator::RunWriter;
 use lockstep_kernels::CpuBackend;
 use lockstep_nn::checkpoint::save_weights;
+use lockstep_proto::job::Device;
 use lockstep_proto::JobSpec;
 use lockstep_worker::daemon::{run_daemon, DaemonOptions};
 use lockstep_worker::{run_training, NoReduce, RunEvent, RunOptions};
@@ -39,11 +40,18 @@ struct JobArgs {
     /// No progress bar (logs only).
     #[arg(long)]
     quiet: bool,
+    /// cpu, cuda or cuda:N (overrides the job's `device`).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 impl JobArgs {
     fn load(&self) -> Result<(JobSpec, PathBuf)> {
-        let spec = JobSpec::load(&self.config, &self.overrides)?;
+        let mut overrides = self.overrides.clone();
+        if let Some(d) = &self.device {
+            overrides.push(format!("device={d}"));
+        }
+        let spec = JobSpec::load(&self.config, &overrides)?;
         let dir = self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
         Ok((spec, dir))
     }
@@ -134,7 +142,15 @@ fn real_main() -> Result<()> {
         Command::Train { job } => {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("building the thread pool")?;
             let (spec, dir) = job.load()?;
-            train_single(CpuBackend::new(threads), &spec, &dir, !job.quiet)
+            match spec.device() {
+                Device::Cpu => train_single(CpuBackend::new(threads), &spec, &dir, !job.quiet),
+                Device::Cuda(i) => {
+                    let be = lockstep_kernels::cuda::CudaBackend::new(i)
+                        .map_err(|e| anyhow::anyhow!("device cuda:{i} is not usable: {e}"))?;
+                    tracing::info!("training on {}", lockstep_kernels::Backend::name(&be));
+                    train_single(be, &spec, &dir, !job.quiet)
+                }
+            }
         }
         Command::Local { workers, bucket_mb, job } => {
             if workers == 0 {
@@ -184,7 +200,7 @@ fn real_main() -> Result<()> {
 }
 
 /// `lockstep train`: one process, world size 1.
-fn train_single(be: CpuBackend, spec: &JobSpec, dir: &Path, progress: bool) -> Result<()> {
+fn train_single<B: lockstep_kernels::Backend>(be: B, spec: &JobSpec, dir: &Path, progress: bool) -> Result<()> {
     let mut writer = RunWriter::create(dir, spec, progress)?;
     let mut on_event = |event: RunEvent| -> lockstep_worker::Result<()> {
         let written = match event {

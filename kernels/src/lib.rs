@@ -5,6 +5,8 @@
 //! Matrices are row-major. Every op documents the shapes it expects in `// (rows, cols)`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use cpu::CpuBackend;
 
@@ -47,6 +49,12 @@ pub trait Backend: Send + Sync + 'static {
     type Buf: Send + Sync;
 
     fn name(&self) -> String;
+
+    /// Reports (and clears) an asynchronous device error recorded by any op since the last
+    /// call. The CPU backend has none.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     // ---- memory ----
     fn zeros(&self, len: usize) -> Self::Buf;

@@ -24,6 +24,9 @@ pub struct JobSpec {
     /// The one seed every random stream is derived from (T40).
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N` (`--device` overrides).
+    #[serde(default = "default_device")]
+    pub device: String,
     pub model: ModelSpec,
     pub data: DataSpec,
     pub train: TrainSpec,
@@ -34,6 +37,32 @@ pub struct JobSpec {
 
 fn default_seed() -> u64 {
     1234
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// Where a job computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}: expected cpu, cuda or cuda:N")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -312,6 +341,7 @@ impl JobSpec {
         }
         check(!self.name.trim().is_empty(), "name", "must not be empty")?;
         check(!self.name.contains(['/', '\\']), "name", "must not contain path separators")?;
+        check(self.device.parse::<Device>().is_ok(), "device", "must be cpu, cuda or cuda:N")?;
         check(self.model.hidden.iter().all(|&h| h > 0), "model.hidden", "widths must be > 0")?;
         check((0.0..1.0).contains(&self.model.dropout), "model.dropout", "must be in [0, 1)")?;
         check(self.model.leaky_slope.is_finite(), "model.leaky_slope", "must be finite")?;
@@ -337,6 +367,11 @@ impl JobSpec {
         check(s.gamma > 0.0 && s.gamma <= 1.0, "schedule.gamma", "must be in (0, 1]")?;
         check(s.rate > 0.0 && s.rate <= 1.0, "schedule.rate", "must be in (0, 1]")?;
         Ok(())
+    }
+
+    /// The validated device (`validate` guarantees it parses).
+    pub fn device(&self) -> Device {
+        self.device.parse().unwrap_or(Device::Cpu)
     }
 
     /// Canonical TOML of the resolved spec (written next to every run).

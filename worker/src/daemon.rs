@@ -10,8 +10,9 @@ use lockstep_collective::tls::{
     client_config, endpoint, parse_join_address, resolve, server_config, AllowedPeers, Identity,
 };
 use lockstep_collective::{Communicator, RingComm};
-use lockstep_kernels::CpuBackend;
+use lockstep_kernels::{Backend, CpuBackend};
 use lockstep_nn::checkpoint::save_weights;
+use lockstep_proto::job::Device;
 use lockstep_proto::wire::{
     read_frame, write_frame, AllReduceTiming, Assign, Task, ToCoordinator, ToWorker, PROTOCOL_VERSION,
 };
@@ -246,48 +247,22 @@ impl Node<'_> {
                     .build()
                     .map_err(|e| WorkerError::Config(format!("thread pool: {e}")))?;
                 let comm = self.build_comm(assign)?;
-                let bucket_bytes = *bucket_bytes as usize;
-                let outbox = session.outbox.clone();
-                let summary = pool.install(|| {
-                    let be = CpuBackend::new(pool.current_num_threads());
-                    let make_reducer: crate::ReducerFactory<'_, CpuBackend> = Box::new(move |sizes| {
-                        Ok(match comm {
-                            Some(comm) => Box::new(BucketReducer::new(comm, sizes, bucket_bytes))
-                                as Box<dyn GradReducer<CpuBackend>>,
-                            None => Box::new(NoReduce),
-                        })
-                    });
-                    let mut on_event = |event: RunEvent| -> Result<()> {
-                        let send = |m| {
-                            outbox.send(m).map_err(|_| WorkerError::Stopped("coordinator connection closed".into()))
-                        };
-                        match event {
-                            RunEvent::Start { init_weight_hash, .. } => {
-                                send(ToCoordinator::Ready { rank, init_weight_hash })?;
-                                wait_for_start(session)?;
-                            }
-                            RunEvent::Step { step, record, .. } => {
-                                if let Some((record, weight_hash)) = record {
-                                    send(ToCoordinator::Step { rank, record, weight_hash })?;
-                                } else if rank == 0 {
-                                    send(ToCoordinator::Progress { rank, step })?;
-                                }
-                                check_abort(session)?;
-                            }
-                            RunEvent::Eval(record) => {
-                                if rank == 0 {
-                                    send(ToCoordinator::Eval { rank, record })?;
-                                }
-                            }
-                        }
-                        Ok(())
-                    };
-                    let (summary, trainer) =
-                        run_training(be, &spec, RunOptions { rank, world }, make_reducer, &mut on_event)?;
-                    if let (0, Some(path)) = (rank, weights_path) {
-                        save_weights(&trainer.be, &trainer.model.params(), std::path::Path::new(path))?;
+                let job = TrainJob {
+                    spec: &spec,
+                    rank,
+                    world,
+                    bucket_bytes: *bucket_bytes as usize,
+                    weights_path: weights_path.as_deref(),
+                };
+                let summary = pool.install(|| match spec.device() {
+                    Device::Cpu => train_on(CpuBackend::new(pool.current_num_threads()), job, comm, session),
+                    #[cfg(feature = "cuda")]
+                    Device::Cuda(i) => {
+                        let be = lockstep_kernels::cuda::CudaBackend::new(i).map_err(WorkerError::Device)?;
+                        train_on(be, job, comm, session)
                     }
-                    Ok::<_, WorkerError>(summary)
+                    #[cfg(not(feature = "cuda"))]
+                    Device::Cuda(_) => Err(WorkerError::Device("this build has no CUDA support".into())),
                 })?;
                 session
                     .outbox
@@ -324,6 +299,61 @@ impl Node<'_> {
             }
         }
     }
+}
+
+/// What one training task needs besides the backend.
+#[derive(Clone, Copy)]
+struct TrainJob<'a> {
+    spec: &'a JobSpec,
+    rank: usize,
+    world: usize,
+    bucket_bytes: usize,
+    weights_path: Option<&'a str>,
+}
+
+/// Trains on backend `be`, reporting to the coordinator through `session`.
+fn train_on<B: Backend>(
+    be: B,
+    job: TrainJob<'_>,
+    comm: Option<Box<dyn Communicator>>,
+    session: &Session,
+) -> Result<lockstep_proto::Summary> {
+    let TrainJob { spec, rank, world, bucket_bytes, weights_path } = job;
+    let make_reducer: crate::ReducerFactory<'_, B> = Box::new(move |sizes| {
+        Ok(match comm {
+            Some(comm) => Box::new(BucketReducer::new(comm, sizes, bucket_bytes)) as Box<dyn GradReducer<B>>,
+            None => Box::new(NoReduce),
+        })
+    });
+    let outbox = session.outbox.clone();
+    let mut on_event = |event: RunEvent| -> Result<()> {
+        let send = |m| outbox.send(m).map_err(|_| WorkerError::Stopped("coordinator connection closed".into()));
+        match event {
+            RunEvent::Start { init_weight_hash, .. } => {
+                send(ToCoordinator::Ready { rank, init_weight_hash })?;
+                wait_for_start(session)?;
+            }
+            RunEvent::Step { step, record, .. } => {
+                if let Some((record, weight_hash)) = record {
+                    send(ToCoordinator::Step { rank, record, weight_hash })?;
+                } else if rank == 0 {
+                    send(ToCoordinator::Progress { rank, step })?;
+                }
+                check_abort(session)?;
+            }
+            RunEvent::Eval(record) => {
+                if rank == 0 {
+                    send(ToCoordinator::Eval { rank, record })?;
+                }
+            }
+        }
+        Ok(())
+    };
+    let (summary, trainer) = run_training(be, spec, RunOptions { rank, world }, make_reducer, &mut on_event)?;
+    if let (0, Some(path)) = (rank, weights_path) {
+        save_weights(&trainer.be, &trainer.model.params(), std::path::Path::new(path))?;
+    }
+    Ok(summary)
 }
 
 fn wait_for_start(session: &Session) -> Result<()> {

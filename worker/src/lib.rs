@@ -21,6 +21,8 @@ pub enum WorkerError {
     Collective(String),
     #[error("training stopped: {0}")]
     Stopped(String),
+    #[error("device: {0}")]
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;

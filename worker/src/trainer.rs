@@ -106,6 +106,7 @@ impl<B: Backend> Trainer<B> {
         let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / global_batch as f64;
         let lr = self.schedule.lr(self.global_step);
         self.optimizer.step_scaled(be, &mut params, lr, scale as f32);
+        be.check().map_err(crate::WorkerError::Device)?;
         self.global_step += 1;
         Ok(StepStats { loss: scalars[0] / global_batch as f64, grad_norm, lr })
     }

@@ -1,0 +1,163 @@
+//! Every `Backend` op on CUDA against the CPU reference. Without a usable device the test
+//! prints why and passes (CI has no GPU; `scripts/gpu-check.sh` runs it where there is one).
+#![cfg(feature = "cuda")]
+
+use lockstep_kernels::cuda::{available, CudaBackend};
+use lockstep_kernels::{Activation, Backend, CpuBackend, UpdateRule};
+
+/// fp32 tolerance: GEMMs and reductions sum in a different order than the CPU.
+const TOL: f32 = 1e-4;
+
+fn data(n: usize, salt: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(salt) >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 4.0
+        })
+        .collect()
+}
+
+fn close(what: &str, gpu: &[f32], cpu: &[f32]) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: length");
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        let tol = TOL * c.abs().max(1.0);
+        assert!((g - c).abs() <= tol, "{what}[{i}]: cuda {g} vs cpu {c}");
+    }
+}
+
+fn device() -> Option<CudaBackend> {
+    match available(0) {
+        Err(reason) => {
+            println!("skipping CUDA parity tests: {reason}");
+            None
+        }
+        Ok(_) => Some(CudaBackend::new(0).expect("a device that probes as available must open")),
+    }
+}
+
+#[test]
+fn every_op_matches_the_cpu_reference() {
+    let Some(gpu) = device() else { return };
+    let cpu = CpuBackend::new(2);
+    println!("comparing {} against {}", gpu.name(), cpu.name());
+
+    // matmul, all transposes, plain and accumulating.
+    let (m, k, n) = (67, 129, 33);
+    let a = data(m * k, 1);
+    let b = data(k * n, 2);
+    for ta in [false, true] {
+        for tb in [false, true] {
+            for acc in [false, true] {
+                let init = data(m * n, 3);
+                let (mut cc, mut gc) = (init.clone(), gpu.upload(&init));
+                cpu.matmul(&a, &b, &mut cc, m, k, n, ta, tb, acc);
+                gpu.matmul(&gpu.upload(&a), &gpu.upload(&b), &mut gc, m, k, n, ta, tb, acc);
+                close(&format!("matmul ta={ta} tb={tb} acc={acc}"), &gpu.download(&gc), &cc);
+            }
+        }
+    }
+
+    let (rows, cols) = (37, 300);
+    let x = data(rows * cols, 4);
+    let bias = data(cols, 5);
+    let (mut cx, mut gx) = (x.clone(), gpu.upload(&x));
+    cpu.add_row_vector(&mut cx, &bias, rows, cols);
+    gpu.add_row_vector(&mut gx, &gpu.upload(&bias), rows, cols);
+    close("add_row_vector", &gpu.download(&gx), &cx);
+
+    for acc in [false, true] {
+        let (mut co, mut go) = (bias.clone(), gpu.upload(&bias));
+        cpu.sum_rows(&x, &mut co, rows, cols, acc);
+        gpu.sum_rows(&gpu.upload(&x), &mut go, rows, cols, acc);
+        close("sum_rows", &gpu.download(&go), &co);
+    }
+
+    let dy = data(rows * cols, 6);
+    for act in [
+        Activation::Identity,
+        Activation::Sigmoid,
+        Activation::Tanh,
+        Activation::Relu,
+        Activation::LeakyRelu { slope: 0.1 },
+        Activation::Swish { beta: 1.3 },
+        Activation::Gelu,
+    ] {
+        let (mut cy, mut gy) = (vec![0.0; x.len()], gpu.zeros(x.len()));
+        cpu.activation_forward(act, &x, &mut cy);
+        gpu.activation_forward(act, &gpu.upload(&x), &mut gy);
+        close(&format!("{act:?} forward"), &gpu.download(&gy), &cy);
+        let (mut cdx, mut gdx) = (vec![0.0; x.len()], gpu.zeros(x.len()));
+        let cb = cpu.activation_backward(act, &x, &dy, &mut cdx, false);
+        let gb = gpu.activation_backward(act, &gpu.upload(&x), &gpu.upload(&dy), &mut gdx, false);
+        close(&format!("{act:?} backward"), &gpu.download(&gdx), &cdx);
+        close(&format!("{act:?} dbeta"), &[gb], &[cb]);
+    }
+
+    let (mut cy, mut gy) = (dy.clone(), gpu.upload(&dy));
+    cpu.axpy(0.7, &x, &mut cy);
+    gpu.axpy(0.7, &gpu.upload(&x), &mut gy);
+    close("axpy", &gpu.download(&gy), &cy);
+    cpu.scale(&mut cy, -1.5);
+    gpu.scale(&mut gy, -1.5);
+    close("scale", &gpu.download(&gy), &cy);
+    cpu.mul_acc(&x, &dy, &mut cy);
+    gpu.mul_acc(&gpu.upload(&x), &gpu.upload(&dy), &mut gy);
+    close("mul_acc", &gpu.download(&gy), &cy);
+    cpu.mul(&x, &dy, &mut cy);
+    gpu.mul(&gpu.upload(&x), &gpu.upload(&dy), &mut gy);
+    close("mul", &gpu.download(&gy), &cy);
+    cpu.add_sign(0.25, &x, &mut cy);
+    gpu.add_sign(0.25, &gpu.upload(&x), &mut gy);
+    close("add_sign", &gpu.download(&gy), &cy);
+    let (cs, gs) = (cpu.sum_squares(&x), gpu.sum_squares(&gpu.upload(&x)));
+    assert!((cs - gs).abs() <= 1e-9 * cs, "sum_squares: {gs} vs {cs}");
+    let mut g_fill = gpu.zeros(5);
+    gpu.fill(&mut g_fill, 2.5);
+    assert_eq!(gpu.download(&g_fill), vec![2.5; 5]);
+    let mut g_dst = gpu.zeros(10);
+    gpu.copy_range(&gpu.upload(&x), 3, &mut g_dst, 2, 5);
+    assert_eq!(gpu.download(&g_dst)[2..7], x[3..8]);
+
+    // Softmax cross-entropy (with and without class weights) and softmax.
+    let classes = 10;
+    let logits: Vec<f32> = data(rows * classes, 7).iter().map(|v| v * 3.0).collect();
+    let targets: Vec<u32> = (0..rows as u32).map(|i| i % classes as u32).collect();
+    let weights: Vec<f32> = (0..classes).map(|c| 0.5 + c as f32 * 0.1).collect();
+    for w in [None, Some(&weights[..])] {
+        let (mut cd, mut gd) = (vec![0.0; logits.len()], gpu.zeros(logits.len()));
+        let (cl, cc) = cpu.softmax_cross_entropy(&logits, &targets, w, &mut cd, rows, classes, 0.5);
+        let (gl, gc) = gpu.softmax_cross_entropy(&gpu.upload(&logits), &targets, w, &mut gd, rows, classes, 0.5);
+        assert!((cl - gl).abs() <= 1e-4 * cl.abs().max(1.0), "softmax CE loss: {gl} vs {cl}");
+        assert_eq!(cc, gc, "softmax CE correct count");
+        close("softmax CE grad", &gpu.download(&gd), &cd);
+    }
+    let (mut cp, mut gp) = (vec![0.0; logits.len()], gpu.zeros(logits.len()));
+    cpu.softmax(&logits, &mut cp, rows, classes);
+    gpu.softmax(&gpu.upload(&logits), &mut gp, rows, classes);
+    close("softmax", &gpu.download(&gp), &cp);
+
+    // Optimizer updates, three steps each.
+    let w0 = data(1000, 8);
+    let g = data(1000, 9);
+    for rule in [
+        UpdateRule::Sgd,
+        UpdateRule::Momentum { mu: 0.9, nesterov: false },
+        UpdateRule::Momentum { mu: 0.9, nesterov: true },
+        UpdateRule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1, decoupled_decay: 0.01 },
+    ] {
+        let (mut cw, mut cs1, mut cs2) = (w0.clone(), vec![0.0; 1000], vec![0.0; 1000]);
+        let (mut gw, mut gs1, mut gs2) = (gpu.upload(&w0), gpu.zeros(1000), gpu.zeros(1000));
+        let gg = gpu.upload(&g);
+        for step in 1..=3 {
+            let rule = match rule {
+                UpdateRule::Adam { beta1, beta2, eps, decoupled_decay, .. } => {
+                    UpdateRule::Adam { beta1, beta2, eps, step, decoupled_decay }
+                }
+                r => r,
+            };
+            cpu.optimizer_step(rule, 0.01, 0.5, &mut cw, &g, &mut cs1, &mut cs2);
+            gpu.optimizer_step(rule, 0.01, 0.5, &mut gw, &gg, &mut gs1, &mut gs2);
+        }
+        close(&format!("{rule:?}"), &gpu.download(&gw), &cw);
+    }
+    gpu.check().expect("no device error recorded");
+}
