@@ -1,7 +1,7 @@
 //! The CPU backend: GEMM through the `gemm` crate, everything else as plain loops.
 //! This is the reference implementation; keep it obvious.
 
-use crate::{Activation, Backend, UpdateRule};
+use crate::{window, Activation, Backend, UpdateRule, Window};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -308,6 +308,50 @@ impl Backend for CpuBackend {
                 *p /= sum;
             }
         }
+    }
+
+    fn im2col(&self, x: &Vec<f32>, win: &Window, n: usize, c0: usize, cg: usize, cols: &mut Vec<f32>) {
+        cols.resize(n * win.out_h() * win.out_w() * win.kh * win.kw * cg, 0.0);
+        window::im2col(x, win, n, c0, cg, cols);
+    }
+    fn col2im(&self, dcols: &Vec<f32>, win: &Window, n: usize, c0: usize, cg: usize, dx: &mut Vec<f32>) {
+        window::col2im(dcols, win, n, c0, cg, dx);
+    }
+    fn max_pool_forward(&self, x: &Vec<f32>, win: &Window, n: usize, y: &mut Vec<f32>, argmax: &mut Vec<f32>) {
+        let outs = n * win.out_h() * win.out_w() * win.c;
+        let mut idx = vec![0u32; outs];
+        y.resize(outs, 0.0);
+        window::max_pool_forward(x, win, n, y, &mut idx);
+        *argmax = idx.into_iter().map(f32::from_bits).collect();
+    }
+    fn max_pool_backward(&self, dy: &Vec<f32>, argmax: &Vec<f32>, dx: &mut Vec<f32>) {
+        for (&g, &i) in dy.iter().zip(argmax) {
+            let i = i.to_bits();
+            if i != u32::MAX {
+                dx[i as usize] += g;
+            }
+        }
+    }
+    fn avg_pool_forward(&self, x: &Vec<f32>, win: &Window, n: usize, y: &mut Vec<f32>) {
+        y.resize(n * win.out_h() * win.out_w() * win.c, 0.0);
+        window::avg_pool_forward(x, win, n, y);
+    }
+    fn avg_pool_backward(&self, dy: &Vec<f32>, win: &Window, n: usize, dx: &mut Vec<f32>) {
+        window::avg_pool_backward(dy, win, n, dx);
+    }
+    fn copy_columns(
+        &self,
+        src: &Vec<f32>,
+        src_w: usize,
+        s0: usize,
+        dst: &mut Vec<f32>,
+        dst_w: usize,
+        d0: usize,
+        k: usize,
+        rows: usize,
+        accumulate: bool,
+    ) {
+        window::copy_columns(src, src_w, s0, dst, dst_w, d0, k, rows, accumulate);
     }
 
     fn optimizer_step(

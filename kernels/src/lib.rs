@@ -7,8 +7,10 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod window;
 
 pub use cpu::CpuBackend;
+pub use window::Window;
 
 /// Element-wise activation functions (T2). Parameters that are fixed live in the variant;
 /// a learnable Swish beta is passed to the ops by the layer that owns it.
@@ -129,6 +131,64 @@ pub trait Backend: Send + Sync + 'static {
     ) -> (f64, usize);
     /// Row-wise softmax (rows,classes) -> probabilities.
     fn softmax(&self, logits: &Self::Buf, probs: &mut Self::Buf, rows: usize, classes: usize);
+
+    // ---- sliding windows (NHWC) ----
+    // Defaults go through the host with the reference loops of `window`; a backend
+    // overrides them with its own kernels. `argmax` holds u32 indices stored as f32 bits.
+
+    /// cols (N·OH·OW, KH·KW·cg) ← patches of channels [c0, c0+cg) of x (N, H, W, C).
+    fn im2col(&self, x: &Self::Buf, win: &Window, n: usize, c0: usize, cg: usize, cols: &mut Self::Buf) {
+        let mut host = vec![0.0; n * win.out_h() * win.out_w() * win.kh * win.kw * cg];
+        window::im2col(&self.download(x), win, n, c0, cg, &mut host);
+        *cols = self.upload(&host);
+    }
+    /// dx channels [c0, c0+cg) += col2im(dcols).
+    fn col2im(&self, dcols: &Self::Buf, win: &Window, n: usize, c0: usize, cg: usize, dx: &mut Self::Buf) {
+        let mut host = self.download(dx);
+        window::col2im(&self.download(dcols), win, n, c0, cg, &mut host);
+        *dx = self.upload(&host);
+    }
+    fn max_pool_forward(&self, x: &Self::Buf, win: &Window, n: usize, y: &mut Self::Buf, argmax: &mut Self::Buf) {
+        let outs = n * win.out_h() * win.out_w() * win.c;
+        let (mut hy, mut ha) = (vec![0.0; outs], vec![0u32; outs]);
+        window::max_pool_forward(&self.download(x), win, n, &mut hy, &mut ha);
+        *y = self.upload(&hy);
+        *argmax = self.upload(&ha.iter().map(|&i| f32::from_bits(i)).collect::<Vec<_>>());
+    }
+    fn max_pool_backward(&self, dy: &Self::Buf, argmax: &Self::Buf, dx: &mut Self::Buf) {
+        let idx: Vec<u32> = self.download(argmax).iter().map(|v| v.to_bits()).collect();
+        let mut host = self.download(dx);
+        window::max_pool_backward(&self.download(dy), &idx, &mut host);
+        *dx = self.upload(&host);
+    }
+    fn avg_pool_forward(&self, x: &Self::Buf, win: &Window, n: usize, y: &mut Self::Buf) {
+        let mut hy = vec![0.0; n * win.out_h() * win.out_w() * win.c];
+        window::avg_pool_forward(&self.download(x), win, n, &mut hy);
+        *y = self.upload(&hy);
+    }
+    fn avg_pool_backward(&self, dy: &Self::Buf, win: &Window, n: usize, dx: &mut Self::Buf) {
+        let mut host = self.download(dx);
+        window::avg_pool_backward(&self.download(dy), win, n, &mut host);
+        *dx = self.upload(&host);
+    }
+    /// dst[r, d0..d0+k] (+)= src[r, s0..s0+k] for `rows` rows.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_columns(
+        &self,
+        src: &Self::Buf,
+        src_w: usize,
+        s0: usize,
+        dst: &mut Self::Buf,
+        dst_w: usize,
+        d0: usize,
+        k: usize,
+        rows: usize,
+        accumulate: bool,
+    ) {
+        let mut host = self.download(dst);
+        window::copy_columns(&self.download(src), src_w, s0, &mut host, dst_w, d0, k, rows, accumulate);
+        *dst = self.upload(&host);
+    }
 
     // ---- optimizer ----
     /// One update of `param` from `grad_scale·grad` with learning rate `lr`; `state1`/`state2`

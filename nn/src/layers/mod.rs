@@ -3,12 +3,16 @@
 //! returns dL/dx.
 
 mod activation;
+mod conv;
 mod dropout;
 mod linear;
+mod pool;
 
 pub use activation::Act;
+pub use conv::Conv2d;
 pub use dropout::Dropout;
 pub use linear::Linear;
+pub use pool::{Flatten, Pool2d, PoolKind};
 
 use crate::{Result, Tensor};
 use lockstep_kernels::Backend;

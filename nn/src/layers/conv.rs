@@ -1,0 +1,137 @@
+use super::{cached, ForwardCtx, Layer, Param};
+use crate::{shape_err, Result, Tensor};
+use lockstep_kernels::{Backend, Window};
+
+/// 2-D convolution on NHWC tensors (T6): stride, zero padding, groups. The weight is
+/// (OC, KH, KW, C/groups); each group is one GEMM over im2col rows, so a whole batch is a
+/// single (N·OH·OW, KH·KW·Cg) × (KH·KW·Cg, OC/groups) product.
+pub struct Conv2d<B: Backend> {
+    name: String,
+    pub win: Window,
+    pub out_channels: usize,
+    pub groups: usize,
+    pub weight: Param<B>, // (OC, KH, KW, Cg)
+    pub bias: Param<B>,   // (OC)
+    /// im2col rows of each group, (N·OH·OW, KH·KW·Cg): backward needs them for dW.
+    cols_cache: Option<(usize, Vec<B::Buf>)>,
+}
+
+impl<B: Backend> Conv2d<B> {
+    /// `win` describes the input image (h, w, c) and the kernel; `weight` has
+    /// OC·KH·KW·(C/groups) values.
+    pub fn new(be: &B, name: &str, win: Window, out_channels: usize, groups: usize, weight: &[f32]) -> Self {
+        let cg = win.c / groups;
+        Self {
+            name: name.to_string(),
+            win,
+            out_channels,
+            groups,
+            weight: Param::new(be, format!("{name}.weight"), &[out_channels, win.kh, win.kw, cg], weight, true),
+            bias: Param::new(be, format!("{name}.bias"), &[out_channels], &vec![0.0; out_channels], false),
+            cols_cache: None,
+        }
+    }
+
+    pub fn output_shape(&self, n: usize) -> [usize; 4] {
+        [n, self.win.out_h(), self.win.out_w(), self.out_channels]
+    }
+
+    fn dims(&self) -> (usize, usize, usize) {
+        let cg = self.win.c / self.groups;
+        (cg, self.win.kh * self.win.kw * cg, self.out_channels / self.groups)
+    }
+}
+
+impl<B: Backend> Layer<B> for Conv2d<B> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
+        let w = &self.win;
+        if x.shape.len() != 4 || x.shape[1..] != [w.h, w.w, w.c] {
+            return shape_err(
+                "Conv2d::forward",
+                format!("{}: input {:?}, expected [N, {}, {}, {}]", self.name, x.shape, w.h, w.w, w.c),
+            );
+        }
+        let n = x.shape[0];
+        let (cg, kk, ocg) = self.dims();
+        let m = n * w.out_h() * w.out_w();
+        let oc = self.out_channels;
+        let mut y = Tensor::zeros(be, &self.output_shape(n)); // (N, OH, OW, OC)
+        let mut all_cols = Vec::with_capacity(self.groups);
+        for g in 0..self.groups {
+            let mut cols = be.zeros(m * kk); // (N·OH·OW, KH·KW·Cg)
+            be.im2col(&x.buf, w, n, g * cg, cg, &mut cols);
+            if self.groups == 1 {
+                be.matmul(&cols, &self.weight.value, &mut y.buf, m, kk, oc, false, true, false);
+            } else {
+                let mut w_g = be.zeros(ocg * kk);
+                be.copy_range(&self.weight.value, g * ocg * kk, &mut w_g, 0, ocg * kk);
+                let mut y_g = be.zeros(m * ocg);
+                be.matmul(&cols, &w_g, &mut y_g, m, kk, ocg, false, true, false);
+                be.copy_columns(&y_g, ocg, 0, &mut y.buf, oc, g * ocg, ocg, m, false);
+            }
+            all_cols.push(cols);
+        }
+        be.add_row_vector(&mut y.buf, &self.bias.value, m, oc);
+        if ctx.train {
+            self.cols_cache = Some((n, all_cols));
+        }
+        Ok(y)
+    }
+
+    fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
+        let (n, all_cols) = cached(&mut self.cols_cache, &self.name)?;
+        let w = self.win;
+        let (cg, kk, ocg) = self.dims();
+        let m = n * w.out_h() * w.out_w();
+        let oc = self.out_channels;
+        if dy.numel() != m * oc {
+            return shape_err("Conv2d::backward", format!("{}: dy {:?}", self.name, dy.shape));
+        }
+        if self.bias.trainable {
+            be.sum_rows(&dy.buf, &mut self.bias.grad, m, oc, true);
+        }
+        let mut dx = Tensor::zeros(be, &[n, w.h, w.w, w.c]);
+        for (g, cols) in all_cols.iter().enumerate() {
+            let mut dcols = be.zeros(m * kk);
+            if self.groups == 1 {
+                if self.weight.trainable {
+                    be.matmul(&dy.buf, cols, &mut self.weight.grad, oc, m, kk, true, false, true);
+                    // dW += dyᵀ·cols
+                }
+                be.matmul(&dy.buf, &self.weight.value, &mut dcols, m, oc, kk, false, false, false);
+            // dcols = dy·W
+            } else {
+                let mut dy_g = be.zeros(m * ocg);
+                be.copy_columns(&dy.buf, oc, g * ocg, &mut dy_g, ocg, 0, ocg, m, false);
+                let range = g * ocg * kk;
+                if self.weight.trainable {
+                    let mut dw_g = be.zeros(ocg * kk);
+                    be.copy_range(&self.weight.grad, range, &mut dw_g, 0, ocg * kk);
+                    be.matmul(&dy_g, cols, &mut dw_g, ocg, m, kk, true, false, true);
+                    be.copy_range(&dw_g, 0, &mut self.weight.grad, range, ocg * kk);
+                }
+                let mut w_g = be.zeros(ocg * kk);
+                be.copy_range(&self.weight.value, range, &mut w_g, 0, ocg * kk);
+                be.matmul(&dy_g, &w_g, &mut dcols, m, ocg, kk, false, false, false);
+            }
+            be.col2im(&dcols, &w, n, g * cg, cg, &mut dx.buf);
+        }
+        Ok(dx)
+    }
+
+    fn params(&self) -> Vec<&Param<B>> {
+        vec![&self.weight, &self.bias]
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        vec![&mut self.weight, &mut self.bias]
+    }
+    fn flops_per_example(&self) -> u64 {
+        let (_, kk, _) = self.dims();
+        let outputs = (self.win.out_h() * self.win.out_w() * self.out_channels) as u64;
+        outputs * (kk as u64 + kk as u64 - 1) + outputs
+    }
+}

@@ -1,0 +1,108 @@
+use super::{cached, ForwardCtx, Layer};
+use crate::{shape_err, Result, Tensor};
+use lockstep_kernels::{Backend, Window};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolKind {
+    Max,
+    Average,
+}
+
+/// Max or average pooling on NHWC tensors (T7). Max backward routes each output's
+/// gradient to the input element that won; average spreads it over the window.
+pub struct Pool2d<B: Backend> {
+    name: String,
+    pub kind: PoolKind,
+    pub win: Window,
+    /// Batch size and, for max pooling, the winning input index of each output (u32 bits).
+    argmax_cache: Option<(usize, Option<B::Buf>)>,
+}
+
+impl<B: Backend> Pool2d<B> {
+    pub fn new(name: &str, kind: PoolKind, win: Window) -> Self {
+        Self { name: name.to_string(), kind, win, argmax_cache: None }
+    }
+    pub fn output_shape(&self, n: usize) -> [usize; 4] {
+        [n, self.win.out_h(), self.win.out_w(), self.win.c]
+    }
+}
+
+impl<B: Backend> Layer<B> for Pool2d<B> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
+        let w = &self.win;
+        if x.shape.len() != 4 || x.shape[1..] != [w.h, w.w, w.c] {
+            return shape_err(
+                "Pool2d::forward",
+                format!("{}: input {:?}, expected [N, {}, {}, {}]", self.name, x.shape, w.h, w.w, w.c),
+            );
+        }
+        let n = x.shape[0];
+        let mut y = Tensor::zeros(be, &self.output_shape(n));
+        let argmax = match self.kind {
+            PoolKind::Max => {
+                let mut argmax = be.zeros(y.numel());
+                be.max_pool_forward(&x.buf, w, n, &mut y.buf, &mut argmax);
+                Some(argmax)
+            }
+            PoolKind::Average => {
+                be.avg_pool_forward(&x.buf, w, n, &mut y.buf);
+                None
+            }
+        };
+        if ctx.train {
+            self.argmax_cache = Some((n, argmax));
+        }
+        Ok(y)
+    }
+
+    fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
+        let (n, argmax) = cached(&mut self.argmax_cache, &self.name)?;
+        let w = self.win;
+        let mut dx = Tensor::zeros(be, &[n, w.h, w.w, w.c]);
+        match argmax {
+            Some(argmax) => be.max_pool_backward(&dy.buf, &argmax, &mut dx.buf),
+            None => be.avg_pool_backward(&dy.buf, &w, n, &mut dx.buf),
+        }
+        Ok(dx)
+    }
+
+    fn flops_per_example(&self) -> u64 {
+        (self.win.out_h() * self.win.out_w() * self.win.c * self.win.kh * self.win.kw) as u64
+    }
+}
+
+/// (N, d1, d2, ...) -> (N, d1·d2·...). NHWC data is already contiguous per example, so
+/// only the shape changes.
+pub struct Flatten {
+    name: String,
+    input_shape_cache: Option<Vec<usize>>,
+}
+
+impl Flatten {
+    pub fn new(name: &str) -> Self {
+        Self { name: name.to_string(), input_shape_cache: None }
+    }
+}
+
+impl<B: Backend> Layer<B> for Flatten {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn forward(&mut self, _be: &B, mut x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
+        let n = *x.shape.first().unwrap_or(&0);
+        let features = if n == 0 { 0 } else { x.numel() / n };
+        if ctx.train {
+            self.input_shape_cache = Some(x.shape.clone());
+        }
+        x.shape = vec![n, features];
+        Ok(x)
+    }
+    fn backward(&mut self, _be: &B, mut dy: Tensor<B>) -> Result<Tensor<B>> {
+        dy.shape = cached(&mut self.input_shape_cache, &self.name)?;
+        Ok(dy)
+    }
+}
