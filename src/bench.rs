@@ -94,7 +94,7 @@ fn bench_mlp<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
         y: (0..n).map(|_| rng.below(10) as u32).collect(),
     };
     let device_name = be.name();
-    let mut trainer = Trainer::new(be, &spec, 784, 10, steps as u64);
+    let mut trainer = Trainer::new(be, &spec, 784, 10, steps as u64)?;
     let batches: Vec<Vec<u32>> = (0..8).map(|b| ((b * batch) as u32..((b + 1) * batch) as u32).collect()).collect();
     let warmup = steps / 10 + 2;
     for b in batches.iter().take(warmup.min(8)) {

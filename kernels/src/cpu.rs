@@ -193,9 +193,11 @@ impl Backend for CpuBackend {
     }
 
     fn activation_forward(&self, act: Activation, x: &Vec<f32>, y: &mut Vec<f32>) {
-        for (y, &x) in y.iter_mut().zip(x.iter()) {
-            *y = act_forward(act, x);
-        }
+        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = act_forward(act, x);
+            }
+        });
     }
 
     fn activation_backward(
@@ -206,17 +208,26 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         accumulate: bool,
     ) -> f32 {
-        let mut dbeta = 0.0f64;
-        for ((dx, &x), &dy) in dx.iter_mut().zip(x.iter()).zip(dy.iter()) {
-            let (d, db) = act_derivative(act, x);
-            if accumulate {
-                *dx += d * dy;
-            } else {
-                *dx = d * dy;
-            }
-            dbeta += (db * dy) as f64;
-        }
-        dbeta as f32
+        // Partial dbeta sums per chunk, added in chunk order: deterministic.
+        let partial: Vec<f64> = dx
+            .par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .zip(dy.par_chunks(CHUNK))
+            .map(|((dx, x), dy)| {
+                let mut dbeta = 0.0f64;
+                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                    let (d, db) = act_derivative(act, x);
+                    if accumulate {
+                        *dx += d * dy;
+                    } else {
+                        *dx = d * dy;
+                    }
+                    dbeta += (db * dy) as f64;
+                }
+                dbeta
+            })
+            .collect();
+        partial.iter().sum::<f64>() as f32
     }
 
     fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) {
@@ -310,18 +321,38 @@ impl Backend for CpuBackend {
         }
     }
 
+    // Sliding-window ops run one image per task: images never share output elements, so
+    // the result is the same whatever the thread count.
     fn im2col(&self, x: &Vec<f32>, win: &Window, n: usize, c0: usize, cg: usize, cols: &mut Vec<f32>) {
-        cols.resize(n * win.out_h() * win.out_w() * win.kh * win.kw * cg, 0.0);
-        window::im2col(x, win, n, c0, cg, cols);
+        let per_image_out = win.out_h() * win.out_w() * win.kh * win.kw * cg;
+        let per_image_in = win.h * win.w * win.c;
+        cols.resize(n * per_image_out, 0.0);
+        cols.par_chunks_mut(per_image_out.max(1))
+            .zip(x.par_chunks(per_image_in.max(1)))
+            .for_each(|(out, img)| window::im2col(img, win, 1, c0, cg, out));
     }
     fn col2im(&self, dcols: &Vec<f32>, win: &Window, n: usize, c0: usize, cg: usize, dx: &mut Vec<f32>) {
-        window::col2im(dcols, win, n, c0, cg, dx);
+        let per_image_cols = win.out_h() * win.out_w() * win.kh * win.kw * cg;
+        let per_image_in = win.h * win.w * win.c;
+        let _ = n;
+        dx.par_chunks_mut(per_image_in.max(1))
+            .zip(dcols.par_chunks(per_image_cols.max(1)))
+            .for_each(|(img, cols)| window::col2im(cols, win, 1, c0, cg, img));
     }
     fn max_pool_forward(&self, x: &Vec<f32>, win: &Window, n: usize, y: &mut Vec<f32>, argmax: &mut Vec<f32>) {
-        let outs = n * win.out_h() * win.out_w() * win.c;
-        let mut idx = vec![0u32; outs];
-        y.resize(outs, 0.0);
-        window::max_pool_forward(x, win, n, y, &mut idx);
+        let per_out = win.out_h() * win.out_w() * win.c;
+        let per_in = win.h * win.w * win.c;
+        let mut idx = vec![0u32; n * per_out];
+        y.resize(n * per_out, 0.0);
+        y.par_chunks_mut(per_out.max(1))
+            .zip(idx.par_chunks_mut(per_out.max(1)))
+            .zip(x.par_chunks(per_in.max(1)))
+            .enumerate()
+            .for_each(|(i, ((y, idx), img))| {
+                window::max_pool_forward(img, win, 1, y, idx);
+                // Indices are into the whole batch.
+                idx.iter_mut().for_each(|j| *j += (i * per_in) as u32);
+            });
         *argmax = idx.into_iter().map(f32::from_bits).collect();
     }
     fn max_pool_backward(&self, dy: &Vec<f32>, argmax: &Vec<f32>, dx: &mut Vec<f32>) {

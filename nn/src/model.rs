@@ -11,7 +11,11 @@ pub struct Sequential<B: Backend> {
 }
 
 impl<B: Backend> Sequential<B> {
-    pub fn new(layers: Vec<Box<dyn Layer<B>>>) -> Self {
+    /// The first layer is told not to compute the gradient of its input (the data).
+    pub fn new(mut layers: Vec<Box<dyn Layer<B>>>) -> Self {
+        if let Some(first) = layers.first_mut() {
+            first.set_input_grad(false);
+        }
         Self { layers }
     }
 

@@ -68,7 +68,56 @@ impl std::str::FromStr for Device {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
+    /// Linear layers of `hidden` widths with `activation` and `dropout` between them.
     Mlp,
+    /// An explicit list of `layers` over inputs of `input_shape` ([H, W, C] or [F]).
+    Sequential,
+}
+
+/// One layer of a `sequential` model. Images are NHWC.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerSpec {
+    Conv2d {
+        out_channels: usize,
+        kernel: usize,
+        #[serde(default = "one_usize")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+        #[serde(default = "one_usize")]
+        groups: usize,
+    },
+    MaxPool2d {
+        kernel: usize,
+        /// Default: the kernel size.
+        stride: Option<usize>,
+        #[serde(default)]
+        padding: usize,
+    },
+    AvgPool2d {
+        kernel: usize,
+        stride: Option<usize>,
+        #[serde(default)]
+        padding: usize,
+    },
+    Flatten,
+    Linear {
+        out: usize,
+    },
+    Relu,
+    LeakyRelu,
+    Sigmoid,
+    Tanh,
+    Silu,
+    Gelu,
+    Dropout {
+        p: f32,
+    },
+}
+
+fn one_usize() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -99,6 +148,12 @@ pub struct ModelSpec {
     /// Hidden layer widths of the MLP.
     #[serde(default)]
     pub hidden: Vec<usize>,
+    /// Sequential models: the shape of one example, [H, W, C] for images or [F].
+    #[serde(default)]
+    pub input_shape: Vec<usize>,
+    /// Sequential models: the layers, in order. The last layer's outputs are the logits.
+    #[serde(default)]
+    pub layers: Vec<LayerSpec>,
     #[serde(default = "default_activation")]
     pub activation: ActivationKind,
     /// LeakyReLU negative slope.
@@ -343,6 +398,14 @@ impl JobSpec {
         check(!self.name.contains(['/', '\\']), "name", "must not contain path separators")?;
         check(self.device.parse::<Device>().is_ok(), "device", "must be cpu, cuda or cuda:N")?;
         check(self.model.hidden.iter().all(|&h| h > 0), "model.hidden", "widths must be > 0")?;
+        if self.model.kind == ModelKind::Sequential {
+            check(!self.model.layers.is_empty(), "model.layers", "a sequential model needs layers")?;
+            check(
+                matches!(self.model.input_shape.len(), 1 | 3) && self.model.input_shape.iter().all(|&d| d > 0),
+                "model.input_shape",
+                "must be [H, W, C] or [F] with positive sizes",
+            )?;
+        }
         check((0.0..1.0).contains(&self.model.dropout), "model.dropout", "must be in [0, 1)")?;
         check(self.model.leaky_slope.is_finite(), "model.leaky_slope", "must be finite")?;
         check(self.model.swish_beta.is_finite(), "model.swish_beta", "must be finite")?;

@@ -1,14 +1,17 @@
 //! Job spec -> model, optimizer, schedule, data.
 
 use crate::{Result, WorkerError};
+use lockstep_kernels::Window;
 use lockstep_kernels::{Activation, Backend};
 use lockstep_nn::data::{load_idx_split, Dataset, Normalization, Normalizer};
 use lockstep_nn::init::{kaiming_normal, xavier_uniform};
-use lockstep_nn::layers::{Act, Dropout, Linear};
+use lockstep_nn::layers::{Act, Conv2d, Dropout, Flatten, Linear, Pool2d, PoolKind};
 use lockstep_nn::optim::{OptimizerConfig, Rule};
 use lockstep_nn::schedule::{Decay, Schedule};
 use lockstep_nn::{Layer, Sequential};
-use lockstep_proto::job::{ActivationKind, InitKind, JobSpec, Normalize, OptimizerKind, ScheduleKind};
+use lockstep_proto::job::{
+    ActivationKind, InitKind, JobSpec, LayerSpec, ModelKind, Normalize, OptimizerKind, ScheduleKind,
+};
 
 pub fn activation(spec: &JobSpec) -> Activation {
     let m = &spec.model;
@@ -63,6 +66,124 @@ pub fn build_mlp<B: Backend>(be: &B, spec: &JobSpec, features: usize, classes: u
         }
     }
     Sequential::new(layers)
+}
+
+/// The model of the spec and the shape of one input example.
+pub fn build_model<B: Backend>(
+    be: &B,
+    spec: &JobSpec,
+    features: usize,
+    classes: usize,
+) -> Result<(Sequential<B>, Vec<usize>)> {
+    match spec.model.kind {
+        ModelKind::Mlp => Ok((build_mlp(be, spec, features, classes), vec![features])),
+        ModelKind::Sequential => {
+            let shape = &spec.model.input_shape;
+            if shape.iter().product::<usize>() != features {
+                return Err(WorkerError::Config(format!(
+                    "model.input_shape {shape:?} has {} values but the data has {features} features per example",
+                    shape.iter().product::<usize>()
+                )));
+            }
+            Ok((build_sequential(be, spec, classes)?, shape.clone()))
+        }
+    }
+}
+
+/// A `sequential` model: shapes are inferred layer by layer; every layer's output shape,
+/// parameter count and receptive field (T6) are logged. The last layer must produce
+/// `classes` outputs.
+pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> Result<Sequential<B>> {
+    let mut shape = spec.model.input_shape.clone(); // per example: [H, W, C] or [F]
+    let (mut rf, mut jump) = (1usize, 1usize); // receptive field and input pixels per output step
+    let mut layers: Vec<Box<dyn Layer<B>>> = Vec::new();
+    let n_layers = spec.model.layers.len();
+    tracing::info!("{:<4} {:<12} {:>16} {:>10} {:>6}", "#", "layer", "output", "params", "rf");
+    for (i, layer) in spec.model.layers.iter().enumerate() {
+        let bad = |msg: String| WorkerError::Config(format!("model.layers[{i}] ({layer:?}): {msg}"));
+        let image = |shape: &[usize]| match shape {
+            [h, w, c] => Ok((*h, *w, *c)),
+            _ => Err(bad(format!("needs an image input [H, W, C], got {shape:?}"))),
+        };
+        let window = |shape: &[usize], kernel: usize, stride: usize, pad: usize| -> Result<Window> {
+            let (h, w, c) = image(shape)?;
+            if kernel == 0 || stride == 0 || kernel > h + 2 * pad || kernel > w + 2 * pad {
+                return Err(bad(format!("kernel {kernel} stride {stride} padding {pad} does not fit {h}x{w}")));
+            }
+            Ok(Window { h, w, c, kh: kernel, kw: kernel, stride, pad })
+        };
+        let name = format!("l{i}");
+        let built: Box<dyn Layer<B>> = match *layer {
+            LayerSpec::Conv2d { out_channels, kernel, stride, padding, groups } => {
+                let win = window(&shape, kernel, stride, padding)?;
+                if groups == 0 || win.c % groups != 0 || out_channels % groups != 0 || out_channels == 0 {
+                    return Err(bad(format!(
+                        "{} input and {out_channels} output channels must both divide into {groups} groups",
+                        win.c
+                    )));
+                }
+                let fan_in = kernel * kernel * win.c / groups;
+                let w = kaiming_normal(spec.seed, &format!("{name}.weight"), fan_in, out_channels);
+                rf += (kernel - 1) * jump;
+                jump *= stride;
+                shape = vec![win.out_h(), win.out_w(), out_channels];
+                Box::new(Conv2d::new(be, &name, win, out_channels, groups, &w))
+            }
+            LayerSpec::MaxPool2d { kernel, stride, padding } | LayerSpec::AvgPool2d { kernel, stride, padding } => {
+                let stride = stride.unwrap_or(kernel);
+                let win = window(&shape, kernel, stride, padding)?;
+                rf += (kernel - 1) * jump;
+                jump *= stride;
+                shape = vec![win.out_h(), win.out_w(), win.c];
+                let kind = if matches!(layer, LayerSpec::MaxPool2d { .. }) { PoolKind::Max } else { PoolKind::Average };
+                Box::new(Pool2d::new(&name, kind, win))
+            }
+            LayerSpec::Flatten => {
+                shape = vec![shape.iter().product()];
+                Box::new(Flatten::new(&name))
+            }
+            LayerSpec::Linear { out } => {
+                let [fan_in] = shape[..] else {
+                    return Err(bad(format!("needs a flat input [F], got {shape:?}: add a flatten layer")));
+                };
+                let is_output = i + 1 == n_layers;
+                let wname = format!("{name}.weight");
+                let w = if is_output {
+                    xavier_uniform(spec.seed, &wname, fan_in, out)
+                } else {
+                    kaiming_normal(spec.seed, &wname, fan_in, out)
+                };
+                shape = vec![out];
+                Box::new(Linear::new(be, &name, fan_in, out, &w))
+            }
+            LayerSpec::Dropout { p } => {
+                if !(0.0..1.0).contains(&p) {
+                    return Err(bad("p must be in [0, 1)".into()));
+                }
+                Box::new(Dropout::new(&name, p, i as u64))
+            }
+            LayerSpec::Relu => Box::new(Act::new(&name, Activation::Relu, shape.iter().product())),
+            LayerSpec::LeakyRelu => Box::new(Act::new(
+                &name,
+                Activation::LeakyRelu { slope: spec.model.leaky_slope },
+                shape.iter().product(),
+            )),
+            LayerSpec::Sigmoid => Box::new(Act::new(&name, Activation::Sigmoid, shape.iter().product())),
+            LayerSpec::Tanh => Box::new(Act::new(&name, Activation::Tanh, shape.iter().product())),
+            LayerSpec::Silu => Box::new(Act::new(&name, Activation::Swish { beta: 1.0 }, shape.iter().product())),
+            LayerSpec::Gelu => Box::new(Act::new(&name, Activation::Gelu, shape.iter().product())),
+        };
+        let params: usize = built.params().iter().map(|p| p.numel()).sum();
+        let kind = format!("{layer:?}").split([' ', '{']).next().unwrap_or("").to_string();
+        tracing::info!("{:<4} {:<12} {:>16} {:>10} {:>6}", i, kind, format!("{shape:?}"), params, rf);
+        layers.push(built);
+    }
+    if shape != [classes] {
+        return Err(WorkerError::Config(format!(
+            "model.layers: the last layer outputs {shape:?}; the data has {classes} classes"
+        )));
+    }
+    Ok(Sequential::new(layers))
 }
 
 pub fn optimizer_config(spec: &JobSpec) -> OptimizerConfig {

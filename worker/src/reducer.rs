@@ -220,7 +220,7 @@ mod tests {
                 let data = data.clone();
                 std::thread::spawn(move || {
                     let be = CpuBackend::new(1);
-                    let mut trainer = Trainer::new(be, &spec("x"), 20, 4, steps as u64);
+                    let mut trainer = Trainer::new(be, &spec("x"), 20, 4, steps as u64).unwrap();
                     let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| Some(p.numel())).collect();
                     let rank = comm.rank;
                     let mut reducer: Box<dyn GradReducer<CpuBackend>> = if world == 1 {

@@ -77,7 +77,7 @@ pub fn run_training<B: Backend>(
     if spec.train.max_steps > 0 {
         total_steps = total_steps.min(spec.train.max_steps as u64);
     }
-    let mut trainer = Trainer::new(be, spec, train.features, train.classes, total_steps);
+    let mut trainer = Trainer::new(be, spec, train.features, train.classes, total_steps)?;
     let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
     let mut reducer = make_reducer(&sizes)?;
     let allreduce_bytes_per_step = if opts.world > 1 { sizes.iter().flatten().sum::<usize>() as u64 * 4 } else { 0 };

@@ -54,14 +54,23 @@ pub struct Trainer<B: Backend> {
     pub schedule: Schedule,
     /// Steps taken so far; the next step is number `global_step`.
     pub global_step: u64,
+    /// Shape of one input example ([F] or [H, W, C]).
+    pub input_shape: Vec<usize>,
 }
 
 impl<B: Backend> Trainer<B> {
-    pub fn new(be: B, spec: &JobSpec, features: usize, classes: usize, total_steps: u64) -> Self {
-        let model = build::build_mlp(&be, spec, features, classes);
+    pub fn new(be: B, spec: &JobSpec, features: usize, classes: usize, total_steps: u64) -> Result<Self> {
+        let (model, input_shape) = build::build_model(&be, spec, features, classes)?;
         let optimizer = Optimizer::new(&be, build::optimizer_config(spec), &model.params());
         let schedule = build::schedule(spec, total_steps);
-        Self { be, spec: spec.clone(), model, optimizer, schedule, global_step: 0 }
+        Ok(Self { be, spec: spec.clone(), model, optimizer, schedule, global_step: 0, input_shape })
+    }
+
+    /// The batch of `rows` examples as a tensor of shape [rows, input_shape...].
+    fn input(&self, rows: usize, x: &[f32]) -> Tensor<B> {
+        let mut shape = vec![rows];
+        shape.extend(&self.input_shape);
+        Tensor::from_slice(&self.be, &shape, x)
     }
 
     /// Forward, backward, reduce, clip, update on this rank's `local` examples of a global
@@ -84,8 +93,8 @@ impl<B: Backend> Trainer<B> {
                 step: self.global_step,
                 example_ids: local.iter().map(|&i| i as u64).collect(),
             };
-            let input = Tensor::from_slice(be, &[local.len(), data.features], &x); // (B, F)
-            let logits = self.model.forward(be, input, &ctx)?; // (B, C)
+            let input = self.input(local.len(), &x); // (B, F) or (B, H, W, C)
+            let logits = self.model.forward(be, input, &ctx)?; // (B, classes)
             let out = softmax_cross_entropy(be, &logits, &y, None, 1.0)?;
             loss_sum = out.loss_sum;
             self.model.backward_with_hook(be, out.grad, &mut |first, params| {
@@ -119,7 +128,7 @@ impl<B: Backend> Trainer<B> {
         let indices: Vec<u32> = (0..data.len() as u32).collect();
         for chunk in indices.chunks(1000) {
             let (x, y) = data.gather(chunk);
-            let input = Tensor::from_slice(be, &[chunk.len(), data.features], &x);
+            let input = self.input(chunk.len(), &x);
             let logits = self.model.forward(be, input, &ctx)?;
             let out = softmax_cross_entropy(be, &logits, &y, None, 1.0)?;
             loss += out.loss_sum;

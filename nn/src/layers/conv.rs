@@ -14,6 +14,7 @@ pub struct Conv2d<B: Backend> {
     pub bias: Param<B>,   // (OC)
     /// im2col rows of each group, (N·OH·OW, KH·KW·Cg): backward needs them for dW.
     cols_cache: Option<(usize, Vec<B::Buf>)>,
+    input_grad: bool,
 }
 
 impl<B: Backend> Conv2d<B> {
@@ -29,6 +30,7 @@ impl<B: Backend> Conv2d<B> {
             weight: Param::new(be, format!("{name}.weight"), &[out_channels, win.kh, win.kw, cg], weight, true),
             bias: Param::new(be, format!("{name}.bias"), &[out_channels], &vec![0.0; out_channels], false),
             cols_cache: None,
+            input_grad: true,
         }
     }
 
@@ -94,35 +96,50 @@ impl<B: Backend> Layer<B> for Conv2d<B> {
         if self.bias.trainable {
             be.sum_rows(&dy.buf, &mut self.bias.grad, m, oc, true);
         }
-        let mut dx = Tensor::zeros(be, &[n, w.h, w.w, w.c]);
+        let dx_shape = if self.input_grad { vec![n, w.h, w.w, w.c] } else { vec![0] };
+        let mut dx = Tensor::zeros(be, &dx_shape);
         for (g, cols) in all_cols.iter().enumerate() {
-            let mut dcols = be.zeros(m * kk);
-            if self.groups == 1 {
-                if self.weight.trainable {
-                    be.matmul(&dy.buf, cols, &mut self.weight.grad, oc, m, kk, true, false, true);
-                    // dW += dyᵀ·cols
-                }
-                be.matmul(&dy.buf, &self.weight.value, &mut dcols, m, oc, kk, false, false, false);
-            // dcols = dy·W
+            // This group's slice of dy (N·OH·OW, OC/groups) and of W (OC/groups, KH·KW·Cg).
+            let range = g * ocg * kk;
+            let dy_g = if self.groups == 1 {
+                None
             } else {
                 let mut dy_g = be.zeros(m * ocg);
                 be.copy_columns(&dy.buf, oc, g * ocg, &mut dy_g, ocg, 0, ocg, m, false);
-                let range = g * ocg * kk;
-                if self.weight.trainable {
+                Some(dy_g)
+            };
+            let dy_g = dy_g.as_ref().unwrap_or(&dy.buf);
+            if self.weight.trainable {
+                // dW_g += dy_gᵀ · cols
+                if self.groups == 1 {
+                    be.matmul(dy_g, cols, &mut self.weight.grad, oc, m, kk, true, false, true);
+                } else {
                     let mut dw_g = be.zeros(ocg * kk);
                     be.copy_range(&self.weight.grad, range, &mut dw_g, 0, ocg * kk);
-                    be.matmul(&dy_g, cols, &mut dw_g, ocg, m, kk, true, false, true);
+                    be.matmul(dy_g, cols, &mut dw_g, ocg, m, kk, true, false, true);
                     be.copy_range(&dw_g, 0, &mut self.weight.grad, range, ocg * kk);
                 }
+            }
+            if !self.input_grad {
+                continue;
+            }
+            // dcols = dy_g · W_g, scattered back onto the input channels of the group.
+            let mut dcols = be.zeros(m * kk);
+            if self.groups == 1 {
+                be.matmul(dy_g, &self.weight.value, &mut dcols, m, oc, kk, false, false, false);
+            } else {
                 let mut w_g = be.zeros(ocg * kk);
                 be.copy_range(&self.weight.value, range, &mut w_g, 0, ocg * kk);
-                be.matmul(&dy_g, &w_g, &mut dcols, m, ocg, kk, false, false, false);
+                be.matmul(dy_g, &w_g, &mut dcols, m, ocg, kk, false, false, false);
             }
             be.col2im(&dcols, &w, n, g * cg, cg, &mut dx.buf);
         }
         Ok(dx)
     }
 
+    fn set_input_grad(&mut self, needed: bool) {
+        self.input_grad = needed;
+    }
     fn params(&self) -> Vec<&Param<B>> {
         vec![&self.weight, &self.bias]
     }

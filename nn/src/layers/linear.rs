@@ -11,6 +11,7 @@ pub struct Linear<B: Backend> {
     pub bias: Param<B>,   // (out)
     /// The layer input, (B, in): backward needs it for dW.
     input_cache: Option<Tensor<B>>,
+    input_grad: bool,
 }
 
 impl<B: Backend> Linear<B> {
@@ -23,6 +24,7 @@ impl<B: Backend> Linear<B> {
             weight: Param::new(be, format!("{name}.weight"), &[out_features, in_features], weight, true),
             bias: Param::new(be, format!("{name}.bias"), &[out_features], &vec![0.0; out_features], false),
             input_cache: None,
+            input_grad: true,
         }
     }
 }
@@ -75,11 +77,17 @@ impl<B: Backend> Layer<B> for Linear<B> {
         if self.bias.trainable {
             be.sum_rows(&dy.buf, &mut self.bias.grad, rows, o, true); // db (out) += Σ_rows dy
         }
+        if !self.input_grad {
+            return Ok(Tensor::zeros(be, &[0]));
+        }
         let mut dx = Tensor::zeros(be, &x.shape); // dx (B,in) = dy (B,out) · W (out,in)
         be.matmul(&dy.buf, &self.weight.value, &mut dx.buf, rows, o, i, false, false, false);
         Ok(dx)
     }
 
+    fn set_input_grad(&mut self, needed: bool) {
+        self.input_grad = needed;
+    }
     fn params(&self) -> Vec<&Param<B>> {
         vec![&self.weight, &self.bias]
     }

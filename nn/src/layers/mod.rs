@@ -71,6 +71,9 @@ pub trait Layer<B: Backend>: Send {
     fn params_mut(&mut self) -> Vec<&mut Param<B>> {
         Vec::new()
     }
+    /// Whether backward must compute dL/dx. The model's first layer is told no (nothing
+    /// consumes the gradient of the data), which saves a GEMM; it then returns an empty dx.
+    fn set_input_grad(&mut self, _needed: bool) {}
     /// Forward FLOPs for one example (T34): a (M,K)x(K,N) matmul is M·K·N multiplies plus
     /// M·N·(K−1) adds.
     fn flops_per_example(&self) -> u64 {
