@@ -142,3 +142,69 @@ fn bad_data_files_fail_cleanly_naming_file_and_offset() {
     let err = train(std::path::Path::new("/nonexistent/mnist"));
     assert!(err.contains("/nonexistent/mnist"), "{err}");
 }
+
+#[test]
+fn cnn_config_trains_and_reports_receptive_fields() {
+    let dir = temp_dir("cnn");
+    let mut cmd = bin();
+    cmd.env("RUST_LOG", "info")
+        .args(["train", "configs/mnist-cnn.toml", "--quiet", "--out"])
+        .arg(&dir)
+        .args(small_mnist(1536, 1));
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    // The layer table: the second conv sees a 14x14 patch of the input (5 + 1 + 4·2).
+    assert!(
+        err.lines().any(|l| l.contains("Conv2d") && l.contains("[14, 14, 64]") && l.trim_end().ends_with("14")),
+        "{err}"
+    );
+    let s = summary(&dir);
+    assert_eq!(s["params"], 857738);
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.6, "{s}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let losses: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["kind"] == "train")
+        .map(|l| l["loss"].as_f64().unwrap())
+        .collect();
+    assert!(losses.last().unwrap() < &(losses[0] / 2.0), "loss should fall: {losses:?}");
+}
+
+#[test]
+fn invalid_layer_lists_fail_before_training() {
+    let dir = temp_dir("bad-layers");
+    let good = std::fs::read_to_string(repo().join("configs/mnist-cnn.toml")).unwrap();
+    let cases = [
+        // A convolution after flatten has no image to slide over.
+        (
+            good.replace(
+                "{ type = \"flatten\" },",
+                "{ type = \"flatten\" },\n  { type = \"conv2d\", out_channels = 4, kernel = 3 },",
+            ),
+            "model.layers[7]",
+        ),
+        // 32 channels do not split into 3 groups.
+        (
+            good.replace(
+                "out_channels = 64, kernel = 5, padding = 2",
+                "out_channels = 64, kernel = 5, padding = 2, groups = 3",
+            ),
+            "groups",
+        ),
+        // The logits must match the 10 classes.
+        (good.replace("{ type = \"linear\", out = 10 },", "{ type = \"linear\", out = 7 },"), "10 classes"),
+        // input_shape must match the data's 784 features.
+        (good.replace("input_shape = [28, 28, 1]", "input_shape = [28, 28, 3]"), "784 features"),
+        (good.replace("{ type = \"relu\" },", "{ type = \"relux\" },"), "relux"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = run(bin().args(["train", "--quiet"]).arg(&path));
+        assert!(!out.status.success(), "case {i} should fail");
+        let err = stderr(&out);
+        assert!(err.contains(needle), "case {i}: expected {needle:?} in:\n{err}");
+    }
+}

@@ -1,7 +1,7 @@
 //! The CPU backend: GEMM through the `gemm` crate, everything else as plain loops.
 //! This is the reference implementation; keep it obvious.
 
-use crate::{window, Activation, Backend, UpdateRule, Window};
+use crate::{norm, window, Activation, Backend, UpdateRule, Window};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -383,6 +383,75 @@ impl Backend for CpuBackend {
         accumulate: bool,
     ) {
         window::copy_columns(src, src_w, s0, dst, dst_w, d0, k, rows, accumulate);
+    }
+
+    fn layer_norm_forward(
+        &self,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        y: &mut Vec<f32>,
+        xhat: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+    ) {
+        y.resize(rows * cols, 0.0);
+        xhat.resize(rows * cols, 0.0);
+        rstd.resize(rows, 0.0);
+        norm::layer_norm_forward(x, gamma, beta, rows, cols, eps, y, xhat, rstd);
+    }
+    fn layer_norm_backward(
+        &self,
+        dy: &Vec<f32>,
+        xhat: &Vec<f32>,
+        rstd: &Vec<f32>,
+        gamma: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        dx: &mut Vec<f32>,
+        dgamma: &mut Vec<f32>,
+        dbeta: &mut Vec<f32>,
+    ) {
+        dx.resize(rows * cols, 0.0);
+        norm::layer_norm_backward(dy, xhat, rstd, gamma, rows, cols, dx, dgamma, dbeta);
+    }
+    fn column_stats(&self, x: &Vec<f32>, rows: usize, cols: usize) -> (Vec<f64>, Vec<f64>) {
+        norm::column_stats(x, rows, cols)
+    }
+    fn batch_norm_apply(
+        &self,
+        x: &Vec<f32>,
+        mean: &[f64],
+        var: &[f64],
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        y: &mut Vec<f32>,
+        xhat: &mut Vec<f32>,
+    ) {
+        y.resize(rows * cols, 0.0);
+        xhat.resize(rows * cols, 0.0);
+        norm::batch_norm_apply(x, mean, var, gamma, beta, rows, cols, eps, y, xhat);
+    }
+    fn batch_norm_backward(
+        &self,
+        dy: &Vec<f32>,
+        xhat: &Vec<f32>,
+        var: &[f64],
+        gamma: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        dx: &mut Vec<f32>,
+        dgamma: &mut Vec<f32>,
+        dbeta: &mut Vec<f32>,
+    ) {
+        dx.resize(rows * cols, 0.0);
+        norm::batch_norm_backward(dy, xhat, var, gamma, rows, cols, eps, dx, dgamma, dbeta);
     }
 
     fn optimizer_step(

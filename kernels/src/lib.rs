@@ -7,6 +7,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod norm;
 pub mod window;
 
 pub use cpu::CpuBackend;
@@ -188,6 +189,91 @@ pub trait Backend: Send + Sync + 'static {
         let mut host = self.download(dst);
         window::copy_columns(&self.download(src), src_w, s0, &mut host, dst_w, d0, k, rows, accumulate);
         *dst = self.upload(&host);
+    }
+
+    // ---- normalisation (T10, T11); defaults go through the host like the window ops ----
+
+    /// Row-wise LayerNorm of x (rows, cols); writes y, x̂ (rows, cols) and rstd (rows).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_forward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        y: &mut Self::Buf,
+        xhat: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) {
+        let (mut hy, mut hh, mut hr) = (vec![0.0; rows * cols], vec![0.0; rows * cols], vec![0.0; rows]);
+        let (hg, hb) = (self.download(gamma), self.download(beta));
+        norm::layer_norm_forward(&self.download(x), &hg, &hb, rows, cols, eps, &mut hy, &mut hh, &mut hr);
+        (*y, *xhat, *rstd) = (self.upload(&hy), self.upload(&hh), self.upload(&hr));
+    }
+    /// dx (rows, cols); dgamma, dbeta (cols) accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm_backward(
+        &self,
+        dy: &Self::Buf,
+        xhat: &Self::Buf,
+        rstd: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+    ) {
+        let (mut hdx, mut hdg, mut hdb) = (vec![0.0; rows * cols], self.download(dgamma), self.download(dbeta));
+        let (hdy, hh, hr, hg) = (self.download(dy), self.download(xhat), self.download(rstd), self.download(gamma));
+        norm::layer_norm_backward(&hdy, &hh, &hr, &hg, rows, cols, &mut hdx, &mut hdg, &mut hdb);
+        (*dx, *dgamma, *dbeta) = (self.upload(&hdx), self.upload(&hdg), self.upload(&hdb));
+    }
+    /// Per-column mean and biased variance of x (rows, cols), in f64 on the host.
+    fn column_stats(&self, x: &Self::Buf, rows: usize, cols: usize) -> (Vec<f64>, Vec<f64>) {
+        norm::column_stats(&self.download(x), rows, cols)
+    }
+    /// BatchNorm with the given per-column statistics; writes y and x̂.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_apply(
+        &self,
+        x: &Self::Buf,
+        mean: &[f64],
+        var: &[f64],
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        y: &mut Self::Buf,
+        xhat: &mut Self::Buf,
+    ) {
+        let (mut hy, mut hh) = (vec![0.0; rows * cols], vec![0.0; rows * cols]);
+        let (hg, hb) = (self.download(gamma), self.download(beta));
+        norm::batch_norm_apply(&self.download(x), mean, var, &hg, &hb, rows, cols, eps, &mut hy, &mut hh);
+        (*y, *xhat) = (self.upload(&hy), self.upload(&hh));
+    }
+    /// Training-mode BatchNorm backward; dgamma, dbeta accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_backward(
+        &self,
+        dy: &Self::Buf,
+        xhat: &Self::Buf,
+        var: &[f64],
+        gamma: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+    ) {
+        let (mut hdx, mut hdg, mut hdb) = (vec![0.0; rows * cols], self.download(dgamma), self.download(dbeta));
+        let (hdy, hh, hg) = (self.download(dy), self.download(xhat), self.download(gamma));
+        norm::batch_norm_backward(&hdy, &hh, var, &hg, rows, cols, eps, &mut hdx, &mut hdg, &mut hdb);
+        (*dx, *dgamma, *dbeta) = (self.upload(&hdx), self.upload(&hdg), self.upload(&hdb));
     }
 
     // ---- optimizer ----

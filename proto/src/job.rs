@@ -105,6 +105,10 @@ pub enum LayerSpec {
     Linear {
         out: usize,
     },
+    /// Normalises each example (position) over its last dimension.
+    LayerNorm,
+    /// Normalises each channel (last dimension) over the batch (and H, W).
+    BatchNorm,
     Relu,
     LeakyRelu,
     Sigmoid,

@@ -5,7 +5,7 @@ use lockstep_kernels::Window;
 use lockstep_kernels::{Activation, Backend};
 use lockstep_nn::data::{load_idx_split, Dataset, Normalization, Normalizer};
 use lockstep_nn::init::{kaiming_normal, xavier_uniform};
-use lockstep_nn::layers::{Act, Conv2d, Dropout, Flatten, Linear, Pool2d, PoolKind};
+use lockstep_nn::layers::{Act, BatchNorm, Conv2d, Dropout, Flatten, LayerNorm, Linear, Pool2d, PoolKind};
 use lockstep_nn::optim::{OptimizerConfig, Rule};
 use lockstep_nn::schedule::{Decay, Schedule};
 use lockstep_nn::{Layer, Sequential};
@@ -156,6 +156,8 @@ pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> R
                 shape = vec![out];
                 Box::new(Linear::new(be, &name, fan_in, out, &w))
             }
+            LayerSpec::LayerNorm => Box::new(LayerNorm::new(be, &name, *shape.last().unwrap_or(&1))),
+            LayerSpec::BatchNorm => Box::new(BatchNorm::new(be, &name, *shape.last().unwrap_or(&1))),
             LayerSpec::Dropout { p } => {
                 if !(0.0..1.0).contains(&p) {
                     return Err(bad("p must be in [0, 1)".into()));

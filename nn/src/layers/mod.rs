@@ -6,12 +6,14 @@ mod activation;
 mod conv;
 mod dropout;
 mod linear;
+mod norm;
 mod pool;
 
 pub use activation::Act;
 pub use conv::Conv2d;
 pub use dropout::Dropout;
 pub use linear::Linear;
+pub use norm::{BatchNorm, LayerNorm};
 pub use pool::{Flatten, Pool2d, PoolKind};
 
 use crate::{Result, Tensor};

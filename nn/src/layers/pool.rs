@@ -94,7 +94,7 @@ impl<B: Backend> Layer<B> for Flatten {
     }
     fn forward(&mut self, _be: &B, mut x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
         let n = *x.shape.first().unwrap_or(&0);
-        let features = if n == 0 { 0 } else { x.numel() / n };
+        let features = x.numel().checked_div(n).unwrap_or(0);
         if ctx.train {
             self.input_shape_cache = Some(x.shape.clone());
         }
