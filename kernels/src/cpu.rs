@@ -454,6 +454,20 @@ impl Backend for CpuBackend {
         norm::batch_norm_backward(dy, xhat, var, gamma, rows, cols, eps, dx, dgamma, dbeta);
     }
 
+    fn embedding_forward(&self, table: &Vec<f32>, ids: &[u32], dim: usize, out: &mut Vec<f32>) {
+        out.resize(ids.len() * dim, 0.0);
+        for (row, &id) in out.chunks_exact_mut(dim).zip(ids) {
+            row.copy_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
+        }
+    }
+    fn embedding_backward(&self, dy: &Vec<f32>, ids: &[u32], dim: usize, dtable: &mut Vec<f32>) {
+        for (row, &id) in dy.chunks_exact(dim).zip(ids) {
+            for (t, g) in dtable[id as usize * dim..(id as usize + 1) * dim].iter_mut().zip(row) {
+                *t += g;
+            }
+        }
+    }
+
     fn optimizer_step(
         &self,
         rule: UpdateRule,

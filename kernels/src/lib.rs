@@ -276,6 +276,29 @@ pub trait Backend: Send + Sync + 'static {
         (*dx, *dgamma, *dbeta) = (self.upload(&hdx), self.upload(&hdg), self.upload(&hdb));
     }
 
+    // ---- embedding (T13) ----
+
+    /// out (len(ids), dim) ← rows `ids` of table (vocab, dim).
+    fn embedding_forward(&self, table: &Self::Buf, ids: &[u32], dim: usize, out: &mut Self::Buf) {
+        let t = self.download(table);
+        let mut host = Vec::with_capacity(ids.len() * dim);
+        for &id in ids {
+            host.extend_from_slice(&t[id as usize * dim..(id as usize + 1) * dim]);
+        }
+        *out = self.upload(&host);
+    }
+    /// dtable rows `ids` += dy rows: a sparse gradient, accumulated in id order.
+    fn embedding_backward(&self, dy: &Self::Buf, ids: &[u32], dim: usize, dtable: &mut Self::Buf) {
+        let d = self.download(dy);
+        let mut host = self.download(dtable);
+        for (i, &id) in ids.iter().enumerate() {
+            for (t, g) in host[id as usize * dim..(id as usize + 1) * dim].iter_mut().zip(&d[i * dim..(i + 1) * dim]) {
+                *t += g;
+            }
+        }
+        *dtable = self.upload(&host);
+    }
+
     // ---- optimizer ----
     /// One update of `param` from `grad_scale·grad` with learning rate `lr`; `state1`/`state2`
     /// are the rule's moment buffers (unused ones may be empty). Folding the scale (1/batch,

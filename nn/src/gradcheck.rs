@@ -51,6 +51,19 @@ pub fn check_input_gradient<B: Backend>(
 
 /// Checks a layer's dL/dx and every parameter gradient against central differences.
 pub fn check_layer<B: Backend>(be: &B, layer: &mut dyn Layer<B>, shape: &[usize], x: &[f32], ctx: &ForwardCtx) {
+    check_layer_with(be, layer, shape, x, ctx, true);
+}
+
+/// As `check_layer`; `check_input = false` checks parameter gradients only (for inputs
+/// that are not differentiable, such as token ids).
+pub fn check_layer_with<B: Backend>(
+    be: &B,
+    layer: &mut dyn Layer<B>,
+    shape: &[usize],
+    x: &[f32],
+    ctx: &ForwardCtx,
+    check_input: bool,
+) {
     let input = Tensor::from_slice(be, shape, x);
     let y = layer.forward(be, input, ctx).expect("forward");
     let r = projection(y.numel());
@@ -62,7 +75,7 @@ pub fn check_layer<B: Backend>(be: &B, layer: &mut dyn Layer<B>, shape: &[usize]
         let y = layer.forward(be, Tensor::from_slice(be, shape, x), ctx).expect("forward");
         project(&y.to_vec(be), &r)
     };
-    for i in 0..x.len() {
+    for i in (0..x.len()).filter(|_| check_input) {
         let numeric = five_point(|d| {
             let mut xd = x.to_vec();
             xd[i] += d;
@@ -94,7 +107,10 @@ pub fn check_layer<B: Backend>(be: &B, layer: &mut dyn Layer<B>, shape: &[usize]
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::{Act, BatchNorm, Conv2d, Dropout, Flatten, LayerNorm, Linear, Pool2d, PoolKind};
+    use crate::layers::{
+        sinusoid_table, Act, BatchNorm, Conv2d, Dropout, Embedding, Flatten, LayerNorm, Linear, Pool2d, PoolKind,
+        PositionalEncoding,
+    };
     use lockstep_kernels::{Activation, CpuBackend, Window};
 
     /// Inputs kept at least 0.05 away from 0 so ReLU-family kinks are never straddled by ±h.
@@ -209,6 +225,29 @@ mod tests {
         let y = bn.forward(&be, x, &ForwardCtx::default()).unwrap();
         let want = (1.0 - 0.25) / (bn.running_var[0] + 1e-5).sqrt();
         assert!((y.buf[0] as f64 - want).abs() < 1e-5);
+    }
+
+    #[test]
+    fn embedding_and_positional_encoding_gradients() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        let table: Vec<f32> = (0..5 * 3).map(|i| (i as f32 * 0.3).sin()).collect();
+        let mut emb = Embedding::new(&be, "emb", 5, 3, &table);
+        // Repeated ids: their gradients must add up in the same row.
+        check_layer_with(&be, &mut emb, &[2, 3], &[0., 4., 4., 1., 0., 4.], &ctx, false);
+        let y = emb.forward(&be, Tensor::from_slice(&be, &[1, 2], &[2., 0.]), &ForwardCtx::default()).unwrap();
+        assert_eq!(y.shape, vec![1, 2, 3]);
+        assert_eq!(y.buf, [&table[6..9], &table[0..3]].concat());
+        assert!(emb.forward(&be, Tensor::from_slice(&be, &[1], &[5.]), &ctx).unwrap_err().to_string().contains("id 5"));
+
+        let init: Vec<f32> = (0..4 * 3).map(|i| (i as f32 * 0.9).cos() * 0.1).collect();
+        check_layer(&be, &mut PositionalEncoding::learned(&be, "pos", 4, 3, &init), &[2, 3, 3], &input(18), &ctx);
+        check_layer(&be, &mut PositionalEncoding::sinusoidal("pos", 4, 3), &[2, 3, 3], &input(18), &ctx);
+        // PE[t, 2i] = sin(t/10000^(2i/D)), PE[t, 2i+1] = cos(...): known values at D = 4.
+        let pe = sinusoid_table(3, 4);
+        assert_eq!(&pe[..4], &[0.0, 1.0, 0.0, 1.0]);
+        assert!((pe[4] - 1f32.sin()).abs() < 1e-7 && (pe[5] - 1f32.cos()).abs() < 1e-7);
+        assert!((pe[6] - 0.01f32.sin()).abs() < 1e-7 && (pe[7] - 0.01f32.cos()).abs() < 1e-7);
     }
 
     #[test]

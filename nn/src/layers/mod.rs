@@ -5,6 +5,7 @@
 mod activation;
 mod conv;
 mod dropout;
+mod embedding;
 mod linear;
 mod norm;
 mod pool;
@@ -12,6 +13,7 @@ mod pool;
 pub use activation::Act;
 pub use conv::Conv2d;
 pub use dropout::Dropout;
+pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
 pub use linear::Linear;
 pub use norm::{BatchNorm, LayerNorm};
 pub use pool::{Flatten, Pool2d, PoolKind};
