@@ -51,13 +51,7 @@ impl<B: Backend> Layer<B> for Conv2d<B> {
 
     fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
         let w = &self.win;
-        if x.shape.len() != 4 || x.shape[1..] != [w.h, w.w, w.c] {
-            return shape_err(
-                "Conv2d::forward",
-                format!("{}: input {:?}, expected [N, {}, {}, {}]", self.name, x.shape, w.h, w.w, w.c),
-            );
-        }
-        let n = x.shape[0];
+        let n = super::image_batch("Conv2d::forward", &self.name, &x, w)?;
         let (cg, kk, ocg) = self.dims();
         let m = n * w.out_h() * w.out_w();
         let oc = self.out_channels;

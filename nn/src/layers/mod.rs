@@ -89,3 +89,19 @@ pub trait Layer<B: Backend>: Send {
 pub(crate) fn cached<T>(cache: &mut Option<T>, layer: &str) -> Result<T> {
     cache.take().ok_or_else(|| crate::NnError::Invalid(format!("{layer}: backward called without a training forward")))
 }
+
+/// Checks that `x` is a batch of (H, W, C) images as `win` expects; returns the batch size.
+pub(crate) fn image_batch<B: Backend>(
+    op: &'static str,
+    layer: &str,
+    x: &Tensor<B>,
+    win: &lockstep_kernels::Window,
+) -> Result<usize> {
+    if x.shape.len() != 4 || x.shape[1..] != [win.h, win.w, win.c] {
+        return crate::shape_err(
+            op,
+            format!("{layer}: input {:?}, expected [N, {}, {}, {}]", x.shape, win.h, win.w, win.c),
+        );
+    }
+    Ok(x.shape[0])
+}

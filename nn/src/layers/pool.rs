@@ -1,5 +1,5 @@
 use super::{cached, ForwardCtx, Layer};
-use crate::{shape_err, Result, Tensor};
+use crate::{Result, Tensor};
 use lockstep_kernels::{Backend, Window};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,13 +34,7 @@ impl<B: Backend> Layer<B> for Pool2d<B> {
 
     fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
         let w = &self.win;
-        if x.shape.len() != 4 || x.shape[1..] != [w.h, w.w, w.c] {
-            return shape_err(
-                "Pool2d::forward",
-                format!("{}: input {:?}, expected [N, {}, {}, {}]", self.name, x.shape, w.h, w.w, w.c),
-            );
-        }
-        let n = x.shape[0];
+        let n = super::image_batch("Pool2d::forward", &self.name, &x, w)?;
         let mut y = Tensor::zeros(be, &self.output_shape(n));
         let argmax = match self.kind {
             PoolKind::Max => {
