@@ -40,6 +40,17 @@ impl CpuBackend {
 
 const GELU_C: f32 = 0.797_884_6; // sqrt(2/pi)
 
+/// ds = p ⊙ (dp − Σ_j dp_j p_j) for each row of (rows, cols).
+pub fn softmax_backward_rows(p: &[f32], dp: &[f32], ds: &mut [f32], rows: usize, cols: usize) {
+    for r in 0..rows {
+        let (pr, dpr) = (&p[r * cols..(r + 1) * cols], &dp[r * cols..(r + 1) * cols]);
+        let dot: f64 = pr.iter().zip(dpr).map(|(&a, &b)| a as f64 * b as f64).sum();
+        for ((d, &a), &b) in ds[r * cols..(r + 1) * cols].iter_mut().zip(pr).zip(dpr) {
+            *d = a * (b - dot as f32);
+        }
+    }
+}
+
 #[inline]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -452,6 +463,11 @@ impl Backend for CpuBackend {
     ) {
         dx.resize(rows * cols, 0.0);
         norm::batch_norm_backward(dy, xhat, var, gamma, rows, cols, eps, dx, dgamma, dbeta);
+    }
+
+    fn softmax_backward(&self, p: &Vec<f32>, dp: &Vec<f32>, ds: &mut Vec<f32>, rows: usize, cols: usize) {
+        ds.resize(rows * cols, 0.0);
+        softmax_backward_rows(p, dp, ds, rows, cols);
     }
 
     fn embedding_forward(&self, table: &Vec<f32>, ids: &[u32], dim: usize, out: &mut Vec<f32>) {

@@ -276,6 +276,14 @@ pub trait Backend: Send + Sync + 'static {
         (*dx, *dgamma, *dbeta) = (self.upload(&hdx), self.upload(&hdg), self.upload(&hdb));
     }
 
+    /// Softmax backward per row: ds = p ⊙ (dp − Σ_j dp_j p_j).
+    fn softmax_backward(&self, p: &Self::Buf, dp: &Self::Buf, ds: &mut Self::Buf, rows: usize, cols: usize) {
+        let (hp, hdp) = (self.download(p), self.download(dp));
+        let mut out = vec![0.0; rows * cols];
+        cpu::softmax_backward_rows(&hp, &hdp, &mut out, rows, cols);
+        *ds = self.upload(&out);
+    }
+
     // ---- embedding (T13) ----
 
     /// out (len(ids), dim) ← rows `ids` of table (vocab, dim).

@@ -1,6 +1,6 @@
 //! Central finite-difference checks (T1). The scalar is L = Σ r ⊙ y for a fixed
 //! pseudo-random r (or the loss itself), summed in f64 on the host. Each entry must satisfy
-//! |analytic − numeric| / max(|analytic|, |numeric|, 1e-2) < 1e-3. The numeric derivative
+//! |analytic − numeric| / max(|analytic|, |numeric|, 2e-2) < 1e-3. The numeric derivative
 //! uses the 5-point stencil (8(L(x+h) − L(x−h)) − (L(x+2h) − L(x−2h)))/12h, whose O(h⁴)
 //! truncation lets h = 1e-2 stay large enough for f32 rounding to be negligible.
 
@@ -10,8 +10,11 @@ use lockstep_kernels::Backend;
 pub const F32_REL_TOL: f64 = 1e-3;
 const H: f32 = 1e-2;
 
+/// Relative error with a floor on the denominator: the forward runs in f32, so the
+/// numeric estimate itself carries an absolute noise of about ε_f32·|L|/h ≈ 1e-5; gradients
+/// smaller than 2e-2 are therefore held to an absolute 2e-5 instead of a relative 1e-3.
 fn rel_err(a: f64, n: f64) -> f64 {
-    (a - n).abs() / a.abs().max(n.abs()).max(1e-2)
+    (a - n).abs() / a.abs().max(n.abs()).max(2e-2)
 }
 
 /// The 5-point central difference of `f` at offset 0 with step H.
@@ -108,8 +111,8 @@ pub fn check_layer_with<B: Backend>(
 mod tests {
     use super::*;
     use crate::layers::{
-        sinusoid_table, Act, BatchNorm, Conv2d, Dropout, Embedding, Flatten, LayerNorm, Linear, Pool2d, PoolKind,
-        PositionalEncoding,
+        sinusoid_table, Act, BatchNorm, Conv2d, Dropout, Embedding, Flatten, LayerNorm, Linear, MultiHeadAttention,
+        Pool2d, PoolKind, PositionalEncoding,
     };
     use lockstep_kernels::{Activation, CpuBackend, Window};
 
@@ -250,10 +253,75 @@ mod tests {
         assert!((pe[6] - 0.01f32.sin()).abs() < 1e-7 && (pe[7] - 0.01f32.cos()).abs() < 1e-7);
     }
 
+    fn attention(causal: bool) -> MultiHeadAttention<CpuBackend> {
+        let be = CpuBackend::new(1);
+        let w_qkv: Vec<f32> = (0..12 * 4).map(|i| ((i as f32) * 0.37).sin() * 0.6).collect();
+        let w_out: Vec<f32> = (0..4 * 4).map(|i| ((i as f32) * 0.53).cos() * 0.6).collect();
+        let mut a = MultiHeadAttention::new(&be, "attn", 4, 2, causal, 8, &w_qkv, &w_out);
+        a.qkv.bias.value = (0..12).map(|i| i as f32 * 0.05).collect();
+        a
+    }
+
+    #[test]
+    fn attention_gradients_causal_and_padded() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        check_layer(&be, &mut attention(false), &[2, 3, 4], &input(24), &ctx);
+        check_layer(&be, &mut attention(true), &[2, 3, 4], &input(24), &ctx);
+        let padded = ForwardCtx { train: true, seq_lens: vec![3, 2], ..Default::default() };
+        check_layer(&be, &mut attention(true), &[2, 3, 4], &input(24), &padded);
+    }
+
+    #[test]
+    fn causal_output_ignores_the_future() {
+        let be = CpuBackend::new(1);
+        let mut a = attention(true);
+        let x = input(5 * 4);
+        let y = a.forward(&be, Tensor::from_slice(&be, &[1, 5, 4], &x), &ForwardCtx::default()).unwrap();
+        for t in 0..5 {
+            // Change every token after t: outputs up to t are bitwise unchanged.
+            let mut x2 = x.clone();
+            x2[(t + 1) * 4..].iter_mut().for_each(|v| *v += 1.0);
+            let y2 = a.forward(&be, Tensor::from_slice(&be, &[1, 5, 4], &x2), &ForwardCtx::default()).unwrap();
+            assert_eq!(y.buf[..(t + 1) * 4], y2.buf[..(t + 1) * 4], "position {t} saw the future");
+            if t < 4 {
+                assert_ne!(y.buf[(t + 1) * 4..], y2.buf[(t + 1) * 4..]);
+            }
+        }
+    }
+
+    #[test]
+    fn padding_changes_neither_valid_outputs_nor_gradients() {
+        let be = CpuBackend::new(1);
+        let mut a = attention(false);
+        let ctx = ForwardCtx { train: true, seq_lens: vec![2], ..Default::default() };
+        let x = input(3 * 4);
+        let mut x_other = x.clone();
+        x_other[8..].iter_mut().for_each(|v| *v = -*v * 3.0); // a different pad token
+        let run = |a: &mut MultiHeadAttention<CpuBackend>, x: &[f32]| {
+            let y = a.forward(&be, Tensor::from_slice(&be, &[1, 3, 4], x), &ctx).unwrap();
+            for p in a.params_mut() {
+                p.grad.fill(0.0);
+            }
+            // The loss sees valid positions only: dy is zero at the padded position.
+            let mut dy = vec![1.0; 12];
+            dy[8..].fill(0.0);
+            let dx = a.backward(&be, Tensor::from_slice(&be, &[1, 3, 4], &dy)).unwrap();
+            let grads: Vec<Vec<f32>> = a.params().iter().map(|p| p.grad.clone()).collect();
+            (y.buf, dx.buf, grads)
+        };
+        let (y1, dx1, g1) = run(&mut a, &x);
+        let (y2, dx2, g2) = run(&mut a, &x_other);
+        assert_eq!(y1[..8], y2[..8], "valid outputs depend on padding");
+        assert_eq!(dx1[..8], dx2[..8], "valid input gradients depend on padding");
+        assert!(dx1[8..].iter().all(|&v| v == 0.0), "padded positions got a gradient: {:?}", &dx1[8..]);
+        assert_eq!(g1, g2, "parameter gradients depend on padding");
+    }
+
     #[test]
     fn dropout_gradient_and_scaling() {
         let be = CpuBackend::new(1);
-        let ctx = ForwardCtx { train: true, seed: 3, step: 5, example_ids: vec![10, 11, 12, 13] };
+        let ctx = ForwardCtx { train: true, seed: 3, step: 5, example_ids: vec![10, 11, 12, 13], ..Default::default() };
         check_layer(&be, &mut Dropout::new("drop", 0.3, 0), &[4, 6], &input(24), &ctx);
 
         // Inverted scaling: kept units are x/(1−p), dropped are 0, the mean is preserved.
@@ -262,7 +330,11 @@ mod tests {
         let ids: Vec<u64> = (0..rows as u64).collect();
         let x = Tensor::from_slice(&be, &[rows, 50], &vec![1.0; rows * 50]);
         let y = drop
-            .forward(&be, x.duplicate(&be), &ForwardCtx { train: true, seed: 1, step: 0, example_ids: ids })
+            .forward(
+                &be,
+                x.duplicate(&be),
+                &ForwardCtx { train: true, seed: 1, step: 0, example_ids: ids, ..Default::default() },
+            )
             .unwrap();
         assert!(y.buf.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
         let kept = y.buf.iter().filter(|&&v| v > 0.0).count() as f64 / y.buf.len() as f64;
@@ -277,14 +349,20 @@ mod tests {
             .forward(
                 &be,
                 x.duplicate(&be),
-                &ForwardCtx { train: true, seed: 1, step: 0, example_ids: (0..2000).collect() },
+                &ForwardCtx { train: true, seed: 1, step: 0, example_ids: (0..2000).collect(), ..Default::default() },
             )
             .unwrap();
         let b = drop
             .forward(
                 &be,
                 x.duplicate(&be),
-                &ForwardCtx { train: true, seed: 1, step: 0, example_ids: (0..2000).rev().collect() },
+                &ForwardCtx {
+                    train: true,
+                    seed: 1,
+                    step: 0,
+                    example_ids: (0..2000).rev().collect(),
+                    ..Default::default()
+                },
             )
             .unwrap();
         assert_eq!(a.buf[..50], b.buf[1999 * 50..]);

@@ -92,6 +92,7 @@ impl<B: Backend> Trainer<B> {
                 seed: self.spec.seed,
                 step: self.global_step,
                 example_ids: local.iter().map(|&i| i as u64).collect(),
+                ..Default::default()
             };
             let input = self.input(local.len(), &x); // (B, F) or (B, H, W, C)
             let logits = self.model.forward(be, input, &ctx)?; // (B, classes)
@@ -123,7 +124,7 @@ impl<B: Backend> Trainer<B> {
     /// Mean loss and accuracy over `data` in eval mode (no dropout, no caches).
     pub fn evaluate(&mut self, data: &Dataset) -> Result<(f64, f64)> {
         let be = &self.be;
-        let ctx = ForwardCtx { train: false, seed: self.spec.seed, step: self.global_step, example_ids: Vec::new() };
+        let ctx = ForwardCtx { train: false, seed: self.spec.seed, step: self.global_step, ..Default::default() };
         let (mut loss, mut correct) = (0.0, 0usize);
         let indices: Vec<u32> = (0..data.len() as u32).collect();
         for chunk in indices.chunks(1000) {

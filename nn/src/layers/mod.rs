@@ -3,6 +3,7 @@
 //! returns dL/dx.
 
 mod activation;
+mod attention;
 mod conv;
 mod dropout;
 mod embedding;
@@ -11,6 +12,7 @@ mod norm;
 mod pool;
 
 pub use activation::Act;
+pub use attention::MultiHeadAttention;
 pub use conv::Conv2d;
 pub use dropout::Dropout;
 pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
@@ -61,6 +63,9 @@ pub struct ForwardCtx {
     /// Global dataset index of each row, so per-example randomness (dropout, augmentation)
     /// is keyed by the example, never by the rank that processes it (T40).
     pub example_ids: Vec<u64>,
+    /// Valid length of each sequence of the batch (T29); positions at or after it are
+    /// padding that attention never attends to. Empty: every sequence is full length.
+    pub seq_lens: Vec<usize>,
 }
 
 pub trait Layer<B: Backend>: Send {
