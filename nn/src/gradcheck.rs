@@ -111,8 +111,8 @@ pub fn check_layer_with<B: Backend>(
 mod tests {
     use super::*;
     use crate::layers::{
-        sinusoid_table, Act, BatchNorm, Conv2d, Dropout, Embedding, Flatten, LayerNorm, Linear, MultiHeadAttention,
-        Pool2d, PoolKind, PositionalEncoding,
+        sinusoid_table, Act, AttentionShape, BatchNorm, Conv2d, Dropout, Embedding, Flatten, LayerNorm, Linear,
+        MultiHeadAttention, Pool2d, PoolKind, PositionalEncoding,
     };
     use lockstep_kernels::{Activation, CpuBackend, Window};
 
@@ -257,7 +257,8 @@ mod tests {
         let be = CpuBackend::new(1);
         let w_qkv: Vec<f32> = (0..12 * 4).map(|i| ((i as f32) * 0.37).sin() * 0.6).collect();
         let w_out: Vec<f32> = (0..4 * 4).map(|i| ((i as f32) * 0.53).cos() * 0.6).collect();
-        let mut a = MultiHeadAttention::new(&be, "attn", 4, 2, causal, 8, &w_qkv, &w_out);
+        let shape = AttentionShape { dim: 4, heads: 2, causal, max_len: 8 };
+        let mut a = MultiHeadAttention::new(&be, "attn", shape, &w_qkv, &w_out);
         a.qkv.bias.value = (0..12).map(|i| i as f32 * 0.05).collect();
         a
     }

@@ -18,22 +18,30 @@ pub struct MultiHeadAttention<B: Backend> {
     pub max_len: usize,
     pub qkv: Linear<B>, // D -> 3D
     pub out: Linear<B>, // D -> D
+    cache: Option<AttentionCache<B>>,
+}
+
+/// What backward needs from a training forward.
+struct AttentionCache<B: Backend> {
+    n: usize,
+    t: usize,
     /// Per (example, head): Q, K, V (T, d_k) and the attention probabilities P (T, T).
-    cache: Option<(usize, usize, Vec<[B::Buf; 4]>)>,
+    heads: Vec<[B::Buf; 4]>,
+}
+
+/// Model width, number of heads, causal masking and the longest sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub dim: usize,
+    pub heads: usize,
+    pub causal: bool,
+    pub max_len: usize,
 }
 
 impl<B: Backend> MultiHeadAttention<B> {
     /// `w_qkv` is (3D, D), `w_out` (D, D), both row-major as in `Linear`.
-    pub fn new(
-        be: &B,
-        name: &str,
-        dim: usize,
-        heads: usize,
-        causal: bool,
-        max_len: usize,
-        w_qkv: &[f32],
-        w_out: &[f32],
-    ) -> Self {
+    pub fn new(be: &B, name: &str, shape: AttentionShape, w_qkv: &[f32], w_out: &[f32]) -> Self {
+        let AttentionShape { dim, heads, causal, max_len } = shape;
         Self {
             name: name.to_string(),
             dim,
@@ -118,13 +126,13 @@ impl<B: Backend> Layer<B> for MultiHeadAttention<B> {
             be.copy_range(&o_ex, 0, &mut o.buf, ex * t * d, t * d);
         }
         if ctx.train {
-            self.cache = Some((n, t, cache));
+            self.cache = Some(AttentionCache { n, t, heads: cache });
         }
         self.out.forward(be, o, ctx)
     }
 
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
-        let (n, t, heads) = cached(&mut self.cache, &self.name)?;
+        let AttentionCache { n, t, heads } = cached(&mut self.cache, &self.name)?;
         let d = self.dim;
         let dk = d / self.heads;
         let scale = 1.0 / (dk as f32).sqrt();

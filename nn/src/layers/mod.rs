@@ -12,7 +12,7 @@ mod norm;
 mod pool;
 
 pub use activation::Act;
-pub use attention::MultiHeadAttention;
+pub use attention::{AttentionShape, MultiHeadAttention};
 pub use conv::Conv2d;
 pub use dropout::Dropout;
 pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
