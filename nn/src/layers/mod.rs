@@ -10,6 +10,7 @@ mod embedding;
 mod linear;
 mod norm;
 mod pool;
+mod transformer;
 
 pub use activation::Act;
 pub use attention::{AttentionShape, MultiHeadAttention};
@@ -19,6 +20,7 @@ pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
 pub use linear::Linear;
 pub use norm::{BatchNorm, LayerNorm};
 pub use pool::{Flatten, Pool2d, PoolKind};
+pub use transformer::{BlockWeights, NormOrder, TransformerBlock};
 
 use crate::{Result, Tensor};
 use lockstep_kernels::Backend;
