@@ -345,7 +345,7 @@ impl Backend for CpuBackend {
     fn col2im(&self, dcols: &Vec<f32>, win: &Window, n: usize, c0: usize, cg: usize, dx: &mut Vec<f32>) {
         let per_image_cols = win.out_h() * win.out_w() * win.kh * win.kw * cg;
         let per_image_in = win.h * win.w * win.c;
-        let _ = n;
+        debug_assert_eq!(dx.len(), n * per_image_in, "col2im: dx does not hold n images");
         dx.par_chunks_mut(per_image_in.max(1))
             .zip(dcols.par_chunks(per_image_cols.max(1)))
             .for_each(|(img, cols)| window::col2im(cols, win, 1, c0, cg, img));

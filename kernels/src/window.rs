@@ -86,9 +86,9 @@ pub fn col2im(dcols: &[f32], win: &Window, n: usize, c0: usize, cg: usize, dx: &
     }
 }
 
-/// y (N, OH, OW, C) = max over each window of x; `argmax` holds the flat index into x of
-/// each maximum (padding never wins: windows start inside the image).
-pub fn max_pool_forward(x: &[f32], win: &Window, n: usize, y: &mut [f32], argmax: &mut [u32]) {
+/// Calls `f(output index, input indices of its window)` for every pooling output of
+/// `n` NHWC images, in output order. Taps that fall in the padding are skipped.
+fn for_each_window(win: &Window, n: usize, mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>)) {
     let (oh_n, ow_n, c) = (win.out_h(), win.out_w(), win.c);
     let mut o = 0;
     for img in 0..n {
@@ -96,25 +96,32 @@ pub fn max_pool_forward(x: &[f32], win: &Window, n: usize, y: &mut [f32], argmax
         for oh in 0..oh_n {
             for ow in 0..ow_n {
                 for ch in 0..c {
-                    let (mut best, mut best_i) = (f32::NEG_INFINITY, u32::MAX);
-                    for i in 0..win.kh {
-                        for j in 0..win.kw {
-                            if let Some((ih, iw)) = win.tap(oh, ow, i, j) {
-                                let idx = base + (ih * win.w + iw) * c + ch;
-                                if x[idx] > best || best_i == u32::MAX {
-                                    best = x[idx];
-                                    best_i = idx as u32;
-                                }
-                            }
-                        }
-                    }
-                    y[o] = best;
-                    argmax[o] = best_i;
+                    let mut taps = (0..win.kh)
+                        .flat_map(|i| (0..win.kw).map(move |j| (i, j)))
+                        .filter_map(|(i, j)| win.tap(oh, ow, i, j))
+                        .map(|(ih, iw)| base + (ih * win.w + iw) * c + ch);
+                    f(o, &mut taps);
                     o += 1;
                 }
             }
         }
     }
+}
+
+/// y (N, OH, OW, C) = max over each window of x; `argmax` holds the flat index into x of
+/// each maximum (padding never wins: windows start inside the image).
+pub fn max_pool_forward(x: &[f32], win: &Window, n: usize, y: &mut [f32], argmax: &mut [u32]) {
+    for_each_window(win, n, |o, taps| {
+        let (mut best, mut best_i) = (f32::NEG_INFINITY, u32::MAX);
+        for idx in taps {
+            if x[idx] > best || best_i == u32::MAX {
+                best = x[idx];
+                best_i = idx as u32;
+            }
+        }
+        y[o] = best;
+        argmax[o] = best_i;
+    });
 }
 
 /// dx[argmax[o]] += dy[o]: the gradient goes to the element that won (T7).
@@ -128,52 +135,14 @@ pub fn max_pool_backward(dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
 
 /// y = mean over each KH·KW window (zero padding counts toward the mean).
 pub fn avg_pool_forward(x: &[f32], win: &Window, n: usize, y: &mut [f32]) {
-    let (oh_n, ow_n, c) = (win.out_h(), win.out_w(), win.c);
     let inv = 1.0 / (win.kh * win.kw) as f32;
-    let mut o = 0;
-    for img in 0..n {
-        let base = img * win.h * win.w * c;
-        for oh in 0..oh_n {
-            for ow in 0..ow_n {
-                for ch in 0..c {
-                    let mut s = 0.0;
-                    for i in 0..win.kh {
-                        for j in 0..win.kw {
-                            if let Some((ih, iw)) = win.tap(oh, ow, i, j) {
-                                s += x[base + (ih * win.w + iw) * c + ch];
-                            }
-                        }
-                    }
-                    y[o] = s * inv;
-                    o += 1;
-                }
-            }
-        }
-    }
+    for_each_window(win, n, |o, taps| y[o] = taps.map(|i| x[i]).sum::<f32>() * inv);
 }
 
 /// dx += dy/(KH·KW) spread over each window.
 pub fn avg_pool_backward(dy: &[f32], win: &Window, n: usize, dx: &mut [f32]) {
-    let (oh_n, ow_n, c) = (win.out_h(), win.out_w(), win.c);
     let inv = 1.0 / (win.kh * win.kw) as f32;
-    let mut o = 0;
-    for img in 0..n {
-        let base = img * win.h * win.w * c;
-        for oh in 0..oh_n {
-            for ow in 0..ow_n {
-                for ch in 0..c {
-                    for i in 0..win.kh {
-                        for j in 0..win.kw {
-                            if let Some((ih, iw)) = win.tap(oh, ow, i, j) {
-                                dx[base + (ih * win.w + iw) * c + ch] += dy[o] * inv;
-                            }
-                        }
-                    }
-                    o += 1;
-                }
-            }
-        }
-    }
+    for_each_window(win, n, |o, taps| taps.for_each(|i| dx[i] += dy[o] * inv));
 }
 
 /// dst[r, d0..d0+k] (+)= src[r, s0..s0+k] for every row r: moves a block of columns
