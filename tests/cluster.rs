@@ -202,3 +202,34 @@ fn garbage_and_oversized_frames_close_only_that_connection() {
     let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
     assert!(log.contains("exceeds the") && log.contains("bad first frame"), "{log}");
 }
+
+#[test]
+fn daemon_without_once_outlives_the_run() {
+    let dir = temp_dir("daemon");
+    let token = dir.join("token");
+    std::fs::write(&token, "t").unwrap();
+    let (coord, join) = start_coordinator(&dir, &token);
+    let log = dir.join("daemon.log");
+    let mut daemon = bin()
+        .args(["worker", "--join", &join, "--token-file"])
+        .arg(&token)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_ok(coord, "coordinator", &dir);
+    // The run is over and the coordinator gone; the daemon waits for the next job.
+    let mut waiting = false;
+    for _ in 0..50 {
+        if std::fs::read_to_string(&log).unwrap_or_default().contains("waiting for the next job") {
+            waiting = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let alive = daemon.try_wait().unwrap().is_none();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(waiting && alive, "daemon should outlive the run (alive: {alive}):\n{text}");
+}

@@ -126,8 +126,9 @@ impl Node<'_> {
             tracing::info!(coordinator = %coord_addr, data = %data_addr, "joined");
             let finished = self.serve(&session);
             match finished {
-                Ok(true) => return Ok(()),
-                Ok(false) if opts.once => return Ok(()),
+                Ok(_) if opts.once => return Ok(()),
+                // A daemon outlives runs: back to joining, for the next job.
+                Ok(true) => tracing::info!("run finished; waiting for the next job"),
                 Ok(false) => tracing::info!("coordinator went away; re-joining"),
                 Err(e) if opts.once => return Err(e),
                 Err(e) => tracing::warn!("task failed: {e}; re-joining"),
@@ -194,7 +195,8 @@ impl Node<'_> {
         Ok(Session { outbox, inbox: std::sync::Mutex::new(inbox) })
     }
 
-    /// Runs assigned tasks until Shutdown (Ok(true)) or the connection ends (Ok(false)).
+    /// Runs assigned tasks until the coordinator ends the run (Ok(true)) or the connection
+    /// ends (Ok(false)).
     fn serve(&self, session: &Session) -> Result<bool> {
         let opts = self.opts;
         loop {
