@@ -3,6 +3,7 @@
 pub mod idx;
 pub mod normalize;
 pub mod sampler;
+pub mod text;
 
 pub use idx::{load_idx_split, read_idx, IdxArray};
 pub use normalize::{Normalization, Normalizer};

@@ -1,0 +1,177 @@
+//! Text for character-level language models (T30): optional normalisation steps, a
+//! character tokenizer whose vocabulary is saved with the model, and the train/validation
+//! split by position.
+
+use crate::{NnError, Result};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// Optional preprocessing applied before tokenising.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TextNormalization {
+    /// Full-width ASCII forms (U+FF01..U+FF5E) and the ideographic space (U+3000) to their
+    /// half-width equivalents.
+    pub half_width: bool,
+    pub lowercase: bool,
+}
+
+impl TextNormalization {
+    pub fn apply(&self, text: &str) -> String {
+        text.chars()
+            .map(|c| {
+                let c = if self.half_width { to_half_width(c) } else { c };
+                if self.lowercase {
+                    c.to_lowercase().next().unwrap_or(c)
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
+}
+
+fn to_half_width(c: char) -> char {
+    match c as u32 {
+        0x3000 => ' ',
+        cp @ 0xFF01..=0xFF5E => char::from_u32(cp - 0xFF01 + 0x21).unwrap_or(c),
+        _ => c,
+    }
+}
+
+/// One token per distinct character, ids in sorted character order (so the same text
+/// always gives the same vocabulary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CharTokenizer {
+    pub chars: Vec<char>,
+}
+
+impl CharTokenizer {
+    pub fn fit(text: &str) -> Self {
+        Self { chars: text.chars().collect::<BTreeSet<_>>().into_iter().collect() }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.chars.len()
+    }
+
+    /// Token ids of `text`; a character outside the vocabulary is an error naming it and
+    /// its position.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        text.chars()
+            .enumerate()
+            .map(|(i, c)| {
+                self.chars
+                    .binary_search(&c)
+                    .map(|id| id as u32)
+                    .map_err(|_| NnError::Invalid(format!("character {c:?} at position {i} is not in the vocabulary")))
+            })
+            .collect()
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> String {
+        ids.iter().map(|&i| self.chars.get(i as usize).copied().unwrap_or('\u{FFFD}')).collect()
+    }
+
+    /// The vocabulary as text, one character per line, escaped, so it is saved beside a
+    /// checkpoint and read back exactly.
+    pub fn to_vocab_file(&self) -> String {
+        self.chars.iter().map(|c| format!("{}\n", c.escape_default())).collect()
+    }
+
+    pub fn from_vocab_file(text: &str, path: &Path) -> Result<Self> {
+        let mut chars = Vec::new();
+        for (line_no, line) in text.lines().enumerate() {
+            let c = unescape(line).ok_or_else(|| NnError::Data {
+                path: path.to_path_buf(),
+                offset: text.lines().take(line_no).map(|l| l.len() as u64 + 1).sum(),
+                message: format!("line {}: {line:?} is not one escaped character", line_no + 1),
+            })?;
+            chars.push(c);
+        }
+        if chars.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(NnError::Data {
+                path: path.to_path_buf(),
+                offset: 0,
+                message: "vocabulary is not sorted and unique".into(),
+            });
+        }
+        Ok(Self { chars })
+    }
+}
+
+/// The inverse of `char::escape_default` for one character.
+fn unescape(s: &str) -> Option<char> {
+    let mut it = s.chars();
+    let first = it.next()?;
+    if first != '\\' {
+        return (it.next().is_none()).then_some(first);
+    }
+    let c = match it.next()? {
+        'n' => '\n',
+        't' => '\t',
+        'r' => '\r',
+        '\\' => '\\',
+        '\'' => '\'',
+        '"' => '"',
+        'u' => {
+            let hex: String = it.by_ref().collect();
+            let hex = hex.strip_prefix('{')?.strip_suffix('}')?;
+            return char::from_u32(u32::from_str_radix(hex, 16).ok()?);
+        }
+        _ => return None,
+    };
+    it.next().is_none().then_some(c)
+}
+
+/// The first `train_fraction` of the tokens for training, the rest for validation.
+pub fn split_tokens(tokens: &[u32], train_fraction: f64) -> (&[u32], &[u32]) {
+    let cut = ((tokens.len() as f64) * train_fraction).round() as usize;
+    tokens.split_at(cut.min(tokens.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_unknown_characters() {
+        let tok = CharTokenizer::fit("hello world");
+        assert_eq!(tok.chars, vec![' ', 'd', 'e', 'h', 'l', 'o', 'r', 'w']);
+        let ids = tok.encode("hold").unwrap();
+        assert_eq!(ids, vec![3, 5, 4, 1]);
+        assert_eq!(tok.decode(&ids), "hold");
+        assert!(tok.encode("help!").unwrap_err().to_string().contains("'p' at position 3"));
+    }
+
+    #[test]
+    fn vocab_file_round_trips_every_character() {
+        let tok = CharTokenizer::fit("a\nb\t\\c'\"é漢\u{1F600} ");
+        let path = Path::new("vocab.txt");
+        assert_eq!(CharTokenizer::from_vocab_file(&tok.to_vocab_file(), path).unwrap(), tok);
+        let err = CharTokenizer::from_vocab_file("a\nbc\n", path).unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("byte offset 2"), "{err}");
+    }
+
+    #[test]
+    fn normalisation_steps() {
+        let n = TextNormalization { half_width: true, lowercase: false };
+        assert_eq!(n.apply("ＡＢＣ！　１２３ｚ"), "ABC! 123z");
+        let n = TextNormalization { half_width: true, lowercase: true };
+        assert_eq!(n.apply("ＲＯＭＥＯ: Hi"), "romeo: hi");
+        assert_eq!(TextNormalization::default().apply("ＡB"), "ＡB");
+    }
+
+    #[test]
+    fn shakespeare_vocabulary_and_split() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/tinyshakespeare/input.txt");
+        let text = std::fs::read_to_string(&path).expect("data/tinyshakespeare/input.txt");
+        let tok = CharTokenizer::fit(&text);
+        assert_eq!(tok.vocab_size(), 65); // as published
+        let ids = tok.encode(&text).unwrap();
+        assert_eq!(ids.len(), 1_115_394);
+        assert_eq!(tok.decode(&ids[..14]), "First Citizen:");
+        let (train, val) = split_tokens(&ids, 0.9);
+        assert_eq!(train.len(), 1_003_855);
+        assert_eq!(train.len() + val.len(), ids.len());
+    }
+}
