@@ -30,97 +30,71 @@ impl Window {
     }
 }
 
-/// cols (N·OH·OW, KH·KW·cg) ← patches of channels [c0, c0+cg) of x (N, H, W, C).
-/// Column order within a row is (kh, kw, c), matching a weight stored (OC, KH, KW, cg).
-pub fn im2col(x: &[f32], win: &Window, n: usize, c0: usize, cg: usize, cols: &mut [f32]) {
+/// The one traversal every sliding-window op is built on: for each output position
+/// `row` of `n` NHWC images (in output order) and each kernel tap `tap` (in (kh, kw)
+/// order), calls `f(row, tap, Some(offset of that input pixel's channel 0))`, or
+/// `f(row, tap, None)` where the tap falls in the zero padding.
+fn for_each_patch(win: &Window, n: usize, mut f: impl FnMut(usize, usize, Option<usize>)) {
     let (oh_n, ow_n) = (win.out_h(), win.out_w());
-    let row_len = win.kh * win.kw * cg;
     let mut row = 0;
     for img in 0..n {
         let base = img * win.h * win.w * win.c;
         for oh in 0..oh_n {
             for ow in 0..ow_n {
-                let out = &mut cols[row * row_len..(row + 1) * row_len];
                 for i in 0..win.kh {
                     for j in 0..win.kw {
-                        let dst = &mut out[(i * win.kw + j) * cg..(i * win.kw + j + 1) * cg];
-                        match win.tap(oh, ow, i, j) {
-                            Some((ih, iw)) => {
-                                let src = base + (ih * win.w + iw) * win.c + c0;
-                                dst.copy_from_slice(&x[src..src + cg]);
-                            }
-                            None => dst.fill(0.0),
-                        }
+                        let pixel = win.tap(oh, ow, i, j).map(|(ih, iw)| base + (ih * win.w + iw) * win.c);
+                        f(row, i * win.kw + j, pixel);
                     }
                 }
                 row += 1;
             }
         }
     }
+}
+
+/// cols (N·OH·OW, KH·KW·cg) ← patches of channels [c0, c0+cg) of x (N, H, W, C).
+/// Column order within a row is (kh, kw, c), matching a weight stored (OC, KH, KW, cg).
+pub fn im2col(x: &[f32], win: &Window, n: usize, c0: usize, cg: usize, cols: &mut [f32]) {
+    let row_len = win.kh * win.kw * cg;
+    for_each_patch(win, n, |row, tap, pixel| {
+        let dst = &mut cols[row * row_len + tap * cg..row * row_len + (tap + 1) * cg];
+        match pixel {
+            Some(p) => dst.copy_from_slice(&x[p + c0..p + c0 + cg]),
+            None => dst.fill(0.0),
+        }
+    });
 }
 
 /// dx channels [c0, c0+cg) += the patches of dcols scattered back (the adjoint of im2col).
 pub fn col2im(dcols: &[f32], win: &Window, n: usize, c0: usize, cg: usize, dx: &mut [f32]) {
-    let (oh_n, ow_n) = (win.out_h(), win.out_w());
     let row_len = win.kh * win.kw * cg;
-    let mut row = 0;
-    for img in 0..n {
-        let base = img * win.h * win.w * win.c;
-        for oh in 0..oh_n {
-            for ow in 0..ow_n {
-                let src_row = &dcols[row * row_len..(row + 1) * row_len];
-                for i in 0..win.kh {
-                    for j in 0..win.kw {
-                        if let Some((ih, iw)) = win.tap(oh, ow, i, j) {
-                            let dst = base + (ih * win.w + iw) * win.c + c0;
-                            let src = &src_row[(i * win.kw + j) * cg..(i * win.kw + j + 1) * cg];
-                            for (d, s) in dx[dst..dst + cg].iter_mut().zip(src) {
-                                *d += s;
-                            }
-                        }
-                    }
-                }
-                row += 1;
-            }
+    for_each_patch(win, n, |row, tap, pixel| {
+        if let Some(p) = pixel {
+            let src = &dcols[row * row_len + tap * cg..row * row_len + (tap + 1) * cg];
+            dx[p + c0..p + c0 + cg].iter_mut().zip(src).for_each(|(d, s)| *d += s);
         }
-    }
-}
-
-/// Calls `f(output index, input indices of its window)` for every pooling output of
-/// `n` NHWC images, in output order. Taps that fall in the padding are skipped.
-fn for_each_window(win: &Window, n: usize, mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>)) {
-    let (oh_n, ow_n, c) = (win.out_h(), win.out_w(), win.c);
-    let mut o = 0;
-    for img in 0..n {
-        let base = img * win.h * win.w * c;
-        for oh in 0..oh_n {
-            for ow in 0..ow_n {
-                for ch in 0..c {
-                    let mut taps = (0..win.kh)
-                        .flat_map(|i| (0..win.kw).map(move |j| (i, j)))
-                        .filter_map(|(i, j)| win.tap(oh, ow, i, j))
-                        .map(|(ih, iw)| base + (ih * win.w + iw) * c + ch);
-                    f(o, &mut taps);
-                    o += 1;
-                }
-            }
-        }
-    }
+    });
 }
 
 /// y (N, OH, OW, C) = max over each window of x; `argmax` holds the flat index into x of
 /// each maximum (padding never wins: windows start inside the image).
 pub fn max_pool_forward(x: &[f32], win: &Window, n: usize, y: &mut [f32], argmax: &mut [u32]) {
-    for_each_window(win, n, |o, taps| {
-        let (mut best, mut best_i) = (f32::NEG_INFINITY, u32::MAX);
-        for idx in taps {
-            if x[idx] > best || best_i == u32::MAX {
-                best = x[idx];
-                best_i = idx as u32;
+    let c = win.c;
+    for_each_patch(win, n, |row, tap, pixel| {
+        let (y, argmax) = (&mut y[row * c..(row + 1) * c], &mut argmax[row * c..(row + 1) * c]);
+        if tap == 0 {
+            y.fill(f32::NEG_INFINITY);
+            argmax.fill(u32::MAX);
+        }
+        if let Some(p) = pixel {
+            for ch in 0..c {
+                if x[p + ch] > y[ch] || argmax[ch] == u32::MAX {
+                    y[ch] = x[p + ch];
+                    argmax[ch] = (p + ch) as u32;
+                }
             }
         }
-        y[o] = best;
-        argmax[o] = best_i;
     });
 }
 
@@ -135,14 +109,29 @@ pub fn max_pool_backward(dy: &[f32], argmax: &[u32], dx: &mut [f32]) {
 
 /// y = mean over each KH·KW window (zero padding counts toward the mean).
 pub fn avg_pool_forward(x: &[f32], win: &Window, n: usize, y: &mut [f32]) {
-    let inv = 1.0 / (win.kh * win.kw) as f32;
-    for_each_window(win, n, |o, taps| y[o] = taps.map(|i| x[i]).sum::<f32>() * inv);
+    let (c, taps) = (win.c, win.kh * win.kw);
+    for_each_patch(win, n, |row, tap, pixel| {
+        let y = &mut y[row * c..(row + 1) * c];
+        if tap == 0 {
+            y.fill(0.0);
+        }
+        if let Some(p) = pixel {
+            y.iter_mut().zip(&x[p..p + c]).for_each(|(y, x)| *y += x);
+        }
+        if tap + 1 == taps {
+            y.iter_mut().for_each(|y| *y /= taps as f32);
+        }
+    });
 }
 
 /// dx += dy/(KH·KW) spread over each window.
 pub fn avg_pool_backward(dy: &[f32], win: &Window, n: usize, dx: &mut [f32]) {
-    let inv = 1.0 / (win.kh * win.kw) as f32;
-    for_each_window(win, n, |o, taps| taps.for_each(|i| dx[i] += dy[o] * inv));
+    let (c, inv) = (win.c, 1.0 / (win.kh * win.kw) as f32);
+    for_each_patch(win, n, |row, _, pixel| {
+        if let Some(p) = pixel {
+            dx[p..p + c].iter_mut().zip(&dy[row * c..(row + 1) * c]).for_each(|(d, g)| *d += g * inv);
+        }
+    });
 }
 
 /// dst[r, d0..d0+k] (+)= src[r, s0..s0+k] for every row r: moves a block of columns
