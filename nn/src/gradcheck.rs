@@ -53,24 +53,13 @@ pub fn check_input_gradient<B: Backend>(
 
 /// Checks a layer's dL/dx and every parameter gradient against central differences.
 pub fn check_layer<B: Backend>(be: &B, layer: &mut dyn Layer<B>, shape: &[usize], x: &[f32], ctx: &ForwardCtx) {
-    check_layer_with(be, layer, shape, x, ctx, true);
+    check_layer_step(be, layer, shape, x, ctx, true, H);
 }
 
-/// As `check_layer`; `check_input = false` checks parameter gradients only (for inputs
-/// that are not differentiable, such as token ids).
-pub fn check_layer_with<B: Backend>(
-    be: &B,
-    layer: &mut dyn Layer<B>,
-    shape: &[usize],
-    x: &[f32],
-    ctx: &ForwardCtx,
-    check_input: bool,
-) {
-    check_layer_step(be, layer, shape, x, ctx, check_input, H);
-}
-
-/// As `check_layer_with` with step `h`. Deep stacks of smooth layers (no kinks within
-/// ±2h) use a larger h: the f32 rounding noise of the numeric estimate falls as 1/h.
+/// As `check_layer`, with step `h`; `check_input = false` checks parameter gradients only
+/// (for inputs that are not differentiable, such as token ids). Deep stacks of smooth
+/// layers (no kinks within ±2h) use a larger h: the f32 rounding noise of the numeric
+/// estimate falls as 1/h.
 pub fn check_layer_step<B: Backend>(
     be: &B,
     layer: &mut dyn Layer<B>,
@@ -250,7 +239,7 @@ mod tests {
         let table: Vec<f32> = (0..5 * 3).map(|i| (i as f32 * 0.3).sin()).collect();
         let mut emb = Embedding::new(&be, "emb", 5, 3, &table);
         // Repeated ids: their gradients must add up in the same row.
-        check_layer_with(&be, &mut emb, &[2, 3], &[0., 4., 4., 1., 0., 4.], &ctx, false);
+        check_layer_step(&be, &mut emb, &[2, 3], &[0., 4., 4., 1., 0., 4.], &ctx, false, H);
         let y = emb.forward(&be, Tensor::from_slice(&be, &[1, 2], &[2., 0.]), &ForwardCtx::default()).unwrap();
         assert_eq!(y.shape, vec![1, 2, 3]);
         assert_eq!(y.buf, [&table[6..9], &table[0..3]].concat());
