@@ -1,7 +1,7 @@
 //! The CPU backend: GEMM through the `gemm` crate, everything else as plain loops.
 //! This is the reference implementation; keep it obvious.
 
-use crate::{norm, window, Activation, Backend, UpdateRule, Window};
+use crate::{attention, norm, window, Activation, AttentionDims, Backend, UpdateRule, Window, IGNORE_TARGET};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -291,6 +291,10 @@ impl Backend for CpuBackend {
             .zip(dlogits[..rows * classes].chunks_exact_mut(classes))
             .enumerate()
         {
+            if targets[i] == IGNORE_TARGET {
+                drow.fill(0.0); // padding: no loss, no gradient
+                continue;
+            }
             let t = targets[i] as usize;
             let w = class_weights.map_or(1.0, |cw| cw[t]);
             let (argmax, max) =
@@ -468,6 +472,44 @@ impl Backend for CpuBackend {
     fn softmax_backward(&self, p: &Vec<f32>, dp: &Vec<f32>, ds: &mut Vec<f32>, rows: usize, cols: usize) {
         ds.resize(rows * cols, 0.0);
         softmax_backward_rows(p, dp, ds, rows, cols);
+    }
+
+    // One example per task: examples never share output elements.
+    fn attention_forward(
+        &self,
+        qkv: &Vec<f32>,
+        out: &mut Vec<f32>,
+        probs: &mut Vec<f32>,
+        dims: &AttentionDims,
+        lens: &[usize],
+    ) {
+        let (nq, no, np) = dims.per_example();
+        out.resize(lens.len() * no, 0.0);
+        probs.resize(lens.len() * np, 0.0);
+        out.par_chunks_mut(no)
+            .zip(probs.par_chunks_mut(np))
+            .zip(qkv.par_chunks(nq))
+            .zip(lens.par_iter())
+            .for_each(|(((o, p), q), &len)| attention::attention_forward(q, o, p, dims, len));
+    }
+
+    fn attention_backward(
+        &self,
+        qkv: &Vec<f32>,
+        probs: &Vec<f32>,
+        dout: &Vec<f32>,
+        dqkv: &mut Vec<f32>,
+        dims: &AttentionDims,
+        lens: &[usize],
+    ) {
+        let (nq, no, np) = dims.per_example();
+        dqkv.resize(lens.len() * nq, 0.0);
+        dqkv.par_chunks_mut(nq)
+            .zip(qkv.par_chunks(nq))
+            .zip(probs.par_chunks(np))
+            .zip(dout.par_chunks(no))
+            .zip(lens.par_iter())
+            .for_each(|((((dq, q), p), d_o), &len)| attention::attention_backward(q, p, d_o, dq, dims, len));
     }
 
     fn embedding_forward(&self, table: &Vec<f32>, ids: &[u32], dim: usize, out: &mut Vec<f32>) {

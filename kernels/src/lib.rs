@@ -4,13 +4,19 @@
 //! Buffers are flat `f32` arrays; shapes live one level up, in `lockstep-nn`'s `Tensor`.
 //! Matrices are row-major. Every op documents the shapes it expects in `// (rows, cols)`.
 
+pub mod attention;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod norm;
 pub mod window;
 
+pub use attention::AttentionDims;
 pub use cpu::CpuBackend;
+
+/// A target with this value is padding (T29): it adds nothing to the loss, to the count of
+/// correct predictions or to any gradient.
+pub const IGNORE_TARGET: u32 = u32::MAX;
 pub use window::Window;
 
 /// Element-wise activation functions (T2). Parameters that are fixed live in the variant;
@@ -282,6 +288,47 @@ pub trait Backend: Send + Sync + 'static {
         let mut out = vec![0.0; rows * cols];
         cpu::softmax_backward_rows(&hp, &hdp, &mut out, rows, cols);
         *ds = self.upload(&out);
+    }
+
+    // ---- attention core (T15) ----
+
+    /// For each of the `n` examples: out (T, D) and probs (H, T, T) from qkv (T, 3D), see
+    /// [`attention::attention_forward`]. `lens[i]` is example i's valid length.
+    fn attention_forward(
+        &self,
+        qkv: &Self::Buf,
+        out: &mut Self::Buf,
+        probs: &mut Self::Buf,
+        dims: &AttentionDims,
+        lens: &[usize],
+    ) {
+        let (nq, no, np) = dims.per_example();
+        let hq = self.download(qkv);
+        let (mut ho, mut hp) = (vec![0.0; lens.len() * no], vec![0.0; lens.len() * np]);
+        for (i, &len) in lens.iter().enumerate() {
+            let (o, p) = (&mut ho[i * no..(i + 1) * no], &mut hp[i * np..(i + 1) * np]);
+            attention::attention_forward(&hq[i * nq..(i + 1) * nq], o, p, dims, len);
+        }
+        (*out, *probs) = (self.upload(&ho), self.upload(&hp));
+    }
+    /// dqkv (N, T, 3D) from dout (N, T, D) and the forward's qkv and probs.
+    fn attention_backward(
+        &self,
+        qkv: &Self::Buf,
+        probs: &Self::Buf,
+        dout: &Self::Buf,
+        dqkv: &mut Self::Buf,
+        dims: &AttentionDims,
+        lens: &[usize],
+    ) {
+        let (nq, no, np) = dims.per_example();
+        let (hq, hp, hdo) = (self.download(qkv), self.download(probs), self.download(dout));
+        let mut hdq = vec![0.0; lens.len() * nq];
+        for (i, &len) in lens.iter().enumerate() {
+            let (q, p, d_o) = (&hq[i * nq..(i + 1) * nq], &hp[i * np..(i + 1) * np], &hdo[i * no..(i + 1) * no]);
+            attention::attention_backward(q, p, d_o, &mut hdq[i * nq..(i + 1) * nq], dims, len);
+        }
+        *dqkv = self.upload(&hdq);
     }
 
     // ---- embedding (T13) ----

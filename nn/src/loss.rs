@@ -3,7 +3,7 @@
 //! after the all-reduce).
 
 use crate::{shape_err, Result, Tensor};
-use lockstep_kernels::Backend;
+use lockstep_kernels::{Backend, IGNORE_TARGET};
 
 /// Sum of the loss, number of correct argmax predictions (classification) and dL/d(output).
 #[derive(Debug)]
@@ -14,7 +14,8 @@ pub struct LossOutput<B: Backend> {
 }
 
 /// Fused, numerically stable softmax cross-entropy on logits (B, C) with optional per-class
-/// weights: loss_i = w[t_i]·(−log softmax(z_i)[t_i]).
+/// weights: loss_i = w[t_i]·(−log softmax(z_i)[t_i]). Rows whose target is `IGNORE_TARGET`
+/// (padding, T29) add no loss and get a zero gradient.
 pub fn softmax_cross_entropy<B: Backend>(
     be: &B,
     logits: &Tensor<B>,
@@ -26,7 +27,7 @@ pub fn softmax_cross_entropy<B: Backend>(
     if targets.len() != rows {
         return shape_err("softmax_cross_entropy", format!("{rows} rows, {} targets", targets.len()));
     }
-    if let Some(&t) = targets.iter().find(|&&t| t as usize >= classes) {
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= classes && t != IGNORE_TARGET) {
         return shape_err("softmax_cross_entropy", format!("target {t} >= {classes} classes"));
     }
     if class_weights.is_some_and(|w| w.len() != classes) {

@@ -139,6 +139,11 @@ extern "C" __global__ void softmax_cross_entropy(const float* logits, const unsi
     int row = blockIdx.x;
     const float* z = logits + (size_t)row * classes;
     float* d = dlogits + (size_t)row * classes;
+    if (targets[row] == 0xFFFFFFFFu) {  // IGNORE_TARGET: padding adds no loss and no gradient
+        for (int c = threadIdx.x; c < classes; c += blockDim.x) d[c] = 0.0f;
+        if (threadIdx.x == 0) { loss[row] = 0.0; correct[row] = 0; }
+        return;
+    }
     __shared__ float s_max[BLOCK];
     __shared__ int s_arg[BLOCK];
     __shared__ float s_sum[BLOCK];
