@@ -98,7 +98,7 @@ fn bench_mlp<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
     let batches: Vec<Vec<u32>> = (0..8).map(|b| ((b * batch) as u32..((b + 1) * batch) as u32).collect()).collect();
     let warmup = steps / 10 + 2;
     for b in batches.iter().take(warmup.min(8)) {
-        trainer.step(&data, b, batch, &mut NoReduce)?;
+        trainer.step(&data, b, &mut NoReduce)?;
     }
 
     // The GEMMs one step executes per Linear (in→out): y = x·Wᵀ, dW = dyᵀ·x, dx = dy·W.
@@ -110,7 +110,7 @@ fn bench_mlp<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
     for _ in 0..rounds {
         let t = Instant::now();
         for s in 0..steps / rounds {
-            trainer.step(&data, &batches[s % 8], batch, &mut NoReduce)?;
+            trainer.step(&data, &batches[s % 8], &mut NoReduce)?;
         }
         step_secs.push(t.elapsed().as_secs_f64() / (steps / rounds) as f64);
         gemm_secs.push(time_raw_gemms(&trainer.be, &widths, batch, steps / rounds));

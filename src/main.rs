@@ -8,11 +8,12 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use lockstep_coordinator::RunWriter;
 use lockstep_kernels::CpuBackend;
-use lockstep_nn::checkpoint::save_weights;
 use lockstep_proto::job::Device;
 use lockstep_proto::JobSpec;
 use lockstep_worker::daemon::{run_daemon, DaemonOptions};
+use lockstep_worker::model_file::save_model;
 use lockstep_worker::{run_training, NoReduce, RunEvent, RunOptions};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -113,6 +114,24 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         collective_timeout: u64,
     },
+    /// Generate text from a trained language model (its model.safetensors).
+    Sample {
+        /// The model file written by a run (runs/<name>/model.safetensors).
+        checkpoint: PathBuf,
+        #[arg(long, default_value = "\n")]
+        prompt: String,
+        /// Characters to generate.
+        #[arg(long, default_value_t = 300)]
+        tokens: usize,
+        /// Softmax temperature; 0 picks the most likely character every time.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Sample among the k most likely characters only (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1234)]
+        seed: u64,
+    },
     /// Benchmarks that print a ratio against a reference measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -195,6 +214,22 @@ fn real_main() -> Result<()> {
             };
             run_daemon(&opts).map_err(Into::into)
         }
+        Command::Sample { checkpoint, prompt, tokens, temperature, top_k, seed } => {
+            if !(temperature >= 0.0 && temperature.is_finite()) {
+                anyhow::bail!("--temperature must be a finite number >= 0, got {temperature}");
+            }
+            let be = CpuBackend::new(threads);
+            let mut loaded = lockstep_worker::model_file::load_model(&be, &checkpoint)
+                .with_context(|| format!("loading {}", checkpoint.display()))?;
+            let opts = lockstep_worker::sample::SampleOptions { tokens, temperature, top_k, seed };
+            let mut stdout = std::io::stdout().lock();
+            write!(stdout, "{prompt}")?;
+            lockstep_worker::sample::generate(&be, &mut loaded, &prompt, &opts, &mut |c| {
+                let _ = write!(stdout, "{c}").and_then(|_| stdout.flush());
+            })?;
+            writeln!(stdout)?;
+            Ok(())
+        }
         Command::Bench { which } => bench::run(which, threads),
     }
 }
@@ -221,7 +256,7 @@ fn train_single<B: lockstep_kernels::Backend>(be: B, spec: &JobSpec, dir: &Path,
     };
     let (summary, trainer) =
         run_training(be, spec, RunOptions::default(), Box::new(|_| Ok(Box::new(NoReduce))), &mut on_event)?;
-    save_weights(&trainer.be, &trainer.model.params(), &dir.join("model.safetensors"))?;
+    save_model(&trainer, &dir.join("model.safetensors"))?;
     writer.finish(&summary)?;
     Ok(())
 }

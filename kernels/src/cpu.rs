@@ -51,9 +51,19 @@ pub fn softmax_backward_rows(p: &[f32], dp: &[f32], ds: &mut [f32], rows: usize,
     }
 }
 
-#[inline]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+use crate::fast_math::{sigmoid, tanh};
+
+/// GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))).
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * x * x * x)))
+}
+
+#[inline(always)]
+fn gelu_derivative(x: f32) -> f32 {
+    let t = tanh(GELU_C * (x + 0.044715 * x * x * x));
+    let du = GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 }
 
 #[inline]
@@ -61,7 +71,7 @@ fn act_forward(act: Activation, x: f32) -> f32 {
     match act {
         Activation::Identity => x,
         Activation::Sigmoid => sigmoid(x),
-        Activation::Tanh => x.tanh(),
+        Activation::Tanh => tanh(x),
         Activation::Relu => x.max(0.0),
         Activation::LeakyRelu { slope } => {
             if x > 0.0 {
@@ -71,7 +81,7 @@ fn act_forward(act: Activation, x: f32) -> f32 {
             }
         }
         Activation::Swish { beta } => x * sigmoid(beta * x),
-        Activation::Gelu => 0.5 * x * (1.0 + (GELU_C * (x + 0.044715 * x * x * x)).tanh()),
+        Activation::Gelu => gelu(x),
     }
 }
 
@@ -85,7 +95,7 @@ fn act_derivative(act: Activation, x: f32) -> (f32, f32) {
             (s * (1.0 - s), 0.0)
         }
         Activation::Tanh => {
-            let t = x.tanh();
+            let t = tanh(x);
             (1.0 - t * t, 0.0)
         }
         Activation::Relu => (if x > 0.0 { 1.0 } else { 0.0 }, 0.0),
@@ -95,12 +105,7 @@ fn act_derivative(act: Activation, x: f32) -> (f32, f32) {
             let ds = s * (1.0 - s);
             (s + beta * x * ds, x * x * ds)
         }
-        Activation::Gelu => {
-            let u = GELU_C * (x + 0.044715 * x * x * x);
-            let t = u.tanh();
-            let du = GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
-            (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du, 0.0)
-        }
+        Activation::Gelu => (gelu_derivative(x), 0.0),
     }
 }
 
@@ -204,11 +209,18 @@ impl Backend for CpuBackend {
     }
 
     fn activation_forward(&self, act: Activation, x: &Vec<f32>, y: &mut Vec<f32>) {
-        y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-            for (y, &x) in y.iter_mut().zip(x) {
-                *y = act_forward(act, x);
-            }
-        });
+        // GELU gets its own loop so it vectorizes (a `match` per element does not).
+        fn map(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+            y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = f(x);
+                }
+            });
+        }
+        match act {
+            Activation::Gelu => map(x, y, gelu),
+            other => map(x, y, move |v| act_forward(other, v)),
+        }
     }
 
     fn activation_backward(
@@ -219,6 +231,16 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         accumulate: bool,
     ) -> f32 {
+        if act == Activation::Gelu {
+            // Its own vectorizable loop, as in forward; GELU has no dbeta.
+            dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((dx, x), dy)| {
+                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                    let d = gelu_derivative(x) * dy;
+                    *dx = if accumulate { *dx + d } else { d };
+                }
+            });
+            return 0.0;
+        }
         // Partial dbeta sums per chunk, added in chunk order: deterministic.
         let partial: Vec<f64> = dx
             .par_chunks_mut(CHUNK)
@@ -303,7 +325,7 @@ impl Backend for CpuBackend {
                     .fold((0, f32::NEG_INFINITY), |(bi, bv), (j, &v)| if v > bv { (j, v) } else { (bi, bv) });
             let mut sum = 0.0f32;
             for (d, &v) in drow.iter_mut().zip(row) {
-                *d = (v - max).exp();
+                *d = crate::fast_math::exp(v - max);
                 sum += *d;
             }
             let inv = 1.0 / sum;
@@ -327,7 +349,7 @@ impl Backend for CpuBackend {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0;
             for (p, &v) in prow.iter_mut().zip(row) {
-                *p = (v - max).exp();
+                *p = crate::fast_math::exp(v - max);
                 sum += *p;
             }
             for p in prow.iter_mut() {

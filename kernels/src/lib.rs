@@ -8,7 +8,9 @@ pub mod attention;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod fast_math;
 pub mod norm;
+pub mod recurrent;
 pub mod window;
 
 pub use attention::AttentionDims;
@@ -329,6 +331,74 @@ pub trait Backend: Send + Sync + 'static {
             attention::attention_backward(q, p, d_o, &mut hdq[i * nq..(i + 1) * nq], dims, len);
         }
         *dqkv = self.upload(&hdq);
+    }
+
+    // ---- recurrent cells (T17); defaults go through the host with `recurrent`'s loops ----
+
+    /// LSTM step: gates (N, 4H), c and h (N, H) from pre-activations and c_prev.
+    fn lstm_forward(
+        &self,
+        pre: &Self::Buf,
+        c_prev: &Self::Buf,
+        gates: &mut Self::Buf,
+        c: &mut Self::Buf,
+        h: &mut Self::Buf,
+        hidden: usize,
+    ) {
+        let (hp, hc) = (self.download(pre), self.download(c_prev));
+        let (mut hg, mut hcn, mut hh) = (vec![0.0; hp.len()], vec![0.0; hc.len()], vec![0.0; hc.len()]);
+        recurrent::lstm_forward(&hp, &hc, &mut hg, &mut hcn, &mut hh, hidden);
+        (*gates, *c, *h) = (self.upload(&hg), self.upload(&hcn), self.upload(&hh));
+    }
+    /// LSTM step backward: dpre (N, 4H); `dc` is dL/dc on entry, dL/dc_prev on exit.
+    #[allow(clippy::too_many_arguments)]
+    fn lstm_backward(
+        &self,
+        gates: &Self::Buf,
+        c_prev: &Self::Buf,
+        c: &Self::Buf,
+        dh: &Self::Buf,
+        dc: &mut Self::Buf,
+        dpre: &mut Self::Buf,
+        hidden: usize,
+    ) {
+        let (hg, hcp, hc, hdh) = (self.download(gates), self.download(c_prev), self.download(c), self.download(dh));
+        let (mut hdc, mut hdp) = (self.download(dc), vec![0.0; hg.len()]);
+        recurrent::lstm_backward(&hg, &hcp, &hc, &hdh, &mut hdc, &mut hdp, hidden);
+        (*dc, *dpre) = (self.upload(&hdc), self.upload(&hdp));
+    }
+    /// GRU step: gates [r z n] (N, 3H) and h (N, H).
+    fn gru_forward(
+        &self,
+        xp: &Self::Buf,
+        hp: &Self::Buf,
+        h_prev: &Self::Buf,
+        gates: &mut Self::Buf,
+        h: &mut Self::Buf,
+        hidden: usize,
+    ) {
+        let (hx, hh, hpr) = (self.download(xp), self.download(hp), self.download(h_prev));
+        let (mut hg, mut ho) = (vec![0.0; hx.len()], vec![0.0; hpr.len()]);
+        recurrent::gru_forward(&hx, &hh, &hpr, &mut hg, &mut ho, hidden);
+        (*gates, *h) = (self.upload(&hg), self.upload(&ho));
+    }
+    /// GRU step backward: dxp, dhp (N, 3H) and the direct part of dh_prev (N, H).
+    #[allow(clippy::too_many_arguments)]
+    fn gru_backward(
+        &self,
+        gates: &Self::Buf,
+        hp: &Self::Buf,
+        h_prev: &Self::Buf,
+        dh: &Self::Buf,
+        dxp: &mut Self::Buf,
+        dhp: &mut Self::Buf,
+        dh_prev: &mut Self::Buf,
+        hidden: usize,
+    ) {
+        let (hg, hh, hpr, hdh) = (self.download(gates), self.download(hp), self.download(h_prev), self.download(dh));
+        let (mut a, mut b, mut c) = (vec![0.0; hg.len()], vec![0.0; hg.len()], vec![0.0; hdh.len()]);
+        recurrent::gru_backward(&hg, &hh, &hpr, &hdh, &mut a, &mut b, &mut c, hidden);
+        (*dxp, *dhp, *dh_prev) = (self.upload(&a), self.upload(&b), self.upload(&c));
     }
 
     // ---- embedding (T13) ----

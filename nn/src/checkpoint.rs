@@ -30,6 +30,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Serialises named f32 tensors to safetensors bytes.
 pub fn to_safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
+    to_safetensors_with_metadata(tensors, None)
+}
+
+/// The same with string metadata in the header (`__metadata__`), e.g. the job and vocabulary.
+pub fn to_safetensors_with_metadata(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(name, shape, data)| {
@@ -38,7 +46,7 @@ pub fn to_safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<
                 .map_err(|e| NnError::Invalid(format!("tensor {name}: {e}")))
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize(views, None).map_err(|e| NnError::Invalid(format!("safetensors: {e}")))
+    safetensors::serialize(views, metadata).map_err(|e| NnError::Invalid(format!("safetensors: {e}")))
 }
 
 fn bytemuck_f32(data: &[f32]) -> &[u8] {
@@ -46,11 +54,41 @@ fn bytemuck_f32(data: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) }
 }
 
-/// Saves every parameter's value.
-pub fn save_weights<B: Backend>(be: &B, params: &[&Param<B>], path: &Path) -> Result<()> {
+/// Saves every parameter's value, with optional header metadata.
+pub fn save_weights<B: Backend>(
+    be: &B,
+    params: &[&Param<B>],
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
     let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
         params.iter().map(|p| (p.name.clone(), p.shape.clone(), be.download(&p.value))).collect();
-    write_atomic(path, &to_safetensors(&tensors)?)
+    write_atomic(path, &to_safetensors_with_metadata(&tensors, metadata)?)
+}
+
+/// The header metadata of a safetensors file (empty if it has none).
+pub fn load_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|source| NnError::Io { path: path.to_path_buf(), source })?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| NnError::Data {
+        path: path.to_path_buf(),
+        offset: 0,
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    Ok(header.metadata().clone().unwrap_or_default())
+}
+
+/// Copies tensors into `params` by name; a missing tensor or a shape mismatch is an error
+/// naming the tensor and the file.
+pub fn load_into<B: Backend>(be: &B, params: &mut [&mut Param<B>], tensors: &TensorMap, path: &Path) -> Result<()> {
+    for p in params.iter_mut() {
+        let bad = |message: String| NnError::Data { path: path.to_path_buf(), offset: 0, message };
+        let (shape, values) = tensors.get(&p.name).ok_or_else(|| bad(format!("no tensor {}", p.name)))?;
+        if *shape != p.shape {
+            return Err(bad(format!("tensor {} has shape {shape:?}, the model expects {:?}", p.name, p.shape)));
+        }
+        p.value = be.upload(values);
+    }
+    Ok(())
 }
 
 /// Named tensors read from disk: name -> (shape, values).
@@ -93,7 +131,7 @@ mod tests {
         let a = Param::new(&be, "fc0.weight", &[2, 3], &[1., 2., 3., 4., 5., 6.], true);
         let b = Param::new(&be, "fc0.bias", &[2], &[-1., 0.5], false);
         let path = dir.join("model.safetensors");
-        save_weights(&be, &[&a, &b], &path).unwrap();
+        save_weights(&be, &[&a, &b], None, &path).unwrap();
         let t = load_tensors(&path).unwrap();
         assert_eq!(t["fc0.weight"], (vec![2, 3], vec![1., 2., 3., 4., 5., 6.]));
         assert_eq!(t["fc0.bias"], (vec![2], vec![-1., 0.5]));

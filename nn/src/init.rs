@@ -17,6 +17,12 @@ pub fn kaiming_normal(seed: u64, name: &str, fan_in: usize, fan_out: usize) -> V
     (0..fan_in * fan_out).map(|_| s.normal() * std).collect()
 }
 
+/// N(0, std²): GPT-2's initialisation (std 0.02, residual projections scaled by 1/√(2L)).
+pub fn normal(seed: u64, name: &str, len: usize, std: f32) -> Vec<f32> {
+    let mut s = Stream::new(seed, "init", &[name_id(name)]);
+    (0..len).map(|_| s.normal() * std).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

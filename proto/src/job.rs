@@ -72,6 +72,39 @@ pub enum ModelKind {
     Mlp,
     /// An explicit list of `layers` over inputs of `input_shape` ([H, W, C] or [F]).
     Sequential,
+    /// Decoder-only transformer language model: token + position embeddings, `blocks`
+    /// transformer blocks of width `dim` with `heads` heads, a final LayerNorm and the
+    /// vocabulary head. Trained on `context`-token windows of a `text` dataset.
+    Gpt,
+    /// Recurrent language model: embedding, `blocks` stacked LSTM or GRU layers (`cell`) of
+    /// width `dim`, the vocabulary head.
+    Rnn,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NormOrderKind {
+    /// LayerNorm before each sub-layer, inside the residual branch (GPT-2).
+    #[default]
+    PreLn,
+    /// LayerNorm after each residual addition (the original transformer).
+    PostLn,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionalKind {
+    #[default]
+    Learned,
+    Sinusoidal,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CellKind {
+    #[default]
+    Lstm,
+    Gru,
 }
 
 /// One layer of a `sequential` model. Images are NHWC.
@@ -173,6 +206,28 @@ pub struct ModelSpec {
     pub dropout: f32,
     #[serde(default = "default_init")]
     pub init: InitKind,
+    /// Language models: tokens per training window (and the longest sequence).
+    #[serde(default)]
+    pub context: usize,
+    /// Language models: embedding / hidden width.
+    #[serde(default)]
+    pub dim: usize,
+    /// GPT: attention heads (dim must divide by it).
+    #[serde(default = "default_heads")]
+    pub heads: usize,
+    /// GPT: transformer blocks; RNN: stacked recurrent layers.
+    #[serde(default)]
+    pub blocks: usize,
+    #[serde(default)]
+    pub norm_order: NormOrderKind,
+    #[serde(default)]
+    pub positional: PositionalKind,
+    #[serde(default)]
+    pub cell: CellKind,
+}
+
+fn default_heads() -> usize {
+    4
 }
 
 fn default_activation() -> ActivationKind {
@@ -193,6 +248,8 @@ fn default_init() -> InitKind {
 pub enum DatasetKind {
     /// IDX files (MNIST layout) in `data.dir`.
     Idx,
+    /// One UTF-8 text file (`data.dir`/`data.file`), character-tokenized (T30).
+    Text,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -229,6 +286,28 @@ pub struct DataSpec {
     /// Use only the first N test examples (0 = all).
     #[serde(default)]
     pub test_limit: usize,
+    /// Text: the file inside `dir`.
+    #[serde(default = "default_text_file")]
+    pub file: String,
+    /// Text: the last fraction of the characters is the validation split.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    /// Text: a training window starts every `stride` tokens.
+    #[serde(default = "one_usize")]
+    pub stride: usize,
+    /// Text: map full-width forms to half-width before tokenizing.
+    #[serde(default)]
+    pub half_width: bool,
+    /// Text: lower-case before tokenizing.
+    #[serde(default)]
+    pub lowercase: bool,
+}
+
+fn default_text_file() -> String {
+    "input.txt".into()
+}
+fn default_val_fraction() -> f64 {
+    0.1
 }
 
 fn default_normalize() -> Normalize {
@@ -250,6 +329,9 @@ pub struct TrainSpec {
     /// A `train` line in metrics.jsonl every this many steps.
     #[serde(default = "default_log_every")]
     pub log_every: usize,
+    /// Evaluate every this many steps (0 = at the end of each epoch).
+    #[serde(default)]
+    pub eval_every: usize,
 }
 
 fn default_log_every() -> usize {
@@ -410,6 +492,23 @@ impl JobSpec {
                 "must be [H, W, C] or [F] with positive sizes",
             )?;
         }
+        let language_model = matches!(self.model.kind, ModelKind::Gpt | ModelKind::Rnn);
+        if language_model {
+            let m = &self.model;
+            check(m.context > 0, "model.context", "a language model needs context > 0 tokens")?;
+            check(m.dim > 0, "model.dim", "a language model needs dim > 0")?;
+            check(m.blocks > 0, "model.blocks", "a language model needs at least one block")?;
+            if m.kind == ModelKind::Gpt {
+                check(m.heads > 0 && m.dim % m.heads == 0, "model.heads", "must be > 0 and divide model.dim")?;
+            }
+        }
+        check(
+            language_model == (self.data.kind == DatasetKind::Text),
+            "data.kind",
+            "gpt and rnn models train on `text` data; mlp and sequential models on `idx` data",
+        )?;
+        check(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")?;
+        check(self.data.stride > 0, "data.stride", "must be > 0")?;
         check((0.0..1.0).contains(&self.model.dropout), "model.dropout", "must be in [0, 1)")?;
         check(self.model.leaky_slope.is_finite(), "model.leaky_slope", "must be finite")?;
         check(self.model.swish_beta.is_finite(), "model.swish_beta", "must be finite")?;

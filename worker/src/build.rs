@@ -3,14 +3,15 @@
 use crate::{Result, WorkerError};
 use lockstep_kernels::Window;
 use lockstep_kernels::{Activation, Backend};
-use lockstep_nn::data::{load_idx_split, Dataset, Normalization, Normalizer};
+use lockstep_nn::data::text::CharTokenizer;
+use lockstep_nn::data::{load_idx_split, Dataset, Examples, Normalization, Normalizer};
 use lockstep_nn::init::{kaiming_normal, xavier_uniform};
 use lockstep_nn::layers::{Act, BatchNorm, Conv2d, Dropout, Flatten, LayerNorm, Linear, Pool2d, PoolKind};
 use lockstep_nn::optim::{OptimizerConfig, Rule};
 use lockstep_nn::schedule::{Decay, Schedule};
 use lockstep_nn::{Layer, Sequential};
 use lockstep_proto::job::{
-    ActivationKind, InitKind, JobSpec, LayerSpec, ModelKind, Normalize, OptimizerKind, ScheduleKind,
+    ActivationKind, DatasetKind, InitKind, JobSpec, LayerSpec, ModelKind, Normalize, OptimizerKind, ScheduleKind,
 };
 
 pub fn activation(spec: &JobSpec) -> Activation {
@@ -77,6 +78,8 @@ pub fn build_model<B: Backend>(
 ) -> Result<(Sequential<B>, Vec<usize>)> {
     match spec.model.kind {
         ModelKind::Mlp => Ok((build_mlp(be, spec, features, classes), vec![features])),
+        ModelKind::Gpt => Ok((crate::lm::build_gpt(be, spec, classes), vec![spec.model.context])),
+        ModelKind::Rnn => Ok((crate::lm::build_rnn(be, spec, classes), vec![spec.model.context])),
         ModelKind::Sequential => {
             let shape = &spec.model.input_shape;
             if shape.iter().product::<usize>() != features {
@@ -221,8 +224,28 @@ pub fn schedule(spec: &JobSpec, total_steps: u64) -> Schedule {
     }
 }
 
-/// Train and test splits, normalised with statistics of the training split.
-pub fn load_data(spec: &JobSpec) -> Result<(Dataset, Dataset)> {
+/// The training and evaluation examples of a job, and the tokenizer of a text dataset.
+pub struct LoadedData {
+    pub train: Box<dyn Examples>,
+    pub test: Box<dyn Examples>,
+    pub vocab: Option<CharTokenizer>,
+}
+
+pub fn load_data(spec: &JobSpec) -> Result<LoadedData> {
+    Ok(match spec.data.kind {
+        DatasetKind::Idx => {
+            let (train, test) = load_images(spec)?;
+            LoadedData { train: Box::new(train), test: Box::new(test), vocab: None }
+        }
+        DatasetKind::Text => {
+            let (train, test, vocab) = crate::lm::load_text(spec)?;
+            LoadedData { train: Box::new(train), test: Box::new(test), vocab: Some(vocab) }
+        }
+    })
+}
+
+/// IDX train and test splits, normalised with statistics of the training split.
+pub fn load_images(spec: &JobSpec) -> Result<(Dataset, Dataset)> {
     let dir = &spec.data.dir;
     let mut train = load_idx_split(dir, "train")?;
     let mut test = load_idx_split(dir, "t10k")?;

@@ -2,6 +2,7 @@
 //! the cluster token), then runs the tasks it is assigned. With `once` it exits after its
 //! first task; otherwise it waits for the next, and re-joins if the coordinator goes away.
 
+use crate::model_file::save_model;
 use crate::reducer::BucketReducer;
 use crate::trainer::{GradReducer, NoReduce};
 use crate::{run_training, Result, RunEvent, RunOptions, WorkerError};
@@ -11,7 +12,6 @@ use lockstep_collective::tls::{
 };
 use lockstep_collective::{Communicator, RingComm};
 use lockstep_kernels::{Backend, CpuBackend};
-use lockstep_nn::checkpoint::save_weights;
 use lockstep_proto::job::Device;
 use lockstep_proto::wire::{
     read_frame, write_frame, AllReduceTiming, Assign, Task, ToCoordinator, ToWorker, PROTOCOL_VERSION,
@@ -353,7 +353,7 @@ fn train_on<B: Backend>(
     };
     let (summary, trainer) = run_training(be, spec, RunOptions { rank, world }, make_reducer, &mut on_event)?;
     if let (0, Some(path)) = (rank, weights_path) {
-        save_weights(&trainer.be, &trainer.model.params(), std::path::Path::new(path))?;
+        save_model(&trainer, std::path::Path::new(path))?;
     }
     Ok(summary)
 }

@@ -4,8 +4,11 @@
 
 pub mod build;
 pub mod daemon;
+pub mod lm;
+pub mod model_file;
 pub mod reducer;
 pub mod run;
+pub mod sample;
 pub mod trainer;
 
 pub use run::{run_training, ReducerFactory, RunEvent, RunOptions};

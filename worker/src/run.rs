@@ -55,7 +55,7 @@ pub fn run_training<B: Backend>(
     make_reducer: ReducerFactory<'_, B>,
     on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
 ) -> Result<(Summary, Trainer<B>)> {
-    let (train, test) = build::load_data(spec)?;
+    let build::LoadedData { train, test, vocab } = build::load_data(spec)?;
     let sampler = EpochSampler {
         len: train.len(),
         global_batch: spec.train.batch_size,
@@ -77,7 +77,8 @@ pub fn run_training<B: Backend>(
     if spec.train.max_steps > 0 {
         total_steps = total_steps.min(spec.train.max_steps as u64);
     }
-    let mut trainer = Trainer::new(be, spec, train.features, train.classes, total_steps)?;
+    let mut trainer = Trainer::new(be, spec, train.features(), train.classes(), total_steps)?;
+    trainer.vocab = vocab;
     let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
     let mut reducer = make_reducer(&sizes)?;
     let allreduce_bytes_per_step = if opts.world > 1 { sizes.iter().flatten().sum::<usize>() as u64 * 4 } else { 0 };
@@ -104,7 +105,7 @@ pub fn run_training<B: Backend>(
             }
             let batch = sampler.global_batch(&order, s);
             let local = rank_slice(&batch, opts.rank, opts.world);
-            let stats = trainer.step(&train, local, batch.len(), reducer.as_mut())?;
+            let stats = trainer.step(train.as_ref(), local, reducer.as_mut())?;
             if !stats.loss.is_finite() {
                 return Err(crate::WorkerError::Stopped(format!(
                     "loss is {} at step {}: the learning rate ({}) is likely too high or gradients exploded (grad norm {:.3e}); lower optim.lr or set optim.clip_norm",
@@ -131,13 +132,20 @@ pub fn run_training<B: Backend>(
                 None
             };
             on_event(RunEvent::Step { step, loss: stats.loss, record })?;
+            let eval_every = spec.train.eval_every as u64;
+            if eval_every > 0 && step % eval_every == 0 && step < total_steps {
+                (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?;
+                evaluated_at = Some(step);
+            }
         }
-        (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, &test, epoch, on_event)?;
-        evaluated_at = Some(trainer.global_step);
+        if evaluated_at != Some(trainer.global_step) {
+            (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?;
+            evaluated_at = Some(trainer.global_step);
+        }
     }
     if evaluated_at != Some(trainer.global_step) {
         // max_steps ended the run inside an epoch.
-        (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, &test, epoch, on_event)?;
+        (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?;
     }
     let wall_s = started.elapsed().as_secs_f64();
     let summary = Summary {
@@ -160,7 +168,7 @@ pub fn run_training<B: Backend>(
 
 fn evaluate_and_report<B: Backend>(
     trainer: &mut Trainer<B>,
-    test: &lockstep_nn::data::Dataset,
+    test: &dyn lockstep_nn::data::Examples,
     epoch: u64,
     on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
 ) -> Result<(f64, f64)> {

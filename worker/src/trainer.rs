@@ -5,7 +5,9 @@
 use crate::build;
 use crate::Result;
 use lockstep_kernels::Backend;
-use lockstep_nn::data::Dataset;
+use lockstep_kernels::IGNORE_TARGET;
+use lockstep_nn::data::text::CharTokenizer;
+use lockstep_nn::data::Examples;
 use lockstep_nn::loss::softmax_cross_entropy;
 use lockstep_nn::optim::{clip_factor, global_grad_norm, Optimizer};
 use lockstep_nn::schedule::Schedule;
@@ -54,8 +56,10 @@ pub struct Trainer<B: Backend> {
     pub schedule: Schedule,
     /// Steps taken so far; the next step is number `global_step`.
     pub global_step: u64,
-    /// Shape of one input example ([F] or [H, W, C]).
+    /// Shape of one input example ([F], [H, W, C] or [T] token ids).
     pub input_shape: Vec<usize>,
+    /// The tokenizer of a language model's text, saved with its weights.
+    pub vocab: Option<CharTokenizer>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -63,7 +67,7 @@ impl<B: Backend> Trainer<B> {
         let (model, input_shape) = build::build_model(&be, spec, features, classes)?;
         let optimizer = Optimizer::new(&be, build::optimizer_config(spec), &model.params());
         let schedule = build::schedule(spec, total_steps);
-        Ok(Self { be, spec: spec.clone(), model, optimizer, schedule, global_step: 0, input_shape })
+        Ok(Self { be, spec: spec.clone(), model, optimizer, schedule, global_step: 0, input_shape, vocab: None })
     }
 
     /// The batch of `rows` examples as a tensor of shape [rows, input_shape...].
@@ -74,29 +78,25 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Forward, backward, reduce, clip, update on this rank's `local` examples of a global
-    /// batch of `global_batch` examples.
-    pub fn step(
-        &mut self,
-        data: &Dataset,
-        local: &[u32],
-        global_batch: usize,
-        reducer: &mut dyn GradReducer<B>,
-    ) -> Result<StepStats> {
+    /// batch. The loss is a mean over the global batch's targets (one per image, one per
+    /// unpadded position of a sequence); their count is summed across ranks with the loss.
+    pub fn step(&mut self, data: &dyn Examples, local: &[u32], reducer: &mut dyn GradReducer<B>) -> Result<StepStats> {
         let be = &self.be;
         self.model.zero_grad(be);
-        let mut loss_sum = 0.0;
+        let (mut loss_sum, mut targets) = (0.0, 0usize);
         if !local.is_empty() {
-            let (x, y) = data.gather(local);
+            let batch = data.gather(local);
+            targets = batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
             let ctx = ForwardCtx {
                 train: true,
                 seed: self.spec.seed,
                 step: self.global_step,
                 example_ids: local.iter().map(|&i| i as u64).collect(),
-                ..Default::default()
+                seq_lens: batch.seq_lens,
             };
-            let input = self.input(local.len(), &x); // (B, F) or (B, H, W, C)
-            let logits = self.model.forward(be, input, &ctx)?; // (B, classes)
-            let out = softmax_cross_entropy(be, &logits, &y, None, 1.0)?;
+            let input = self.input(local.len(), &batch.x); // (B, F), (B, H, W, C) or (B, T)
+            let logits = self.model.forward(be, input, &ctx)?; // (B, classes) or (B, T, vocab)
+            let out = softmax_cross_entropy(be, &logits, &batch.y, None, 1.0)?;
             loss_sum = out.loss_sum;
             self.model.backward_with_hook(be, out.grad, &mut |first, params| {
                 reducer.grads_ready(be, first, params).map_err(|e| lockstep_nn::NnError::Invalid(e.to_string()))
@@ -108,34 +108,44 @@ impl<B: Backend> Trainer<B> {
         }
         let mut params = self.model.params_mut();
         reducer.finish_grads(be, &mut params)?;
-        let mut scalars = [loss_sum];
+        let mut scalars = [loss_sum, targets as f64];
         reducer.reduce_scalars(&mut scalars)?;
-        // The gradients hold per-example sums; the batch mean and the clip factor are applied
+        let global_targets = scalars[1].max(1.0);
+        // The gradients hold per-target sums; the mean and the clip factor are applied
         // inside the update (one pass over the parameters instead of three).
-        let grad_norm = global_grad_norm(be, &params) / global_batch as f64;
-        let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / global_batch as f64;
+        let grad_norm = global_grad_norm(be, &params) / global_targets;
+        let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / global_targets;
         let lr = self.schedule.lr(self.global_step);
         self.optimizer.step_scaled(be, &mut params, lr, scale as f32);
         be.check().map_err(crate::WorkerError::Device)?;
         self.global_step += 1;
-        Ok(StepStats { loss: scalars[0] / global_batch as f64, grad_norm, lr })
+        Ok(StepStats { loss: scalars[0] / global_targets, grad_norm, lr })
     }
 
-    /// Mean loss and accuracy over `data` in eval mode (no dropout, no caches).
-    pub fn evaluate(&mut self, data: &Dataset) -> Result<(f64, f64)> {
+    /// Mean loss and accuracy per target over `data` in eval mode (no dropout, no caches).
+    pub fn evaluate(&mut self, data: &dyn Examples) -> Result<(f64, f64)> {
         let be = &self.be;
-        let ctx = ForwardCtx { train: false, seed: self.spec.seed, step: self.global_step, ..Default::default() };
-        let (mut loss, mut correct) = (0.0, 0usize);
+        let (mut loss, mut correct, mut targets) = (0.0, 0usize, 0usize);
         let indices: Vec<u32> = (0..data.len() as u32).collect();
-        for chunk in indices.chunks(1000) {
-            let (x, y) = data.gather(chunk);
-            let input = self.input(chunk.len(), &x);
+        // About 64k values of input per chunk: bounded memory for images and sequences alike.
+        let chunk = (65_536 / data.features().max(1)).clamp(1, 1000);
+        for chunk in indices.chunks(chunk) {
+            let batch = data.gather(chunk);
+            let ctx = ForwardCtx {
+                train: false,
+                seed: self.spec.seed,
+                step: self.global_step,
+                seq_lens: batch.seq_lens,
+                ..Default::default()
+            };
+            let input = self.input(chunk.len(), &batch.x);
             let logits = self.model.forward(be, input, &ctx)?;
-            let out = softmax_cross_entropy(be, &logits, &y, None, 1.0)?;
+            let out = softmax_cross_entropy(be, &logits, &batch.y, None, 1.0)?;
             loss += out.loss_sum;
             correct += out.correct;
+            targets += batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
         }
-        let n = data.len().max(1) as f64;
+        let n = targets.max(1) as f64;
         Ok((loss / n, correct as f64 / n))
     }
 }

@@ -2,7 +2,9 @@
 //! character tokenizer whose vocabulary is saved with the model, and the train/validation
 //! split by position.
 
+use super::{Batch, Examples};
 use crate::{NnError, Result};
+use lockstep_kernels::IGNORE_TARGET;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -129,6 +131,79 @@ pub fn split_tokens(tokens: &[u32], train_fraction: f64) -> (&[u32], &[u32]) {
     tokens.split_at(cut.min(tokens.len()))
 }
 
+/// Next-token examples cut from a token stream: window i starts at `i · stride`, its input
+/// is `context` tokens and its targets the same positions shifted by one.
+///
+/// With `pad_last`, the windows tile the whole stream (stride = context) and the last one
+/// is padded: its missing inputs are token 0, its missing targets `IGNORE_TARGET`, and its
+/// valid length is reported so attention never looks at the padding. Validation uses this
+/// so that every token of the split is predicted exactly once.
+#[derive(Debug, Clone)]
+pub struct TokenWindows {
+    pub tokens: Vec<u32>,
+    pub vocab: usize,
+    pub context: usize,
+    pub stride: usize,
+    pub pad_last: bool,
+}
+
+impl TokenWindows {
+    /// Full windows every `stride` tokens (training).
+    pub fn full(tokens: Vec<u32>, vocab: usize, context: usize, stride: usize) -> Self {
+        Self { tokens, vocab, context, stride: stride.max(1), pad_last: false }
+    }
+    /// Non-overlapping windows covering every target, the last one padded (evaluation).
+    pub fn tiled(tokens: Vec<u32>, vocab: usize, context: usize) -> Self {
+        Self { tokens, vocab, context, stride: context, pad_last: true }
+    }
+}
+
+impl Examples for TokenWindows {
+    fn len(&self) -> usize {
+        // A window needs at least one (input, target) pair.
+        let targets = self.tokens.len().saturating_sub(1);
+        if self.context == 0 || targets == 0 {
+            0
+        } else if self.pad_last {
+            targets.div_ceil(self.stride)
+        } else if targets < self.context {
+            0
+        } else {
+            (targets - self.context) / self.stride + 1
+        }
+    }
+    fn features(&self) -> usize {
+        self.context
+    }
+    fn classes(&self) -> usize {
+        self.vocab
+    }
+    fn gather(&self, indices: &[u32]) -> Batch {
+        let t = self.context;
+        let mut batch = Batch {
+            x: Vec::with_capacity(indices.len() * t),
+            y: Vec::with_capacity(indices.len() * t),
+            seq_lens: Vec::with_capacity(indices.len()),
+        };
+        let mut padded = false;
+        for &i in indices {
+            let start = i as usize * self.stride;
+            let len = t.min(self.tokens.len().saturating_sub(start + 1));
+            let (inputs, targets) = (&self.tokens[start..start + len], &self.tokens[start + 1..start + 1 + len]);
+            batch.x.extend(inputs.iter().map(|&id| id as f32));
+            batch.x.extend(std::iter::repeat_n(0.0, t - len));
+            batch.y.extend_from_slice(targets);
+            batch.y.extend(std::iter::repeat_n(IGNORE_TARGET, t - len));
+            batch.seq_lens.push(len);
+            padded |= len < t;
+        }
+        if !padded {
+            batch.seq_lens.clear(); // all full length: no mask needed beyond causality
+        }
+        batch
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +248,26 @@ mod tests {
         let (train, val) = split_tokens(&ids, 0.9);
         assert_eq!(train.len(), 1_003_855);
         assert_eq!(train.len() + val.len(), ids.len());
+    }
+
+    #[test]
+    fn token_windows_shift_targets_and_pad_the_last_window() {
+        let tokens: Vec<u32> = (0..10).collect();
+        let train = TokenWindows::full(tokens.clone(), 10, 4, 1);
+        assert_eq!(train.len(), 6); // starts 0..=5: window 5 is inputs 5..9, targets 6..10
+        let b = train.gather(&[0, 5]);
+        assert_eq!(b.x, vec![0., 1., 2., 3., 5., 6., 7., 8.]);
+        assert_eq!(b.y, vec![1, 2, 3, 4, 6, 7, 8, 9]);
+        assert!(b.seq_lens.is_empty());
+        let val = TokenWindows::tiled(tokens, 10, 4);
+        assert_eq!(val.len(), 3); // 9 targets in windows of 4: 4 + 4 + 1
+        let b = val.gather(&[1, 2]);
+        assert_eq!(b.x, vec![4., 5., 6., 7., 8., 0., 0., 0.]);
+        assert_eq!(b.y, vec![5, 6, 7, 8, 9, IGNORE_TARGET, IGNORE_TARGET, IGNORE_TARGET]);
+        assert_eq!(b.seq_lens, vec![4, 1]);
+        // Every target of the stream appears exactly once.
+        let all = val.gather(&[0, 1, 2]);
+        let targets: Vec<u32> = all.y.into_iter().filter(|&y| y != IGNORE_TARGET).collect();
+        assert_eq!(targets, (1..10).collect::<Vec<u32>>());
     }
 }

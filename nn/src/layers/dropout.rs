@@ -30,11 +30,13 @@ impl<B: Backend> Layer<B> for Dropout<B> {
             self.mask_cache = None;
             return Ok(x);
         }
-        let (rows, cols) = x.rows_cols();
+        // One mask stream per example, covering all of it ((F), (T, D) or (H, W, C)).
+        let rows = x.shape.first().copied().unwrap_or(0);
+        let cols = x.numel() / rows.max(1);
         if ctx.example_ids.len() != rows {
             return crate::shape_err(
                 "Dropout::forward",
-                format!("{} rows but {} example ids", rows, ctx.example_ids.len()),
+                format!("{} examples but {} example ids", rows, ctx.example_ids.len()),
             );
         }
         let keep_scale = 1.0 / (1.0 - self.p);

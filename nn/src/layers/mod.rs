@@ -10,6 +10,7 @@ mod embedding;
 mod linear;
 mod norm;
 mod pool;
+mod recurrent;
 mod transformer;
 
 pub use activation::Act;
@@ -20,6 +21,7 @@ pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
 pub use linear::Linear;
 pub use norm::{BatchNorm, LayerNorm};
 pub use pool::{Flatten, Pool2d, PoolKind};
+pub use recurrent::{Cell, Recurrent};
 pub use transformer::{BlockWeights, NormOrder, TransformerBlock};
 
 use crate::{Result, Tensor};

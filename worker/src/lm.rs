@@ -1,0 +1,135 @@
+//! Language models from a job spec (T30): the text dataset and the GPT / recurrent stacks.
+
+use crate::{Result, WorkerError};
+use lockstep_kernels::Backend;
+use lockstep_nn::data::text::{split_tokens, CharTokenizer, TextNormalization, TokenWindows};
+use lockstep_nn::init::{normal, xavier_uniform};
+use lockstep_nn::layers::{
+    AttentionShape, BlockWeights, Cell, Dropout, Embedding, LayerNorm, Linear, NormOrder, PositionalEncoding,
+    Recurrent, TransformerBlock,
+};
+use lockstep_nn::{Layer, Sequential};
+use lockstep_proto::job::{CellKind, JobSpec, NormOrderKind, PositionalKind};
+
+/// GPT-2's init scale.
+const INIT_STD: f32 = 0.02;
+
+/// The tokenizer and the train / validation windows of a `text` dataset. The vocabulary is
+/// fitted on the whole (normalised) file so both splits encode; it is saved with the model.
+pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, CharTokenizer)> {
+    let path = spec.data.dir.join(&spec.data.file);
+    let raw =
+        std::fs::read(&path).map_err(|e| WorkerError::Config(format!("data: cannot read {}: {e}", path.display())))?;
+    let raw = String::from_utf8(raw).map_err(|e| {
+        WorkerError::Config(format!(
+            "data: {} is not UTF-8 (byte offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    let text = TextNormalization { half_width: spec.data.half_width, lowercase: spec.data.lowercase }.apply(&raw);
+    let tokenizer = CharTokenizer::fit(&text);
+    let ids = tokenizer.encode(&text)?;
+    let (train, val) = split_tokens(&ids, 1.0 - spec.data.val_fraction);
+    let context = spec.model.context;
+    let mut train = TokenWindows::full(train.to_vec(), tokenizer.vocab_size(), context, spec.data.stride);
+    let mut val = TokenWindows::tiled(val.to_vec(), tokenizer.vocab_size(), context);
+    // Limits count windows, as for images they count examples.
+    if spec.data.train_limit > 0 {
+        train.tokens.truncate(spec.data.train_limit * spec.data.stride + context);
+    }
+    if spec.data.test_limit > 0 {
+        val.tokens.truncate(spec.data.test_limit * context + 1);
+    }
+    use lockstep_nn::data::Examples;
+    if train.is_empty() || val.is_empty() {
+        return Err(WorkerError::Config(format!(
+            "data: {} has {} training and {} validation tokens, too few for model.context = {context}",
+            path.display(),
+            train.tokens.len(),
+            val.tokens.len()
+        )));
+    }
+    tracing::info!(
+        "text {}: {} characters, vocabulary {}, {} train / {} validation tokens",
+        path.display(),
+        ids.len(),
+        tokenizer.vocab_size(),
+        train.tokens.len(),
+        val.tokens.len()
+    );
+    Ok((train, val, tokenizer))
+}
+
+/// Decoder-only transformer: tok_emb + pos_emb → dropout → blocks h0..h{L-1} → ln_f → head.
+/// Input (N, T) token ids, output (N, T, vocab) logits.
+pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Sequential<B> {
+    let m = &spec.model;
+    let (d, seed) = (m.dim, spec.seed);
+    // Residual projections are scaled so the residual stream's variance does not grow with depth.
+    let residual_std = INIT_STD / (2.0 * m.blocks as f32).sqrt();
+    let mut layers: Vec<Box<dyn Layer<B>>> = Vec::new();
+    layers.push(Box::new(Embedding::new(
+        be,
+        "tok_emb",
+        vocab,
+        d,
+        &normal(seed, "tok_emb.weight", vocab * d, INIT_STD),
+    )));
+    layers.push(Box::new(match m.positional {
+        PositionalKind::Learned => PositionalEncoding::learned(
+            be,
+            "pos_emb",
+            m.context,
+            d,
+            &normal(seed, "pos_emb.weight", m.context * d, INIT_STD),
+        ),
+        PositionalKind::Sinusoidal => PositionalEncoding::sinusoidal("pos_emb", m.context, d),
+    }));
+    if m.dropout > 0.0 {
+        layers.push(Box::new(Dropout::new("drop_emb", m.dropout, 0)));
+    }
+    let order = match m.norm_order {
+        NormOrderKind::PreLn => NormOrder::PreLn,
+        NormOrderKind::PostLn => NormOrder::PostLn,
+    };
+    let shape = AttentionShape { dim: d, heads: m.heads, causal: true, max_len: m.context };
+    for i in 0..m.blocks {
+        let name = format!("h{i}");
+        let w = |part: &str, len: usize, std: f32| normal(seed, &format!("{name}.{part}.weight"), len, std);
+        let (qkv, attn_out) = (w("attn.qkv", 3 * d * d, INIT_STD), w("attn.out", d * d, residual_std));
+        let (fc1, fc2) = (w("fc1", 4 * d * d, INIT_STD), w("fc2", 4 * d * d, residual_std));
+        let weights = BlockWeights { qkv: &qkv, attn_out: &attn_out, fc1: &fc1, fc2: &fc2 };
+        layers.push(Box::new(TransformerBlock::new(be, &name, shape, order, weights)));
+    }
+    if order == NormOrder::PreLn {
+        layers.push(Box::new(LayerNorm::new(be, "ln_f", d))); // post-LN blocks already end normalised
+    }
+    layers.push(Box::new(Linear::new(be, "head", d, vocab, &normal(seed, "head.weight", vocab * d, INIT_STD))));
+    Sequential::new(layers)
+}
+
+/// Recurrent language model: tok_emb → `blocks` LSTM/GRU layers rnn0.. (dropout between)
+/// → head. Input (N, T) token ids, output (N, T, vocab) logits.
+pub fn build_rnn<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Sequential<B> {
+    let m = &spec.model;
+    let (d, seed) = (m.dim, spec.seed);
+    let cell = match m.cell {
+        CellKind::Lstm => Cell::Lstm,
+        CellKind::Gru => Cell::Gru,
+    };
+    let gh = cell.gates() * d;
+    let mut layers: Vec<Box<dyn Layer<B>>> = Vec::new();
+    layers.push(Box::new(Embedding::new(be, "tok_emb", vocab, d, &normal(seed, "tok_emb.weight", vocab * d, 1.0))));
+    for i in 0..m.blocks {
+        let name = format!("rnn{i}");
+        let w_ih = xavier_uniform(seed, &format!("{name}.weight_ih"), d, gh);
+        let w_hh = xavier_uniform(seed, &format!("{name}.weight_hh"), d, gh);
+        layers.push(Box::new(Recurrent::new(be, &name, cell, d, d, m.context, &w_ih, &w_hh)));
+        if m.dropout > 0.0 {
+            layers.push(Box::new(Dropout::new(&format!("drop{i}"), m.dropout, i as u64 + 1)));
+        }
+    }
+    layers.push(Box::new(Linear::new(be, "head", d, vocab, &xavier_uniform(seed, "head.weight", d, vocab))));
+    Sequential::new(layers)
+}
