@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::Subcommand;
 use lockstep_kernels::{Backend, CpuBackend};
-use lockstep_nn::data::Dataset;
+use lockstep_nn::data::{Dataset, Examples, TokenWindows};
 use lockstep_nn::rng::Stream;
 use lockstep_proto::job::Device;
 use lockstep_proto::JobSpec;
@@ -21,6 +21,15 @@ pub enum Which {
         #[arg(long, default_value_t = 200)]
         steps: usize,
         /// cpu or cuda[:N]: the reference GEMMs run on the same device.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// GPT (4 layers, width 128, 4 heads, context 64) training step vs raw GEMM on its shapes.
+    Gpt {
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -50,11 +59,14 @@ pub fn run(which: Which, threads: usize) -> Result<()> {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
             match device.parse::<Device>().map_err(anyhow::Error::msg)? {
                 Device::Cpu => bench_mlp(CpuBackend::new(threads), batch, steps),
-                Device::Cuda(i) => {
-                    let be = lockstep_kernels::cuda::CudaBackend::new(i)
-                        .map_err(|e| anyhow::anyhow!("device cuda:{i} is not usable: {e}"))?;
-                    bench_mlp(be, batch, steps)
-                }
+                Device::Cuda(i) => bench_mlp(cuda(i)?, batch, steps),
+            }
+        }
+        Which::Gpt { batch, steps, device } => {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+            match device.parse::<Device>().map_err(anyhow::Error::msg)? {
+                Device::Cpu => bench_gpt(CpuBackend::new(threads), batch, steps),
+                Device::Cuda(i) => bench_gpt(cuda(i)?, batch, steps),
             }
         }
         Which::Allreduce { workers, sizes, iters } => {
@@ -63,6 +75,10 @@ pub fn run(which: Which, threads: usize) -> Result<()> {
         }
         Which::TcpSink { connect, bytes } => crate::cluster::tcp_sink(&connect, bytes),
     }
+}
+
+fn cuda(i: usize) -> Result<lockstep_kernels::cuda::CudaBackend> {
+    lockstep_kernels::cuda::CudaBackend::new(i).map_err(|e| anyhow::anyhow!("device cuda:{i} is not usable: {e}"))
 }
 
 const MLP_JOB: &str = r#"
@@ -82,6 +98,29 @@ kind = "adamw"
 lr = 0.001
 "#;
 
+const GPT_JOB: &str = r#"
+name = "bench-gpt"
+seed = 1
+[model]
+kind = "gpt"
+context = 64
+dim = 128
+heads = 4
+blocks = 4
+[data]
+kind = "text"
+dir = "unused"
+[train]
+epochs = 1
+batch_size = 32
+[optim]
+kind = "adamw"
+lr = 0.001
+"#;
+
+/// A GEMM of one training step: (rows, in) × (in, out), run forward and twice backward.
+type GemmShape = (usize, usize, usize);
+
 fn bench_mlp<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
     let spec = JobSpec::parse(MLP_JOB, Path::new("<bench>"), &[format!("train.batch_size={batch}")])?;
     let widths = [784usize, 512, 512, 10];
@@ -93,67 +132,96 @@ fn bench_mlp<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
         x: (0..n * 784).map(|_| rng.normal()).collect(),
         y: (0..n).map(|_| rng.below(10) as u32).collect(),
     };
+    let shapes: Vec<GemmShape> = widths.windows(2).map(|w| (batch, w[0], w[1])).collect();
+    let title = format!("bench mlp: 784-512-512-10, batch {batch}, AdamW");
+    bench_model(be, &spec, &data, &shapes, steps, &title, 1)
+}
+
+fn bench_gpt<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
+    let spec = JobSpec::parse(GPT_JOB, Path::new("<bench>"), &[format!("train.batch_size={batch}")])?;
+    let (t, d, vocab) = (64usize, 128usize, 65usize);
+    let mut rng = Stream::new(1, "bench", &[]);
+    let tokens: Vec<u32> = (0..batch * 8 * t + 1).map(|_| rng.below(vocab as u64) as u32).collect();
+    let data = TokenWindows::full(tokens, vocab, t, t);
+    let rows = batch * t;
+    let mut shapes: Vec<GemmShape> = Vec::new();
+    for _ in 0..4 {
+        shapes.extend([(rows, d, 3 * d), (rows, d, d), (rows, d, 4 * d), (rows, 4 * d, d)]);
+    }
+    shapes.push((rows, d, vocab));
+    let title = format!("bench gpt: 4 layers, width 128, 4 heads, context 64, vocab 65, batch {batch}, AdamW");
+    bench_model(be, &spec, &data, &shapes, steps, &title, t)
+}
+
+/// Times training steps of `spec`'s model against exactly its GEMMs, interleaved in rounds.
+/// `tokens_per_example` > 1 also reports tokens/s.
+fn bench_model<B: Backend>(
+    be: B,
+    spec: &JobSpec,
+    data: &dyn Examples,
+    shapes: &[GemmShape],
+    steps: usize,
+    title: &str,
+    tokens_per_example: usize,
+) -> Result<()> {
+    let batch = spec.train.batch_size;
     let device_name = be.name();
-    let mut trainer = Trainer::new(be, &spec, 784, 10, steps as u64)?;
+    let mut trainer = Trainer::new(be, spec, data.features(), data.classes(), steps as u64)?;
     let batches: Vec<Vec<u32>> = (0..8).map(|b| ((b * batch) as u32..((b + 1) * batch) as u32).collect()).collect();
     let warmup = steps / 10 + 2;
     for b in batches.iter().take(warmup.min(8)) {
-        trainer.step(&data, b, &mut NoReduce)?;
+        trainer.step(data, b, &mut NoReduce)?;
     }
-
-    // The GEMMs one step executes per Linear (in→out): y = x·Wᵀ, dW = dyᵀ·x, dx = dy·W.
-    let gemm_flops_per_step: f64 = widths.windows(2).map(|w| 3.0 * 2.0 * (batch * w[0] * w[1]) as f64).sum();
-    let mut gemm_secs = Vec::new();
-    let mut step_secs = Vec::new();
+    // Forward + backward ≈ 3 × forward FLOPs (the model's own count, attention included).
+    let model_flops_per_step = 3.0 * trainer.model.flops_per_example() as f64 * batch as f64;
+    let gemm_flops_per_step: f64 = shapes.iter().map(|&(m, k, n)| 3.0 * 2.0 * (m * k * n) as f64).sum();
+    let (mut gemm_secs, mut step_secs) = (Vec::new(), Vec::new());
     // Interleave rounds of both so machine noise hits them alike.
     let rounds = 5;
     for _ in 0..rounds {
         let t = Instant::now();
         for s in 0..steps / rounds {
-            trainer.step(&data, &batches[s % 8], &mut NoReduce)?;
+            trainer.step(data, &batches[s % 8], &mut NoReduce)?;
         }
         step_secs.push(t.elapsed().as_secs_f64() / (steps / rounds) as f64);
-        gemm_secs.push(time_raw_gemms(&trainer.be, &widths, batch, steps / rounds));
+        gemm_secs.push(time_raw_gemms(&trainer.be, shapes, steps / rounds));
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let step_s = median(&mut step_secs);
-    let gemm_s = median(&mut gemm_secs);
-    let achieved = gemm_flops_per_step / step_s;
+    let (step_s, gemm_s) = (median(&mut step_secs), median(&mut gemm_secs));
+    let achieved = model_flops_per_step / step_s;
     let raw = gemm_flops_per_step / gemm_s;
-    println!("bench mlp: 784-512-512-10, batch {batch}, AdamW, {device_name}, {steps} steps");
-    println!(
-        "  training step   {:8.3} ms   {:9.0} examples/s   {:6.1} GFLOP/s",
-        step_s * 1e3,
-        batch as f64 / step_s,
-        achieved / 1e9
-    );
-    println!("  raw gemm (ref)  {:8.3} ms                          {:6.1} GFLOP/s", gemm_s * 1e3, raw / 1e9);
+    println!("{title}, {device_name}, {steps} steps");
+    let rate = if tokens_per_example > 1 {
+        format!("{:9.0} tokens/s", (batch * tokens_per_example) as f64 / step_s)
+    } else {
+        format!("{:9.0} examples/s", batch as f64 / step_s)
+    };
+    println!("  training step   {:8.3} ms   {rate}   {:6.1} GFLOP/s", step_s * 1e3, achieved / 1e9);
+    println!("  raw gemm (ref)  {:8.3} ms                        {:6.1} GFLOP/s", gemm_s * 1e3, raw / 1e9);
     println!("  ratio achieved/raw gemm FLOP/s: {:.3}", achieved / raw);
     Ok(())
 }
 
-/// Seconds per step for exactly the GEMM calls of one MLP training step.
-fn time_raw_gemms<B: Backend>(be: &B, widths: &[usize], batch: usize, reps: usize) -> f64 {
-    let mut bufs: Vec<_> = widths
-        .windows(2)
-        .map(|w| {
-            let (i, o) = (w[0], w[1]);
-            let x = be.upload(&vec![0.5f32; batch * i]);
+/// Seconds per step for exactly the GEMM calls of one training step of `shapes`.
+fn time_raw_gemms<B: Backend>(be: &B, shapes: &[GemmShape], reps: usize) -> f64 {
+    let mut bufs: Vec<_> = shapes
+        .iter()
+        .map(|&(rows, i, o)| {
+            let x = be.upload(&vec![0.5f32; rows * i]);
             let weight = be.upload(&vec![0.25f32; o * i]);
-            (x, weight, be.zeros(batch * o), be.zeros(o * i), be.zeros(batch * i))
+            (x, weight, be.zeros(rows * o), be.zeros(o * i), be.zeros(rows * i))
         })
         .collect();
     let _ = be.check(); // the device is idle before timing starts
     let t = Instant::now();
     for _ in 0..reps {
-        for (w, (x, weight, y, dw, dx)) in widths.windows(2).zip(bufs.iter_mut()) {
-            let (i, o) = (w[0], w[1]);
-            be.matmul(x, weight, y, batch, i, o, false, true, false);
-            be.matmul(y, x, dw, o, batch, i, true, false, true);
-            be.matmul(y, weight, dx, batch, o, i, false, false, false);
+        for (&(rows, i, o), (x, weight, y, dw, dx)) in shapes.iter().zip(bufs.iter_mut()) {
+            be.matmul(x, weight, y, rows, i, o, false, true, false); // y = x·Wᵀ
+            be.matmul(y, x, dw, o, rows, i, true, false, true); // dW = dyᵀ·x
+            be.matmul(y, weight, dx, rows, o, i, false, false, false); // dx = dy·W
         }
     }
     let _ = be.check(); // waits for the device

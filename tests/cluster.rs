@@ -18,6 +18,27 @@ fn weights(dir: &Path) -> std::collections::HashMap<String, (Vec<usize>, Vec<f32
     lockstep_nn::checkpoint::load_tensors(&dir.join("model.safetensors")).expect("model.safetensors")
 }
 
+/// (max over tensors of ‖a − b‖₂/‖b‖₂, max element |a − b|).
+fn weight_diff(
+    got: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+    reference: &std::collections::HashMap<String, (Vec<usize>, Vec<f32>)>,
+) -> (f64, f64) {
+    let (mut max_tensor_rel, mut max_abs) = (0f64, 0f64);
+    for (name, (shape, want)) in reference {
+        let (gshape, g) = &got[name];
+        assert_eq!(gshape, shape, "{name}");
+        let (mut diff2, mut norm2) = (0f64, 0f64);
+        for (a, b) in g.iter().zip(want) {
+            let d = (*a as f64) - (*b as f64);
+            diff2 += d * d;
+            norm2 += (*b as f64) * (*b as f64);
+            max_abs = max_abs.max(d.abs());
+        }
+        max_tensor_rel = max_tensor_rel.max((diff2 / norm2.max(1e-30)).sqrt());
+    }
+    (max_tensor_rel, max_abs)
+}
+
 fn local(name: &str, workers: usize, extra: &[&str]) -> std::path::PathBuf {
     let dir = temp_dir(name);
     let out = run(bin()
@@ -50,20 +71,7 @@ fn data_parallel_ranks_agree_and_world_sizes_match() {
         // Relative difference per tensor: ‖w_W − w_1‖₂ / ‖w_1‖₂. The summation order of the
         // gradient differs with W (one k=128 GEMM vs partial sums added by the ring), so
         // bits differ; the models must agree to floating-point accuracy.
-        let got = weights(&dir);
-        let (mut max_tensor_rel, mut max_abs) = (0f64, 0f64);
-        for (name, (shape, want)) in &reference {
-            let (gshape, g) = &got[name];
-            assert_eq!(gshape, shape);
-            let (mut diff2, mut norm2) = (0f64, 0f64);
-            for (a, b) in g.iter().zip(want) {
-                let d = (*a as f64) - (*b as f64);
-                diff2 += d * d;
-                norm2 += (*b as f64) * (*b as f64);
-                max_abs = max_abs.max(d.abs());
-            }
-            max_tensor_rel = max_tensor_rel.max((diff2 / norm2.max(1e-30)).sqrt());
-        }
+        let (max_tensor_rel, max_abs) = weight_diff(&weights(&dir), &reference);
         println!("world {workers} vs 1 process: max per-tensor relative diff {max_tensor_rel:.3e}, max element abs diff {max_abs:.3e}");
         assert!(
             max_tensor_rel < 1e-5,
@@ -232,4 +240,54 @@ fn daemon_without_once_outlives_the_run() {
     let _ = daemon.wait();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(waiting && alive, "daemon should outlive the run (alive: {alive}):\n{text}");
+}
+
+/// An MLP with BatchNorm, as a job file in `dir`.
+fn batch_norm_job(dir: &Path, sync: bool) -> std::path::PathBuf {
+    let path = dir.join(format!("bn-{sync}.toml"));
+    let data = repo().join("data/mnist");
+    let job = format!(
+        r#"name = "bn"
+[model]
+kind = "sequential"
+input_shape = [784]
+sync_batch_norm = {sync}
+layers = [{{ type = "linear", out = 64 }}, {{ type = "batch_norm" }}, {{ type = "relu" }}, {{ type = "linear", out = 10 }}]
+[data]
+kind = "idx"
+dir = "{}"
+train_limit = 1536
+test_limit = 500
+[train]
+epochs = 1
+batch_size = 128
+log_every = 4
+[optim]
+kind = "adamw"
+lr = 0.01
+"#,
+        data.display()
+    );
+    std::fs::write(&path, job).expect("write job");
+    path
+}
+
+#[test]
+fn sync_batch_norm_matches_one_process_and_per_worker_statistics_do_not() {
+    let dir = temp_dir("syncbn");
+    let train = |args: &[&str], job: &Path, out: &str| {
+        let out_dir = dir.join(out);
+        let o = run(bin().args(args).arg(job).args(["--quiet", "--out"]).arg(&out_dir));
+        assert!(o.status.success(), "{args:?} failed:\n{}", stderr(&o));
+        weights(&out_dir)
+    };
+    let (sync_job, local_job) = (batch_norm_job(&dir, true), batch_norm_job(&dir, false));
+    let single = train(&["train"], &sync_job, "single");
+    let synced = train(&["local", "--workers", "2"], &sync_job, "sync");
+    let per_worker = train(&["local", "--workers", "2"], &local_job, "per-worker");
+    let (sync_rel, _) = weight_diff(&synced, &single);
+    let (local_rel, _) = weight_diff(&per_worker, &single);
+    println!("2 workers vs 1 process after 12 steps: SyncBatchNorm {sync_rel:.3e}, per-worker BatchNorm {local_rel:.3e}");
+    assert!(sync_rel < 1e-4, "SyncBatchNorm differs from one process by {sync_rel:e}");
+    assert!(local_rel > 10.0 * sync_rel && local_rel > 1e-4, "per-worker statistics should differ: {local_rel:e}");
 }

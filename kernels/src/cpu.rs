@@ -474,21 +474,32 @@ impl Backend for CpuBackend {
         xhat.resize(rows * cols, 0.0);
         norm::batch_norm_apply(x, mean, var, gamma, beta, rows, cols, eps, y, xhat);
     }
-    fn batch_norm_backward(
+    fn batch_norm_backward_sums(
+        &self,
+        dy: &Vec<f32>,
+        xhat: &Vec<f32>,
+        gamma: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        dgamma: &mut Vec<f32>,
+        dbeta: &mut Vec<f32>,
+    ) -> (Vec<f64>, Vec<f64>) {
+        norm::batch_norm_backward_sums(dy, xhat, gamma, rows, cols, dgamma, dbeta)
+    }
+    fn batch_norm_backward_dx(
         &self,
         dy: &Vec<f32>,
         xhat: &Vec<f32>,
         var: &[f64],
         gamma: &Vec<f32>,
+        means: (&[f64], &[f64]),
         rows: usize,
         cols: usize,
         eps: f32,
         dx: &mut Vec<f32>,
-        dgamma: &mut Vec<f32>,
-        dbeta: &mut Vec<f32>,
     ) {
         dx.resize(rows * cols, 0.0);
-        norm::batch_norm_backward(dy, xhat, var, gamma, rows, cols, eps, dx, dgamma, dbeta);
+        norm::batch_norm_backward_dx(dy, xhat, var, gamma, means.0, means.1, rows, cols, eps, dx);
     }
 
     fn softmax_backward(&self, p: &Vec<f32>, dp: &Vec<f32>, ds: &mut Vec<f32>, rows: usize, cols: usize) {

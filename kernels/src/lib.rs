@@ -263,25 +263,44 @@ pub trait Backend: Send + Sync + 'static {
         norm::batch_norm_apply(&self.download(x), mean, var, &hg, &hb, rows, cols, eps, &mut hy, &mut hh);
         (*y, *xhat) = (self.upload(&hy), self.upload(&hh));
     }
-    /// Training-mode BatchNorm backward; dgamma, dbeta accumulated.
+    /// Training-mode BatchNorm backward, first half: returns per channel (Σ γ·dy, Σ γ·dy·x̂)
+    /// and accumulates dgamma, dbeta. A synchronised BatchNorm sums the two across workers
+    /// before the second half.
     #[allow(clippy::too_many_arguments)]
-    fn batch_norm_backward(
+    fn batch_norm_backward_sums(
+        &self,
+        dy: &Self::Buf,
+        xhat: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (mut hdg, mut hdb) = (self.download(dgamma), self.download(dbeta));
+        let (hdy, hh, hg) = (self.download(dy), self.download(xhat), self.download(gamma));
+        let sums = norm::batch_norm_backward_sums(&hdy, &hh, &hg, rows, cols, &mut hdg, &mut hdb);
+        (*dgamma, *dbeta) = (self.upload(&hdg), self.upload(&hdb));
+        sums
+    }
+    /// Second half: dx from the batch means of γ·dy and γ·dy·x̂.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_backward_dx(
         &self,
         dy: &Self::Buf,
         xhat: &Self::Buf,
         var: &[f64],
         gamma: &Self::Buf,
+        means: (&[f64], &[f64]),
         rows: usize,
         cols: usize,
         eps: f32,
         dx: &mut Self::Buf,
-        dgamma: &mut Self::Buf,
-        dbeta: &mut Self::Buf,
     ) {
-        let (mut hdx, mut hdg, mut hdb) = (vec![0.0; rows * cols], self.download(dgamma), self.download(dbeta));
+        let mut hdx = vec![0.0; rows * cols];
         let (hdy, hh, hg) = (self.download(dy), self.download(xhat), self.download(gamma));
-        norm::batch_norm_backward(&hdy, &hh, var, &hg, rows, cols, eps, &mut hdx, &mut hdg, &mut hdb);
-        (*dx, *dgamma, *dbeta) = (self.upload(&hdx), self.upload(&hdg), self.upload(&hdb));
+        norm::batch_norm_backward_dx(&hdy, &hh, var, &hg, means.0, means.1, rows, cols, eps, &mut hdx);
+        *dx = self.upload(&hdx);
     }
 
     /// Softmax backward per row: ds = p ⊙ (dp − Σ_j dp_j p_j).

@@ -108,36 +108,47 @@ pub fn batch_norm_apply(
     }
 }
 
-/// Training-mode BatchNorm backward (batch statistics depend on x):
-/// dx = rstd_c·(dx̂ − mean_r(dx̂) − x̂·mean_r(dx̂·x̂)) with dx̂ = dy·gamma, per column.
+/// BatchNorm backward, first half: per channel Σ γ·dy and Σ γ·dy·x̂ (returned; a
+/// synchronised BatchNorm sums them across workers), and dγ += Σ dy·x̂, dβ += Σ dy.
 #[allow(clippy::too_many_arguments)]
-pub fn batch_norm_backward(
+pub fn batch_norm_backward_sums(
     dy: &[f32],
     xhat: &[f32],
-    var: &[f64],
     gamma: &[f32],
     rows: usize,
     cols: usize,
-    eps: f32,
-    dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
-) {
-    let (mut mean_d, mut mean_dh) = (vec![0.0f64; cols], vec![0.0f64; cols]);
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut sum_d, mut sum_dh) = (vec![0.0f64; cols], vec![0.0f64; cols]);
     for r in 0..rows {
         for c in 0..cols {
             let i = r * cols + c;
             let d = (dy[i] * gamma[c]) as f64;
-            mean_d[c] += d;
-            mean_dh[c] += d * xhat[i] as f64;
+            sum_d[c] += d;
+            sum_dh[c] += d * xhat[i] as f64;
             dgamma[c] += dy[i] * xhat[i];
             dbeta[c] += dy[i];
         }
     }
-    for c in 0..cols {
-        mean_d[c] /= rows as f64;
-        mean_dh[c] /= rows as f64;
-    }
+    (sum_d, sum_dh)
+}
+
+/// BatchNorm backward, second half, with the batch means of γ·dy and γ·dy·x̂:
+/// dx = rstd·(γ·dy − mean(γ·dy) − x̂·mean(γ·dy·x̂)).
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_backward_dx(
+    dy: &[f32],
+    xhat: &[f32],
+    var: &[f64],
+    gamma: &[f32],
+    mean_d: &[f64],
+    mean_dh: &[f64],
+    rows: usize,
+    cols: usize,
+    eps: f32,
+    dx: &mut [f32],
+) {
     for r in 0..rows {
         for c in 0..cols {
             let i = r * cols + c;

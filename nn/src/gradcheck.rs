@@ -116,7 +116,7 @@ mod tests {
         sinusoid_table, Act, AttentionShape, BatchNorm, BlockWeights, Conv2d, Dropout, Embedding, Flatten, LayerNorm,
         Linear, MultiHeadAttention, NormOrder, Pool2d, PoolKind, PositionalEncoding, TransformerBlock,
     };
-    use crate::layers::{Cell, Recurrent};
+    use crate::layers::{Cell, Conv1d, ConvTranspose2d, Recurrent};
     use lockstep_kernels::{Activation, CpuBackend, Window};
 
     /// Inputs kept at least 0.05 away from 0 so ReLU-family kinks are never straddled by ±h.
@@ -472,5 +472,47 @@ mod tests {
             assert_eq!(y.buf[..6], y2.buf[..6], "{cell:?}: steps 0-1 saw the future");
             assert_ne!(y.buf[6..], y2.buf[6..]);
         }
+    }
+
+    #[test]
+    fn transposed_conv_gradients_and_adjointness() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        // (N=2, 3x3, Cin=2) -> stride 2, kernel 3, pad 1: (2, 5x5, OC=3).
+        let w: Vec<f32> = (0..2 * 3 * 3 * 3).map(|i| ((i as f32) * 0.31).sin() * 0.5).collect();
+        let mut up = ConvTranspose2d::new(&be, "up", (3, 3, 2), 3, 3, 2, 1, &w);
+        assert_eq!((up.out_win.h, up.out_win.w), (5, 5));
+        assert_eq!(ConvTranspose2d::<CpuBackend>::output_size(3, 3, 2, 1), Some(5));
+        check_layer(&be, &mut up, &[2, 3, 3, 2], &input(36), &ctx);
+        // A transposed conv is the adjoint of the conv with the same weights:
+        // <convT(x), y> = <x, conv(y)> for the bias-free layers.
+        let conv_w: Vec<f32> = {
+            // conv weight (OC=2, KH, KW, Cg=3) from the transposed one (Cin=2, KH, KW, OC=3)
+            w.clone()
+        };
+        let mut conv = Conv2d::new(&be, "down", up.out_win, 2, 1, &conv_w);
+        let x = input(18); // (1, 3, 3, 2)
+        let y: Vec<f32> = (0..75).map(|i| ((i as f32) * 0.77).cos()).collect(); // (1, 5, 5, 3)
+        let t = up.forward(&be, Tensor::from_slice(&be, &[1, 3, 3, 2], &x), &ForwardCtx::default()).unwrap();
+        let c = conv.forward(&be, Tensor::from_slice(&be, &[1, 5, 5, 3], &y), &ForwardCtx::default()).unwrap();
+        let lhs: f64 = t.buf.iter().zip(&y).map(|(a, b)| (a * b) as f64).sum();
+        let rhs: f64 = x.iter().zip(&c.buf).map(|(a, b)| (a * b) as f64).sum();
+        assert!((lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+    }
+
+    #[test]
+    fn conv1d_gradients_and_known_values() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        // (N=2, L=5, C=2) -> kernel 3, stride 2, pad 1, 2 groups: (2, 3, 4).
+        let w: Vec<f32> = (0..4 * 3).map(|i| ((i as f32) * 0.43).sin() * 0.5).collect();
+        let mut conv = Conv1d::new(&be, "c1", (5, 2), 4, 3, 2, 1, 2, &w);
+        assert_eq!(conv.out_length(), 3);
+        check_layer(&be, &mut conv, &[2, 5, 2], &input(20), &ctx);
+        // A moving sum: kernel [1, 1, 1], pad 1 over [1, 2, 3, 4] gives [3, 6, 9, 7].
+        let mut sum = Conv1d::new(&be, "sum", (4, 1), 1, 3, 1, 1, 1, &[1.0, 1.0, 1.0]);
+        let y = sum.forward(&be, Tensor::from_slice(&be, &[1, 4, 1], &[1., 2., 3., 4.]), &ForwardCtx::default()).unwrap();
+        assert_eq!(y.shape, vec![1, 4, 1]);
+        assert_eq!(y.buf, vec![3., 6., 9., 7.]);
     }
 }

@@ -121,6 +121,26 @@ pub enum LayerSpec {
         #[serde(default = "one_usize")]
         groups: usize,
     },
+    /// Over sequences [L, C]; output [L_out, out_channels].
+    Conv1d {
+        out_channels: usize,
+        kernel: usize,
+        #[serde(default = "one_usize")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+        #[serde(default = "one_usize")]
+        groups: usize,
+    },
+    /// Transposed convolution (upsampling), images [H, W, C] (T8).
+    ConvTranspose2d {
+        out_channels: usize,
+        kernel: usize,
+        #[serde(default = "one_usize")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+    },
     MaxPool2d {
         kernel: usize,
         /// Default: the kernel size.
@@ -224,6 +244,10 @@ pub struct ModelSpec {
     pub positional: PositionalKind,
     #[serde(default)]
     pub cell: CellKind,
+    /// BatchNorm statistics over the global batch of all data-parallel workers
+    /// (SyncBatchNorm) instead of each worker's share (T10).
+    #[serde(default)]
+    pub sync_batch_norm: bool,
 }
 
 fn default_heads() -> usize {

@@ -6,7 +6,7 @@ use lockstep_kernels::{Activation, Backend};
 use lockstep_nn::data::text::CharTokenizer;
 use lockstep_nn::data::{load_idx_split, Dataset, Examples, Normalization, Normalizer};
 use lockstep_nn::init::{kaiming_normal, xavier_uniform};
-use lockstep_nn::layers::{Act, BatchNorm, Conv2d, Dropout, Flatten, LayerNorm, Linear, Pool2d, PoolKind};
+use lockstep_nn::layers::{Act, BatchNorm, Conv1d, Conv2d, ConvTranspose2d, Dropout, Flatten, LayerNorm, Linear, Pool2d, PoolKind};
 use lockstep_nn::optim::{OptimizerConfig, Rule};
 use lockstep_nn::schedule::{Decay, Schedule};
 use lockstep_nn::{Layer, Sequential};
@@ -132,6 +132,39 @@ pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> R
                 shape = vec![win.out_h(), win.out_w(), out_channels];
                 Box::new(Conv2d::new(be, &name, win, out_channels, groups, &w))
             }
+            LayerSpec::Conv1d { out_channels, kernel, stride, padding, groups } => {
+                let [length, c] = shape[..] else {
+                    return Err(bad(format!("needs a sequence input [L, C], got {shape:?}")));
+                };
+                if kernel == 0 || stride == 0 || kernel > length + 2 * padding {
+                    return Err(bad(format!("kernel {kernel} stride {stride} padding {padding} does not fit length {length}")));
+                }
+                if groups == 0 || c % groups != 0 || out_channels % groups != 0 || out_channels == 0 {
+                    return Err(bad(format!("{c} input and {out_channels} output channels must both divide into {groups} groups")));
+                }
+                let fan_in = kernel * c / groups;
+                let w = kaiming_normal(spec.seed, &format!("{name}.weight"), fan_in, out_channels);
+                let conv = Conv1d::new(be, &name, (length, c), out_channels, kernel, stride, padding, groups, &w);
+                rf += (kernel - 1) * jump;
+                jump *= stride;
+                shape = vec![conv.out_length(), out_channels];
+                Box::new(conv)
+            }
+            LayerSpec::ConvTranspose2d { out_channels, kernel, stride, padding } => {
+                let (h, w, c) = image(&shape)?;
+                let size = |s| ConvTranspose2d::<B>::output_size(s, kernel, stride, padding);
+                let (Some(oh), Some(ow)) = (size(h), size(w)) else {
+                    return Err(bad(format!("kernel {kernel} stride {stride} padding {padding} gives an empty output")));
+                };
+                if kernel == 0 || stride == 0 || out_channels == 0 {
+                    return Err(bad("kernel, stride and out_channels must be > 0".into()));
+                }
+                let weight = kaiming_normal(spec.seed, &format!("{name}.weight"), kernel * kernel * c, out_channels);
+                // An upsampling layer: the receptive field in input pixels shrinks by the stride.
+                jump = (jump / stride).max(1);
+                shape = vec![oh, ow, out_channels];
+                Box::new(ConvTranspose2d::new(be, &name, (h, w, c), out_channels, kernel, stride, padding, &weight))
+            }
             LayerSpec::MaxPool2d { kernel, stride, padding } | LayerSpec::AvgPool2d { kernel, stride, padding } => {
                 let stride = stride.unwrap_or(kernel);
                 let win = window(&shape, kernel, stride, padding)?;
@@ -160,7 +193,11 @@ pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> R
                 Box::new(Linear::new(be, &name, fan_in, out, &w))
             }
             LayerSpec::LayerNorm => Box::new(LayerNorm::new(be, &name, *shape.last().unwrap_or(&1))),
-            LayerSpec::BatchNorm => Box::new(BatchNorm::new(be, &name, *shape.last().unwrap_or(&1))),
+            LayerSpec::BatchNorm => {
+                let mut bn = BatchNorm::new(be, &name, *shape.last().unwrap_or(&1));
+                bn.sync = spec.model.sync_batch_norm;
+                Box::new(bn)
+            }
             LayerSpec::Dropout { p } => {
                 if !(0.0..1.0).contains(&p) {
                     return Err(bad("p must be in [0, 1)".into()));

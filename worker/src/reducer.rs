@@ -11,7 +11,9 @@ use crate::trainer::GradReducer;
 use crate::{Result, WorkerError};
 use lockstep_collective::Communicator;
 use lockstep_kernels::Backend;
+use lockstep_nn::layers::{StatSync, StatSyncHandle};
 use lockstep_nn::Param;
+use std::sync::Arc;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::thread::JoinHandle;
 
@@ -29,7 +31,43 @@ struct Bucket {
 
 enum Job {
     Reduce(usize, Vec<f32>),
+    /// Statistics from inside forward/backward (SyncBatchNorm): the sum goes back on the
+    /// job's own channel, so it never mixes with gradient buckets still in flight.
+    ReduceStats(Vec<f32>, Sender<std::result::Result<Vec<f32>, String>>),
     Stop,
+}
+
+/// f64 values as (high, low) f32 pairs, so a sum of pairs keeps ~48 bits.
+fn split_f64(values: &[f64]) -> Vec<f32> {
+    values
+        .iter()
+        .flat_map(|&v| {
+            let hi = v as f32;
+            [hi, (v - hi as f64) as f32]
+        })
+        .collect()
+}
+
+fn join_f64(parts: &[f32], values: &mut [f64]) {
+    for (v, pair) in values.iter_mut().zip(parts.chunks_exact(2)) {
+        *v = pair[0] as f64 + pair[1] as f64;
+    }
+}
+
+/// The [`StatSync`] of a bucket reducer: a request to its communication thread.
+struct CommStatSync {
+    jobs: std::sync::Mutex<Sender<Job>>,
+}
+
+impl StatSync for CommStatSync {
+    fn sum(&self, values: &mut [f64]) -> lockstep_nn::Result<()> {
+        let stopped = || lockstep_nn::NnError::Invalid("collective: all-reduce thread has stopped".into());
+        let (reply, answer) = channel();
+        self.jobs.lock().map_err(|_| stopped())?.send(Job::ReduceStats(split_f64(values), reply)).map_err(|_| stopped())?;
+        let summed = answer.recv().map_err(|_| stopped())?.map_err(|e| lockstep_nn::NnError::Invalid(format!("collective: {e}")))?;
+        join_f64(&summed, values);
+        Ok(())
+    }
 }
 
 pub struct BucketReducer {
@@ -74,10 +112,21 @@ impl BucketReducer {
         let comm_thread = std::thread::Builder::new()
             .name("lockstep-allreduce".into())
             .spawn(move || {
-                while let Ok(Job::Reduce(id, mut data)) = job_rx.recv() {
-                    let outcome = comm.all_reduce_sum(&mut data).map(|_| (id, data)).map_err(|e| e.to_string());
-                    let failed = outcome.is_err();
-                    if result_tx.send(outcome).is_err() || failed {
+                loop {
+                    let failed = match job_rx.recv() {
+                        Ok(Job::Reduce(id, mut data)) => {
+                            let outcome = comm.all_reduce_sum(&mut data).map(|_| (id, data)).map_err(|e| e.to_string());
+                            let failed = outcome.is_err();
+                            result_tx.send(outcome).is_err() || failed
+                        }
+                        Ok(Job::ReduceStats(mut data, reply)) => {
+                            let outcome = comm.all_reduce_sum(&mut data).map(|_| data).map_err(|e| e.to_string());
+                            let failed = outcome.is_err();
+                            reply.send(outcome).is_err() || failed
+                        }
+                        Ok(Job::Stop) | Err(_) => true,
+                    };
+                    if failed {
                         break;
                     }
                 }
@@ -110,20 +159,11 @@ impl BucketReducer {
     /// All-reduces a few f64 values exactly enough for reporting: each is split into a high
     /// and a low f32 part, summed separately.
     fn reduce_f64(&mut self, values: &mut [f64]) -> Result<()> {
-        let mut parts: Vec<f32> = Vec::with_capacity(values.len() * 2);
-        for &v in values.iter() {
-            let hi = v as f32;
-            parts.push(hi);
-            parts.push((v - hi as f64) as f32);
-        }
-        let id = usize::MAX;
         self.jobs
-            .send(Job::Reduce(id, parts))
+            .send(Job::Reduce(usize::MAX, split_f64(values)))
             .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
         let (_, summed) = self.receive()?;
-        for (v, pair) in values.iter_mut().zip(summed.chunks_exact(2)) {
-            *v = pair[0] as f64 + pair[1] as f64;
-        }
+        join_f64(&summed, values);
         Ok(())
     }
 
@@ -170,6 +210,10 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
 
     fn reduce_scalars(&mut self, values: &mut [f64]) -> Result<()> {
         self.reduce_f64(values)
+    }
+
+    fn stat_sync(&self) -> Option<StatSyncHandle> {
+        Some(StatSyncHandle(Arc::new(CommStatSync { jobs: std::sync::Mutex::new(self.jobs.clone()) })))
     }
 }
 

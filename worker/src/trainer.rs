@@ -11,6 +11,7 @@ use lockstep_nn::data::Examples;
 use lockstep_nn::loss::softmax_cross_entropy;
 use lockstep_nn::optim::{clip_factor, global_grad_norm, Optimizer};
 use lockstep_nn::schedule::Schedule;
+use lockstep_nn::layers::StatSyncHandle;
 use lockstep_nn::{ForwardCtx, Param, Sequential, Tensor};
 use lockstep_proto::JobSpec;
 
@@ -25,6 +26,11 @@ pub trait GradReducer<B: Backend> {
     /// After backward: every trainable gradient replaced by its sum over ranks.
     fn finish_grads(&mut self, be: &B, params: &mut [&mut Param<B>]) -> Result<()>;
     fn reduce_scalars(&mut self, values: &mut [f64]) -> Result<()>;
+    /// Sums statistics across ranks from inside forward/backward (SyncBatchNorm); None
+    /// with a single rank.
+    fn stat_sync(&self) -> Option<StatSyncHandle> {
+        None
+    }
 }
 
 /// World size 1: nothing to reduce.
@@ -93,6 +99,7 @@ impl<B: Backend> Trainer<B> {
                 step: self.global_step,
                 example_ids: local.iter().map(|&i| i as u64).collect(),
                 seq_lens: batch.seq_lens,
+                stat_sync: reducer.stat_sync(),
             };
             let input = self.input(local.len(), &batch.x); // (B, F), (B, H, W, C) or (B, T)
             let logits = self.model.forward(be, input, &ctx)?; // (B, classes) or (B, T, vocab)

@@ -5,6 +5,8 @@
 mod activation;
 mod attention;
 mod conv;
+mod conv1d;
+mod conv_transpose;
 mod dropout;
 mod embedding;
 mod linear;
@@ -16,6 +18,8 @@ mod transformer;
 pub use activation::Act;
 pub use attention::{AttentionShape, MultiHeadAttention};
 pub use conv::Conv2d;
+pub use conv1d::Conv1d;
+pub use conv_transpose::ConvTranspose2d;
 pub use dropout::Dropout;
 pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
 pub use linear::Linear;
@@ -57,6 +61,23 @@ impl<B: Backend> Param<B> {
     }
 }
 
+/// Sums a few statistics across the data-parallel workers, inside forward or backward
+/// (synchronised BatchNorm, T10). Every worker must call it the same number of times, in
+/// the same order.
+pub trait StatSync: Send + Sync {
+    fn sum(&self, values: &mut [f64]) -> Result<()>;
+}
+
+/// A shared [`StatSync`] that a `ForwardCtx` can carry.
+#[derive(Clone)]
+pub struct StatSyncHandle(pub std::sync::Arc<dyn StatSync>);
+
+impl std::fmt::Debug for StatSyncHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatSync")
+    }
+}
+
 /// What a forward pass needs to know besides its input.
 #[derive(Debug, Clone, Default)]
 pub struct ForwardCtx {
@@ -70,6 +91,8 @@ pub struct ForwardCtx {
     /// Valid length of each sequence of the batch (T29); positions at or after it are
     /// padding that attention never attends to. Empty: every sequence is full length.
     pub seq_lens: Vec<usize>,
+    /// Set in data-parallel training: synchronised BatchNorm sums its statistics through it.
+    pub stat_sync: Option<StatSyncHandle>,
 }
 
 pub trait Layer<B: Backend>: Send {

@@ -99,8 +99,20 @@ pub struct BatchNorm<B: Backend> {
     pub beta: Param<B>,
     pub running_mean: Vec<f64>,
     pub running_var: Vec<f64>,
-    /// x̂ and the batch variance used to make it.
-    xhat_var_cache: Option<(B::Buf, Vec<f64>, Vec<usize>)>,
+    /// Statistics over the global batch of all data-parallel workers (SyncBatchNorm)
+    /// instead of this worker's share; needs `ForwardCtx::stat_sync` to take effect.
+    pub sync: bool,
+    /// x̂, the batch variance used to make it, the input shape, the global row count and
+    /// the sync handle of the forward (backward sums through the same one).
+    cache: Option<BatchNormCache<B>>,
+}
+
+struct BatchNormCache<B: Backend> {
+    xhat: B::Buf,
+    var: Vec<f64>,
+    shape: Vec<usize>,
+    global_rows: f64,
+    sync: Option<super::StatSyncHandle>,
 }
 
 impl<B: Backend> BatchNorm<B> {
@@ -114,7 +126,8 @@ impl<B: Backend> BatchNorm<B> {
             beta: Param::new(be, format!("{name}.bias"), &[channels], &vec![0.0; channels], false),
             running_mean: vec![0.0; channels],
             running_var: vec![1.0; channels],
-            xhat_var_cache: None,
+            sync: false,
+            cache: None,
         }
     }
 }
@@ -131,8 +144,23 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
                 format!("{}: input {:?}, expected last dim {}", self.name, x.shape, self.channels),
             );
         }
+        let sync = ctx.stat_sync.clone().filter(|_| self.sync && ctx.train);
+        let mut global_rows = rows as f64;
         let (mean, var) = if ctx.train {
-            let (mean, var) = be.column_stats(&x.buf, rows, cols);
+            let (mut mean, mut var) = be.column_stats(&x.buf, rows, cols);
+            if let Some(handle) = &sync {
+                // [rows, Σx, Σx²] summed over workers, then the global mean and variance.
+                let mut sums = vec![rows as f64];
+                sums.extend(mean.iter().map(|m| m * rows as f64));
+                sums.extend(mean.iter().zip(&var).map(|(m, v)| (v + m * m) * rows as f64));
+                handle.0.sum(&mut sums)?;
+                global_rows = sums[0];
+                for c in 0..cols {
+                    mean[c] = sums[1 + c] / global_rows;
+                    var[c] = (sums[1 + cols + c] / global_rows - mean[c] * mean[c]).max(0.0);
+                }
+            }
+            let rows = global_rows as usize;
             let unbias = if rows > 1 { rows as f64 / (rows - 1) as f64 } else { 1.0 };
             for c in 0..cols {
                 self.running_mean[c] = (1.0 - self.momentum) * self.running_mean[c] + self.momentum * mean[c];
@@ -157,27 +185,25 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
             &mut xhat,
         );
         if ctx.train {
-            self.xhat_var_cache = Some((xhat, var, x.shape.clone()));
+            self.cache = Some(BatchNormCache { xhat, var, shape: x.shape.clone(), global_rows, sync });
         }
         Ok(y)
     }
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
-        let (xhat, var, shape) = cached(&mut self.xhat_var_cache, &self.name)?;
+        let BatchNormCache { xhat, var, shape, global_rows, sync } = cached(&mut self.cache, &self.name)?;
         let cols = self.channels;
         let rows = dy.numel() / cols;
+        let (mut sum_d, mut sum_dh) =
+            be.batch_norm_backward_sums(&dy.buf, &xhat, &self.gamma.value, rows, cols, &mut self.gamma.grad, &mut self.beta.grad);
+        if let Some(handle) = &sync {
+            let mut sums = [sum_d, sum_dh].concat();
+            handle.0.sum(&mut sums)?;
+            (sum_d, sum_dh) = (sums[..cols].to_vec(), sums[cols..].to_vec());
+        }
+        let mean_d: Vec<f64> = sum_d.iter().map(|s| s / global_rows).collect();
+        let mean_dh: Vec<f64> = sum_dh.iter().map(|s| s / global_rows).collect();
         let mut dx = Tensor::zeros(be, &shape);
-        be.batch_norm_backward(
-            &dy.buf,
-            &xhat,
-            &var,
-            &self.gamma.value,
-            rows,
-            cols,
-            self.eps,
-            &mut dx.buf,
-            &mut self.gamma.grad,
-            &mut self.beta.grad,
-        );
+        be.batch_norm_backward_dx(&dy.buf, &xhat, &var, &self.gamma.value, (&mean_d, &mean_dh), rows, cols, self.eps, &mut dx.buf);
         Ok(dx)
     }
     fn params(&self) -> Vec<&Param<B>> {
@@ -188,5 +214,98 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
     }
     fn flops_per_example(&self) -> u64 {
         4 * self.channels as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::{StatSync, StatSyncHandle};
+    use lockstep_kernels::CpuBackend;
+    use std::sync::{Arc, Barrier, Mutex};
+
+    /// Two threads standing in for two workers: each adds its values, waits, reads the total.
+    struct TwoThreadSum {
+        total: Mutex<Vec<f64>>,
+        barrier: Barrier,
+    }
+
+    impl StatSync for TwoThreadSum {
+        fn sum(&self, values: &mut [f64]) -> crate::Result<()> {
+            {
+                let mut t = self.total.lock().unwrap();
+                if t.len() != values.len() {
+                    *t = vec![0.0; values.len()];
+                }
+                t.iter_mut().zip(values.iter()).for_each(|(a, b)| *a += b);
+            }
+            self.barrier.wait();
+            values.copy_from_slice(&self.total.lock().unwrap());
+            if self.barrier.wait().is_leader() {
+                self.total.lock().unwrap().clear();
+            }
+            self.barrier.wait();
+            Ok(())
+        }
+    }
+
+    fn run(be: &CpuBackend, bn: &mut BatchNorm<CpuBackend>, x: &[f32], dy: &[f32], ctx: &ForwardCtx) -> (Vec<f32>, Vec<f32>) {
+        let rows = x.len() / 3;
+        let y = bn.forward(be, Tensor::from_slice(be, &[rows, 3], x), ctx).unwrap();
+        let dx = bn.backward(be, Tensor::from_slice(be, &[rows, 3], dy)).unwrap();
+        (y.buf, dx.buf)
+    }
+
+    #[test]
+    fn sync_batch_norm_over_two_workers_equals_one_batch_norm_over_the_whole_batch() {
+        let be = CpuBackend::new(1);
+        let x: Vec<f32> = (0..8 * 3).map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.3 + (i % 3) as f32).collect();
+        let dy: Vec<f32> = (0..8 * 3).map(|i| ((i as f32) * 0.7).sin()).collect();
+        let train = ForwardCtx { train: true, ..Default::default() };
+        let mut whole = BatchNorm::new(&be, "bn", 3);
+        let (y_all, dx_all) = run(&be, &mut whole, &x, &dy, &train);
+
+        let shared = Arc::new(TwoThreadSum { total: Mutex::new(Vec::new()), barrier: Barrier::new(2) });
+        let halves: Vec<_> = [(0usize, false), (1, false), (0, true), (1, true)]
+            .into_iter()
+            .map(|(half, sync)| {
+                let (x, dy, shared) = (x[half * 12..][..12].to_vec(), dy[half * 12..][..12].to_vec(), shared.clone());
+                (half, sync, x, dy, shared)
+            })
+            .collect();
+        for sync in [false, true] {
+            let threads: Vec<_> = halves
+                .iter()
+                .filter(|h| h.1 == sync)
+                .cloned()
+                .map(|(half, _, x, dy, shared)| {
+                    std::thread::spawn(move || {
+                        let be = CpuBackend::new(1);
+                        let mut bn = BatchNorm::new(&be, "bn", 3);
+                        bn.sync = sync;
+                        let ctx = ForwardCtx { train: true, stat_sync: Some(StatSyncHandle(shared)), ..Default::default() };
+                        let out = run(&be, &mut bn, &x, &dy, &ctx);
+                        (half, out, bn.gamma.grad.clone(), bn.running_mean.clone())
+                    })
+                })
+                .collect();
+            let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+            let mut max_diff = 0.0f32;
+            for (half, (y, dx), _, _) in &results {
+                for (a, b) in y.iter().chain(dx).zip(y_all[half * 12..][..12].iter().chain(&dx_all[half * 12..][..12])) {
+                    max_diff = max_diff.max((a - b).abs());
+                }
+            }
+            if sync {
+                assert!(max_diff < 1e-5, "synchronised halves differ from the whole batch by {max_diff}");
+                // Both workers keep the same (global) running statistics.
+                assert_eq!(results[0].3, results[1].3);
+                for (a, b) in results[0].3.iter().zip(&whole.running_mean) {
+                    assert!((a - b).abs() < 1e-9, "running mean {a} vs {b}");
+                }
+            } else {
+                assert!(max_diff > 1e-2, "per-worker statistics should differ from the whole batch ({max_diff})");
+            }
+        }
     }
 }
