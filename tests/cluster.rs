@@ -263,8 +263,8 @@ epochs = 1
 batch_size = 128
 log_every = 4
 [optim]
-kind = "adamw"
-lr = 0.01
+kind = "momentum"
+lr = 0.05
 "#,
         data.display()
     );
@@ -285,9 +285,17 @@ fn sync_batch_norm_matches_one_process_and_per_worker_statistics_do_not() {
     let single = train(&["train"], &sync_job, "single");
     let synced = train(&["local", "--workers", "2"], &sync_job, "sync");
     let per_worker = train(&["local", "--workers", "2"], &local_job, "per-worker");
+    // SGD, not Adam: l0.bias (and the weights of pixels that are constant over a batch)
+    // feed BatchNorm, which removes them, so their true gradient is 0 and they hold only
+    // rounding noise, which Adam would scale up to full-size steps. l0.bias itself stays a
+    // tensor of noise around 0, so relative differences on it mean nothing: left out.
+    let mut single = single;
+    single.remove("l0.bias"); // differences are taken over the reference's tensors
     let (sync_rel, _) = weight_diff(&synced, &single);
     let (local_rel, _) = weight_diff(&per_worker, &single);
-    println!("2 workers vs 1 process after 12 steps: SyncBatchNorm {sync_rel:.3e}, per-worker BatchNorm {local_rel:.3e}");
-    assert!(sync_rel < 1e-4, "SyncBatchNorm differs from one process by {sync_rel:e}");
+    println!(
+        "2 workers vs 1 process after 12 steps: SyncBatchNorm {sync_rel:.3e}, per-worker BatchNorm {local_rel:.3e}"
+    );
+    assert!(sync_rel < 1e-5, "SyncBatchNorm differs from one process by {sync_rel:e}");
     assert!(local_rel > 10.0 * sync_rel && local_rel > 1e-4, "per-worker statistics should differ: {local_rel:e}");
 }

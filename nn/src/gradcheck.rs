@@ -511,7 +511,8 @@ mod tests {
         check_layer(&be, &mut conv, &[2, 5, 2], &input(20), &ctx);
         // A moving sum: kernel [1, 1, 1], pad 1 over [1, 2, 3, 4] gives [3, 6, 9, 7].
         let mut sum = Conv1d::new(&be, "sum", (4, 1), 1, 3, 1, 1, 1, &[1.0, 1.0, 1.0]);
-        let y = sum.forward(&be, Tensor::from_slice(&be, &[1, 4, 1], &[1., 2., 3., 4.]), &ForwardCtx::default()).unwrap();
+        let y =
+            sum.forward(&be, Tensor::from_slice(&be, &[1, 4, 1], &[1., 2., 3., 4.]), &ForwardCtx::default()).unwrap();
         assert_eq!(y.shape, vec![1, 4, 1]);
         assert_eq!(y.buf, vec![3., 6., 9., 7.]);
     }

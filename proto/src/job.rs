@@ -523,7 +523,7 @@ impl JobSpec {
             check(m.dim > 0, "model.dim", "a language model needs dim > 0")?;
             check(m.blocks > 0, "model.blocks", "a language model needs at least one block")?;
             if m.kind == ModelKind::Gpt {
-                check(m.heads > 0 && m.dim % m.heads == 0, "model.heads", "must be > 0 and divide model.dim")?;
+                check(m.heads > 0 && m.dim.is_multiple_of(m.heads), "model.heads", "must be > 0 and divide model.dim")?;
             }
         }
         check(

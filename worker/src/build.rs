@@ -6,7 +6,9 @@ use lockstep_kernels::{Activation, Backend};
 use lockstep_nn::data::text::CharTokenizer;
 use lockstep_nn::data::{load_idx_split, Dataset, Examples, Normalization, Normalizer};
 use lockstep_nn::init::{kaiming_normal, xavier_uniform};
-use lockstep_nn::layers::{Act, BatchNorm, Conv1d, Conv2d, ConvTranspose2d, Dropout, Flatten, LayerNorm, Linear, Pool2d, PoolKind};
+use lockstep_nn::layers::{
+    Act, BatchNorm, Conv1d, Conv2d, ConvTranspose2d, Dropout, Flatten, LayerNorm, Linear, Pool2d, PoolKind,
+};
 use lockstep_nn::optim::{OptimizerConfig, Rule};
 use lockstep_nn::schedule::{Decay, Schedule};
 use lockstep_nn::{Layer, Sequential};
@@ -137,10 +139,14 @@ pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> R
                     return Err(bad(format!("needs a sequence input [L, C], got {shape:?}")));
                 };
                 if kernel == 0 || stride == 0 || kernel > length + 2 * padding {
-                    return Err(bad(format!("kernel {kernel} stride {stride} padding {padding} does not fit length {length}")));
+                    return Err(bad(format!(
+                        "kernel {kernel} stride {stride} padding {padding} does not fit length {length}"
+                    )));
                 }
                 if groups == 0 || c % groups != 0 || out_channels % groups != 0 || out_channels == 0 {
-                    return Err(bad(format!("{c} input and {out_channels} output channels must both divide into {groups} groups")));
+                    return Err(bad(format!(
+                        "{c} input and {out_channels} output channels must both divide into {groups} groups"
+                    )));
                 }
                 let fan_in = kernel * c / groups;
                 let w = kaiming_normal(spec.seed, &format!("{name}.weight"), fan_in, out_channels);
@@ -154,7 +160,9 @@ pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> R
                 let (h, w, c) = image(&shape)?;
                 let size = |s| ConvTranspose2d::<B>::output_size(s, kernel, stride, padding);
                 let (Some(oh), Some(ow)) = (size(h), size(w)) else {
-                    return Err(bad(format!("kernel {kernel} stride {stride} padding {padding} gives an empty output")));
+                    return Err(bad(format!(
+                        "kernel {kernel} stride {stride} padding {padding} gives an empty output"
+                    )));
                 };
                 if kernel == 0 || stride == 0 || out_channels == 0 {
                     return Err(bad("kernel, stride and out_channels must be > 0".into()));

@@ -133,3 +133,65 @@ pub fn build_rnn<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Sequential
     layers.push(Box::new(Linear::new(be, "head", d, vocab, &xavier_uniform(seed, "head.weight", d, vocab))));
     Sequential::new(layers)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lockstep_kernels::{CpuBackend, IGNORE_TARGET};
+    use lockstep_nn::loss::softmax_cross_entropy;
+    use lockstep_nn::{ForwardCtx, Tensor};
+
+    fn tiny_gpt(be: &CpuBackend, order: &str) -> Sequential<CpuBackend> {
+        let job = format!(
+            "name = 't'\n[model]\nkind = 'gpt'\ncontext = 6\ndim = 8\nheads = 2\nblocks = 2\nnorm_order = '{order}'\n\
+             [data]\nkind = 'text'\ndir = '.'\n[train]\nepochs = 1\nbatch_size = 2\n[optim]\nkind = 'adamw'\nlr = 0.01\n"
+        );
+        let spec = JobSpec::parse(&job, std::path::Path::new("t.toml"), &[]).unwrap();
+        build_gpt(be, &spec, 7)
+    }
+
+    #[test]
+    fn gpt_logits_at_t_ignore_tokens_after_t() {
+        let be = CpuBackend::new(1);
+        for order in ["pre_ln", "post_ln"] {
+            let mut gpt = tiny_gpt(&be, order);
+            let tokens = [3., 1., 4., 1., 5., 6.];
+            let logits = |gpt: &mut Sequential<CpuBackend>, x: &[f32]| {
+                gpt.forward(&be, Tensor::from_slice(&be, &[1, 6], x), &ForwardCtx::default()).unwrap().buf
+            };
+            let base = logits(&mut gpt, &tokens);
+            for t in 0..5 {
+                let mut changed = tokens;
+                changed[t + 1..].iter_mut().for_each(|v| *v = (*v + 2.0) % 7.0);
+                let other = logits(&mut gpt, &changed);
+                assert_eq!(base[..(t + 1) * 7], other[..(t + 1) * 7], "{order}: position {t} saw a later token");
+                assert_ne!(base[(t + 1) * 7..], other[(t + 1) * 7..]);
+            }
+        }
+    }
+
+    #[test]
+    fn gpt_padding_changes_neither_loss_nor_any_gradient() {
+        let be = CpuBackend::new(1);
+        let mut gpt = tiny_gpt(&be, "pre_ln");
+        // Two sequences, the second padded after 3 tokens; its padded targets are ignored.
+        let targets = [1, 4, 1, 5, 6, 2, 5, 2, 6, IGNORE_TARGET, IGNORE_TARGET, IGNORE_TARGET];
+        let run = |gpt: &mut Sequential<CpuBackend>, pad: f32| {
+            let x = [3., 1., 4., 1., 5., 6., 0., 5., 2., pad, pad, pad];
+            let ctx = ForwardCtx { train: true, seq_lens: vec![6, 3], example_ids: vec![0, 1], ..Default::default() };
+            gpt.zero_grad(&be);
+            let logits = gpt.forward(&be, Tensor::from_slice(&be, &[2, 6], &x), &ctx).unwrap();
+            let out = softmax_cross_entropy(&be, &logits, &targets, None, 1.0).unwrap();
+            gpt.backward(&be, out.grad).unwrap();
+            let grads: Vec<Vec<f32>> = gpt.params().iter().map(|p| p.grad.clone()).collect();
+            (out.loss_sum, grads)
+        };
+        let (loss_a, grads_a) = run(&mut gpt, 0.0);
+        let (loss_b, grads_b) = run(&mut gpt, 6.0);
+        assert_eq!(loss_a, loss_b, "padding changed the loss");
+        for ((a, b), p) in grads_a.iter().zip(&grads_b).zip(gpt.params()) {
+            assert_eq!(a, b, "padding changed the gradient of {}", p.name);
+        }
+        assert!(grads_a.iter().flatten().any(|&g| g != 0.0));
+    }
+}

@@ -13,8 +13,8 @@ use lockstep_collective::Communicator;
 use lockstep_kernels::Backend;
 use lockstep_nn::layers::{StatSync, StatSyncHandle};
 use lockstep_nn::Param;
-use std::sync::Arc;
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 struct Slot {
@@ -63,8 +63,15 @@ impl StatSync for CommStatSync {
     fn sum(&self, values: &mut [f64]) -> lockstep_nn::Result<()> {
         let stopped = || lockstep_nn::NnError::Invalid("collective: all-reduce thread has stopped".into());
         let (reply, answer) = channel();
-        self.jobs.lock().map_err(|_| stopped())?.send(Job::ReduceStats(split_f64(values), reply)).map_err(|_| stopped())?;
-        let summed = answer.recv().map_err(|_| stopped())?.map_err(|e| lockstep_nn::NnError::Invalid(format!("collective: {e}")))?;
+        self.jobs
+            .lock()
+            .map_err(|_| stopped())?
+            .send(Job::ReduceStats(split_f64(values), reply))
+            .map_err(|_| stopped())?;
+        let summed = answer
+            .recv()
+            .map_err(|_| stopped())?
+            .map_err(|e| lockstep_nn::NnError::Invalid(format!("collective: {e}")))?;
         join_f64(&summed, values);
         Ok(())
     }
@@ -111,24 +118,22 @@ impl BucketReducer {
         let (result_tx, results) = channel();
         let comm_thread = std::thread::Builder::new()
             .name("lockstep-allreduce".into())
-            .spawn(move || {
-                loop {
-                    let failed = match job_rx.recv() {
-                        Ok(Job::Reduce(id, mut data)) => {
-                            let outcome = comm.all_reduce_sum(&mut data).map(|_| (id, data)).map_err(|e| e.to_string());
-                            let failed = outcome.is_err();
-                            result_tx.send(outcome).is_err() || failed
-                        }
-                        Ok(Job::ReduceStats(mut data, reply)) => {
-                            let outcome = comm.all_reduce_sum(&mut data).map(|_| data).map_err(|e| e.to_string());
-                            let failed = outcome.is_err();
-                            reply.send(outcome).is_err() || failed
-                        }
-                        Ok(Job::Stop) | Err(_) => true,
-                    };
-                    if failed {
-                        break;
+            .spawn(move || loop {
+                let failed = match job_rx.recv() {
+                    Ok(Job::Reduce(id, mut data)) => {
+                        let outcome = comm.all_reduce_sum(&mut data).map(|_| (id, data)).map_err(|e| e.to_string());
+                        let failed = outcome.is_err();
+                        result_tx.send(outcome).is_err() || failed
                     }
+                    Ok(Job::ReduceStats(mut data, reply)) => {
+                        let outcome = comm.all_reduce_sum(&mut data).map(|_| data).map_err(|e| e.to_string());
+                        let failed = outcome.is_err();
+                        reply.send(outcome).is_err() || failed
+                    }
+                    Ok(Job::Stop) | Err(_) => true,
+                };
+                if failed {
+                    break;
                 }
             })
             .ok();
@@ -274,7 +279,7 @@ mod tests {
                     };
                     for s in 0..steps {
                         let batch: Vec<u32> = ((s * 24) as u32..(s * 24 + 24) as u32).collect();
-                        trainer.step(&data, rank_slice(&batch, rank, world), 24, reducer.as_mut()).unwrap();
+                        trainer.step(data.as_ref(), rank_slice(&batch, rank, world), reducer.as_mut()).unwrap();
                     }
                     trainer.model.params().iter().flat_map(|p| p.value.clone()).collect::<Vec<f32>>()
                 })

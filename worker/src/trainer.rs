@@ -8,10 +8,10 @@ use lockstep_kernels::Backend;
 use lockstep_kernels::IGNORE_TARGET;
 use lockstep_nn::data::text::CharTokenizer;
 use lockstep_nn::data::Examples;
+use lockstep_nn::layers::StatSyncHandle;
 use lockstep_nn::loss::softmax_cross_entropy;
 use lockstep_nn::optim::{clip_factor, global_grad_norm, Optimizer};
 use lockstep_nn::schedule::Schedule;
-use lockstep_nn::layers::StatSyncHandle;
 use lockstep_nn::{ForwardCtx, Param, Sequential, Tensor};
 use lockstep_proto::JobSpec;
 

@@ -48,7 +48,13 @@ impl<B: Backend> ConvTranspose2d<B> {
             name: name.to_string(),
             in_channels,
             out_win,
-            weight: Param::new(be, format!("{name}.weight"), &[in_channels, kernel, kernel, out_channels], weight, true),
+            weight: Param::new(
+                be,
+                format!("{name}.weight"),
+                &[in_channels, kernel, kernel, out_channels],
+                weight,
+                true,
+            ),
             bias: Param::new(be, format!("{name}.bias"), &[out_channels], &vec![0.0; out_channels], false),
             input_cache: None,
             input_grad: true,
@@ -75,7 +81,14 @@ impl<B: Backend> Layer<B> for ConvTranspose2d<B> {
         if x.shape.len() != 4 || x.shape[1..] != [ow.out_h(), ow.out_w(), self.in_channels] {
             return shape_err(
                 "ConvTranspose2d::forward",
-                format!("{}: input {:?}, expected [N, {}, {}, {}]", self.name, x.shape, ow.out_h(), ow.out_w(), self.in_channels),
+                format!(
+                    "{}: input {:?}, expected [N, {}, {}, {}]",
+                    self.name,
+                    x.shape,
+                    ow.out_h(),
+                    ow.out_w(),
+                    self.in_channels
+                ),
             );
         }
         let n = x.shape[0];

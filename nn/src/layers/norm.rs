@@ -193,8 +193,15 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
         let BatchNormCache { xhat, var, shape, global_rows, sync } = cached(&mut self.cache, &self.name)?;
         let cols = self.channels;
         let rows = dy.numel() / cols;
-        let (mut sum_d, mut sum_dh) =
-            be.batch_norm_backward_sums(&dy.buf, &xhat, &self.gamma.value, rows, cols, &mut self.gamma.grad, &mut self.beta.grad);
+        let (mut sum_d, mut sum_dh) = be.batch_norm_backward_sums(
+            &dy.buf,
+            &xhat,
+            &self.gamma.value,
+            rows,
+            cols,
+            &mut self.gamma.grad,
+            &mut self.beta.grad,
+        );
         if let Some(handle) = &sync {
             let mut sums = [sum_d, sum_dh].concat();
             handle.0.sum(&mut sums)?;
@@ -203,7 +210,17 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
         let mean_d: Vec<f64> = sum_d.iter().map(|s| s / global_rows).collect();
         let mean_dh: Vec<f64> = sum_dh.iter().map(|s| s / global_rows).collect();
         let mut dx = Tensor::zeros(be, &shape);
-        be.batch_norm_backward_dx(&dy.buf, &xhat, &var, &self.gamma.value, (&mean_d, &mean_dh), rows, cols, self.eps, &mut dx.buf);
+        be.batch_norm_backward_dx(
+            &dy.buf,
+            &xhat,
+            &var,
+            &self.gamma.value,
+            (&mean_d, &mean_dh),
+            rows,
+            cols,
+            self.eps,
+            &mut dx.buf,
+        );
         Ok(dx)
     }
     fn params(&self) -> Vec<&Param<B>> {
@@ -249,7 +266,13 @@ mod tests {
         }
     }
 
-    fn run(be: &CpuBackend, bn: &mut BatchNorm<CpuBackend>, x: &[f32], dy: &[f32], ctx: &ForwardCtx) -> (Vec<f32>, Vec<f32>) {
+    fn run(
+        be: &CpuBackend,
+        bn: &mut BatchNorm<CpuBackend>,
+        x: &[f32],
+        dy: &[f32],
+        ctx: &ForwardCtx,
+    ) -> (Vec<f32>, Vec<f32>) {
         let rows = x.len() / 3;
         let y = bn.forward(be, Tensor::from_slice(be, &[rows, 3], x), ctx).unwrap();
         let dx = bn.backward(be, Tensor::from_slice(be, &[rows, 3], dy)).unwrap();
@@ -283,7 +306,8 @@ mod tests {
                         let be = CpuBackend::new(1);
                         let mut bn = BatchNorm::new(&be, "bn", 3);
                         bn.sync = sync;
-                        let ctx = ForwardCtx { train: true, stat_sync: Some(StatSyncHandle(shared)), ..Default::default() };
+                        let ctx =
+                            ForwardCtx { train: true, stat_sync: Some(StatSyncHandle(shared)), ..Default::default() };
                         let out = run(&be, &mut bn, &x, &dy, &ctx);
                         (half, out, bn.gamma.grad.clone(), bn.running_mean.clone())
                     })
@@ -292,7 +316,8 @@ mod tests {
             let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
             let mut max_diff = 0.0f32;
             for (half, (y, dx), _, _) in &results {
-                for (a, b) in y.iter().chain(dx).zip(y_all[half * 12..][..12].iter().chain(&dx_all[half * 12..][..12])) {
+                for (a, b) in y.iter().chain(dx).zip(y_all[half * 12..][..12].iter().chain(&dx_all[half * 12..][..12]))
+                {
                     max_diff = max_diff.max((a - b).abs());
                 }
             }
