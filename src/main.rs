@@ -64,6 +64,13 @@ enum Command {
     Train {
         #[command(flatten)]
         job: JobArgs,
+        /// Continue a run: its directory (the newest checkpoint in DIR/checkpoints) or one
+        /// checkpoint file.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
+        /// Stop after this many steps as if preempted, writing a checkpoint (for testing).
+        #[arg(long, hide = true)]
+        stop_after: Option<u64>,
     },
     /// A coordinator and N worker processes on this machine, over loopback QUIC.
     Local {
@@ -158,16 +165,19 @@ fn real_main() -> Result<()> {
     let cli = Cli::parse();
     let threads = cli.threads.unwrap_or_else(cores).max(1);
     match cli.command {
-        Command::Train { job } => {
+        Command::Train { job, resume, stop_after } => {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("building the thread pool")?;
             let (spec, dir) = job.load()?;
+            let resume = resume.map(|r| find_checkpoint(&r)).transpose()?;
+            let opts =
+                RunOptions { checkpoint_dir: Some(dir.join("checkpoints")), resume, stop_after, ..Default::default() };
             match spec.device() {
-                Device::Cpu => train_single(CpuBackend::new(threads), &spec, &dir, !job.quiet),
+                Device::Cpu => train_single(CpuBackend::new(threads), &spec, &dir, !job.quiet, opts),
                 Device::Cuda(i) => {
                     let be = lockstep_kernels::cuda::CudaBackend::new(i)
                         .map_err(|e| anyhow::anyhow!("device cuda:{i} is not usable: {e}"))?;
                     tracing::info!("training on {}", lockstep_kernels::Backend::name(&be));
-                    train_single(be, &spec, &dir, !job.quiet)
+                    train_single(be, &spec, &dir, !job.quiet, opts)
                 }
             }
         }
@@ -235,8 +245,14 @@ fn real_main() -> Result<()> {
 }
 
 /// `lockstep train`: one process, world size 1.
-fn train_single<B: lockstep_kernels::Backend>(be: B, spec: &JobSpec, dir: &Path, progress: bool) -> Result<()> {
-    let mut writer = RunWriter::create(dir, spec, progress)?;
+fn train_single<B: lockstep_kernels::Backend>(
+    be: B,
+    spec: &JobSpec,
+    dir: &Path,
+    progress: bool,
+    opts: RunOptions,
+) -> Result<()> {
+    let mut writer = RunWriter::open(dir, spec, progress, opts.resume.is_some())?;
     let mut on_event = |event: RunEvent| -> lockstep_worker::Result<()> {
         let written = match event {
             RunEvent::Start { total_steps, params, flops_per_example, .. } => {
@@ -254,9 +270,20 @@ fn train_single<B: lockstep_kernels::Backend>(be: B, spec: &JobSpec, dir: &Path,
         };
         written.map_err(|e| lockstep_worker::WorkerError::Stopped(e.to_string()))
     };
-    let (summary, trainer) =
-        run_training(be, spec, RunOptions::default(), Box::new(|_| Ok(Box::new(NoReduce))), &mut on_event)?;
+    let (summary, trainer) = run_training(be, spec, opts, Box::new(|_| Ok(Box::new(NoReduce))), &mut on_event)?;
     save_model(&trainer, &dir.join("model.safetensors"))?;
     writer.finish(&summary)?;
     Ok(())
+}
+
+/// `--resume` takes a run directory (its newest checkpoint) or a checkpoint file.
+fn find_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let dir = path.join("checkpoints");
+    let newest = lockstep_worker::train_state::list_checkpoints(&dir)?.pop();
+    newest
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow::anyhow!("--resume {}: no checkpoint in {}", path.display(), dir.display()))
 }

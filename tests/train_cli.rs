@@ -208,3 +208,82 @@ fn invalid_layer_lists_fail_before_training() {
         assert!(err.contains(needle), "case {i}: expected {needle:?} in:\n{err}");
     }
 }
+
+#[test]
+fn stop_and_resume_equals_an_uninterrupted_run_bit_for_bit() {
+    // 2 epochs of 8 steps: dropout, AdamW and a cosine schedule all depend on the step.
+    let args = || {
+        let mut a = small_mnist(1024, 2);
+        a.extend(["--set".into(), "train.checkpoint_every=3".into()]);
+        a
+    };
+    let whole = temp_dir("resume-whole");
+    let out = run(bin().args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"]).arg(&whole).args(args()));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let parts = temp_dir("resume-parts");
+    // Stop inside the first epoch (step 5), then resume from the run directory.
+    let out = run(bin()
+        .args(["train", "configs/mnist-mlp.toml", "--quiet", "--stop-after", "5", "--out"])
+        .arg(&parts)
+        .args(args()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(summary(&parts)["steps"], 5);
+    let checkpoints: Vec<String> = std::fs::read_dir(parts.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(checkpoints.contains(&"step-00000005.safetensors".to_string()), "{checkpoints:?}");
+    let out = run(bin()
+        .args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"])
+        .arg(&parts)
+        .args(args())
+        .arg("--resume")
+        .arg(&parts));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(summary(&parts)["steps"], 16);
+    assert_eq!(
+        summary(&parts)["weight_hash"],
+        summary(&whole)["weight_hash"],
+        "resumed run differs from the uninterrupted one"
+    );
+    // Only the newest 3 checkpoints are kept (steps 12, 15 and the final 16).
+    let mut kept: Vec<String> = std::fs::read_dir(parts.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-00000012.safetensors", "step-00000015.safetensors", "step-00000016.safetensors"]);
+
+    // A bit-flipped or truncated checkpoint is refused, naming the file; nothing panics.
+    let last = parts.join("checkpoints/step-00000016.safetensors");
+    let mut bytes = std::fs::read(&last).unwrap();
+    let middle = bytes.len() * 3 / 4;
+    bytes[middle] ^= 0x04;
+    std::fs::write(&last, &bytes).unwrap();
+    let resume_last = || {
+        run(bin()
+            .args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"])
+            .arg(&parts)
+            .args(args())
+            .arg("--resume")
+            .arg(&last))
+    };
+    let out = resume_last();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("step-00000016.safetensors") && stderr(&out).contains("checksum"),
+        "{}",
+        stderr(&out)
+    );
+    bytes[middle] ^= 0x04;
+    std::fs::write(&last, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(bin()
+        .args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"])
+        .arg(&parts)
+        .args(args())
+        .arg("--resume")
+        .arg(&last));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("step-00000016.safetensors"), "{}", stderr(&out));
+}

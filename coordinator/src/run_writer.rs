@@ -19,11 +19,22 @@ pub struct RunWriter {
 
 impl RunWriter {
     pub fn create(dir: &Path, spec: &JobSpec, progress: bool) -> Result<Self> {
+        Self::open(dir, spec, progress, false)
+    }
+
+    /// `append`: a resumed run adds to the existing metrics.jsonl instead of replacing it.
+    pub fn open(dir: &Path, spec: &JobSpec, progress: bool, append: bool) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating run directory {}", dir.display())))?;
         std::fs::write(dir.join("job.toml"), spec.to_toml())
             .map_err(io_err(format!("writing {}/job.toml", dir.display())))?;
         let path = dir.join("metrics.jsonl");
-        let file = std::fs::File::create(&path).map_err(io_err(format!("creating {}", path.display())))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
         let bar = if progress { ProgressBar::new(0) } else { ProgressBar::hidden() };
         bar.set_style(
             ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")

@@ -38,14 +38,31 @@ pub fn to_safetensors_with_metadata(
     tensors: &[(String, Vec<usize>, Vec<f32>)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            TensorView::new(Dtype::F32, shape.clone(), bytemuck_f32(data))
-                .map(|v| (name.clone(), v))
-                .map_err(|e| NnError::Invalid(format!("tensor {name}: {e}")))
-        })
-        .collect::<Result<_>>()?;
+    serialize(tensors, &[], metadata)
+}
+
+/// f32 tensors, f64 tensors (exact state such as running statistics) and metadata.
+pub fn serialize(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors_f64: &[(String, Vec<usize>, Vec<f64>)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let bytes_f64: Vec<Vec<u8>> =
+        tensors_f64.iter().map(|(_, _, data)| data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    let mut named: Vec<(&str, &[u8])> = tensors.iter().map(|(n, _, d)| (n.as_str(), bytemuck_f32(d))).collect();
+    named.extend(tensors_f64.iter().zip(&bytes_f64).map(|((n, _, _), b)| (n.as_str(), b.as_slice())));
+    let mut metadata = metadata.unwrap_or_default();
+    metadata.insert(CRC_KEY.to_string(), format!("{:08x}", data_crc(named)));
+    let metadata = Some(metadata);
+    let mut views: Vec<(String, TensorView<'_>)> = Vec::new();
+    for (name, shape, data) in tensors {
+        let view = TensorView::new(Dtype::F32, shape.clone(), bytemuck_f32(data));
+        views.push((name.clone(), view.map_err(|e| NnError::Invalid(format!("tensor {name}: {e}")))?));
+    }
+    for ((name, shape, _), bytes) in tensors_f64.iter().zip(&bytes_f64) {
+        let view = TensorView::new(Dtype::F64, shape.clone(), bytes);
+        views.push((name.clone(), view.map_err(|e| NnError::Invalid(format!("tensor {name}: {e}")))?));
+    }
     safetensors::serialize(views, metadata).map_err(|e| NnError::Invalid(format!("safetensors: {e}")))
 }
 
@@ -94,28 +111,65 @@ pub fn load_into<B: Backend>(be: &B, params: &mut [&mut Param<B>], tensors: &Ten
 /// Named tensors read from disk: name -> (shape, values).
 pub type TensorMap = HashMap<String, (Vec<usize>, Vec<f32>)>;
 
+/// Header key of the CRC-32 over every tensor's bytes: safetensors itself has no checksum,
+/// and a flipped bit in the data would otherwise load silently.
+pub const CRC_KEY: &str = "lockstep.crc32";
+
+/// CRC-32 of (name, bytes) pairs taken in name order.
+fn data_crc<'a>(mut named: Vec<(&'a str, &'a [u8])>) -> u32 {
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    let mut crc = crc32fast::Hasher::new();
+    for (name, bytes) in named {
+        crc.update(name.as_bytes());
+        crc.update(bytes);
+    }
+    crc.finalize()
+}
+
+/// F64 tensors read from disk: name -> (shape, values).
+pub type TensorMapF64 = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
 /// Reads every f32 tensor of a safetensors file. A corrupt file is an error naming the
 /// file and what is wrong.
 pub fn load_tensors(path: &Path) -> Result<TensorMap> {
+    Ok(load_all(path)?.0)
+}
+
+/// Every f32 and f64 tensor of a safetensors file; any other dtype is an error.
+pub fn load_all(path: &Path) -> Result<(TensorMap, TensorMapF64)> {
     let bytes = std::fs::read(path).map_err(|source| NnError::Io { path: path.to_path_buf(), source })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| NnError::Data {
-        path: path.to_path_buf(),
-        offset: 0,
-        message: format!("not a valid safetensors file: {e}"),
-    })?;
-    let mut out = HashMap::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(NnError::Data {
-                path: path.to_path_buf(),
-                offset: 0,
-                message: format!("tensor {name} is {:?}, expected F32", view.dtype()),
-            });
+    let bad = |message: String| NnError::Data { path: path.to_path_buf(), offset: 0, message };
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let tensors = st.tensors();
+    if let Some(want) = header.metadata().as_ref().and_then(|m| m.get(CRC_KEY)) {
+        let got = format!("{:08x}", data_crc(tensors.iter().map(|(n, v)| (n.as_str(), v.data())).collect()));
+        if *want != got {
+            return Err(bad(format!("checksum mismatch (header {want}, data {got}): the file is corrupt")));
         }
-        let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-        out.insert(name, (view.shape().to_vec(), values));
     }
-    Ok(out)
+    let (mut f32s, mut f64s) = (HashMap::new(), HashMap::new());
+    for (name, view) in tensors {
+        let shape = view.shape().to_vec();
+        match view.dtype() {
+            Dtype::F32 => {
+                let values = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                f32s.insert(name, (shape, values.collect()));
+            }
+            Dtype::F64 => {
+                let values = view.data().chunks_exact(8).map(|b| {
+                    let mut le = [0u8; 8];
+                    le.copy_from_slice(b);
+                    f64::from_le_bytes(le)
+                });
+                f64s.insert(name, (shape, values.collect()));
+            }
+            other => return Err(bad(format!("tensor {name} is {other:?}, expected F32 or F64"))),
+        }
+    }
+    Ok((f32s, f64s))
 }
 
 #[cfg(test)]
@@ -135,7 +189,12 @@ mod tests {
         let t = load_tensors(&path).unwrap();
         assert_eq!(t["fc0.weight"], (vec![2, 3], vec![1., 2., 3., 4., 5., 6.]));
         assert_eq!(t["fc0.bias"], (vec![2], vec![-1., 0.5]));
-        let bytes = std::fs::read(&path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x10; // one bit of fc0.bias
+        std::fs::write(&path, &bytes).unwrap();
+        let err = load_tensors(&path).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors") && err.contains("checksum mismatch"), "{err}");
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
         let err = load_tensors(&path).unwrap_err().to_string();
         assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");

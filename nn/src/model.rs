@@ -66,6 +66,16 @@ impl<B: Backend> Sequential<B> {
         self.layers.iter_mut().flat_map(|l| l.params_mut()).collect()
     }
 
+    /// Every layer's non-parameter state (BatchNorm running statistics), by name.
+    pub fn buffers(&self) -> Vec<(String, Vec<f64>)> {
+        self.layers.iter().flat_map(|l| l.buffers()).collect()
+    }
+
+    /// Restores one buffer; false if no layer has it (or its length differs).
+    pub fn load_buffer(&mut self, name: &str, values: &[f64]) -> bool {
+        self.layers.iter_mut().any(|l| l.load_buffer(name, values))
+    }
+
     pub fn param_count(&self) -> usize {
         self.params().iter().map(|p| p.numel()).sum()
     }

@@ -356,6 +356,16 @@ pub struct TrainSpec {
     /// Evaluate every this many steps (0 = at the end of each epoch).
     #[serde(default)]
     pub eval_every: usize,
+    /// Write a training checkpoint every this many steps (0 = only at the end).
+    #[serde(default)]
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (the newest).
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_keep_checkpoints() -> usize {
+    3
 }
 
 fn default_log_every() -> usize {

@@ -351,7 +351,8 @@ fn train_on<B: Backend>(
         }
         Ok(())
     };
-    let (summary, trainer) = run_training(be, spec, RunOptions { rank, world }, make_reducer, &mut on_event)?;
+    let (summary, trainer) =
+        run_training(be, spec, RunOptions { rank, world, ..Default::default() }, make_reducer, &mut on_event)?;
     if let (0, Some(path)) = (rank, weights_path) {
         save_model(&trainer, std::path::Path::new(path))?;
     }

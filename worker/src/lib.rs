@@ -9,6 +9,7 @@ pub mod model_file;
 pub mod reducer;
 pub mod run;
 pub mod sample;
+pub mod train_state;
 pub mod trainer;
 
 pub use run::{run_training, ReducerFactory, RunEvent, RunOptions};

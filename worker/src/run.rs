@@ -3,12 +3,13 @@
 //! sends them to the coordinator.
 
 use crate::trainer::{GradReducer, Trainer};
-use crate::{build, Result};
+use crate::{build, train_state, Result};
 use lockstep_kernels::Backend;
 use lockstep_nn::data::{rank_slice, EpochSampler, Remainder};
 use lockstep_nn::optim::sparsity;
 use lockstep_proto::job::Remainder as SpecRemainder;
 use lockstep_proto::{EvalRecord, JobSpec, Summary, TrainRecord};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Debug, Clone)]
@@ -30,15 +31,22 @@ pub enum RunEvent {
     Eval(EvalRecord),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     pub rank: usize,
     pub world: usize,
+    /// Rank 0 writes training checkpoints here every `train.checkpoint_every` steps, when
+    /// stopped early and at the end.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Continue from this checkpoint (see `train_state`).
+    pub resume: Option<PathBuf>,
+    /// Stop after this many steps as if preempted (the schedule still spans the whole run).
+    pub stop_after: Option<u64>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { rank: 0, world: 1 }
+        Self { rank: 0, world: 1, checkpoint_dir: None, resume: None, stop_after: None }
     }
 }
 
@@ -81,6 +89,18 @@ pub fn run_training<B: Backend>(
     trainer.vocab = vocab;
     let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
     let mut reducer = make_reducer(&sizes)?;
+    if let Some(path) = &opts.resume {
+        let step = train_state::restore_checkpoint(&mut trainer, path)?;
+        tracing::info!("resumed from {} at step {step}", path.display());
+    }
+    let resumed_at = trainer.global_step;
+    let checkpoint = |trainer: &Trainer<B>| -> Result<()> {
+        if let (0, Some(dir)) = (opts.rank, &opts.checkpoint_dir) {
+            let path = train_state::save_checkpoint(trainer, dir, spec.train.keep_checkpoints)?;
+            tracing::info!("checkpoint {}", path.display());
+        }
+        Ok(())
+    };
     let allreduce_bytes_per_step = if opts.world > 1 { sizes.iter().flatten().sum::<usize>() as u64 * 4 } else { 0 };
     on_event(RunEvent::Start {
         total_steps,
@@ -97,9 +117,15 @@ pub fn run_training<B: Backend>(
     let mut evaluated_at = None;
     let mut epoch = 0;
     'epochs: for e in 0..spec.train.epochs as u64 {
+        if (e + 1) * steps_per_epoch <= resumed_at {
+            continue; // finished before the checkpoint
+        }
         epoch = e;
         let order = sampler.epoch_order(epoch);
         for s in 0..steps_per_epoch as usize {
+            if e * steps_per_epoch + (s as u64) < resumed_at {
+                continue; // the same global batches, in the same order, whatever the world size
+            }
             if trainer.global_step >= total_steps {
                 break 'epochs;
             }
@@ -132,6 +158,15 @@ pub fn run_training<B: Backend>(
                 None
             };
             on_event(RunEvent::Step { step, loss: stats.loss, record })?;
+            let every = spec.train.checkpoint_every as u64;
+            if every > 0 && step % every == 0 && step < total_steps {
+                checkpoint(&trainer)?;
+            }
+            if opts.stop_after.is_some_and(|stop| step >= stop) {
+                checkpoint(&trainer)?;
+                tracing::info!("stopping after step {step} (--stop-after)");
+                break 'epochs;
+            }
             let eval_every = spec.train.eval_every as u64;
             if eval_every > 0 && step % eval_every == 0 && step < total_steps {
                 (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?;
@@ -146,6 +181,9 @@ pub fn run_training<B: Backend>(
     if evaluated_at != Some(trainer.global_step) {
         // max_steps ended the run inside an epoch.
         (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?;
+    }
+    if trainer.global_step == total_steps {
+        checkpoint(&trainer)?;
     }
     let wall_s = started.elapsed().as_secs_f64();
     let summary = Summary {

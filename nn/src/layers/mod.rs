@@ -107,6 +107,16 @@ pub trait Layer<B: Backend>: Send {
     fn params_mut(&mut self) -> Vec<&mut Param<B>> {
         Vec::new()
     }
+    /// State that is not a parameter but that a checkpoint must keep (BatchNorm's running
+    /// statistics), by name.
+    fn buffers(&self) -> Vec<(String, Vec<f64>)> {
+        Vec::new()
+    }
+    /// Restores a buffer returned by `buffers`; false if the name is not this layer's or
+    /// the length differs.
+    fn load_buffer(&mut self, _name: &str, _values: &[f64]) -> bool {
+        false
+    }
     /// Whether backward must compute dL/dx. The model's first layer is told no (nothing
     /// consumes the gradient of the data), which saves a GEMM; it then returns an empty dx.
     fn set_input_grad(&mut self, _needed: bool) {}

@@ -229,6 +229,24 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
     fn params_mut(&mut self) -> Vec<&mut Param<B>> {
         vec![&mut self.gamma, &mut self.beta]
     }
+    fn buffers(&self) -> Vec<(String, Vec<f64>)> {
+        vec![
+            (format!("{}.running_mean", self.name), self.running_mean.clone()),
+            (format!("{}.running_var", self.name), self.running_var.clone()),
+        ]
+    }
+    fn load_buffer(&mut self, name: &str, values: &[f64]) -> bool {
+        let target = match name.strip_prefix(self.name.as_str()) {
+            Some(".running_mean") => &mut self.running_mean,
+            Some(".running_var") => &mut self.running_var,
+            _ => return false,
+        };
+        if target.len() != values.len() {
+            return false;
+        }
+        target.copy_from_slice(values);
+        true
+    }
     fn flops_per_example(&self) -> u64 {
         4 * self.channels as u64
     }

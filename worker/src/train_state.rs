@@ -1,0 +1,154 @@
+//! Training checkpoints: everything a run needs to continue exactly where it stopped.
+//!
+//! One safetensors file per checkpoint, `step-00001234.safetensors`, written atomically
+//! (temp file, fsync, rename, directory fsync); the newest `keep` are kept. Tensor names,
+//! so PyTorch's `safetensors` reads them:
+//! - every parameter under its own name (`h0.attn.qkv.weight`, ...), f32;
+//! - optimizer state as `optim.<state>.<parameter>`, with PyTorch's state names:
+//!   `exp_avg`, `exp_avg_sq` (Adam/AdamW), `momentum_buffer` (momentum/Nesterov), f32;
+//! - non-parameter buffers (BatchNorm `running_mean`/`running_var`), f64 (exact).
+//!
+//! Header metadata: `lockstep.job` (the resolved job), `lockstep.vocab`, `lockstep.step`
+//! (steps taken), `lockstep.optimizer_step`. The data order needs no saved state: the
+//! sampler's permutation is a pure function of (seed, epoch), dropout of (seed, layer, step,
+//! example), so the step number alone positions every random stream.
+
+use crate::{Result, Trainer, WorkerError};
+use lockstep_kernels::Backend;
+use lockstep_nn::checkpoint::{load_all, load_metadata, serialize, write_atomic};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+const STEP_KEY: &str = "lockstep.step";
+const OPTIMIZER_STEP_KEY: &str = "lockstep.optimizer_step";
+const JOB_KEY: &str = "lockstep.job";
+const VOCAB_KEY: &str = "lockstep.vocab";
+
+/// PyTorch's names for the two optimizer state slots of each rule.
+fn state_names<B: Backend>(trainer: &Trainer<B>) -> [&'static str; 2] {
+    use lockstep_nn::optim::Rule;
+    match trainer.optimizer.config.rule {
+        Rule::Adam { .. } | Rule::AdamW { .. } => ["exp_avg", "exp_avg_sq"],
+        _ => ["momentum_buffer", "unused"],
+    }
+}
+
+fn file_name(step: u64) -> String {
+    format!("step-{step:08}.safetensors")
+}
+
+/// Writes the trainer's state to `dir/step-<global_step>.safetensors` and deletes all but
+/// the newest `keep` checkpoints. Returns the file written.
+pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize) -> Result<PathBuf> {
+    let io = |e: std::io::Error| WorkerError::Config(format!("checkpoint directory {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let be = &trainer.be;
+    let params = trainer.model.params();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+        params.iter().map(|p| (p.name.clone(), p.shape.clone(), be.download(&p.value))).collect();
+    let names = state_names(trainer);
+    for (p, (s1, s2)) in params.iter().zip(&trainer.optimizer.state) {
+        for (slot, buf) in names.iter().zip([s1, s2]) {
+            if be.len(buf) == p.numel() {
+                tensors.push((format!("optim.{slot}.{}", p.name), p.shape.clone(), be.download(buf)));
+            }
+        }
+    }
+    let buffers: Vec<(String, Vec<usize>, Vec<f64>)> =
+        trainer.model.buffers().into_iter().map(|(name, v)| (name, vec![v.len()], v)).collect();
+    let mut metadata = HashMap::from([
+        (JOB_KEY.to_string(), trainer.spec.to_toml()),
+        (STEP_KEY.to_string(), trainer.global_step.to_string()),
+        (OPTIMIZER_STEP_KEY.to_string(), trainer.optimizer.step.to_string()),
+    ]);
+    if let Some(vocab) = &trainer.vocab {
+        metadata.insert(VOCAB_KEY.to_string(), vocab.to_vocab_file());
+    }
+    let path = dir.join(file_name(trainer.global_step));
+    write_atomic(&path, &serialize(&tensors, &buffers, Some(metadata))?)?;
+    let all = list_checkpoints(dir)?;
+    for (_, old) in all.iter().rev().skip(keep.max(1)) {
+        std::fs::remove_file(old).map_err(io)?;
+    }
+    Ok(path)
+}
+
+/// Checkpoints in `dir`, oldest first, with their step.
+pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(WorkerError::Config(format!("reading {}: {e}", dir.display()))),
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Restores parameters, optimizer state and buffers from `path` into `trainer` and sets
+/// its step. The checkpoint's model and optimizer must be the trainer's: anything else is
+/// an error naming what differs, before any state is touched.
+pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> Result<u64> {
+    let bad = |msg: String| WorkerError::Config(format!("checkpoint {}: {msg}", path.display()));
+    let metadata = load_metadata(path)?;
+    let get = |key: &str| metadata.get(key).ok_or_else(|| bad(format!("no {key} in the header")));
+    let step: u64 = get(STEP_KEY)?.parse().map_err(|_| bad(format!("{STEP_KEY} is not a number")))?;
+    let optimizer_step: u64 =
+        get(OPTIMIZER_STEP_KEY)?.parse().map_err(|_| bad(format!("{OPTIMIZER_STEP_KEY} is not a number")))?;
+    let saved = lockstep_proto::JobSpec::parse(get(JOB_KEY)?, path, &[]).map_err(|e| bad(e.to_string()))?;
+    if saved.model != trainer.spec.model {
+        return Err(bad("its [model] differs from this job's".into()));
+    }
+    if saved.optim.kind != trainer.spec.optim.kind {
+        return Err(bad(format!(
+            "it was trained with optim.kind {:?}, this job uses {:?}",
+            saved.optim.kind, trainer.spec.optim.kind
+        )));
+    }
+    let (tensors, buffers) = load_all(path)?;
+    let names = state_names(trainer);
+    let be = &trainer.be;
+    // Check everything first, then write: a bad file leaves the trainer untouched.
+    for (p, (s1, s2)) in trainer.model.params().iter().zip(&trainer.optimizer.state) {
+        match tensors.get(&p.name) {
+            Some((shape, _)) if *shape == p.shape => {}
+            Some((shape, _)) => return Err(bad(format!("{} has shape {shape:?}, the model {:?}", p.name, p.shape))),
+            None => return Err(bad(format!("no tensor {}", p.name))),
+        }
+        for (slot, buf) in names.iter().zip([s1, s2]).filter(|(_, b)| be.len(b) > 0) {
+            let key = format!("optim.{slot}.{}", p.name);
+            match tensors.get(&key) {
+                Some((_, v)) if v.len() == be.len(buf) => {}
+                Some((_, v)) => return Err(bad(format!("{key} has {} values, expected {}", v.len(), be.len(buf)))),
+                None => return Err(bad(format!("no tensor {key}"))),
+            }
+        }
+    }
+    for (name, values) in trainer.model.buffers() {
+        match buffers.get(&name) {
+            Some((_, v)) if v.len() == values.len() => {}
+            _ => return Err(bad(format!("no buffer {name} of {} values", values.len()))),
+        }
+    }
+    for (p, (s1, s2)) in trainer.model.params_mut().into_iter().zip(trainer.optimizer.state.iter_mut()) {
+        p.value = be.upload(&tensors[&p.name].1);
+        for (slot, buf) in names.iter().zip([s1, s2]) {
+            if be.len(buf) > 0 {
+                *buf = be.upload(&tensors[&format!("optim.{slot}.{}", p.name)].1);
+            }
+        }
+    }
+    for (name, _) in trainer.model.buffers() {
+        trainer.model.load_buffer(&name, &buffers[&name].1);
+    }
+    trainer.optimizer.step = optimizer_step;
+    trainer.global_step = step;
+    Ok(step)
+}
