@@ -137,6 +137,8 @@ async fn rendezvous_local(coord: &mut Coordinator, n: usize, workers: &mut Local
 
 pub struct LocalRun<'a> {
     pub spec: JobSpec,
+    /// A checkpoint to continue from (any world size).
+    pub resume: Option<PathBuf>,
     pub workers: usize,
     pub dir: &'a Path,
     pub threads_per_worker: usize,
@@ -149,7 +151,7 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
     let rt = runtime()?;
     let mut spec = run.spec;
     absolutize_data_dir(&mut spec);
-    let mut writer = RunWriter::create(run.dir, &spec, run.progress)?;
+    let mut writer = RunWriter::open(run.dir, &spec, run.progress, run.resume.is_some())?;
     let token = generate_token()?;
     let token_file = write_token(run.dir, &token)?;
     let summary = rt.block_on(async {
@@ -159,7 +161,9 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
             LocalWorkers::spawn(run.workers, &coord.join_address, &token_file, run.threads_per_worker, run.dir)?;
         let result = async {
             let joined = rendezvous_local(&mut coord, run.workers, &mut workers).await?;
-            let summary = coord.run_train(joined, &spec, run.threads_per_worker, run.bucket_bytes, &mut writer).await?;
+            let summary = coord
+                .run_train(joined, &spec, run.threads_per_worker, run.bucket_bytes, run.resume.as_deref(), &mut writer)
+                .await?;
             workers.wait_all(Duration::from_secs(30)).await?;
             Ok::<_, anyhow::Error>(summary)
         }
@@ -175,6 +179,7 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
 
 pub struct CoordinatorRun<'a> {
     pub spec: JobSpec,
+    pub resume: Option<PathBuf>,
     pub listen: SocketAddr,
     pub advertise: Option<String>,
     pub workers: usize,
@@ -188,7 +193,7 @@ pub struct CoordinatorRun<'a> {
 /// `lockstep coordinator`: waits for N workers to join, runs the job, shuts them down.
 pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
     let rt = runtime()?;
-    let mut writer = RunWriter::create(run.dir, &run.spec, run.progress)?;
+    let mut writer = RunWriter::open(run.dir, &run.spec, run.progress, run.resume.is_some())?;
     let token = match run.token_file {
         Some(p) => read_token(Some(p))?,
         None => {
@@ -210,7 +215,9 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
             run.workers, coord.join_address
         );
         let joined = coord.rendezvous(run.workers, Duration::from_secs(24 * 3600)).await?;
-        let summary = coord.run_train(joined, &run.spec, run.threads_per_worker, run.bucket_bytes, &mut writer).await?;
+        let summary = coord
+            .run_train(joined, &run.spec, run.threads_per_worker, run.bucket_bytes, run.resume.as_deref(), &mut writer)
+            .await?;
         Ok::<_, anyhow::Error>(summary)
     })?;
     writer.finish(&summary)?;

@@ -76,6 +76,9 @@ enum Command {
     Local {
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// Continue a run (its directory or a checkpoint file), on any number of workers.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
         /// Gradient bucket size in MiB.
         #[arg(long, default_value_t = 25.0)]
         bucket_mb: f64,
@@ -84,6 +87,9 @@ enum Command {
     },
     /// Wait for N workers to join, train the job on them, shut them down.
     Coordinator {
+        /// Continue a run (its directory or a checkpoint file readable by every worker).
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
         /// Address to listen on (UDP), e.g. 0.0.0.0:7070.
         #[arg(long)]
         listen: SocketAddr,
@@ -181,14 +187,17 @@ fn real_main() -> Result<()> {
                 }
             }
         }
-        Command::Local { workers, bucket_mb, job } => {
+        Command::Local { workers, resume, bucket_mb, job } => {
             if workers == 0 {
                 anyhow::bail!("--workers must be at least 1");
             }
             let (spec, dir) = job.load()?;
             let per_worker = cli.threads.map_or((cores() / workers).max(1), |t| t.max(1));
+            // Absolute, since the workers may run elsewhere.
+            let resume = resume.map(|r| find_checkpoint(&r).and_then(|p| Ok(std::path::absolute(p)?))).transpose()?;
             cluster::run_local(cluster::LocalRun {
                 spec,
+                resume,
                 workers,
                 dir: &dir,
                 threads_per_worker: per_worker,
@@ -196,11 +205,13 @@ fn real_main() -> Result<()> {
                 progress: !job.quiet,
             })
         }
-        Command::Coordinator { listen, workers, advertise, token_file, bucket_mb, job } => {
+        Command::Coordinator { resume, listen, workers, advertise, token_file, bucket_mb, job } => {
             let (mut spec, dir) = job.load()?;
             cluster::absolutize_data_dir(&mut spec);
+            let resume = resume.map(|r| find_checkpoint(&r).and_then(|p| Ok(std::path::absolute(p)?))).transpose()?;
             cluster::run_coordinator(cluster::CoordinatorRun {
                 spec,
+                resume,
                 listen,
                 advertise,
                 workers,

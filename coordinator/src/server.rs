@@ -107,10 +107,14 @@ impl Coordinator {
         spec: &JobSpec,
         threads: usize,
         bucket_bytes: u64,
+        resume: Option<&std::path::Path>,
         writer: &mut RunWriter,
     ) -> Result<Summary> {
         let weights_path = Some(writer.dir().join("model.safetensors").display().to_string());
-        let task = Task::Train { job_toml: spec.to_toml(), threads, bucket_bytes, weights_path };
+        let checkpoint_dir = Some(writer.dir().join("checkpoints").display().to_string());
+        let resume_path = resume.map(|p| p.display().to_string());
+        let task =
+            Task::Train { job_toml: spec.to_toml(), threads, bucket_bytes, weights_path, checkpoint_dir, resume_path };
         let mut group = Group::assign(workers, spec.seed, task).await?;
         let result = supervise_train(&mut group, writer).await;
         group.finish(&result).await;

@@ -83,6 +83,10 @@ pub enum Task {
         bucket_bytes: u64,
         /// Where rank 0 writes the final weights (safetensors), if anywhere.
         weights_path: Option<String>,
+        /// Where rank 0 writes training checkpoints, if anywhere.
+        checkpoint_dir: Option<String>,
+        /// Every rank restores this checkpoint before step 0 (a path all ranks can read).
+        resume_path: Option<String>,
     },
     /// Time ring all-reduces of these sizes.
     BenchAllReduce { sizes: Vec<u64>, iters: usize },

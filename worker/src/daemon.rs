@@ -240,7 +240,7 @@ impl Node<'_> {
         let opts = self.opts;
         let (rank, world) = (assign.rank, assign.world);
         match &assign.task {
-            Task::Train { job_toml, threads, bucket_bytes, weights_path } => {
+            Task::Train { job_toml, threads, bucket_bytes, weights_path, checkpoint_dir, resume_path } => {
                 let spec = JobSpec::parse(job_toml, std::path::Path::new("<assigned job>"), &[])
                     .map_err(|e| WorkerError::Config(e.to_string()))?;
                 let threads = if *threads > 0 { *threads } else { opts.threads };
@@ -255,6 +255,8 @@ impl Node<'_> {
                     world,
                     bucket_bytes: *bucket_bytes as usize,
                     weights_path: weights_path.as_deref(),
+                    checkpoint_dir: checkpoint_dir.as_deref(),
+                    resume_path: resume_path.as_deref(),
                 };
                 let summary = pool.install(|| match spec.device() {
                     Device::Cpu => train_on(CpuBackend::new(pool.current_num_threads()), job, comm, session),
@@ -311,6 +313,8 @@ struct TrainJob<'a> {
     world: usize,
     bucket_bytes: usize,
     weights_path: Option<&'a str>,
+    checkpoint_dir: Option<&'a str>,
+    resume_path: Option<&'a str>,
 }
 
 /// Trains on backend `be`, reporting to the coordinator through `session`.
@@ -320,7 +324,7 @@ fn train_on<B: Backend>(
     comm: Option<Box<dyn Communicator>>,
     session: &Session,
 ) -> Result<lockstep_proto::Summary> {
-    let TrainJob { spec, rank, world, bucket_bytes, weights_path } = job;
+    let TrainJob { spec, rank, world, bucket_bytes, weights_path, checkpoint_dir, resume_path } = job;
     let make_reducer: crate::ReducerFactory<'_, B> = Box::new(move |sizes| {
         Ok(match comm {
             Some(comm) => Box::new(BucketReducer::new(comm, sizes, bucket_bytes)) as Box<dyn GradReducer<B>>,
@@ -351,8 +355,14 @@ fn train_on<B: Backend>(
         }
         Ok(())
     };
-    let (summary, trainer) =
-        run_training(be, spec, RunOptions { rank, world, ..Default::default() }, make_reducer, &mut on_event)?;
+    let opts = RunOptions {
+        rank,
+        world,
+        checkpoint_dir: checkpoint_dir.map(Into::into),
+        resume: resume_path.map(Into::into),
+        stop_after: None,
+    };
+    let (summary, trainer) = run_training(be, spec, opts, make_reducer, &mut on_event)?;
     if let (0, Some(path)) = (rank, weights_path) {
         save_model(&trainer, std::path::Path::new(path))?;
     }
