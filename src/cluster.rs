@@ -70,6 +70,12 @@ impl LocalWorkers {
                 .kill_on_drop(true)
                 .spawn()
                 .with_context(|| format!("starting worker {i}"))?;
+            // For operators (and the fault-injection tests): which process is which worker.
+            if let Some(pid) = child.id() {
+                let pid_path = dir.join(format!("worker-{i}.pid"));
+                std::fs::write(&pid_path, pid.to_string())
+                    .with_context(|| format!("writing {}", pid_path.display()))?;
+            }
             children.push(child);
             logs.push(log_path);
         }
@@ -88,16 +94,21 @@ impl LocalWorkers {
         lines[lines.len().saturating_sub(8)..].join("\n")
     }
 
-    /// Waits for every child; an unsuccessful exit is an error naming the worker and its log.
-    pub async fn wait_all(&mut self, timeout: Duration) -> Result<()> {
+    /// Waits for every child; an unsuccessful exit is an error naming the worker and its
+    /// log, unless `lost_ok` (the run recovered from losing workers).
+    pub async fn wait_all(&mut self, timeout: Duration, lost_ok: bool) -> Result<()> {
         for (i, child) in self.children.iter_mut().enumerate() {
             match tokio::time::timeout(timeout, child.wait()).await {
                 Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) if lost_ok => tracing::warn!("worker {i} exited with {status} (lost during the run)"),
                 Ok(Ok(status)) => bail!("worker {i} exited with {status}; log {}", self.logs[i].display()),
                 Ok(Err(e)) => bail!("worker {i}: {e}"),
                 Err(_) => {
                     let _ = child.kill().await;
-                    bail!("worker {i} did not exit within {timeout:?}; killed");
+                    if !lost_ok {
+                        bail!("worker {i} did not exit within {timeout:?}; killed");
+                    }
+                    tracing::warn!("worker {i} did not exit within {timeout:?} (lost during the run); killed");
                 }
             }
         }
@@ -146,10 +157,47 @@ pub struct LocalRun<'a> {
     pub progress: bool,
 }
 
+/// How long a re-forming group waits for the full count before going on with fewer.
+const REFORM_GRACE: Duration = Duration::from_secs(15);
+
+/// Trains on `joined`; when the run fails (a worker died or got stuck) and the job allows
+/// it (`train.min_workers`), re-forms the group from the workers that re-join and continues
+/// from the newest checkpoint. Returns the summary and the number of re-formations.
+async fn train_elastic(
+    coord: &mut Coordinator,
+    mut joined: Vec<WorkerConn>,
+    spec: &JobSpec,
+    run: &LocalRun<'_>,
+    writer: &mut RunWriter,
+) -> Result<(lockstep_proto::Summary, usize)> {
+    let mut resume = run.resume.clone();
+    let mut restarts = 0;
+    loop {
+        let world = joined.len();
+        match coord.run_train(joined, spec, run.threads_per_worker, run.bucket_bytes, resume.as_deref(), writer).await {
+            Ok(summary) => return Ok((summary, restarts)),
+            Err(e) if spec.train.min_workers > 0 && restarts < spec.train.max_restarts => {
+                restarts += 1;
+                let newest = lockstep_worker::train_state::list_checkpoints(&run.dir.join("checkpoints"))?.pop();
+                resume = newest.map(|(_, p)| p).or_else(|| run.resume.clone());
+                let from = resume.as_ref().map_or("the start".to_string(), |p| p.display().to_string());
+                tracing::warn!(
+                    "run failed on {world} workers: {e}; re-forming the group (restart {restarts} of {}) from {from}",
+                    spec.train.max_restarts
+                );
+                joined = coord
+                    .rendezvous_elastic(spec.train.min_workers, run.workers, REFORM_GRACE, RENDEZVOUS_TIMEOUT)
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// `lockstep local`: a coordinator here and N worker processes over loopback QUIC.
 pub fn run_local(run: LocalRun<'_>) -> Result<()> {
     let rt = runtime()?;
-    let mut spec = run.spec;
+    let mut spec = run.spec.clone();
     absolutize_data_dir(&mut spec);
     let mut writer = RunWriter::open(run.dir, &spec, run.progress, run.resume.is_some())?;
     let token = generate_token()?;
@@ -161,10 +209,8 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
             LocalWorkers::spawn(run.workers, &coord.join_address, &token_file, run.threads_per_worker, run.dir)?;
         let result = async {
             let joined = rendezvous_local(&mut coord, run.workers, &mut workers).await?;
-            let summary = coord
-                .run_train(joined, &spec, run.threads_per_worker, run.bucket_bytes, run.resume.as_deref(), &mut writer)
-                .await?;
-            workers.wait_all(Duration::from_secs(30)).await?;
+            let (summary, restarts) = train_elastic(&mut coord, joined, &spec, &run, &mut writer).await?;
+            workers.wait_all(Duration::from_secs(30), restarts > 0).await?;
             Ok::<_, anyhow::Error>(summary)
         }
         .await;
@@ -215,9 +261,16 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
             run.workers, coord.join_address
         );
         let joined = coord.rendezvous(run.workers, Duration::from_secs(24 * 3600)).await?;
-        let summary = coord
-            .run_train(joined, &run.spec, run.threads_per_worker, run.bucket_bytes, run.resume.as_deref(), &mut writer)
-            .await?;
+        let local = LocalRun {
+            spec: run.spec.clone(),
+            resume: run.resume.clone(),
+            workers: run.workers,
+            dir: run.dir,
+            threads_per_worker: run.threads_per_worker,
+            bucket_bytes: run.bucket_bytes,
+            progress: run.progress,
+        };
+        let (summary, _) = train_elastic(&mut coord, joined, &run.spec, &local, &mut writer).await?;
         Ok::<_, anyhow::Error>(summary)
     })?;
     writer.finish(&summary)?;
@@ -236,7 +289,7 @@ pub fn bench_allreduce(workers: usize, sizes: Vec<u64>, iters: usize, threads: u
         let mut children = LocalWorkers::spawn(workers, &coord.join_address, &token_file, threads, &dir)?;
         let joined = rendezvous_local(&mut coord, workers, &mut children).await?;
         let timings = coord.run_bench(joined, sizes.clone(), iters).await?;
-        children.wait_all(Duration::from_secs(30)).await?;
+        children.wait_all(Duration::from_secs(30), false).await?;
         Ok::<_, anyhow::Error>(timings)
     })?;
     let tcp = rt.block_on(tcp_stream_throughput(64 << 20, 8))?;

@@ -324,7 +324,9 @@ fn resume_on_another_world_size_continues_the_same_epoch() {
     let s = summary(&dir);
     assert_eq!((s["steps"].as_u64(), s["world_size"].as_u64()), (Some(12), Some(2)));
     let (rel, abs) = weight_diff(&weights(&dir), &weights(&whole));
-    println!("1 process → resumed on 2 workers vs uninterrupted: max per-tensor relative diff {rel:.3e}, abs {abs:.3e}");
+    println!(
+        "1 process → resumed on 2 workers vs uninterrupted: max per-tensor relative diff {rel:.3e}, abs {abs:.3e}"
+    );
     assert!(rel < 1e-5, "resumed on 2 workers differs by {rel:e}");
     // The metrics file holds both parts: steps 3 (first part) and 12 (after the resume).
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();

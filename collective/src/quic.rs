@@ -27,11 +27,30 @@ pub struct QuicLink {
     pub timeout: Duration,
 }
 
+/// Closes a link's connections from another thread, so that a collective blocked on a
+/// dead or aborted peer fails at once instead of waiting for its timeout.
+#[derive(Clone)]
+pub struct LinkAbort {
+    connections: [Connection; 2],
+}
+
+impl LinkAbort {
+    pub fn abort(&self, reason: &str) {
+        for c in &self.connections {
+            c.close(3u32.into(), reason.as_bytes());
+        }
+    }
+}
+
 fn link_err(e: impl std::fmt::Display) -> CollectiveError {
     CollectiveError::Link(e.to_string())
 }
 
 impl QuicLink {
+    pub fn abort_handle(&self) -> LinkAbort {
+        LinkAbort { connections: [self._next.clone(), self._prev.clone()] }
+    }
+
     /// Builds this rank's links. `endpoint` is this worker's data-plane endpoint, whose
     /// allowed-peer set is restricted here to the previous rank.
     pub async fn connect(

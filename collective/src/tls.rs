@@ -174,6 +174,10 @@ impl ClientCertVerifier for PinnedClients {
 /// Flow-control windows sized for bulk tensors; GSO off and a high MTU ceiling, which is
 /// what takes loopback QUIC from ~3 to >6 Gbit/s. MTU discovery finds the real path MTU
 /// (1500 on a veth) from a safe 1200-byte start.
+/// The heartbeat: every connection sends a keep-alive each second, and a peer silent for
+/// this long is dead (its connection fails, and so does any collective waiting on it).
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(64 << 20))
@@ -183,7 +187,7 @@ fn transport() -> Arc<TransportConfig> {
         .enable_segmentation_offload(false)
         .max_concurrent_uni_streams(VarInt::from_u32(64))
         .keep_alive_interval(Some(Duration::from_secs(1)))
-        .max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("60 s fits a VarInt")));
+        .max_idle_timeout(Some(HEARTBEAT_TIMEOUT.try_into().expect("10 s fits a VarInt")));
     // Start with a large congestion window: the links are datacenter/loopback paths, and a
     // step's gradients arrive as one burst after an idle compute phase.
     let mut cubic = quinn::congestion::CubicConfig::default();

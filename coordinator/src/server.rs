@@ -78,6 +78,35 @@ impl Coordinator {
         self.endpoint.local_addr().map_err(|e| CoordError::Net(e.to_string()))
     }
 
+    /// Re-forming a group: waits up to `grace` for `max` workers, then takes what has
+    /// joined if that is at least `min`; otherwise keeps waiting until `timeout`.
+    pub async fn rendezvous_elastic(
+        &mut self,
+        min: usize,
+        max: usize,
+        grace: Duration,
+        timeout: Duration,
+    ) -> Result<Vec<WorkerConn>> {
+        let start = tokio::time::Instant::now();
+        let mut workers = Vec::with_capacity(max);
+        while workers.len() < max {
+            let deadline = if workers.len() >= min { start + grace } else { start + timeout };
+            match tokio::time::timeout_at(deadline, self.joined.recv()).await {
+                Ok(Some(w)) => workers.push(w),
+                Ok(None) => return Err(CoordError::Net("accept loop stopped".into())),
+                Err(_) if workers.len() >= min => break,
+                Err(_) => {
+                    return Err(CoordError::Run(format!(
+                        "only {} workers re-joined within {timeout:?}; the job needs at least {min}",
+                        workers.len()
+                    )))
+                }
+            }
+        }
+        tracing::info!("group re-formed with {} workers", workers.len());
+        Ok(workers)
+    }
+
     /// Waits until `n` workers have joined (or `timeout` passes).
     pub async fn rendezvous(&mut self, n: usize, timeout: Duration) -> Result<Vec<WorkerConn>> {
         let mut workers = Vec::with_capacity(n);
@@ -116,7 +145,15 @@ impl Coordinator {
         let task =
             Task::Train { job_toml: spec.to_toml(), threads, bucket_bytes, weights_path, checkpoint_dir, resume_path };
         let mut group = Group::assign(workers, spec.seed, task).await?;
-        let result = supervise_train(&mut group, writer).await;
+        let mut result = supervise_train(&mut group, writer).await;
+        if let Err(CoordError::Run(first)) = &result {
+            // One failure brings the others (the ranks waiting on a dead or frozen peer):
+            // gather them so the message says who stopped and in which collective.
+            let others = group.other_failures(Duration::from_secs(2)).await;
+            if !others.is_empty() {
+                result = Err(CoordError::Run(format!("{first}; then {}", others.join("; "))));
+            }
+        }
         group.finish(&result).await;
         result
     }
@@ -243,6 +280,20 @@ impl Group {
         }
     }
 
+    /// Failures reported within `window` after the first one, as text.
+    async fn other_failures(&mut self, window: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut found = Vec::new();
+        while let Ok(Some((rank, msg))) = tokio::time::timeout_at(deadline, self.inbox.recv()).await {
+            match msg {
+                Ok(ToCoordinator::Failed { error, .. }) => found.push(format!("rank {rank} failed: {error}")),
+                Err(e) => found.push(format!("lost rank {rank} ({}): {e}", self.hosts[rank])),
+                Ok(_) => {}
+            }
+        }
+        found
+    }
+
     async fn broadcast(&mut self, msg: &ToWorker) {
         for (rank, send) in self.sends.iter_mut().enumerate() {
             if let Err(e) = write_frame(send, msg).await {
@@ -251,14 +302,13 @@ impl Group {
         }
     }
 
-    /// Tells every worker the run is over (or aborted) and closes the connections.
+    /// Tells every worker the run is over (Shutdown) or aborted (Abort) and closes the
+    /// connections. After an Abort the workers re-join: the coordinator may re-form the
+    /// group from the survivors, or it exits and the workers find it gone.
     async fn finish<T>(&mut self, result: &Result<T>) {
         match result {
             Ok(_) => self.broadcast(&ToWorker::Shutdown).await,
-            Err(e) => {
-                self.broadcast(&ToWorker::Abort { reason: e.to_string() }).await;
-                self.broadcast(&ToWorker::Shutdown).await;
-            }
+            Err(e) => self.broadcast(&ToWorker::Abort { reason: e.to_string() }).await,
         }
         for send in &mut self.sends {
             let _ = send.finish();

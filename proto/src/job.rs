@@ -362,6 +362,18 @@ pub struct TrainSpec {
     /// Checkpoints kept (the newest).
     #[serde(default = "default_keep_checkpoints")]
     pub keep_checkpoints: usize,
+    /// When a worker dies, re-form the group from the survivors (and any replacement that
+    /// joins) if at least this many remain, and continue from the last checkpoint.
+    /// 0: a dead worker stops the run.
+    #[serde(default)]
+    pub min_workers: usize,
+    /// Group re-formations allowed in one run.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: usize,
+}
+
+fn default_max_restarts() -> usize {
+    3
 }
 
 fn default_keep_checkpoints() -> usize {

@@ -6,7 +6,7 @@ use crate::model_file::save_model;
 use crate::reducer::BucketReducer;
 use crate::trainer::{GradReducer, NoReduce};
 use crate::{run_training, Result, RunEvent, RunOptions, WorkerError};
-use lockstep_collective::quic::QuicLink;
+use lockstep_collective::quic::{LinkAbort, QuicLink};
 use lockstep_collective::tls::{
     client_config, endpoint, parse_join_address, resolve, server_config, AllowedPeers, Identity,
 };
@@ -58,6 +58,18 @@ struct Node<'a> {
     allowed: &'a AllowedPeers,
     me: &'a Identity,
     opts: &'a DaemonOptions,
+    /// The ring link of the running task: closed when the coordinator aborts the task or
+    /// goes away, so a collective blocked on a dead peer fails now rather than at its timeout.
+    active_link: ActiveLink,
+}
+
+type ActiveLink = std::sync::Arc<std::sync::Mutex<Option<LinkAbort>>>;
+
+fn abort_active_link(active: &ActiveLink, reason: &str) {
+    if let Some(link) = active.lock().ok().and_then(|mut l| l.take()) {
+        tracing::warn!("closing the ring link: {reason}");
+        link.abort(reason);
+    }
 }
 
 struct Session {
@@ -99,7 +111,8 @@ pub fn run_daemon(opts: &DaemonOptions) -> Result<()> {
     let data_port = data_ep.local_addr().map_err(net("data-plane endpoint"))?.port();
     let advertise = opts.advertise.or_else(|| local_ip_towards(coord)).unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let data_addr = SocketAddr::new(advertise, data_port).to_string();
-    let node = Node { rt: &rt, data_ep: &data_ep, allowed: &allowed, me: &identity, opts };
+    let node =
+        Node { rt: &rt, data_ep: &data_ep, allowed: &allowed, me: &identity, opts, active_link: Default::default() };
     let result = node.join_and_serve(coord, &coord_fp, &coord_addr, &data_addr);
     // Close the connections properly so the coordinator sees us leave at once.
     data_ep.close(0u32.into(), b"worker exiting");
@@ -111,25 +124,27 @@ impl Node<'_> {
     fn join_and_serve(&self, coord: SocketAddr, coord_fp: &str, coord_addr: &str, data_addr: &str) -> Result<()> {
         let opts = self.opts;
         loop {
-            let session =
-                match self.rt.block_on(Self::join(self.data_ep, self.me, coord, coord_fp, &opts.token, data_addr)) {
-                    Ok(s) => s,
-                    // A refusal or a pinning failure will not fix itself: report it and stop.
-                    Err(e @ (WorkerError::Stopped(_) | WorkerError::Config(_))) => return Err(e),
-                    Err(e) if opts.once => return Err(e),
-                    Err(e) => {
-                        tracing::warn!("cannot join {}: {e}; retrying in 2 s", opts.join);
-                        std::thread::sleep(Duration::from_secs(2));
-                        continue;
-                    }
-                };
+            let joining = Self::join(self.data_ep, self.me, coord, coord_fp, &opts.token, data_addr, &self.active_link);
+            let session = match self.rt.block_on(joining) {
+                Ok(s) => s,
+                // A refusal or a pinning failure will not fix itself: report it and stop.
+                Err(e @ (WorkerError::Stopped(_) | WorkerError::Config(_))) => return Err(e),
+                Err(e) if opts.once => return Err(e),
+                Err(e) => {
+                    tracing::warn!("cannot join {}: {e}; retrying in 2 s", opts.join);
+                    std::thread::sleep(Duration::from_secs(2));
+                    continue;
+                }
+            };
             tracing::info!(coordinator = %coord_addr, data = %data_addr, "joined");
-            let finished = self.serve(&session);
-            match finished {
-                Ok(_) if opts.once => return Ok(()),
+            // A run that ends with Shutdown is over; a connection the coordinator closes (it
+            // is re-forming the group after a failure, or restarting) is re-joined, --once or
+            // not: a --once worker leaves only when it cannot reach the coordinator any more.
+            match self.serve(&session) {
+                Ok(true) if opts.once => return Ok(()),
                 // A daemon outlives runs: back to joining, for the next job.
                 Ok(true) => tracing::info!("run finished; waiting for the next job"),
-                Ok(false) => tracing::info!("coordinator went away; re-joining"),
+                Ok(false) => tracing::info!("coordinator closed the connection; re-joining"),
                 Err(e) if opts.once => return Err(e),
                 Err(e) => tracing::warn!("task failed: {e}; re-joining"),
             }
@@ -143,6 +158,7 @@ impl Node<'_> {
         coord_fp: &str,
         token: &str,
         data_addr: &str,
+        active_link: &ActiveLink,
     ) -> Result<Session> {
         let cfg = client_config(me, coord_fp).map_err(net("tls"))?;
         let conn = ep.connect_with(cfg, coord, "lockstep").map_err(net("connect"))?.await.map_err(|e| {
@@ -184,12 +200,17 @@ impl Node<'_> {
             let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
         });
         let (in_tx, inbox) = std_mpsc::channel();
+        let active_link = active_link.clone();
         tokio::spawn(async move {
             while let Ok(msg) = read_frame::<_, ToWorker>(&mut recv).await {
+                if let ToWorker::Abort { reason } = &msg {
+                    abort_active_link(&active_link, &format!("coordinator aborted the task: {reason}"));
+                }
                 if in_tx.send(msg).is_err() {
                     break;
                 }
             }
+            abort_active_link(&active_link, "the coordinator connection closed");
             drop(conn);
         });
         Ok(Session { outbox, inbox: std::sync::Mutex::new(inbox) })
@@ -210,10 +231,12 @@ impl Node<'_> {
                         let _ = session.outbox.send(ToCoordinator::Failed { rank, error: e.to_string() });
                     }
                     self.allowed.write().map_err(|_| WorkerError::Collective("peer set poisoned".into()))?.clear();
-                    if opts.once {
+                    if let Ok(mut active) = self.active_link.lock() {
+                        active.take(); // the link itself closed with the task
+                    }
+                    if opts.once && result.is_ok() {
                         // Wait (briefly) for the coordinator's Shutdown so the last reports land.
-                        let _ = session.recv(Some(Duration::from_secs(30)));
-                        return result.map(|_| true);
+                        return Ok(matches!(session.recv(Some(Duration::from_secs(30))), Ok(ToWorker::Shutdown)));
                     }
                 }
                 ToWorker::Shutdown => return Ok(true),
@@ -233,6 +256,9 @@ impl Node<'_> {
             .rt
             .block_on(QuicLink::connect(self.data_ep, self.allowed, self.me, assign.rank, &assign.peers, timeout))
             .map_err(|e| WorkerError::Collective(e.to_string()))?;
+        if let Ok(mut active) = self.active_link.lock() {
+            *active = Some(link.abort_handle());
+        }
         Ok(Some(Box::new(RingComm { link, rank: assign.rank, world: assign.world })))
     }
 

@@ -121,12 +121,21 @@ impl BucketReducer {
             .spawn(move || loop {
                 let failed = match job_rx.recv() {
                     Ok(Job::Reduce(id, mut data)) => {
-                        let outcome = comm.all_reduce_sum(&mut data).map(|_| (id, data)).map_err(|e| e.to_string());
+                        let what = if id == usize::MAX {
+                            "all-reduce of the loss scalars".to_string()
+                        } else {
+                            format!("all-reduce of gradient bucket {id} ({} values)", data.len())
+                        };
+                        let outcome =
+                            comm.all_reduce_sum(&mut data).map(|_| (id, data)).map_err(|e| format!("{what}: {e}"));
                         let failed = outcome.is_err();
                         result_tx.send(outcome).is_err() || failed
                     }
                     Ok(Job::ReduceStats(mut data, reply)) => {
-                        let outcome = comm.all_reduce_sum(&mut data).map(|_| data).map_err(|e| e.to_string());
+                        let outcome = comm
+                            .all_reduce_sum(&mut data)
+                            .map(|_| data)
+                            .map_err(|e| format!("all-reduce of BatchNorm statistics: {e}"));
                         let failed = outcome.is_err();
                         reply.send(outcome).is_err() || failed
                     }

@@ -131,7 +131,12 @@ pub fn run_training<B: Backend>(
             }
             let batch = sampler.global_batch(&order, s);
             let local = rank_slice(&batch, opts.rank, opts.world);
-            let stats = trainer.step(train.as_ref(), local, reducer.as_mut())?;
+            let step_index = trainer.global_step;
+            let stats = trainer.step(train.as_ref(), local, reducer.as_mut()).map_err(|e| match e {
+                // Say where: which step a collective failed in (the bucket is in the message).
+                crate::WorkerError::Collective(m) => crate::WorkerError::Collective(format!("step {step_index}: {m}")),
+                other => other,
+            })?;
             if !stats.loss.is_finite() {
                 return Err(crate::WorkerError::Stopped(format!(
                     "loss is {} at step {}: the learning rate ({}) is likely too high or gradients exploded (grad norm {:.3e}); lower optim.lr or set optim.clip_norm",
