@@ -287,3 +287,57 @@ fn stop_and_resume_equals_an_uninterrupted_run_bit_for_bit() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("step-00000016.safetensors"), "{}", stderr(&out));
 }
+
+#[test]
+fn killing_the_trainer_while_it_writes_checkpoints_never_leaves_a_torn_one() {
+    // A checkpoint every step, so a kill at any moment is likely inside a write; each time
+    // the newest checkpoint left must load and resume.
+    let dir = temp_dir("kill-while-writing");
+    let args = || {
+        let mut a = small_mnist(60000, 1);
+        a.extend([
+            "--set".into(),
+            "train.checkpoint_every=1".into(),
+            "--set".into(),
+            "train.keep_checkpoints=2".into(),
+        ]);
+        a
+    };
+    for round in 0..4u64 {
+        let mut cmd = bin();
+        cmd.args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"]).arg(&dir).args(args());
+        if round > 0 {
+            cmd.arg("--resume").arg(&dir);
+        }
+        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let checkpoints = dir.join("checkpoints");
+        let count = || std::fs::read_dir(&checkpoints).map(|d| d.count()).unwrap_or(0);
+        let start = std::time::Instant::now();
+        while count() < 2 {
+            assert!(start.elapsed() < std::time::Duration::from_secs(120), "no checkpoints written");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // A different moment inside the write cycle each round.
+        std::thread::sleep(std::time::Duration::from_millis(37 * round + 11));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        // The newest complete checkpoint resumes for one more step.
+        let out = run(bin()
+            .args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"])
+            .arg(&dir)
+            .args(args())
+            .args(["--resume"])
+            .arg(&dir)
+            .args(["--stop-after", "0"])); // one step, then stop
+        let err = stderr(&out);
+        assert!(!err.contains("checksum") && !err.contains("not a valid safetensors"), "round {round}: {err}");
+        assert!(out.status.success(), "round {round}: {err}");
+        // Temporary files of killed writes are cleaned up by the next write.
+        let leftovers: Vec<_> = std::fs::read_dir(&checkpoints)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "round {round}: {leftovers:?}");
+    }
+}

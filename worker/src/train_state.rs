@@ -66,6 +66,17 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize
     }
     let path = dir.join(file_name(trainer.global_step));
     write_atomic(&path, &serialize(&tensors, &buffers, Some(metadata))?)?;
+    // A writer killed mid-write leaves its temporary file; the rename never happened, so it
+    // is garbage (only rank 0 writes here, one checkpoint at a time).
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(".step-") && name.contains(".tmp-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
     let all = list_checkpoints(dir)?;
     for (_, old) in all.iter().rev().skip(keep.max(1)) {
         std::fs::remove_file(old).map_err(io)?;
