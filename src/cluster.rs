@@ -2,6 +2,7 @@
 //! wiring of the coordinator and worker crates to processes.
 
 use anyhow::{bail, Context, Result};
+use lockstep_collective::tls::Identity;
 use lockstep_coordinator::{generate_token, Coordinator, RunWriter, WorkerConn};
 use lockstep_proto::JobSpec;
 use std::net::SocketAddr;
@@ -157,6 +158,21 @@ pub struct LocalRun<'a> {
     pub progress: bool,
 }
 
+/// A run directory's newest checkpoint (made absolute: the workers may run elsewhere), or
+/// the checkpoint file given.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    let file = if path.is_file() {
+        path.to_path_buf()
+    } else {
+        let dir = path.join("checkpoints");
+        let newest = lockstep_worker::train_state::list_checkpoints(&dir)?.pop();
+        newest
+            .map(|(_, p)| p)
+            .ok_or_else(|| anyhow::anyhow!("--resume {}: no checkpoint in {}", path.display(), dir.display()))?
+    };
+    Ok(std::path::absolute(file)?)
+}
+
 /// How long a re-forming group waits for the full count before going on with fewer.
 const REFORM_GRACE: Duration = Duration::from_secs(15);
 
@@ -170,7 +186,9 @@ async fn train_elastic(
     run: &LocalRun<'_>,
     writer: &mut RunWriter,
 ) -> Result<(lockstep_proto::Summary, usize)> {
-    let mut resume = run.resume.clone();
+    // Resolved only now, after the rendezvous: until the workers re-joined, a rank of an
+    // interrupted run may still have been writing (and pruning) checkpoints.
+    let mut resume = run.resume.as_deref().map(resolve_checkpoint).transpose()?;
     let mut restarts = 0;
     loop {
         let world = joined.len();
@@ -250,7 +268,17 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
         }
     };
     let summary = rt.block_on(async {
-        let mut coord = Coordinator::bind(run.listen, run.advertise.clone(), token)?;
+        // The identity lives in the run directory: a coordinator restarted with --resume
+        // keeps the fingerprint its workers pinned, and they re-join it.
+        let identity_path = run.dir.join("coordinator.identity");
+        let identity = if identity_path.exists() {
+            Identity::load(&identity_path)?
+        } else {
+            let id = Identity::generate()?;
+            id.save(&identity_path)?;
+            id
+        };
+        let mut coord = Coordinator::bind_with(run.listen, run.advertise.clone(), token, identity)?;
         {
             use std::io::Write;
             let mut out = std::io::stdout();

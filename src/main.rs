@@ -174,7 +174,7 @@ fn real_main() -> Result<()> {
         Command::Train { job, resume, stop_after } => {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("building the thread pool")?;
             let (spec, dir) = job.load()?;
-            let resume = resume.map(|r| find_checkpoint(&r)).transpose()?;
+            let resume = resume.map(|r| cluster::resolve_checkpoint(&r)).transpose()?;
             let opts =
                 RunOptions { checkpoint_dir: Some(dir.join("checkpoints")), resume, stop_after, ..Default::default() };
             match spec.device() {
@@ -193,8 +193,6 @@ fn real_main() -> Result<()> {
             }
             let (spec, dir) = job.load()?;
             let per_worker = cli.threads.map_or((cores() / workers).max(1), |t| t.max(1));
-            // Absolute, since the workers may run elsewhere.
-            let resume = resume.map(|r| find_checkpoint(&r).and_then(|p| Ok(std::path::absolute(p)?))).transpose()?;
             cluster::run_local(cluster::LocalRun {
                 spec,
                 resume,
@@ -208,7 +206,6 @@ fn real_main() -> Result<()> {
         Command::Coordinator { resume, listen, workers, advertise, token_file, bucket_mb, job } => {
             let (mut spec, dir) = job.load()?;
             cluster::absolutize_data_dir(&mut spec);
-            let resume = resume.map(|r| find_checkpoint(&r).and_then(|p| Ok(std::path::absolute(p)?))).transpose()?;
             cluster::run_coordinator(cluster::CoordinatorRun {
                 spec,
                 resume,
@@ -285,16 +282,4 @@ fn train_single<B: lockstep_kernels::Backend>(
     save_model(&trainer, &dir.join("model.safetensors"))?;
     writer.finish(&summary)?;
     Ok(())
-}
-
-/// `--resume` takes a run directory (its newest checkpoint) or a checkpoint file.
-fn find_checkpoint(path: &Path) -> Result<PathBuf> {
-    if path.is_file() {
-        return Ok(path.to_path_buf());
-    }
-    let dir = path.join("checkpoints");
-    let newest = lockstep_worker::train_state::list_checkpoints(&dir)?.pop();
-    newest
-        .map(|(_, p)| p)
-        .ok_or_else(|| anyhow::anyhow!("--resume {}: no checkpoint in {}", path.display(), dir.display()))
 }

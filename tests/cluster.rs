@@ -332,3 +332,74 @@ fn resume_on_another_world_size_continues_the_same_epoch() {
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"step\":3,") && metrics.contains("\"step\":12,"), "{metrics}");
 }
+
+#[test]
+fn a_restarted_coordinator_resumes_and_its_daemons_rejoin() {
+    let dir = temp_dir("coord-restart");
+    let token = dir.join("token");
+    std::fs::write(&token, "restart-token").unwrap();
+    // A fixed port, so the restarted coordinator is where the daemons look for it.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let coordinator = |resume: bool, log: &str| {
+        let mut cmd = bin();
+        cmd.args(["coordinator", "--listen", &listen, "--workers", "2", "configs/mnist-mlp.toml", "--quiet", "--out"])
+            .arg(&dir)
+            .arg("--token-file")
+            .arg(&token)
+            .args(["--set", "train.epochs=1", "--set", "train.checkpoint_every=20", "--set", "train.log_every=10"])
+            .args(["--set", "data.test_limit=1000"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join(log)).unwrap());
+        if resume {
+            cmd.arg("--resume").arg(&dir);
+        }
+        let mut child = cmd.spawn().expect("start coordinator");
+        let mut line = String::new();
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        reader.read_line(&mut line).unwrap();
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        (child, line.trim().strip_prefix("join address: ").expect("join address").to_string())
+    };
+    let (mut first, join) = coordinator(false, "coordinator-1.log");
+    let daemons: Vec<Child> = (0..2)
+        .map(|i| {
+            bin()
+                .args(["worker", "--join", &join, "--threads", "1", "--token-file"])
+                .arg(&token)
+                .stderr(std::fs::File::create(dir.join(format!("daemon-{i}.log"))).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Let it pass a checkpoint, then kill the coordinator outright.
+    let checkpoints = dir.join("checkpoints");
+    let start = std::time::Instant::now();
+    while std::fs::read_dir(&checkpoints).map(|d| d.count()).unwrap_or(0) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoints");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let (second, join_again) = coordinator(true, "coordinator-2.log");
+    assert_eq!(join, join_again, "the restarted coordinator must keep its address and fingerprint");
+    let mut second = second;
+    let status = (0..1200)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            second.try_wait().unwrap()
+        })
+        .unwrap_or_else(|| {
+            let _ = second.kill();
+            panic!("restarted coordinator did not finish")
+        });
+    for mut d in daemons {
+        let _ = d.kill();
+        let _ = d.wait();
+    }
+    let log = std::fs::read_to_string(dir.join("coordinator-2.log")).unwrap_or_default();
+    assert!(status.success(), "restarted coordinator failed:\n{log}");
+    let s = summary(&dir);
+    assert_eq!((s["steps"].as_u64(), s["world_size"].as_u64()), (Some(468), Some(2)), "{s}");
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.9, "{s}");
+}

@@ -35,6 +35,36 @@ impl Identity {
         Ok(Self { cert, key: PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()), fingerprint })
     }
 
+    /// Saves the certificate and key (file mode 0600), so a restarted coordinator keeps the
+    /// fingerprint its workers pinned. Layout: u32-LE certificate length, certificate DER,
+    /// PKCS#8 key DER.
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |e: std::io::Error| CollectiveError::Tls(format!("{}: {e}", path.display()));
+        let mut f =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io)?;
+        let cert = self.cert.as_ref();
+        f.write_all(&(cert.len() as u32).to_le_bytes()).map_err(io)?;
+        f.write_all(cert).map_err(io)?;
+        f.write_all(self.key.secret_pkcs8_der()).map_err(io)?;
+        f.sync_all().map_err(io)
+    }
+
+    /// Reads an identity written by [`Identity::save`].
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let bad = |m: String| CollectiveError::Tls(format!("{}: {m}", path.display()));
+        let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let len = bytes.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let Some(len) = len.filter(|&l| bytes.len() > 4 + l) else {
+            return Err(bad("not a lockstep identity file (truncated)".into()));
+        };
+        let cert = CertificateDer::from(bytes[4..4 + len].to_vec());
+        let key = PrivatePkcs8KeyDer::from(bytes[4 + len..].to_vec());
+        let fingerprint = fingerprint(&cert);
+        Ok(Self { cert, key, fingerprint })
+    }
+
     fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(self.key.clone_key())
     }

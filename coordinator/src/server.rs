@@ -40,6 +40,16 @@ impl Coordinator {
     /// (default: the listen IP, or 127.0.0.1 when listening on all interfaces).
     pub fn bind(listen: SocketAddr, advertise_host: Option<String>, token: String) -> Result<Self> {
         let identity = Identity::generate().map_err(|e| CoordError::Net(e.to_string()))?;
+        Self::bind_with(listen, advertise_host, token, identity)
+    }
+
+    /// `bind` with a given identity (a restarted coordinator keeps its fingerprint).
+    pub fn bind_with(
+        listen: SocketAddr,
+        advertise_host: Option<String>,
+        token: String,
+        identity: Identity,
+    ) -> Result<Self> {
         let server = server_config(&identity, None).map_err(|e| CoordError::Net(e.to_string()))?;
         let endpoint = endpoint(listen, server).map_err(|e| CoordError::Net(format!("listening on {listen}: {e}")))?;
         let local = endpoint.local_addr().map_err(|e| CoordError::Net(e.to_string()))?;
