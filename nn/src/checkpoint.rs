@@ -86,7 +86,12 @@ pub fn save_weights<B: Backend>(
 /// The header metadata of a safetensors file (empty if it has none).
 pub fn load_metadata(path: &Path) -> Result<HashMap<String, String>> {
     let bytes = std::fs::read(path).map_err(|source| NnError::Io { path: path.to_path_buf(), source })?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| NnError::Data {
+    parse_metadata(&bytes, path)
+}
+
+/// The header metadata of safetensors `bytes` read from `path` (named in errors).
+pub fn parse_metadata(bytes: &[u8], path: &Path) -> Result<HashMap<String, String>> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| NnError::Data {
         path: path.to_path_buf(),
         offset: 0,
         message: format!("not a valid safetensors file: {e}"),
@@ -138,10 +143,15 @@ pub fn load_tensors(path: &Path) -> Result<TensorMap> {
 /// Every f32 and f64 tensor of a safetensors file; any other dtype is an error.
 pub fn load_all(path: &Path) -> Result<(TensorMap, TensorMapF64)> {
     let bytes = std::fs::read(path).map_err(|source| NnError::Io { path: path.to_path_buf(), source })?;
+    parse_all(&bytes, path)
+}
+
+/// Every f32 and f64 tensor of safetensors `bytes` read from `path`, checksum verified.
+pub fn parse_all(bytes: &[u8], path: &Path) -> Result<(TensorMap, TensorMapF64)> {
     let bad = |message: String| NnError::Data { path: path.to_path_buf(), offset: 0, message };
     let st =
-        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let tensors = st.tensors();
     if let Some(want) = header.metadata().as_ref().and_then(|m| m.get(CRC_KEY)) {

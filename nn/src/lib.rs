@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod fuzz;
 pub mod gradcheck;
 pub mod init;
 pub mod layers;

@@ -1,6 +1,7 @@
 //! lockstep-proto: the job spec (TOML <-> validated serde structs) and the records that
 //! travel between workers, the coordinator and the run directory.
 
+pub mod fuzz;
 pub mod job;
 pub mod metrics;
 pub mod wire;
