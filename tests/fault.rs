@@ -114,5 +114,6 @@ fn a_frozen_worker_is_named_within_the_heartbeat_timeout_and_the_run_stops_clean
     // The frozen rank is the one whose connection is lost; its neighbours name the step and
     // the collective they were in when their link to it failed.
     assert!(error.contains("lost rank"), "the error should name the frozen rank: {error}");
-    assert!(error.contains("all-reduce of gradient bucket") && error.contains("step "), "{error}");
+    // ("all-reduce of gradient bucket N" or "of the loss scalars": wherever it froze.)
+    assert!(error.contains("all-reduce of ") && error.contains("step "), "{error}");
 }

@@ -599,9 +599,9 @@ fn apply_overrides(text: &str, path: &Path, overrides: &[String]) -> Result<Stri
     if overrides.is_empty() {
         return Ok(text.to_string());
     }
-    let mut doc: toml_edit::DocumentMut = text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| JobError::Parse { path: path.into(), message: e.to_string() })?;
+    let mut doc: toml_edit::DocumentMut = guarded(|| text.parse::<toml_edit::DocumentMut>())
+        .ok_or_else(|| JobError::Parse { path: path.into(), message: PARSER_PANIC.into() })?
+        .map_err(|e| JobError::Parse { path: path.into(), message: e.to_string() })?;
     for assignment in overrides {
         let bad = |message: &str| JobError::Override {
             path: path.into(),
@@ -624,9 +624,19 @@ fn apply_overrides(text: &str, path: &Path, overrides: &[String]) -> Result<Stri
     Ok(doc.to_string())
 }
 
+const PARSER_PANIC: &str = "the TOML parser (toml_edit) failed on this file; check it for stray bytes or \
+                            duplicate keys";
+
+/// Runs a toml_edit parse, turning a panic into None. toml_edit 0.23.10 panics ("all items
+/// have spans") on some malformed files (found by the `job` fuzz target; the input is in
+/// fuzz/corpus/job/regression-toml-edit-span-panic): a bad job file must be an error.
+fn guarded<T>(parse: impl FnOnce() -> T) -> Option<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).ok()
+}
+
 /// 1-based line of the dotted `key` in `text`, if the key is written there.
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    let doc = toml_edit::Document::parse(text).ok()?;
+    let doc = guarded(|| toml_edit::Document::parse(text))?.ok()?;
     let mut item = doc.as_item();
     for part in key.split('.') {
         item = item.get(part)?;
