@@ -3,6 +3,7 @@
 use crate::{Result, WorkerError};
 use lockstep_kernels::Backend;
 use lockstep_nn::data::text::{split_tokens, CharTokenizer, TextNormalization, TokenWindows};
+use lockstep_nn::data::Examples;
 use lockstep_nn::init::{normal, xavier_uniform};
 use lockstep_nn::layers::{
     AttentionShape, BlockWeights, Cell, Dropout, Embedding, LayerNorm, Linear, NormOrder, PositionalEncoding,
@@ -41,7 +42,6 @@ pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, CharToke
     if spec.data.test_limit > 0 {
         val.tokens.truncate(spec.data.test_limit * context + 1);
     }
-    use lockstep_nn::data::Examples;
     if train.is_empty() || val.is_empty() {
         return Err(WorkerError::Config(format!(
             "data: {} has {} training and {} validation tokens, too few for model.context = {context}",
