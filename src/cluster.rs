@@ -196,8 +196,8 @@ async fn train_elastic(
             Ok(summary) => return Ok((summary, restarts)),
             Err(e) if spec.train.min_workers > 0 && restarts < spec.train.max_restarts => {
                 restarts += 1;
-                let newest = lockstep_worker::train_state::list_checkpoints(&run.dir.join("checkpoints"))?.pop();
-                resume = newest.map(|(_, p)| p).or_else(|| run.resume.clone());
+                // The newest checkpoint of this run, else whatever the run started from.
+                resume = resolve_checkpoint(run.dir).ok().or_else(|| resume.take());
                 let from = resume.as_ref().map_or("the start".to_string(), |p| p.display().to_string());
                 tracing::warn!(
                     "run failed on {world} workers: {e}; re-forming the group (restart {restarts} of {}) from {from}",
