@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use lockstep_collective::tls::Identity;
-use lockstep_coordinator::{generate_token, Coordinator, RunWriter, WorkerConn};
+use lockstep_coordinator::{generate_token, Coordinator, RunWriter, TrainOptions, WorkerConn};
 use lockstep_proto::JobSpec;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,15 +26,110 @@ pub fn absolutize_data_dir(spec: &mut JobSpec) {
 }
 
 pub fn write_token(dir: &Path, token: &str) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("token");
-    std::fs::write(&path, token).with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    }
+    write_file_atomic(&path, token, 0o600)?;
     Ok(path)
+}
+
+/// Writes `text` to a temporary file created with `mode`, then renames it to `path`: a
+/// reader polling for the file (a launched worker) never sees it half written, and a
+/// secret is never readable by others, not even for a moment.
+pub fn write_file_atomic(path: &Path, text: &str, mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("writing {}", path.display()))
+}
+
+/// The address a worker joins: `--join`/LOCKSTEP_JOIN, else the contents of `--join-file`
+/// (waited for: the coordinator may not have written it yet), else MASTER_ADDR and
+/// MASTER_PORT (a launcher's variables) with the coordinator's certificate fingerprint from
+/// LOCKSTEP_FINGERPRINT: the fingerprint is what lets the worker trust the coordinator.
+pub fn worker_join_address(join: Option<String>, join_file: Option<&Path>) -> Result<String> {
+    if let Some(join) = join {
+        return Ok(join);
+    }
+    if let Some(path) = join_file {
+        let deadline = std::time::Instant::now() + JOIN_FILE_WAIT;
+        loop {
+            match std::fs::read_to_string(path) {
+                Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("reading join file {}", path.display())),
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("join file {} did not appear within {JOIN_FILE_WAIT:?}", path.display());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    match (var("MASTER_ADDR"), var("MASTER_PORT")) {
+        (Some(addr), Some(port)) => {
+            let port: u16 = port.parse().with_context(|| format!("MASTER_PORT={port:?} is not a port number"))?;
+            let fingerprint = var("LOCKSTEP_FINGERPRINT").with_context(|| {
+                format!(
+                    "MASTER_ADDR={addr} and MASTER_PORT={port} are set, but LOCKSTEP_FINGERPRINT is not: a worker \
+                     only joins a coordinator whose certificate it can pin (the part after '#' of its join address)"
+                )
+            })?;
+            let host = if addr.contains(':') && !addr.starts_with('[') { format!("[{addr}]") } else { addr };
+            Ok(format!("lockstep://{host}:{port}#{fingerprint}"))
+        }
+        _ => bail!(
+            "no coordinator given: pass --join, --join-file, or set MASTER_ADDR, MASTER_PORT and LOCKSTEP_FINGERPRINT"
+        ),
+    }
+}
+
+const JOIN_FILE_WAIT: Duration = Duration::from_secs(600);
+
+/// `lockstep status`: asks the coordinator for its status table.
+pub fn print_status(
+    coordinator: Option<String>,
+    run_dir: Option<&Path>,
+    token_file: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let join = match (coordinator, run_dir) {
+        (Some(c), _) => c,
+        (None, Some(dir)) => {
+            let path = dir.join("join");
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {} (is a coordinator running there?)", path.display()))?
+                .trim()
+                .to_string()
+        }
+        (None, None) => bail!("pass --coordinator ADDR or --run-dir DIR"),
+    };
+    let token_file = token_file.map(Path::to_path_buf).or_else(|| {
+        let candidate = run_dir?.join("token");
+        (std::env::var_os("LOCKSTEP_TOKEN").is_none() && candidate.exists()).then_some(candidate)
+    });
+    let token = read_token(token_file.as_deref())?;
+    let rt = runtime()?;
+    let status = rt.block_on(lockstep_coordinator::server::query_status(&join, &token))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", lockstep_coordinator::status::render(&status));
+    }
+    Ok(())
 }
 
 pub fn read_token(path: Option<&Path>) -> Result<String> {
@@ -65,6 +160,7 @@ impl LocalWorkers {
                 .args(["worker", "--once", "--join", join, "--threads", &threads.to_string(), "--token-file"])
                 .arg(token_file)
                 .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+                .env("LOCKSTEP_CONGESTION", lockstep_collective::tls::congestion().to_string())
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -156,6 +252,20 @@ pub struct LocalRun<'a> {
     pub threads_per_worker: usize,
     pub bucket_bytes: u64,
     pub progress: bool,
+    /// Write a Chrome trace of every rank here.
+    pub trace: Option<PathBuf>,
+    /// Also write the join address here (RUN_DIR/join is always written).
+    pub join_file: Option<PathBuf>,
+}
+
+/// Writes the join address to RUN_DIR/join (for `lockstep status --run-dir`) and to
+/// `extra`, if given (for launchers).
+fn publish_join_address(dir: &Path, join: &str, extra: Option<&Path>) -> Result<()> {
+    write_file_atomic(&dir.join("join"), join, 0o644)?;
+    if let Some(path) = extra {
+        write_file_atomic(path, join, 0o644)?;
+    }
+    Ok(())
 }
 
 /// A run directory's newest checkpoint (made absolute: the workers may run elsewhere), or
@@ -192,7 +302,13 @@ async fn train_elastic(
     let mut restarts = 0;
     loop {
         let world = joined.len();
-        match coord.run_train(joined, spec, run.threads_per_worker, run.bucket_bytes, resume.as_deref(), writer).await {
+        let opts = TrainOptions {
+            threads: run.threads_per_worker,
+            bucket_bytes: run.bucket_bytes,
+            resume: resume.as_deref(),
+            trace: run.trace.as_deref(),
+        };
+        match coord.run_train(joined, spec, opts, writer).await {
             Ok(summary) => return Ok((summary, restarts)),
             Err(e) if spec.train.min_workers > 0 && restarts < spec.train.max_restarts => {
                 restarts += 1;
@@ -203,6 +319,7 @@ async fn train_elastic(
                     "run failed on {world} workers: {e}; re-forming the group (restart {restarts} of {}) from {from}",
                     spec.train.max_restarts
                 );
+                coord.status.set_state(format!("re-forming after: {e}"));
                 joined = coord
                     .rendezvous_elastic(spec.train.min_workers, run.workers, REFORM_GRACE, RENDEZVOUS_TIMEOUT)
                     .await?;
@@ -223,6 +340,7 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
     let summary = rt.block_on(async {
         let mut coord = Coordinator::bind("127.0.0.1:0".parse()?, None, token)?;
         tracing::info!(join = %coord.join_address, "coordinator listening");
+        publish_join_address(run.dir, &coord.join_address, run.join_file.as_deref())?;
         let mut workers =
             LocalWorkers::spawn(run.workers, &coord.join_address, &token_file, run.threads_per_worker, run.dir)?;
         let result = async {
@@ -252,6 +370,8 @@ pub struct CoordinatorRun<'a> {
     pub threads_per_worker: usize,
     pub bucket_bytes: u64,
     pub progress: bool,
+    pub trace: Option<PathBuf>,
+    pub join_file: Option<PathBuf>,
 }
 
 /// `lockstep coordinator`: waits for N workers to join, runs the job, shuts them down.
@@ -260,6 +380,8 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
     let mut writer = RunWriter::open(run.dir, &run.spec, run.progress, run.resume.is_some())?;
     let token = match run.token_file {
         Some(p) => read_token(Some(p))?,
+        // A launcher hands the token over in the environment (never on a command line).
+        None if std::env::var_os("LOCKSTEP_TOKEN").is_some() => read_token(None)?,
         None => {
             let t = generate_token()?;
             let path = write_token(run.dir, &t)?;
@@ -279,6 +401,7 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
             id
         };
         let mut coord = Coordinator::bind_with(run.listen, run.advertise.clone(), token, identity)?;
+        publish_join_address(run.dir, &coord.join_address, run.join_file.as_deref())?;
         {
             use std::io::Write;
             let mut out = std::io::stdout();
@@ -297,6 +420,8 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
             threads_per_worker: run.threads_per_worker,
             bucket_bytes: run.bucket_bytes,
             progress: run.progress,
+            trace: run.trace.clone(),
+            join_file: None,
         };
         let (summary, _) = train_elastic(&mut coord, joined, &run.spec, &local, &mut writer).await?;
         Ok::<_, anyhow::Error>(summary)

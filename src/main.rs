@@ -3,6 +3,7 @@
 
 mod bench;
 mod cluster;
+mod plot;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -11,6 +12,7 @@ use lockstep_kernels::CpuBackend;
 use lockstep_proto::job::Device;
 use lockstep_proto::JobSpec;
 use lockstep_worker::daemon::{run_daemon, DaemonOptions};
+use lockstep_worker::log_tap;
 use lockstep_worker::model_file::save_model;
 use lockstep_worker::{run_training, NoReduce, RunEvent, RunOptions};
 use std::io::Write;
@@ -24,6 +26,10 @@ struct Cli {
     /// Compute threads (default: all cores; `local` divides them among its workers).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// QUIC congestion controller: cubic (datacenter, loopback) or bbr (links that lose
+    /// packets at random). `local` passes it to its workers.
+    #[arg(long, global = true, env = "LOCKSTEP_CONGESTION", default_value = "cubic")]
+    congestion: lockstep_collective::tls::Congestion,
     #[command(subcommand)]
     command: Command,
 }
@@ -71,6 +77,9 @@ enum Command {
         /// Stop after this many steps as if preempted, writing a checkpoint (for testing).
         #[arg(long, hide = true)]
         stop_after: Option<u64>,
+        /// Write a Chrome-trace timeline (forward, backward, optimizer) to FILE.json.
+        #[arg(long, value_name = "FILE.json")]
+        trace: Option<PathBuf>,
     },
     /// A coordinator and N worker processes on this machine, over loopback QUIC.
     Local {
@@ -82,6 +91,9 @@ enum Command {
         /// Gradient bucket size in MiB.
         #[arg(long, default_value_t = 25.0)]
         bucket_mb: f64,
+        /// Write a Chrome-trace timeline of every rank to FILE.json.
+        #[arg(long, value_name = "FILE.json")]
+        trace: Option<PathBuf>,
         #[command(flatten)]
         job: JobArgs,
     },
@@ -98,19 +110,40 @@ enum Command {
         /// Host put in the join address (default: the listen IP).
         #[arg(long)]
         advertise: Option<String>,
-        /// Cluster token file (default: generate one and write it to the run directory).
+        /// Cluster token file (default: the LOCKSTEP_TOKEN variable, else generate one and
+        /// write it to RUN_DIR/token).
         #[arg(long)]
         token_file: Option<PathBuf>,
         #[arg(long, default_value_t = 25.0)]
         bucket_mb: f64,
+        /// Also write the join address to this file (atomically), for launchers whose workers
+        /// wait for it (`worker --join-file`). It is always written to RUN_DIR/join.
+        #[arg(long)]
+        join_file: Option<PathBuf>,
+        /// Write a Chrome-trace timeline of every rank to FILE.json.
+        #[arg(long, value_name = "FILE.json")]
+        trace: Option<PathBuf>,
         #[command(flatten)]
         job: JobArgs,
     },
     /// A worker daemon: joins a coordinator and runs what it is assigned.
     Worker {
-        /// lockstep://HOST:PORT#<certificate sha256>, as printed by the coordinator.
-        #[arg(long)]
-        join: String,
+        /// lockstep://HOST:PORT#<certificate sha256>, as printed by the coordinator. Without
+        /// it: --join-file, or MASTER_ADDR + MASTER_PORT + LOCKSTEP_FINGERPRINT.
+        #[arg(long, env = "LOCKSTEP_JOIN")]
+        join: Option<String>,
+        /// Wait for this file to hold the join address (written by `coordinator --join-file`).
+        #[arg(long, conflicts_with = "join")]
+        join_file: Option<PathBuf>,
+        /// The rank to take (a launcher's RANK); the coordinator refuses a duplicate.
+        #[arg(long, env = "RANK")]
+        rank: Option<usize>,
+        /// The world size launched (WORLD_SIZE); must match the coordinator's --workers.
+        #[arg(long, env = "WORLD_SIZE")]
+        world_size: Option<usize>,
+        /// This worker's index on its host (LOCAL_RANK); shown by `lockstep status`.
+        #[arg(long, env = "LOCAL_RANK")]
+        local_rank: Option<usize>,
         /// Cluster token file (default: the LOCKSTEP_TOKEN variable).
         #[arg(long)]
         token_file: Option<PathBuf>,
@@ -126,6 +159,30 @@ enum Command {
         /// Seconds a collective may wait for a peer before failing.
         #[arg(long, default_value_t = 300)]
         collective_timeout: u64,
+    },
+    /// The live state of a run: one row per rank (host, state, step, last heartbeat,
+    /// examples/s, share of time in communication).
+    Status {
+        /// The coordinator's join address, lockstep://HOST:PORT#<sha256>.
+        #[arg(long, required_unless_present = "run_dir")]
+        coordinator: Option<String>,
+        /// A run directory: its `join` and `token` files give the address and the token.
+        #[arg(long)]
+        run_dir: Option<PathBuf>,
+        /// Cluster token file (default: RUN_DIR/token, or the LOCKSTEP_TOKEN variable).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Loss, accuracy and learning-rate curves of a run as a PNG.
+    Plot {
+        /// The run directory (its metrics.jsonl).
+        run_dir: PathBuf,
+        /// Output file (default: RUN_DIR/curves.png).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
     /// Generate text from a trained language model (its model.safetensors).
     Sample {
@@ -164,34 +221,46 @@ fn cores() -> usize {
 }
 
 fn real_main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // Two outputs under one RUST_LOG filter: stderr, and the tap that feeds the per-rank
+    // log files (RUN_DIR/logs/rank-R.log, RUN_DIR/coordinator.log).
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(|| log_tap::TapWriter))
         .init();
     let cli = Cli::parse();
+    lockstep_collective::tls::set_congestion(cli.congestion);
     let threads = cli.threads.unwrap_or_else(cores).max(1);
     match cli.command {
-        Command::Train { job, resume, stop_after } => {
+        Command::Train { job, resume, stop_after, trace } => {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("building the thread pool")?;
             let (spec, dir) = job.load()?;
+            log_to_file(&dir.join("logs").join("rank-0.log"))?;
+            if trace.is_some() {
+                lockstep_worker::trace::start();
+            }
             let resume = resume.map(|r| cluster::resolve_checkpoint(&r)).transpose()?;
             let opts =
                 RunOptions { checkpoint_dir: Some(dir.join("checkpoints")), resume, stop_after, ..Default::default() };
+            let progress = !job.quiet;
             match spec.device() {
-                Device::Cpu => train_single(CpuBackend::new(threads), &spec, &dir, !job.quiet, opts),
+                Device::Cpu => train_single(CpuBackend::new(threads), &spec, &dir, progress, opts, trace.as_deref()),
                 Device::Cuda(i) => {
                     let be = lockstep_kernels::cuda::CudaBackend::new(i)
                         .map_err(|e| anyhow::anyhow!("device cuda:{i} is not usable: {e}"))?;
                     tracing::info!("training on {}", lockstep_kernels::Backend::name(&be));
-                    train_single(be, &spec, &dir, !job.quiet, opts)
+                    train_single(be, &spec, &dir, progress, opts, trace.as_deref())
                 }
             }
         }
-        Command::Local { workers, resume, bucket_mb, job } => {
+        Command::Local { workers, resume, bucket_mb, trace, job } => {
             if workers == 0 {
                 anyhow::bail!("--workers must be at least 1");
             }
             let (spec, dir) = job.load()?;
+            log_to_file(&dir.join("coordinator.log"))?;
             let per_worker = cli.threads.map_or((cores() / workers).max(1), |t| t.max(1));
             cluster::run_local(cluster::LocalRun {
                 spec,
@@ -201,10 +270,13 @@ fn real_main() -> Result<()> {
                 threads_per_worker: per_worker,
                 bucket_bytes: (bucket_mb * (1 << 20) as f64) as u64,
                 progress: !job.quiet,
+                trace,
+                join_file: None,
             })
         }
-        Command::Coordinator { resume, listen, workers, advertise, token_file, bucket_mb, job } => {
+        Command::Coordinator { resume, listen, workers, advertise, token_file, bucket_mb, join_file, trace, job } => {
             let (mut spec, dir) = job.load()?;
+            log_to_file(&dir.join("coordinator.log"))?;
             cluster::absolutize_data_dir(&mut spec);
             cluster::run_coordinator(cluster::CoordinatorRun {
                 spec,
@@ -217,12 +289,34 @@ fn real_main() -> Result<()> {
                 threads_per_worker: cli.threads.unwrap_or(0),
                 bucket_bytes: (bucket_mb * (1 << 20) as f64) as u64,
                 progress: !job.quiet,
+                trace,
+                join_file,
             })
         }
-        Command::Worker { join, token_file, once, bind, advertise, collective_timeout } => {
+        Command::Worker {
+            join,
+            join_file,
+            rank,
+            world_size,
+            local_rank,
+            token_file,
+            once,
+            bind,
+            advertise,
+            collective_timeout,
+        } => {
+            let join = cluster::worker_join_address(join, join_file.as_deref())?;
             let token = cluster::read_token(token_file.as_deref())?;
+            if let (Some(r), Some(w)) = (rank, world_size) {
+                if r >= w {
+                    anyhow::bail!("RANK={r} is not below WORLD_SIZE={w}");
+                }
+            }
             let opts = DaemonOptions {
                 join,
+                launch_rank: rank,
+                launch_world_size: world_size,
+                local_rank,
                 token,
                 once,
                 threads,
@@ -249,7 +343,21 @@ fn real_main() -> Result<()> {
             Ok(())
         }
         Command::Bench { which } => bench::run(which, threads),
+        Command::Status { coordinator, run_dir, token_file, json } => {
+            cluster::print_status(coordinator, run_dir.as_deref(), token_file.as_deref(), json)
+        }
+        Command::Plot { run_dir, output } => {
+            let output = output.unwrap_or_else(|| run_dir.join("curves.png"));
+            plot::plot_run(&run_dir, &output)?;
+            println!("{}", output.display());
+            Ok(())
+        }
     }
+}
+
+/// Appends this process's log lines to `path` (a per-rank or coordinator log file).
+fn log_to_file(path: &Path) -> Result<()> {
+    log_tap::write_to_file(path).with_context(|| format!("opening log file {}", path.display()))
 }
 
 /// `lockstep train`: one process, world size 1.
@@ -259,6 +367,7 @@ fn train_single<B: lockstep_kernels::Backend>(
     dir: &Path,
     progress: bool,
     opts: RunOptions,
+    trace: Option<&Path>,
 ) -> Result<()> {
     let mut writer = RunWriter::open(dir, spec, progress, opts.resume.is_some())?;
     let mut on_event = |event: RunEvent| -> lockstep_worker::Result<()> {
@@ -267,8 +376,8 @@ fn train_single<B: lockstep_kernels::Backend>(
                 writer.start(total_steps, params, flops_per_example);
                 Ok(())
             }
-            RunEvent::Step { step, record, .. } => match record {
-                Some((record, _)) => writer.train(record),
+            RunEvent::Step { step, report, .. } => match report {
+                Some(r) => writer.train(r.record, &r.grad_histograms),
                 None => {
                     writer.progress(step);
                     Ok(())
@@ -280,6 +389,10 @@ fn train_single<B: lockstep_kernels::Backend>(
     };
     let (summary, trainer) = run_training(be, spec, opts, Box::new(|_| Ok(Box::new(NoReduce))), &mut on_event)?;
     save_model(&trainer, &dir.join("model.safetensors"))?;
+    if let Some(path) = trace {
+        let spans = lockstep_worker::trace::finish();
+        writer.write_trace(path, &[(0, lockstep_proto::hostname(), spans)])?;
+    }
     writer.finish(&summary)?;
     Ok(())
 }

@@ -208,6 +208,55 @@ impl ClientCertVerifier for PinnedClients {
 /// this long is dead (its connection fails, and so does any collective waiting on it).
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The congestion controller of every connection this process opens or accepts.
+///
+/// Cubic (the default) suits loopback and datacenter links, where a loss means congestion.
+/// On a link that drops packets at random (a lossy WAN path), Cubic reads every loss as
+/// congestion and throughput collapses (measured on a 3-host ring with 20 ms one-way delay
+/// and 0.5% loss: 121 examples/s with Cubic against 434 with BBR on mnist-mlp); BBR paces
+/// by the measured bandwidth and RTT instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    Cubic,
+    Bbr,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cubic" => Ok(Self::Cubic),
+            "bbr" => Ok(Self::Bbr),
+            other => Err(format!("unknown congestion controller {other:?} (expected cubic or bbr)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Cubic => "cubic",
+            Self::Bbr => "bbr",
+        })
+    }
+}
+
+static CONGESTION_BBR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the congestion controller for connections made from now on (process-wide).
+pub fn set_congestion(c: Congestion) {
+    CONGESTION_BBR.store(c == Congestion::Bbr, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The controller set by [`set_congestion`] (default Cubic).
+pub fn congestion() -> Congestion {
+    if CONGESTION_BBR.load(std::sync::atomic::Ordering::Relaxed) {
+        Congestion::Bbr
+    } else {
+        Congestion::Cubic
+    }
+}
+
 fn transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.stream_receive_window(VarInt::from_u32(64 << 20))
@@ -220,9 +269,18 @@ fn transport() -> Arc<TransportConfig> {
         .max_idle_timeout(Some(HEARTBEAT_TIMEOUT.try_into().expect("10 s fits a VarInt")));
     // Start with a large congestion window: the links are datacenter/loopback paths, and a
     // step's gradients arrive as one burst after an idle compute phase.
-    let mut cubic = quinn::congestion::CubicConfig::default();
-    cubic.initial_window(8 << 20);
-    t.congestion_controller_factory(Arc::new(cubic));
+    match congestion() {
+        Congestion::Cubic => {
+            let mut cubic = quinn::congestion::CubicConfig::default();
+            cubic.initial_window(8 << 20);
+            t.congestion_controller_factory(Arc::new(cubic));
+        }
+        Congestion::Bbr => {
+            let mut bbr = quinn::congestion::BbrConfig::default();
+            bbr.initial_window(8 << 20);
+            t.congestion_controller_factory(Arc::new(bbr));
+        }
+    }
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(65_000);
     t.mtu_discovery_config(Some(mtu));

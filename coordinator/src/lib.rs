@@ -3,9 +3,12 @@
 
 pub mod run_writer;
 pub mod server;
+pub mod status;
+pub mod tensorboard;
 
 pub use run_writer::RunWriter;
-pub use server::{Coordinator, WorkerConn};
+pub use server::{Coordinator, TrainOptions, WorkerConn};
+pub use status::StatusBoard;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordError {

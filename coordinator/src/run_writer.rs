@@ -1,8 +1,11 @@
-//! The run directory: job.toml (resolved spec), metrics.jsonl, summary.json.
+//! The run directory: job.toml (resolved spec), metrics.jsonl, TensorBoard event files,
+//! per-rank logs (logs/rank-R.log), the trace (`--trace`) and summary.json.
 
+use crate::tensorboard::EventWriter;
 use crate::{CoordError, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use lockstep_proto::{EvalRecord, JobSpec, MetricsLine, Summary, TrainRecord};
+use lockstep_proto::trace::{chrome_trace, TraceSpan};
+use lockstep_proto::{EvalRecord, Histogram, JobSpec, MetricsLine, Summary, TrainRecord};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -14,7 +17,9 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> CoordError {
 pub struct RunWriter {
     dir: PathBuf,
     metrics: std::io::BufWriter<std::fs::File>,
+    events: EventWriter,
     bar: ProgressBar,
+    job_name: String,
 }
 
 impl RunWriter {
@@ -40,11 +45,27 @@ impl RunWriter {
             ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        Ok(Self { dir: dir.to_path_buf(), metrics: std::io::BufWriter::new(file), bar })
+        let events = EventWriter::create(dir)
+            .map_err(io_err(format!("creating a TensorBoard event file in {}", dir.display())))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            metrics: std::io::BufWriter::new(file),
+            events,
+            bar,
+            job_name: spec.name.clone(),
+        })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    pub fn job_name(&self) -> &str {
+        &self.job_name
+    }
+
+    pub fn set_total_steps(&mut self, total_steps: u64) {
+        self.bar.set_length(total_steps);
     }
 
     pub fn start(&mut self, total_steps: u64, params: usize, flops_per_example: u64) {
@@ -56,10 +77,50 @@ impl RunWriter {
         self.bar.set_position(step);
     }
 
-    pub fn train(&mut self, record: TrainRecord) -> Result<()> {
+    /// A logged step: metrics.jsonl, TensorBoard scalars and (if given) gradient histograms.
+    pub fn train(&mut self, record: TrainRecord, grad_histograms: &[(String, Histogram)]) -> Result<()> {
         self.bar.set_position(record.step);
         self.bar.set_message(format!("loss {:.4}  {:.0} ex/s", record.loss, record.examples_per_s));
+        let mut scalars = vec![
+            ("train/loss".to_string(), record.loss),
+            ("train/lr".to_string(), record.lr),
+            ("train/grad_norm".to_string(), record.grad_norm),
+            ("train/examples_per_s".to_string(), record.examples_per_s),
+        ];
+        scalars.extend(record.layer_grad_norms.iter().map(|l| (format!("grad_norm/{}", l.layer), l.norm)));
+        if let (Some(first), Some(last)) = (record.layer_grad_norms.first(), record.layer_grad_norms.last()) {
+            if record.layer_grad_norms.len() >= 2 && last.norm > 0.0 {
+                scalars.push(("train/grad_norm_ratio_first_last".to_string(), first.norm / last.norm));
+            }
+        }
+        let what = format!("writing {}", self.events.path().display());
+        self.events.scalars(record.step, &scalars).map_err(io_err(what.clone()))?;
+        if !grad_histograms.is_empty() {
+            let tagged: Vec<(String, Histogram)> =
+                grad_histograms.iter().map(|(layer, h)| (format!("grad/{layer}"), h.clone())).collect();
+            self.events.histograms(record.step, &tagged).map_err(io_err(what))?;
+        }
         self.write(&MetricsLine::Train(record))
+    }
+
+    /// Appends `text` to logs/rank-R.log.
+    pub fn rank_log(&mut self, rank: usize, text: &str) -> Result<()> {
+        let dir = self.dir.join("logs");
+        let path = dir.join(format!("rank-{rank}.log"));
+        std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::OpenOptions::new().create(true).append(true).open(&path))
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(io_err(format!("writing {}", path.display())))
+    }
+
+    /// Writes the Chrome trace of every rank's spans `(rank, host, spans)` to `path`.
+    pub fn write_trace(&self, path: &Path, ranks: &[(usize, String, Vec<TraceSpan>)]) -> Result<()> {
+        let json = chrome_trace(ranks);
+        let text = serde_json::to_string(&json).map_err(|e| CoordError::Protocol(e.to_string()))?;
+        std::fs::write(path, text).map_err(io_err(format!("writing trace {}", path.display())))?;
+        let spans: usize = ranks.iter().map(|(_, _, s)| s.len()).sum();
+        tracing::info!("trace of {} ranks ({spans} spans) written to {}", ranks.len(), path.display());
+        Ok(())
     }
 
     pub fn eval(&mut self, record: EvalRecord) -> Result<()> {
@@ -76,6 +137,10 @@ impl RunWriter {
         } else {
             self.bar.println(line);
         }
+        let scalars =
+            [(format!("{}/loss", record.split), record.loss), (format!("{}/accuracy", record.split), record.accuracy)];
+        let what = format!("writing {}", self.events.path().display());
+        self.events.scalars(record.step, &scalars).map_err(io_err(what))?;
         self.write(&MetricsLine::Eval(record))
     }
 

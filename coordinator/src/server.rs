@@ -1,8 +1,9 @@
 //! The coordinator's QUIC server. Each incoming connection is handled by its own task: a
 //! malformed frame, a wrong token or a wrong protocol version closes that connection only.
 
-use crate::{CoordError, Result, RunWriter};
+use crate::{CoordError, Result, RunWriter, StatusBoard};
 use lockstep_collective::tls::{endpoint, server_config, Identity};
+use lockstep_proto::trace::TraceSpan;
 use lockstep_proto::wire::{
     read_frame, tokens_equal, write_frame, AllReduceTiming, Assign, PeerInfo, Task, ToCoordinator, ToWorker,
     PROTOCOL_VERSION,
@@ -16,6 +17,18 @@ use tokio::sync::mpsc;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How a group runs a training job, besides the job itself.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainOptions<'a> {
+    /// Compute threads per worker (0: the worker's own default).
+    pub threads: usize,
+    pub bucket_bytes: u64,
+    /// Every rank restores this checkpoint first.
+    pub resume: Option<&'a std::path::Path>,
+    /// Write a Chrome trace of every rank here.
+    pub trace: Option<&'a std::path::Path>,
+}
+
 /// A worker that has presented the right token.
 pub struct WorkerConn {
     pub conn: Connection,
@@ -25,6 +38,20 @@ pub struct WorkerConn {
     pub pid: u32,
     pub data_addr: String,
     pub fingerprint: String,
+    /// RANK / WORLD_SIZE / LOCAL_RANK the worker was launched with, if any.
+    pub requested_rank: Option<usize>,
+    pub world_size: Option<usize>,
+    pub local_rank: Option<usize>,
+}
+
+impl WorkerConn {
+    /// Refuses this worker with `reason` (it reports the reason and stops).
+    async fn reject(mut self, reason: &str) {
+        tracing::warn!(host = %self.host, pid = self.pid, "refusing worker: {reason}");
+        let _ = write_frame(&mut self.send, &ToWorker::Rejected { reason: reason.to_string() }).await;
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.closed()).await;
+    }
 }
 
 pub struct Coordinator {
@@ -33,6 +60,8 @@ pub struct Coordinator {
     /// `lockstep://HOST:PORT#<sha256>`: what workers pass to `--join`.
     pub join_address: String,
     joined: mpsc::UnboundedReceiver<WorkerConn>,
+    /// What `lockstep status` is told.
+    pub status: StatusBoard,
 }
 
 impl Coordinator {
@@ -63,15 +92,19 @@ impl Coordinator {
         let join_address = format!("lockstep://{host}:{}#{}", local.port(), identity.fingerprint);
         let (tx, joined) = mpsc::unbounded_channel();
         let accept_ep = endpoint.clone();
+        let status = StatusBoard::default();
+        status.set_state("waiting for workers");
+        let board = status.clone();
         tokio::spawn(async move {
             let mut next_id = 0u64;
             while let Some(incoming) = accept_ep.accept().await {
                 next_id += 1;
-                let (tx, token) = (tx.clone(), token.clone());
+                let (tx, token, board) = (tx.clone(), token.clone(), board.clone());
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(incoming, &token, next_id)).await {
-                        Ok(Ok(worker)) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(incoming, &token, next_id, &board)).await {
+                        Ok(Ok(None)) => tracing::debug!(%remote, "answered a status query"),
+                        Ok(Ok(Some(worker))) => {
                             tracing::info!(%remote, host = %worker.host, pid = worker.pid, "worker joined");
                             let _ = tx.send(worker);
                         }
@@ -81,7 +114,7 @@ impl Coordinator {
                 });
             }
         });
-        Ok(Self { endpoint, identity, join_address, joined })
+        Ok(Self { endpoint, identity, join_address, joined, status })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -114,16 +147,23 @@ impl Coordinator {
             }
         }
         tracing::info!("group re-formed with {} workers", workers.len());
-        Ok(workers)
+        Ok(place_by_rank(workers))
     }
 
-    /// Waits until `n` workers have joined (or `timeout` passes).
+    /// Waits until `n` workers have joined (or `timeout` passes) and returns them in rank
+    /// order: a worker launched with a rank (RANK) gets it, the others fill the free ranks in
+    /// join order. A worker whose rank is out of range or taken, or whose WORLD_SIZE is not
+    /// `n`, is refused (with the reason) and the wait goes on.
     pub async fn rendezvous(&mut self, n: usize, timeout: Duration) -> Result<Vec<WorkerConn>> {
-        let mut workers = Vec::with_capacity(n);
+        let mut workers: Vec<WorkerConn> = Vec::with_capacity(n);
         let deadline = tokio::time::Instant::now() + timeout;
         while workers.len() < n {
             match tokio::time::timeout_at(deadline, self.joined.recv()).await {
                 Ok(Some(w)) => {
+                    if let Some(reason) = placement_conflict(&w, &workers, n) {
+                        w.reject(&reason).await;
+                        continue;
+                    }
                     tracing::info!("{}/{} workers joined", workers.len() + 1, n);
                     workers.push(w);
                 }
@@ -136,7 +176,7 @@ impl Coordinator {
                 }
             }
         }
-        Ok(workers)
+        Ok(place_by_rank(workers))
     }
 
     /// Trains `spec` on `workers` (rank = position), writing metrics through `writer`.
@@ -144,18 +184,29 @@ impl Coordinator {
         &mut self,
         workers: Vec<WorkerConn>,
         spec: &JobSpec,
-        threads: usize,
-        bucket_bytes: u64,
-        resume: Option<&std::path::Path>,
+        opts: TrainOptions<'_>,
         writer: &mut RunWriter,
     ) -> Result<Summary> {
+        let TrainOptions { threads, bucket_bytes, resume, trace } = opts;
         let weights_path = Some(writer.dir().join("model.safetensors").display().to_string());
         let checkpoint_dir = Some(writer.dir().join("checkpoints").display().to_string());
         let resume_path = resume.map(|p| p.display().to_string());
-        let task =
-            Task::Train { job_toml: spec.to_toml(), threads, bucket_bytes, weights_path, checkpoint_dir, resume_path };
-        let mut group = Group::assign(workers, spec.seed, task).await?;
-        let mut result = supervise_train(&mut group, writer).await;
+        let task = Task::Train {
+            job_toml: spec.to_toml(),
+            threads,
+            bucket_bytes,
+            weights_path,
+            checkpoint_dir,
+            resume_path,
+            trace: trace.is_some(),
+        };
+        self.status.set_state("starting");
+        let mut group = Group::assign(workers, spec.seed, task, self.status.clone()).await?;
+        let mut result = supervise_train(&mut group, writer, trace).await;
+        self.status.set_state(match &result {
+            Ok(_) => "finished".to_string(),
+            Err(e) => format!("failed: {e}"),
+        });
         if let Err(CoordError::Run(first)) = &result {
             // One failure brings the others (the ranks waiting on a dead or frozen peer):
             // gather them so the message says who stopped and in which collective.
@@ -175,7 +226,7 @@ impl Coordinator {
         sizes: Vec<u64>,
         iters: usize,
     ) -> Result<Vec<AllReduceTiming>> {
-        let mut group = Group::assign(workers, 0, Task::BenchAllReduce { sizes, iters }).await?;
+        let mut group = Group::assign(workers, 0, Task::BenchAllReduce { sizes, iters }, self.status.clone()).await?;
         let result = async {
             loop {
                 match group.next().await? {
@@ -191,7 +242,56 @@ impl Coordinator {
     }
 }
 
-async fn handshake(incoming: quinn::Incoming, token: &str, worker_id: u64) -> std::result::Result<WorkerConn, String> {
+/// Why `w` cannot join a group of `n` that already holds `placed`, if it cannot.
+fn placement_conflict(w: &WorkerConn, placed: &[WorkerConn], n: usize) -> Option<String> {
+    if let Some(size) = w.world_size.filter(|&size| size != n) {
+        return Some(format!("launched with WORLD_SIZE={size}, but this coordinator runs {n} workers"));
+    }
+    let rank = w.requested_rank?;
+    if rank >= n {
+        return Some(format!("launched as RANK={rank}, but ranks run from 0 to {}", n - 1));
+    }
+    placed.iter().find(|p| p.requested_rank == Some(rank)).map(|p| {
+        format!("RANK={rank} is taken by the worker on {} (pid {}); each worker needs its own RANK", p.host, p.pid)
+    })
+}
+
+/// Rank order: workers launched with a rank take it (as far as the group is large enough);
+/// the others fill the remaining places in join order.
+fn place_by_rank(workers: Vec<WorkerConn>) -> Vec<WorkerConn> {
+    let n = workers.len();
+    let mut slots: Vec<Option<WorkerConn>> = (0..n).map(|_| None).collect();
+    let mut rest = Vec::new();
+    let mut ranked: Vec<WorkerConn> = Vec::new();
+    for w in workers {
+        if w.requested_rank.is_some() {
+            ranked.push(w);
+        } else {
+            rest.push(w);
+        }
+    }
+    // A re-formed (smaller) group keeps the launch order of the survivors.
+    ranked.sort_by_key(|w| w.requested_rank);
+    for w in ranked {
+        let want = w.requested_rank.unwrap_or(0);
+        if want < n && slots[want].is_none() {
+            slots[want] = Some(w);
+        } else {
+            rest.insert(0, w);
+        }
+    }
+    let mut rest = rest.into_iter();
+    slots.into_iter().filter_map(|slot| slot.or_else(|| rest.next())).collect()
+}
+
+/// The first exchange on a new connection: a worker's Hello (Some(worker)) or a status
+/// query, answered here (None).
+async fn handshake(
+    incoming: quinn::Incoming,
+    token: &str,
+    worker_id: u64,
+    board: &StatusBoard,
+) -> std::result::Result<Option<WorkerConn>, String> {
     let conn = incoming.await.map_err(|e| format!("handshake: {e}"))?;
     let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| format!("no control stream: {e}"))?;
     let hello: ToCoordinator = match read_frame(&mut recv).await {
@@ -201,9 +301,18 @@ async fn handshake(incoming: quinn::Incoming, token: &str, worker_id: u64) -> st
             return Err(format!("bad first frame: {e}"));
         }
     };
-    let ToCoordinator::Hello { version, token: presented, host, pid, data_addr, fingerprint } = hello else {
-        conn.close(1u32.into(), b"expected Hello");
-        return Err("first message was not Hello".into());
+    let (version, presented) = match &hello {
+        ToCoordinator::Hello { version, token, .. } | ToCoordinator::StatusQuery { version, token } => {
+            (*version, token.clone())
+        }
+        _ => {
+            conn.close(1u32.into(), b"expected Hello");
+            return Err("first message was not Hello".into());
+        }
+    };
+    let (host, pid) = match &hello {
+        ToCoordinator::Hello { host, pid, .. } => (host.clone(), *pid),
+        _ => ("status client".to_string(), 0),
     };
     let refusal = if version != PROTOCOL_VERSION {
         Some(format!("protocol version {version}; this coordinator speaks {PROTOCOL_VERSION}"))
@@ -220,8 +329,25 @@ async fn handshake(incoming: quinn::Incoming, token: &str, worker_id: u64) -> st
         conn.close(2u32.into(), reason.as_bytes());
         return Err(format!("{reason} (worker {host} pid {pid})"));
     }
+    let ToCoordinator::Hello { data_addr, fingerprint, rank, world_size, local_rank, .. } = hello else {
+        write_frame(&mut send, &ToWorker::Status(board.snapshot())).await.map_err(|e| e.to_string())?;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        return Ok(None);
+    };
     write_frame(&mut send, &ToWorker::Welcome { worker_id }).await.map_err(|e| e.to_string())?;
-    Ok(WorkerConn { conn, send, recv, host, pid, data_addr, fingerprint })
+    Ok(Some(WorkerConn {
+        conn,
+        send,
+        recv,
+        host,
+        pid,
+        data_addr,
+        fingerprint,
+        requested_rank: rank,
+        world_size,
+        local_rank,
+    }))
 }
 
 fn unexpected(rank: usize, msg: &ToCoordinator) -> CoordError {
@@ -234,16 +360,18 @@ struct Group {
     conns: Vec<Connection>,
     hosts: Vec<String>,
     inbox: mpsc::UnboundedReceiver<(usize, std::result::Result<ToCoordinator, String>)>,
+    status: StatusBoard,
 }
 
 impl Group {
-    async fn assign(workers: Vec<WorkerConn>, seed: u64, task: Task) -> Result<Self> {
+    async fn assign(workers: Vec<WorkerConn>, seed: u64, task: Task, status: StatusBoard) -> Result<Self> {
         let world = workers.len();
         let peers: Vec<PeerInfo> = workers
             .iter()
             .enumerate()
             .map(|(rank, w)| PeerInfo { rank, data_addr: w.data_addr.clone(), fingerprint: w.fingerprint.clone() })
             .collect();
+        status.set_group(&workers.iter().map(|w| (w.host.clone(), w.pid)).collect::<Vec<_>>());
         let (tx, inbox) = mpsc::unbounded_channel();
         let mut sends = Vec::new();
         let mut conns = Vec::new();
@@ -275,17 +403,24 @@ impl Group {
             hosts.push(host);
         }
         tracing::info!(world, "group assigned");
-        Ok(Self { sends, conns, hosts, inbox })
+        Ok(Self { sends, conns, hosts, inbox, status })
     }
 
     /// The next message from any rank. A lost connection or a `Failed` is an error naming the rank.
     async fn next(&mut self) -> Result<(usize, ToCoordinator)> {
         match self.inbox.recv().await {
             Some((rank, Ok(ToCoordinator::Failed { error, .. }))) => {
+                self.status.set_rank_state(rank, "failed");
                 Err(CoordError::Run(format!("rank {rank} ({}) failed: {error}", self.hosts[rank])))
             }
-            Some((rank, Ok(msg))) => Ok((rank, msg)),
-            Some((rank, Err(e))) => Err(CoordError::Run(format!("lost rank {rank} ({}): {e}", self.hosts[rank]))),
+            Some((rank, Ok(msg))) => {
+                self.status.heard(rank);
+                Ok((rank, msg))
+            }
+            Some((rank, Err(e))) => {
+                self.status.set_rank_state(rank, "lost");
+                Err(CoordError::Run(format!("lost rank {rank} ({}): {e}", self.hosts[rank])))
+            }
             None => Err(CoordError::Run("all worker connections closed".into())),
         }
     }
@@ -333,13 +468,22 @@ impl Group {
     }
 }
 
-async fn supervise_train(group: &mut Group, writer: &mut RunWriter) -> Result<Summary> {
+async fn supervise_train(
+    group: &mut Group,
+    writer: &mut RunWriter,
+    trace: Option<&std::path::Path>,
+) -> Result<Summary> {
+    let job = writer.job_name().to_string();
     let world = group.sends.len();
     // 1. Identical initial weights on every rank, then start.
     let mut init = BTreeMap::new();
     while init.len() < world {
         match group.next().await? {
-            (rank, ToCoordinator::Ready { init_weight_hash, .. }) => {
+            (rank, ToCoordinator::Ready { init_weight_hash, total_steps, .. }) => {
+                if rank == 0 {
+                    group.status.set_job(&job, total_steps);
+                    writer.set_total_steps(total_steps);
+                }
                 init.insert(rank, init_weight_hash);
             }
             (rank, other) => return Err(unexpected(rank, &other)),
@@ -353,18 +497,27 @@ async fn supervise_train(group: &mut Group, writer: &mut RunWriter) -> Result<Su
     }
     tracing::info!(hash = format!("{first:016x}"), "all ranks hold identical initial weights");
     group.broadcast(&ToWorker::Start).await;
+    group.status.set_state("training");
+    let mut spans: Vec<Vec<TraceSpan>> = vec![Vec::new(); world];
 
     // 2. Reports until every rank is done; weight hashes compared at every logged step.
     let mut step_hashes: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
     let mut summaries: BTreeMap<usize, Summary> = BTreeMap::new();
     while summaries.len() < world {
         match group.next().await? {
-            (0, ToCoordinator::Progress { step, .. }) => writer.progress(step),
-            (_, ToCoordinator::Progress { .. }) => {}
-            (rank, ToCoordinator::Step { record, weight_hash, .. }) => {
-                let step = record.step;
+            (rank, ToCoordinator::Progress { step, examples_per_s, comm_share, .. }) => {
+                group.status.progress(rank, step, examples_per_s, comm_share);
                 if rank == 0 {
-                    writer.train(record)?;
+                    writer.progress(step);
+                }
+            }
+            (rank, ToCoordinator::Trace { spans: chunk, .. }) => spans[rank].extend(chunk),
+            (rank, ToCoordinator::Log { text, .. }) => writer.rank_log(rank, &text)?,
+            (rank, ToCoordinator::Step { record, weight_hash, grad_histograms, .. }) => {
+                let step = record.step;
+                group.status.progress(rank, step, f64::NAN, f64::NAN);
+                if rank == 0 {
+                    writer.train(record, &grad_histograms)?;
                 }
                 let seen = step_hashes.entry(step).or_default();
                 seen.push((rank, weight_hash));
@@ -381,6 +534,7 @@ async fn supervise_train(group: &mut Group, writer: &mut RunWriter) -> Result<Su
             (0, ToCoordinator::Eval { record, .. }) => writer.eval(record)?,
             (_, ToCoordinator::Eval { .. }) => {}
             (rank, ToCoordinator::Done { summary, .. }) => {
+                group.status.set_rank_state(rank, "done");
                 summaries.insert(rank, summary);
             }
             (rank, other) => return Err(unexpected(rank, &other)),
@@ -390,8 +544,49 @@ async fn supervise_train(group: &mut Group, writer: &mut RunWriter) -> Result<Su
     if hashes.iter().any(|h| *h != hashes[0]) {
         return Err(CoordError::Run(format!("final weights differ across ranks: {hashes:?}")));
     }
+    if let Some(path) = trace {
+        let ranks: Vec<(usize, String, Vec<TraceSpan>)> =
+            spans.into_iter().enumerate().map(|(rank, s)| (rank, group.hosts[rank].clone(), s)).collect();
+        writer.write_trace(path, &ranks)?;
+    }
     let mut summary = summaries.remove(&0).ok_or_else(|| CoordError::Run("no summary from rank 0".into()))?;
     summary.world_size = world;
     summary.rank_weight_hashes = hashes;
     Ok(summary)
+}
+
+/// `lockstep status`: connects to the coordinator at `join` (pinning its certificate), asks
+/// for its status and returns it.
+pub async fn query_status(join: &str, token: &str) -> Result<lockstep_proto::wire::ClusterStatus> {
+    use lockstep_collective::tls::{client_config, parse_join_address, resolve};
+    let net = |e: &dyn std::fmt::Display| CoordError::Net(e.to_string());
+    let (addr, fingerprint) = parse_join_address(join).map_err(|e| net(&e))?;
+    let remote = resolve(&addr).map_err(|e| net(&e))?;
+    let me = Identity::generate().map_err(|e| net(&e))?;
+    let local: SocketAddr = if remote.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().map_err(|e| net(&e))?;
+    let ep = endpoint(local, server_config(&me, None).map_err(|e| net(&e))?).map_err(|e| net(&e))?;
+    let exchange = async {
+        let cfg = client_config(&me, &fingerprint).map_err(|e| net(&e))?;
+        let conn = ep
+            .connect_with(cfg, remote, "lockstep")
+            .map_err(|e| net(&e))?
+            .await
+            .map_err(|e| CoordError::Net(format!("connecting to coordinator {addr}: {e}")))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| net(&e))?;
+        let query = ToCoordinator::StatusQuery { version: PROTOCOL_VERSION, token: token.to_string() };
+        write_frame(&mut send, &query).await.map_err(|e| net(&e))?;
+        let reply = read_frame::<_, ToWorker>(&mut recv).await;
+        conn.close(0u32.into(), b"status read");
+        match reply {
+            Ok(ToWorker::Status(status)) => Ok(status),
+            Ok(ToWorker::Rejected { reason }) => Err(CoordError::Run(format!("coordinator {addr} refused: {reason}"))),
+            Ok(other) => Err(CoordError::Protocol(format!("expected a status, got {other:?}"))),
+            Err(e) => Err(CoordError::Net(format!("reading the status from {addr}: {e}"))),
+        }
+    };
+    let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await.unwrap_or_else(|_| {
+        Err(CoordError::Net(format!("coordinator {addr} did not answer within {HANDSHAKE_TIMEOUT:?}")))
+    });
+    ep.close(0u32.into(), b"done");
+    result
 }

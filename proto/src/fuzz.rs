@@ -20,6 +20,7 @@ pub fn job(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    use crate::trace::{SpanKind, TraceSpan};
     use crate::wire::{encode_frame, Assign, PeerInfo, Task, ToCoordinator, ToWorker, PROTOCOL_VERSION};
 
     /// Real messages of both directions, as frame payloads (the 4-byte length removed).
@@ -31,6 +32,9 @@ mod tests {
             pid: 42,
             data_addr: "127.0.0.1:7000".into(),
             fingerprint: "ab".repeat(32),
+            rank: Some(1),
+            world_size: Some(2),
+            local_rank: Some(0),
         };
         let assign = ToWorker::Assign(Assign {
             rank: 1,
@@ -44,14 +48,27 @@ mod tests {
                 weights_path: Some("/tmp/w".into()),
                 checkpoint_dir: None,
                 resume_path: None,
+                trace: true,
             },
         });
+        let status_query = ToCoordinator::StatusQuery { version: PROTOCOL_VERSION, token: "token".into() };
+        let progress = ToCoordinator::Progress { rank: 1, step: 10, examples_per_s: 100.0, comm_share: 0.5 };
+        let span = TraceSpan { kind: SpanKind::AllReduce, step: 3, detail: 1, start_us: 10, dur_us: 5 };
+        let trace = ToCoordinator::Trace { rank: 0, spans: vec![span; 3] };
         let payload = |frame: Vec<u8>| frame[4..].to_vec();
         vec![
             ("hello", payload(encode_frame(&hello).unwrap())),
-            ("ready", payload(encode_frame(&ToCoordinator::Ready { rank: 0, init_weight_hash: 9 }).unwrap())),
+            (
+                "ready",
+                payload(
+                    encode_frame(&ToCoordinator::Ready { rank: 0, init_weight_hash: 9, total_steps: 100 }).unwrap(),
+                ),
+            ),
             ("assign", payload(encode_frame(&assign).unwrap())),
             ("abort", payload(encode_frame(&ToWorker::Abort { reason: "r".into() }).unwrap())),
+            ("status-query", payload(encode_frame(&status_query).unwrap())),
+            ("progress", payload(encode_frame(&progress).unwrap())),
+            ("trace", payload(encode_frame(&trace).unwrap())),
         ]
     }
 

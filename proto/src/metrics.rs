@@ -13,6 +13,66 @@ pub struct TrainRecord {
     /// Global gradient L2 norm before clipping.
     pub grad_norm: f64,
     pub examples_per_s: f64,
+    /// T33: the L2 norm of each layer's batch-mean gradient, input side first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer_grad_norms: Vec<LayerGradNorm>,
+}
+
+/// One layer's gradient L2 norm (all its parameters together).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LayerGradNorm {
+    pub layer: String,
+    pub norm: f64,
+}
+
+/// A histogram of values in TensorBoard's terms: `bucket_counts[i]` values fell at or below
+/// `bucket_limits[i]` and above the previous limit.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Histogram {
+    pub min: f64,
+    pub max: f64,
+    pub num: f64,
+    pub sum: f64,
+    pub sum_squares: f64,
+    pub bucket_limits: Vec<f64>,
+    pub bucket_counts: Vec<f64>,
+}
+
+impl Histogram {
+    /// `buckets` equal-width buckets spanning [min, max] of `values` (non-finite values
+    /// are left out; an empty input gives one empty bucket).
+    pub fn of(values: &[f32], buckets: usize) -> Self {
+        let buckets = buckets.max(1);
+        let (mut min, mut max, mut num, mut sum, mut sum_squares) = (f64::INFINITY, f64::NEG_INFINITY, 0.0, 0.0, 0.0);
+        for &v in values.iter().filter(|v| v.is_finite()) {
+            let v = v as f64;
+            min = min.min(v);
+            max = max.max(v);
+            num += 1.0;
+            sum += v;
+            sum_squares += v * v;
+        }
+        if num == 0.0 {
+            return Self {
+                min: 0.0,
+                max: 0.0,
+                num,
+                sum,
+                sum_squares,
+                bucket_limits: vec![0.0],
+                bucket_counts: vec![0.0],
+            };
+        }
+        let width = (max - min) / buckets as f64;
+        let bucket_limits: Vec<f64> =
+            (1..=buckets).map(|i| if i == buckets { max } else { min + width * i as f64 }).collect();
+        let mut bucket_counts = vec![0.0; buckets];
+        for &v in values.iter().filter(|v| v.is_finite()) {
+            let i = if width > 0.0 { (((v as f64 - min) / width) as usize).min(buckets - 1) } else { 0 };
+            bucket_counts[i] += 1.0;
+        }
+        Self { min, max, num, sum, sum_squares, bucket_limits, bucket_counts }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -53,4 +113,20 @@ pub struct Summary {
     /// Gradient bytes all-reduced per step by each rank (0 for one process).
     #[serde(default)]
     pub allreduce_bytes_per_step: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Histogram;
+
+    #[test]
+    fn histogram_counts_and_moments() {
+        let h = Histogram::of(&[0.0, 1.0, 2.0, 3.0, 4.0, f32::NAN], 4);
+        assert_eq!((h.min, h.max, h.num, h.sum, h.sum_squares), (0.0, 4.0, 5.0, 10.0, 30.0));
+        assert_eq!(h.bucket_limits, vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(h.bucket_counts, vec![1.0, 1.0, 1.0, 2.0]);
+        let flat = Histogram::of(&[2.5; 3], 8);
+        assert_eq!(flat.bucket_counts.iter().sum::<f64>(), 3.0);
+        assert_eq!(Histogram::of(&[], 8).num, 0.0);
+    }
 }

@@ -2,12 +2,13 @@
 //! followed by a bincode-2 payload. The length is checked against a maximum *before*
 //! anything is allocated, and a payload that does not decode is an error, never a panic.
 
-use crate::{EvalRecord, Summary, TrainRecord};
+use crate::trace::TraceSpan;
+use crate::{EvalRecord, Histogram, Summary, TrainRecord};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped on any incompatible change of these messages.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control-plane frame (a job spec, a summary): far above any real message.
 pub const MAX_FRAME_BYTES: u32 = 4 << 20;
 
@@ -24,22 +25,50 @@ pub enum ToCoordinator {
         data_addr: String,
         /// SHA-256 of this worker's data-plane certificate (hex), pinned by its neighbours.
         fingerprint: String,
+        /// The rank this worker was launched as (RANK, from a launcher), if any.
+        rank: Option<usize>,
+        /// The world size it was launched into (WORLD_SIZE), checked against the job's.
+        world_size: Option<usize>,
+        /// Its index among the workers of its host (LOCAL_RANK).
+        local_rank: Option<usize>,
+    },
+    /// First message of `lockstep status`: asks for a [`ClusterStatus`], then closes.
+    StatusQuery {
+        version: u32,
+        token: String,
     },
     /// Model built: the initial weights' hash, compared across ranks before step 0.
     Ready {
         rank: usize,
         init_weight_hash: u64,
+        /// Steps the run will take (for progress and status).
+        total_steps: u64,
     },
     /// Every `log_every` steps, from every rank (hashes compared across ranks).
     Step {
         rank: usize,
         record: TrainRecord,
         weight_hash: u64,
+        /// Per-layer histograms of the batch-mean gradient (rank 0 only; TensorBoard).
+        grad_histograms: Vec<(String, Histogram)>,
     },
-    /// Per-step heartbeat for progress (cheap).
+    /// At most twice a second from every rank while training: the status table's row.
     Progress {
         rank: usize,
         step: u64,
+        examples_per_s: f64,
+        /// Share of wall time the compute thread waited on communication, since the last report.
+        comm_share: f64,
+    },
+    /// Timeline spans (sent in chunks before `Done` when the task asked for a trace).
+    Trace {
+        rank: usize,
+        spans: Vec<TraceSpan>,
+    },
+    /// Log lines this rank wrote during the task (for RUN_DIR/logs/rank-R.log).
+    Log {
+        rank: usize,
+        text: String,
     },
     Eval {
         rank: usize,
@@ -87,6 +116,8 @@ pub enum Task {
         checkpoint_dir: Option<String>,
         /// Every rank restores this checkpoint before step 0 (a path all ranks can read).
         resume_path: Option<String>,
+        /// Record timeline spans and send them before `Done`.
+        trace: bool,
     },
     /// Time ring all-reduces of these sizes.
     BenchAllReduce { sizes: Vec<u64>, iters: usize },
@@ -120,6 +151,33 @@ pub enum ToWorker {
     },
     /// The run is over; a daemon without `--once` waits for the next job.
     Shutdown,
+    /// The answer to a `StatusQuery`.
+    Status(ClusterStatus),
+}
+
+/// What `lockstep status` prints: the run and one row per rank.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ClusterStatus {
+    pub job: String,
+    /// "waiting for workers", "training", "finished", "failed: ...", "re-forming".
+    pub state: String,
+    pub total_steps: u64,
+    pub uptime_s: f64,
+    pub ranks: Vec<RankStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct RankStatus {
+    pub rank: usize,
+    pub host: String,
+    pub pid: u32,
+    /// "joined", "training", "done", "failed", "lost".
+    pub state: String,
+    pub step: u64,
+    /// Seconds since the coordinator last heard from this rank.
+    pub since_heard_s: f64,
+    pub examples_per_s: f64,
+    pub comm_share: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,17 +269,24 @@ mod tests {
             pid: 1,
             data_addr: "127.0.0.1:1".into(),
             fingerprint: "ab".into(),
+            rank: Some(2),
+            world_size: Some(4),
+            local_rank: None,
         }
+    }
+
+    fn progress() -> ToCoordinator {
+        ToCoordinator::Progress { rank: 3, step: 9, examples_per_s: 1.5, comm_share: 0.25 }
     }
 
     #[tokio::test]
     async fn round_trip() {
         let mut buf = Vec::new();
         write_frame(&mut buf, &hello()).await.unwrap();
-        write_frame(&mut buf, &ToCoordinator::Progress { rank: 3, step: 9 }).await.unwrap();
+        write_frame(&mut buf, &progress()).await.unwrap();
         let mut r = &buf[..];
         assert_eq!(read_frame::<_, ToCoordinator>(&mut r).await.unwrap(), hello());
-        assert_eq!(read_frame::<_, ToCoordinator>(&mut r).await.unwrap(), ToCoordinator::Progress { rank: 3, step: 9 });
+        assert_eq!(read_frame::<_, ToCoordinator>(&mut r).await.unwrap(), progress());
         assert!(matches!(read_frame::<_, ToCoordinator>(&mut r).await, Err(FrameError::Closed)));
     }
 

@@ -4,6 +4,7 @@
 
 use crate::model_file::save_model;
 use crate::reducer::BucketReducer;
+use crate::run::StepReport;
 use crate::trainer::{GradReducer, NoReduce};
 use crate::{run_training, Result, RunEvent, RunOptions, WorkerError};
 use lockstep_collective::quic::{LinkAbort, QuicLink};
@@ -36,6 +37,11 @@ pub struct DaemonOptions {
     pub advertise: Option<IpAddr>,
     /// How long a collective may wait for a peer.
     pub collective_timeout: Duration,
+    /// The rank, world size and host-local index a launcher started this worker as
+    /// (RANK, WORLD_SIZE, LOCAL_RANK): the coordinator places it at that rank.
+    pub launch_rank: Option<usize>,
+    pub launch_world_size: Option<usize>,
+    pub local_rank: Option<usize>,
 }
 
 fn net<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> WorkerError {
@@ -124,7 +130,7 @@ impl Node<'_> {
     fn join_and_serve(&self, coord: SocketAddr, coord_fp: &str, coord_addr: &str, data_addr: &str) -> Result<()> {
         let opts = self.opts;
         loop {
-            let joining = Self::join(self.data_ep, self.me, coord, coord_fp, &opts.token, data_addr, &self.active_link);
+            let joining = Self::join(self.data_ep, self.me, coord, coord_fp, opts, data_addr, &self.active_link);
             let session = match self.rt.block_on(joining) {
                 Ok(s) => s,
                 // A refusal or a pinning failure will not fix itself: report it and stop.
@@ -156,7 +162,7 @@ impl Node<'_> {
         me: &Identity,
         coord: SocketAddr,
         coord_fp: &str,
-        token: &str,
+        opts: &DaemonOptions,
         data_addr: &str,
         active_link: &ActiveLink,
     ) -> Result<Session> {
@@ -172,11 +178,14 @@ impl Node<'_> {
         let (mut send, mut recv) = conn.open_bi().await.map_err(net("control stream"))?;
         let hello = ToCoordinator::Hello {
             version: PROTOCOL_VERSION,
-            token: token.to_string(),
-            host: std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into()),
+            token: opts.token.clone(),
+            host: lockstep_proto::hostname(),
             pid: std::process::id(),
             data_addr: data_addr.to_string(),
             fingerprint: me.fingerprint.clone(),
+            rank: opts.launch_rank,
+            world_size: opts.launch_world_size,
+            local_rank: opts.local_rank,
         };
         write_frame(&mut send, &hello).await.map_err(net("sending Hello"))?;
         match read_frame::<_, ToWorker>(&mut recv).await {
@@ -226,6 +235,7 @@ impl Node<'_> {
                 ToWorker::Assign(assign) => {
                     let rank = assign.rank;
                     let result = self.run_task(session, &assign);
+                    crate::log_tap::stop_capture();
                     if let Err(e) = &result {
                         tracing::error!(rank, "task failed: {e}");
                         let _ = session.outbox.send(ToCoordinator::Failed { rank, error: e.to_string() });
@@ -266,7 +276,7 @@ impl Node<'_> {
         let opts = self.opts;
         let (rank, world) = (assign.rank, assign.world);
         match &assign.task {
-            Task::Train { job_toml, threads, bucket_bytes, weights_path, checkpoint_dir, resume_path } => {
+            Task::Train { job_toml, threads, bucket_bytes, weights_path, checkpoint_dir, resume_path, trace } => {
                 let spec = JobSpec::parse(job_toml, std::path::Path::new("<assigned job>"), &[])
                     .map_err(|e| WorkerError::Config(e.to_string()))?;
                 let threads = if *threads > 0 { *threads } else { opts.threads };
@@ -284,6 +294,10 @@ impl Node<'_> {
                     checkpoint_dir: checkpoint_dir.as_deref(),
                     resume_path: resume_path.as_deref(),
                 };
+                crate::log_tap::start_capture();
+                if *trace {
+                    crate::trace::start();
+                }
                 let summary = pool.install(|| match spec.device() {
                     Device::Cpu => train_on(CpuBackend::new(pool.current_num_threads()), job, comm, session),
                     #[cfg(feature = "cuda")]
@@ -293,7 +307,15 @@ impl Node<'_> {
                     }
                     #[cfg(not(feature = "cuda"))]
                     Device::Cuda(_) => Err(WorkerError::Device("this build has no CUDA support".into())),
-                })?;
+                });
+                let spans = crate::trace::finish();
+                let summary = summary.inspect_err(|_| forward_logs(session, rank))?;
+                // Chunks of 20k spans (about 0.7 MB) stay far below the frame limit.
+                for chunk in spans.chunks(20_000) {
+                    let _ = session.outbox.send(ToCoordinator::Trace { rank, spans: chunk.to_vec() });
+                }
+                forward_logs(session, rank);
+                crate::log_tap::stop_capture();
                 session
                     .outbox
                     .send(ToCoordinator::Done { rank, summary })
@@ -358,18 +380,22 @@ fn train_on<B: Backend>(
         })
     });
     let outbox = session.outbox.clone();
+    let mut window = ProgressWindow::new();
     let mut on_event = |event: RunEvent| -> Result<()> {
         let send = |m| outbox.send(m).map_err(|_| WorkerError::Stopped("coordinator connection closed".into()));
         match event {
-            RunEvent::Start { init_weight_hash, .. } => {
-                send(ToCoordinator::Ready { rank, init_weight_hash })?;
+            RunEvent::Start { init_weight_hash, total_steps, .. } => {
+                send(ToCoordinator::Ready { rank, init_weight_hash, total_steps })?;
                 wait_for_start(session)?;
             }
-            RunEvent::Step { step, record, .. } => {
-                if let Some((record, weight_hash)) = record {
-                    send(ToCoordinator::Step { rank, record, weight_hash })?;
-                } else if rank == 0 {
-                    send(ToCoordinator::Progress { rank, step })?;
+            RunEvent::Step { step, examples, step_s, comm_wait_s, report, .. } => {
+                if let Some(r) = report {
+                    let StepReport { record, weight_hash, grad_histograms } = r;
+                    send(ToCoordinator::Step { rank, record, weight_hash, grad_histograms })?;
+                }
+                if let Some((examples_per_s, comm_share)) = window.add(examples, step_s, comm_wait_s) {
+                    send(ToCoordinator::Progress { rank, step, examples_per_s, comm_share })?;
+                    forward_logs(session, rank);
                 }
                 check_abort(session)?;
             }
@@ -393,6 +419,45 @@ fn train_on<B: Backend>(
         save_model(&trainer, std::path::Path::new(path))?;
     }
     Ok(summary)
+}
+
+/// Rates for the status table, reported at most every `PROGRESS_EVERY`.
+struct ProgressWindow {
+    started: Instant,
+    examples: usize,
+    busy_s: f64,
+    comm_wait_s: f64,
+}
+
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+impl ProgressWindow {
+    fn new() -> Self {
+        Self { started: Instant::now(), examples: 0, busy_s: 0.0, comm_wait_s: 0.0 }
+    }
+
+    /// Adds a step; once a window is full, returns (examples/s, share of step time spent
+    /// waiting on communication) and starts the next.
+    fn add(&mut self, examples: usize, step_s: f64, comm_wait_s: f64) -> Option<(f64, f64)> {
+        self.examples += examples;
+        self.busy_s += step_s;
+        self.comm_wait_s += comm_wait_s;
+        let elapsed = self.started.elapsed();
+        if elapsed < PROGRESS_EVERY {
+            return None;
+        }
+        let rates = (self.examples as f64 / elapsed.as_secs_f64(), self.comm_wait_s / self.busy_s.max(1e-9));
+        *self = Self::new();
+        Some(rates)
+    }
+}
+
+/// Sends the log lines captured since the last call (RUN_DIR/logs/rank-R.log).
+fn forward_logs(session: &Session, rank: usize) {
+    let text = crate::log_tap::drain();
+    if !text.is_empty() {
+        let _ = session.outbox.send(ToCoordinator::Log { rank, text });
+    }
 }
 
 fn wait_for_start(session: &Session) -> Result<()> {

@@ -5,10 +5,12 @@
 pub mod build;
 pub mod daemon;
 pub mod lm;
+pub mod log_tap;
 pub mod model_file;
 pub mod reducer;
 pub mod run;
 pub mod sample;
+pub mod trace;
 pub mod train_state;
 pub mod trainer;
 

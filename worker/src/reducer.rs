@@ -13,6 +13,7 @@ use lockstep_collective::Communicator;
 use lockstep_kernels::Backend;
 use lockstep_nn::layers::{StatSync, StatSyncHandle};
 use lockstep_nn::Param;
+use lockstep_proto::trace::SpanKind;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -82,6 +83,8 @@ pub struct BucketReducer {
     /// Bucket of each parameter index (None: frozen).
     bucket_of: Vec<Option<usize>>,
     next_launch: usize,
+    /// This step's scalars (f64 split into f32 pairs), appended to the last bucket launched.
+    staged_scalars: Vec<f32>,
     jobs: Sender<Job>,
     results: Receiver<std::result::Result<(usize, Vec<f32>), String>>,
     comm_thread: Option<JoinHandle<()>>,
@@ -126,8 +129,10 @@ impl BucketReducer {
                         } else {
                             format!("all-reduce of gradient bucket {id} ({} values)", data.len())
                         };
+                        let span = crate::trace::span_detail(SpanKind::AllReduce, id.min(u32::MAX as usize) as u32);
                         let outcome =
                             comm.all_reduce_sum(&mut data).map(|_| (id, data)).map_err(|e| format!("{what}: {e}"));
+                        drop(span);
                         let failed = outcome.is_err();
                         result_tx.send(outcome).is_err() || failed
                     }
@@ -146,7 +151,16 @@ impl BucketReducer {
                 }
             })
             .ok();
-        let mut reducer = Self { buckets, bucket_of, next_launch: 0, jobs, results, comm_thread, bytes_per_step };
+        let mut reducer = Self {
+            buckets,
+            bucket_of,
+            next_launch: 0,
+            staged_scalars: Vec::new(),
+            jobs,
+            results,
+            comm_thread,
+            bytes_per_step,
+        };
         reducer.reset();
         reducer
     }
@@ -161,7 +175,10 @@ impl BucketReducer {
     fn launch_ready(&mut self) -> Result<()> {
         while self.next_launch < self.buckets.len() && self.buckets[self.next_launch].pending == 0 {
             let id = self.next_launch;
-            let data = std::mem::take(&mut self.buckets[id].data);
+            let mut data = std::mem::take(&mut self.buckets[id].data);
+            if id + 1 == self.buckets.len() {
+                data.append(&mut self.staged_scalars);
+            }
             self.jobs
                 .send(Job::Reduce(id, data))
                 .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
@@ -203,7 +220,15 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
         self.launch_ready()
     }
 
-    fn finish_grads(&mut self, be: &B, params: &mut [&mut Param<B>]) -> Result<()> {
+    fn stage_scalars(&mut self, values: &[f64]) {
+        self.staged_scalars = split_f64(values);
+    }
+
+    fn finish_grads(&mut self, be: &B, params: &mut [&mut Param<B>], scalars: &mut [f64]) -> Result<()> {
+        if self.buckets.is_empty() {
+            // Everything frozen: the scalars travel alone.
+            return self.reduce_f64(scalars);
+        }
         if self.next_launch != self.buckets.len() {
             return Err(WorkerError::Collective(format!(
                 "backward left {} of {} gradient buckets incomplete",
@@ -212,7 +237,19 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
             )));
         }
         for _ in 0..self.buckets.len() {
-            let (id, data) = self.receive()?;
+            let (id, mut data) = self.receive()?;
+            if id + 1 == self.buckets.len() {
+                let grads: usize = self.buckets[id].slots.iter().map(|s| s.len).sum();
+                if data.len() != grads + 2 * scalars.len() {
+                    return Err(WorkerError::Collective(format!(
+                        "{} scalars were staged for this step, {} asked for",
+                        (data.len().saturating_sub(grads)) / 2,
+                        scalars.len()
+                    )));
+                }
+                join_f64(&data[grads..], scalars);
+                data.truncate(grads);
+            }
             for slot in &self.buckets[id].slots {
                 params[slot.param].grad = be.upload(&data[slot.offset..slot.offset + slot.len]);
             }
@@ -220,10 +257,6 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
         }
         self.reset();
         Ok(())
-    }
-
-    fn reduce_scalars(&mut self, values: &mut [f64]) -> Result<()> {
-        self.reduce_f64(values)
     }
 
     fn stat_sync(&self) -> Option<StatSyncHandle> {

@@ -8,7 +8,8 @@ use lockstep_kernels::Backend;
 use lockstep_nn::data::{rank_slice, EpochSampler, Remainder};
 use lockstep_nn::optim::sparsity;
 use lockstep_proto::job::Remainder as SpecRemainder;
-use lockstep_proto::{EvalRecord, JobSpec, Summary, TrainRecord};
+use lockstep_proto::trace::SpanKind;
+use lockstep_proto::{EvalRecord, Histogram, JobSpec, LayerGradNorm, Summary, TrainRecord};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -22,14 +23,32 @@ pub enum RunEvent {
         flops_per_example: u64,
         init_weight_hash: u64,
     },
-    /// After every step (cheap); every `log_every` steps `record` and the weight hash are set.
+    /// After every step (cheap); every `log_every` steps `report` is set.
     Step {
         step: u64,
         loss: f64,
-        record: Option<(TrainRecord, u64)>,
+        /// Examples in the global batch, the step's wall time and its exposed communication.
+        examples: usize,
+        step_s: f64,
+        comm_wait_s: f64,
+        report: Option<StepReport>,
     },
     Eval(EvalRecord),
 }
+
+/// What a logged step reports: the metrics line, the weight hash (compared across ranks)
+/// and, on rank 0, per-layer gradient histograms.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub record: TrainRecord,
+    pub weight_hash: u64,
+    pub grad_histograms: Vec<(String, Histogram)>,
+}
+
+/// T33 bounds on the first/last layer gradient-norm ratio beyond which a warning is logged.
+const VANISHING_RATIO: f64 = 1e-3;
+const EXPLODING_RATIO: f64 = 1e3;
+const HISTOGRAM_BUCKETS: usize = 30;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -96,6 +115,7 @@ pub fn run_training<B: Backend>(
     let resumed_at = trainer.global_step;
     let checkpoint = |trainer: &Trainer<B>| -> Result<()> {
         if let (0, Some(dir)) = (opts.rank, &opts.checkpoint_dir) {
+            let _span = crate::trace::span(SpanKind::Checkpoint);
             let path = train_state::save_checkpoint(trainer, dir, spec.train.keep_checkpoints)?;
             tracing::info!("checkpoint {}", path.display());
         }
@@ -132,6 +152,7 @@ pub fn run_training<B: Backend>(
             let batch = sampler.global_batch(&order, s);
             let local = rank_slice(&batch, opts.rank, opts.world);
             let step_index = trainer.global_step;
+            let step_started = Instant::now();
             let stats = trainer.step(train.as_ref(), local, reducer.as_mut()).map_err(|e| match e {
                 // Say where: which step a collective failed in (the bucket is in the message).
                 crate::WorkerError::Collective(m) => crate::WorkerError::Collective(format!("step {step_index}: {m}")),
@@ -146,10 +167,12 @@ pub fn run_training<B: Backend>(
             window_examples += batch.len();
             examples_total += batch.len();
             let step = trainer.global_step;
-            let record = if step % spec.train.log_every as u64 == 0 || step == total_steps {
+            let report = if step % spec.train.log_every as u64 == 0 || step == total_steps {
                 let rate = window_examples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
                 window_start = Instant::now();
                 window_examples = 0;
+                let (layer_grad_norms, grad_histograms) = layer_grad_stats(&trainer, stats.targets, opts.rank == 0);
+                warn_on_gradient_health(step, &layer_grad_norms);
                 let record = TrainRecord {
                     step,
                     epoch,
@@ -157,12 +180,20 @@ pub fn run_training<B: Backend>(
                     lr: stats.lr as f64,
                     grad_norm: stats.grad_norm,
                     examples_per_s: rate,
+                    layer_grad_norms,
                 };
-                Some((record, trainer.model.weight_hash(&trainer.be)))
+                Some(StepReport { record, weight_hash: trainer.model.weight_hash(&trainer.be), grad_histograms })
             } else {
                 None
             };
-            on_event(RunEvent::Step { step, loss: stats.loss, record })?;
+            on_event(RunEvent::Step {
+                step,
+                loss: stats.loss,
+                examples: batch.len(),
+                step_s: step_started.elapsed().as_secs_f64(),
+                comm_wait_s: stats.comm_wait_s,
+                report,
+            })?;
             let every = spec.train.checkpoint_every as u64;
             if every > 0 && step % every == 0 && step < total_steps {
                 checkpoint(&trainer)?;
@@ -215,7 +246,63 @@ fn evaluate_and_report<B: Backend>(
     epoch: u64,
     on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
 ) -> Result<(f64, f64)> {
+    let span = crate::trace::span(SpanKind::Eval);
     let (loss, accuracy) = trainer.evaluate(test)?;
+    drop(span);
     on_event(RunEvent::Eval(EvalRecord { step: trainer.global_step, epoch, split: "test".into(), loss, accuracy }))?;
     Ok((loss, accuracy))
+}
+
+/// T33: each layer's gradient L2 norm (its parameters together, named by the parameter
+/// name up to the last dot) of the batch-mean gradient, and with `histograms` the
+/// distribution of its gradient values. The gradients hold sums over `targets`.
+fn layer_grad_stats<B: Backend>(
+    trainer: &Trainer<B>,
+    targets: f64,
+    histograms: bool,
+) -> (Vec<LayerGradNorm>, Vec<(String, Histogram)>) {
+    let mut layers: Vec<(String, Vec<f32>)> = Vec::new();
+    for p in trainer.model.params().into_iter().filter(|p| p.trainable) {
+        let layer = p.name.rsplit_once('.').map_or(p.name.as_str(), |(layer, _)| layer);
+        let grad: Vec<f32> = trainer.be.download(&p.grad).iter().map(|g| (*g as f64 / targets) as f32).collect();
+        match layers.last_mut() {
+            Some((name, values)) if name == layer => values.extend(grad),
+            _ => layers.push((layer.to_string(), grad)),
+        }
+    }
+    let norms = layers
+        .iter()
+        .map(|(layer, g)| LayerGradNorm {
+            layer: layer.clone(),
+            norm: g.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt(),
+        })
+        .collect();
+    let hists = if histograms {
+        layers.iter().map(|(layer, g)| (layer.clone(), Histogram::of(g, HISTOGRAM_BUCKETS))).collect()
+    } else {
+        Vec::new()
+    };
+    (norms, hists)
+}
+
+/// The first layer's gradient norm over the last layer's (T33), if both are non-zero.
+pub fn grad_norm_ratio(norms: &[LayerGradNorm]) -> Option<f64> {
+    let (first, last) = (norms.first()?.norm, norms.last()?.norm);
+    (norms.len() >= 2 && first.is_finite() && last > 0.0).then(|| first / last)
+}
+
+fn warn_on_gradient_health(step: u64, norms: &[LayerGradNorm]) {
+    let Some(ratio) = grad_norm_ratio(norms) else { return };
+    let (first, last) = (&norms[0], &norms[norms.len() - 1]);
+    if ratio < VANISHING_RATIO {
+        tracing::warn!(
+            "step {step}: vanishing gradients: {} has gradient norm {:.3e}, {:.1e} times the {:.3e} of {}              (deep sigmoid/tanh stacks, bad init or no normalization are the usual causes)",
+            first.layer, first.norm, ratio, last.norm, last.layer
+        );
+    } else if ratio > EXPLODING_RATIO {
+        tracing::warn!(
+            "step {step}: exploding gradients: {} has gradient norm {:.3e}, {:.1e} times the {:.3e} of {}              (lower optim.lr, set optim.clip_norm, or check the init)",
+            first.layer, first.norm, ratio, last.norm, last.layer
+        );
+    }
 }

@@ -2,8 +2,8 @@
 //! loss gradient is a per-example **sum**, reduced (summed) across ranks, then divided by
 //! the global batch once, so the update does not depend on how the batch was split.
 
-use crate::build;
-use crate::Result;
+use crate::trace;
+use crate::{build, Result};
 use lockstep_kernels::Backend;
 use lockstep_kernels::IGNORE_TARGET;
 use lockstep_nn::data::text::CharTokenizer;
@@ -13,7 +13,9 @@ use lockstep_nn::loss::softmax_cross_entropy;
 use lockstep_nn::optim::{clip_factor, global_grad_norm, Optimizer};
 use lockstep_nn::schedule::Schedule;
 use lockstep_nn::{ForwardCtx, Param, Sequential, Tensor};
+use lockstep_proto::trace::SpanKind;
 use lockstep_proto::JobSpec;
+use std::time::Instant;
 
 /// Sums gradients and a few scalars across data-parallel ranks. Every rank must end with
 /// identical bits.
@@ -23,9 +25,14 @@ pub trait GradReducer<B: Backend> {
     fn grads_ready(&mut self, _be: &B, _first_index: usize, _params: &[&Param<B>]) -> Result<()> {
         Ok(())
     }
-    /// After backward: every trainable gradient replaced by its sum over ranks.
-    fn finish_grads(&mut self, be: &B, params: &mut [&mut Param<B>]) -> Result<()>;
-    fn reduce_scalars(&mut self, values: &mut [f64]) -> Result<()>;
+    /// Called once per step before backward with a few values to sum across ranks (the
+    /// loss and the target count). A bucketed reducer sends them with the last gradient
+    /// bucket, so they cost no extra collective: on a link with latency that halves the
+    /// round trips of a step.
+    fn stage_scalars(&mut self, values: &[f64]);
+    /// After backward: every trainable gradient replaced by its sum over ranks, and
+    /// `scalars` (as many as were staged) by their sums.
+    fn finish_grads(&mut self, be: &B, params: &mut [&mut Param<B>], scalars: &mut [f64]) -> Result<()>;
     /// Sums statistics across ranks from inside forward/backward (SyncBatchNorm); None
     /// with a single rank.
     fn stat_sync(&self) -> Option<StatSyncHandle> {
@@ -37,10 +44,8 @@ pub trait GradReducer<B: Backend> {
 pub struct NoReduce;
 
 impl<B: Backend> GradReducer<B> for NoReduce {
-    fn finish_grads(&mut self, _: &B, _: &mut [&mut Param<B>]) -> Result<()> {
-        Ok(())
-    }
-    fn reduce_scalars(&mut self, _: &mut [f64]) -> Result<()> {
+    fn stage_scalars(&mut self, _: &[f64]) {}
+    fn finish_grads(&mut self, _: &B, _: &mut [&mut Param<B>], _: &mut [f64]) -> Result<()> {
         Ok(())
     }
 }
@@ -52,6 +57,10 @@ pub struct StepStats {
     /// Global gradient norm (of the batch-mean gradient) before clipping.
     pub grad_norm: f64,
     pub lr: f32,
+    /// Targets in the global batch: the gradients hold sums over them.
+    pub targets: f64,
+    /// Seconds this step waited for communication after backward (exposed all-reduce time).
+    pub comm_wait_s: f64,
 }
 
 pub struct Trainer<B: Backend> {
@@ -88,6 +97,7 @@ impl<B: Backend> Trainer<B> {
     /// unpadded position of a sequence); their count is summed across ranks with the loss.
     pub fn step(&mut self, data: &dyn Examples, local: &[u32], reducer: &mut dyn GradReducer<B>) -> Result<StepStats> {
         let be = &self.be;
+        crate::trace::set_step(self.global_step);
         self.model.zero_grad(be);
         let (mut loss_sum, mut targets) = (0.0, 0usize);
         if !local.is_empty() {
@@ -102,21 +112,29 @@ impl<B: Backend> Trainer<B> {
                 stat_sync: reducer.stat_sync(),
             };
             let input = self.input(local.len(), &batch.x); // (B, F), (B, H, W, C) or (B, T)
+            let forward = trace::span(SpanKind::Forward);
             let logits = self.model.forward(be, input, &ctx)?; // (B, classes) or (B, T, vocab)
             let out = softmax_cross_entropy(be, &logits, &batch.y, None, 1.0)?;
+            drop(forward);
             loss_sum = out.loss_sum;
+            reducer.stage_scalars(&[loss_sum, targets as f64]);
+            let _backward = trace::span(SpanKind::Backward);
             self.model.backward_with_hook(be, out.grad, &mut |first, params| {
                 reducer.grads_ready(be, first, params).map_err(|e| lockstep_nn::NnError::Invalid(e.to_string()))
             })?;
         } else {
             // No local examples this step: still take part in every collective, in order.
+            reducer.stage_scalars(&[0.0, 0.0]);
             let params = self.model.params();
             reducer.grads_ready(be, 0, &params)?;
         }
         let mut params = self.model.params_mut();
-        reducer.finish_grads(be, &mut params)?;
         let mut scalars = [loss_sum, targets as f64];
-        reducer.reduce_scalars(&mut scalars)?;
+        let waiting = (Instant::now(), trace::span(SpanKind::AllReduceWait));
+        reducer.finish_grads(be, &mut params, &mut scalars)?;
+        let comm_wait_s = waiting.0.elapsed().as_secs_f64();
+        drop(waiting);
+        let _optimizer = trace::span(SpanKind::Optimizer);
         let global_targets = scalars[1].max(1.0);
         // The gradients hold per-target sums; the mean and the clip factor are applied
         // inside the update (one pass over the parameters instead of three).
@@ -126,7 +144,7 @@ impl<B: Backend> Trainer<B> {
         self.optimizer.step_scaled(be, &mut params, lr, scale as f32);
         be.check().map_err(crate::WorkerError::Device)?;
         self.global_step += 1;
-        Ok(StepStats { loss: scalars[0] / global_targets, grad_norm, lr })
+        Ok(StepStats { loss: scalars[0] / global_targets, grad_norm, lr, targets: global_targets, comm_wait_s })
     }
 
     /// Mean loss and accuracy per target over `data` in eval mode (no dropout, no caches).
