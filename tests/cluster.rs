@@ -91,24 +91,22 @@ fn same_world_and_seed_is_bitwise_identical() {
 
 /// A `lockstep coordinator` process on a free port; returns it and its join address.
 fn start_coordinator(dir: &Path, token_file: &Path) -> (Child, String) {
+    start_coordinator_of(dir, token_file, 1, &[])
+}
+
+/// A coordinator for `workers` workers; it logs to DIR/coordinator.log itself.
+fn start_coordinator_of(dir: &Path, token_file: &Path, workers: usize, extra: &[&str]) -> (Child, String) {
     let mut child = bin()
-        .args([
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "configs/mnist-mlp.toml",
-            "--quiet",
-            "--out",
-        ])
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--workers", &workers.to_string()])
+        .args(["configs/mnist-mlp.toml", "--quiet", "--out"])
         .arg(dir)
         .arg("--token-file")
         .arg(token_file)
         .args(short_job())
+        .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
+        .stderr(std::fs::File::create(dir.join("coordinator.stderr")).unwrap())
         .spawn()
         .expect("start coordinator");
     let mut line = String::new();
@@ -402,4 +400,69 @@ fn a_restarted_coordinator_resumes_and_its_daemons_rejoin() {
     let s = summary(&dir);
     assert_eq!((s["steps"].as_u64(), s["world_size"].as_u64()), (Some(468), Some(2)), "{s}");
     assert!(s["test_accuracy"].as_f64().unwrap() > 0.9, "{s}");
+}
+
+/// Workers started by a launcher take the rank it gave them (RANK), whatever order they join
+/// in; a duplicate rank or a wrong WORLD_SIZE is refused with the reason; MASTER_ADDR,
+/// MASTER_PORT and LOCKSTEP_FINGERPRINT stand in for --join.
+#[test]
+fn launcher_ranks_are_honoured_and_conflicts_refused() {
+    let dir = temp_dir("launch-ranks");
+    let token = dir.join("token-file");
+    std::fs::write(&token, "launch-token").unwrap();
+    let trace = dir.join("trace.json");
+    let (coord, join) = start_coordinator_of(&dir, &token, 2, &["--trace", trace.to_str().unwrap()]);
+    let launched = |rank: &str, world: &str, host: &str| {
+        let mut cmd = worker(&join, &token);
+        cmd.env("RANK", rank).env("WORLD_SIZE", world).env("HOSTNAME", host);
+        cmd
+    };
+    let first = launched("1", "2", "host-a").spawn().unwrap();
+    let log = dir.join("coordinator.log");
+    for _ in 0..300 {
+        if std::fs::read_to_string(&log).unwrap_or_default().contains("1/2 workers joined") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let duplicate = run(&mut launched("1", "2", "host-c"));
+    assert!(!duplicate.status.success());
+    assert!(stderr(&duplicate).contains("RANK=1 is taken by the worker on host-a"), "{}", stderr(&duplicate));
+    let wrong_world = run(&mut launched("0", "3", "host-d"));
+    assert!(stderr(&wrong_world).contains("launched with WORLD_SIZE=3, but this coordinator runs 2 workers"));
+    // Rank 0 joins last, through the launcher variables instead of --join.
+    let (addr, fingerprint) = join.trim_start_matches("lockstep://").split_once('#').unwrap();
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let second = bin()
+        .args(["worker", "--once", "--token-file"])
+        .arg(&token)
+        .env("MASTER_ADDR", host)
+        .env("MASTER_PORT", port)
+        .env("LOCKSTEP_FINGERPRINT", fingerprint)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("HOSTNAME", "host-b")
+        .spawn()
+        .unwrap();
+    wait_ok(coord, "coordinator", &dir);
+    for mut w in [first, second] {
+        assert!(w.wait().unwrap().success());
+    }
+    let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let names: Vec<&str> = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "process_name")
+        .map(|e| e["args"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["rank 0 (host-b)", "rank 1 (host-a)"]);
+    // Without a fingerprint, MASTER_ADDR alone is refused: pinning is not optional.
+    let out = run(bin()
+        .args(["worker", "--once", "--token-file"])
+        .arg(&token)
+        .env("MASTER_ADDR", host)
+        .env("MASTER_PORT", port)
+        .env_remove("LOCKSTEP_FINGERPRINT"));
+    assert!(stderr(&out).contains("LOCKSTEP_FINGERPRINT is not"), "{}", stderr(&out));
 }

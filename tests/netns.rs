@@ -100,6 +100,22 @@ fn mnist_trains_across_namespaces_with_delay_and_loss() {
     );
     assert_eq!(s["world_size"], 3);
     assert!(accuracy >= 0.975, "test accuracy {accuracy} below 97.5%");
+    // Delay and loss change the timing, never the numbers: the same job on loopback ends
+    // with the same weights, bit for bit.
+    let loopback = dir.join("loopback");
+    let out = common::run(common::bin().args(["local", "--workers", "3", "--quiet", "--out"]).arg(&loopback).args([
+        "configs/mnist-mlp.toml",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.batch_size=256",
+        "--set",
+        "optim.lr=0.002",
+    ]));
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let reference = summary(&loopback);
+    eprintln!("loopback run: {:.0} examples/s", reference["examples_per_s"].as_f64().unwrap());
+    assert_eq!(s["weight_hash"], reference["weight_hash"], "lossy-network and loopback runs differ");
     // Ranks follow the hostfile: rank r ran on host lsa<r+1>.
     let trace: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("trace.json")).unwrap()).unwrap();

@@ -166,3 +166,21 @@ fn main() -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Rng;
+
+    #[test]
+    fn loss_draws_are_uniform_and_seeded() {
+        let mut a = Rng(0x9E37_79B9_7F4A_7C15 | 1);
+        let draws: Vec<f64> = (0..200_000).map(|_| a.uniform()).collect();
+        assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
+        let lost = draws.iter().filter(|&&u| u < 0.005).count() as f64 / draws.len() as f64;
+        assert!((lost - 0.005).abs() < 0.001, "loss fraction {lost}");
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
+        let mut b = Rng(0x9E37_79B9_7F4A_7C15 | 1);
+        assert!(draws[..100].iter().all(|&u| u == b.uniform()), "same seed, same pattern");
+    }
+}

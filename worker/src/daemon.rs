@@ -151,6 +151,7 @@ impl Node<'_> {
                 // A daemon outlives runs: back to joining, for the next job.
                 Ok(true) => tracing::info!("run finished; waiting for the next job"),
                 Ok(false) => tracing::info!("coordinator closed the connection; re-joining"),
+                Err(e @ WorkerError::Stopped(_)) => return Err(e),
                 Err(e) if opts.once => return Err(e),
                 Err(e) => tracing::warn!("task failed: {e}; re-joining"),
             }
@@ -250,6 +251,11 @@ impl Node<'_> {
                     }
                 }
                 ToWorker::Shutdown => return Ok(true),
+                // Placement refusals (a RANK taken, a WORLD_SIZE that disagrees) come after
+                // Welcome; like a refusal at the door they will not fix themselves.
+                ToWorker::Rejected { reason } => {
+                    return Err(WorkerError::Stopped(format!("the coordinator refused this worker: {reason}")))
+                }
                 ToWorker::Abort { reason } => tracing::warn!("abort outside a task: {reason}"),
                 other => tracing::debug!("ignoring {other:?} outside a task"),
             }
