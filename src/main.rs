@@ -202,6 +202,14 @@ enum Command {
         #[arg(long, default_value_t = 1234)]
         seed: u64,
     },
+    /// Fold a LoRA model's adapters into its weights (W + alpha/r·B·A) and write a plain model.
+    MergeLora {
+        /// A model.safetensors trained with `finetune.lora`.
+        model: PathBuf,
+        /// Where to write the merged model.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Benchmarks that print a ratio against a reference measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -325,6 +333,12 @@ fn real_main() -> Result<()> {
                 collective_timeout: Duration::from_secs(collective_timeout),
             };
             run_daemon(&opts).map_err(Into::into)
+        }
+        Command::MergeLora { model, output } => {
+            let merged = lockstep_worker::finetune::merge_lora_file(&model, &output)
+                .with_context(|| format!("merging the LoRA adapters of {}", model.display()))?;
+            println!("merged {} adapters ({}) into {}", merged.len(), merged.join(", "), output.display());
+            Ok(())
         }
         Command::Sample { checkpoint, prompt, tokens, temperature, top_k, seed } => {
             if !(temperature >= 0.0 && temperature.is_finite()) {

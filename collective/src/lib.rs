@@ -12,7 +12,7 @@ pub mod ring;
 pub mod thread;
 pub mod tls;
 
-pub use ring::{ring_all_reduce, ring_broadcast, RingComm, RingLink};
+pub use ring::{ring_all_reduce, ring_all_reduce_as, ring_broadcast, RingComm, RingLink, WireFormat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
@@ -35,6 +35,12 @@ pub trait Communicator: Send {
     fn world(&self) -> usize;
     /// In place: buf ← Σ over ranks of buf.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
+    /// `all_reduce_sum` with `buf[..half_len]` travelling in a 16-bit `format` (T25). A
+    /// communicator without compression sends f32.
+    fn all_reduce_sum_as(&mut self, buf: &mut [f32], format: ring::WireFormat, half_len: usize) -> Result<()> {
+        let _ = (format, half_len);
+        self.all_reduce_sum(buf)
+    }
     /// In place: every rank's buf ← root's buf.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has entered the barrier.

@@ -128,7 +128,7 @@ impl QuicLink {
 }
 
 impl RingLink for QuicLink {
-    fn exchange(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+    fn exchange_bytes(&mut self, send: &[u8], recv: &mut [u8]) -> Result<()> {
         let seq = self.seq;
         self.seq += 1;
         let mut header = seq.to_le_bytes().to_vec();
@@ -140,7 +140,7 @@ impl RingLink for QuicLink {
         self.rt.block_on(async move {
             let send_all = async {
                 to_next.write_all(&header).await.map_err(link_err)?;
-                to_next.write_all(bytemuck::cast_slice(send)).await.map_err(link_err)
+                to_next.write_all(send).await.map_err(link_err)
             };
             let recv_all = async {
                 let mut h = [0u8; 16];
@@ -154,7 +154,7 @@ impl RingLink for QuicLink {
                     )));
                 }
                 from_prev
-                    .read_exact(bytemuck::cast_slice_mut(recv))
+                    .read_exact(recv)
                     .await
                     .map_err(|e| link_err(format!("from rank {prev_rank}: {e}")))
             };

@@ -11,9 +11,14 @@ use crate::{Communicator, Result};
 
 /// A rank's two ring neighbours.
 pub trait RingLink: Send {
-    /// Sends `send` to the next rank while receiving exactly `recv.len()` values from the
+    /// Sends `send` to the next rank while receiving exactly `recv.len()` bytes from the
     /// previous rank (concurrently, so large messages cannot deadlock the ring).
-    fn exchange(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()>;
+    fn exchange_bytes(&mut self, send: &[u8], recv: &mut [u8]) -> Result<()>;
+
+    /// `exchange_bytes` of f32 values.
+    fn exchange(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        self.exchange_bytes(bytemuck::cast_slice(send), bytemuck::cast_slice_mut(recv))
+    }
 }
 
 /// [start, end) of chunk `c` when `len` values are cut into `world` near-equal chunks.
@@ -45,6 +50,124 @@ pub fn ring_all_reduce(link: &mut dyn RingLink, rank: usize, world: usize, buf: 
         let n = recv.len();
         link.exchange(&buf[send], &mut incoming[..n])?;
         buf[recv].copy_from_slice(&incoming[..n]);
+    }
+    Ok(())
+}
+
+/// Number format of values on the wire (T25): 16-bit formats halve the bytes; sums are
+/// still formed in f32 at each hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireFormat {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WireFormat {
+    fn round(self, x: f32) -> f32 {
+        match self {
+            Self::F32 => x,
+            Self::Bf16 => half::bf16::from_f32(x).to_f32(),
+            Self::F16 => half::f16::from_f32(x).to_f32(),
+        }
+    }
+
+    fn encode(self, x: f32) -> [u8; 2] {
+        match self {
+            Self::Bf16 => half::bf16::from_f32(x).to_le_bytes(),
+            _ => half::f16::from_f32(x).to_le_bytes(),
+        }
+    }
+
+    fn decode(self, b: [u8; 2]) -> f32 {
+        match self {
+            Self::Bf16 => half::bf16::from_le_bytes(b).to_f32(),
+            _ => half::f16::from_le_bytes(b).to_f32(),
+        }
+    }
+}
+
+/// `buf[range]` as wire bytes: indices below `half_len` in 2 bytes, the rest as f32.
+fn encode_chunk(buf: &[f32], range: std::ops::Range<usize>, format: WireFormat, half_len: usize, out: &mut Vec<u8>) {
+    out.clear();
+    for i in range {
+        if i < half_len {
+            out.extend(format.encode(buf[i]));
+        } else {
+            out.extend(buf[i].to_le_bytes());
+        }
+    }
+}
+
+fn wire_len(range: &std::ops::Range<usize>, half_len: usize) -> usize {
+    let halves = range.end.min(half_len).saturating_sub(range.start);
+    2 * halves + 4 * (range.len() - halves)
+}
+
+/// Decodes wire bytes for `range` and adds them to (or, with `add` false, stores them in)
+/// `buf[range]`.
+fn decode_chunk(
+    bytes: &[u8],
+    buf: &mut [f32],
+    range: std::ops::Range<usize>,
+    format: WireFormat,
+    half_len: usize,
+    add: bool,
+) {
+    let mut at = 0;
+    for i in range {
+        let v = if i < half_len {
+            at += 2;
+            format.decode([bytes[at - 2], bytes[at - 1]])
+        } else {
+            at += 4;
+            f32::from_le_bytes([bytes[at - 4], bytes[at - 3], bytes[at - 2], bytes[at - 1]])
+        };
+        buf[i] = if add { buf[i] + v } else { v };
+    }
+}
+
+/// `ring_all_reduce` with the values `buf[..half_len]` sent in a 16-bit `format` (the rest,
+/// such as the loss and target count riding on the last bucket, stay f32). Partial sums are
+/// rounded to the format at every hop; the owner of each reduced chunk rounds it before the
+/// all-gather, so every rank still ends with identical bits.
+pub fn ring_all_reduce_as(
+    link: &mut dyn RingLink,
+    rank: usize,
+    world: usize,
+    buf: &mut [f32],
+    format: WireFormat,
+    half_len: usize,
+) -> Result<()> {
+    if format == WireFormat::F32 {
+        return ring_all_reduce(link, rank, world, buf);
+    }
+    if world <= 1 {
+        return Ok(());
+    }
+    let len = buf.len();
+    let (mut outgoing, mut incoming) = (Vec::new(), Vec::new());
+    for s in 0..world - 1 {
+        let send = chunk_range(len, world, (rank + world - s) % world);
+        let recv = chunk_range(len, world, (rank + 2 * world - s - 1) % world);
+        encode_chunk(buf, send, format, half_len, &mut outgoing);
+        incoming.resize(wire_len(&recv, half_len), 0);
+        link.exchange_bytes(&outgoing, &mut incoming)?;
+        decode_chunk(&incoming, buf, recv, format, half_len, true);
+    }
+    // Rank r owns chunk r+1: round it as the others will receive it.
+    let owned = chunk_range(len, world, (rank + 1) % world);
+    let rounded_end = owned.end.min(half_len).max(owned.start);
+    for v in &mut buf[owned.start..rounded_end] {
+        *v = format.round(*v);
+    }
+    for s in 0..world - 1 {
+        let send = chunk_range(len, world, (rank + 1 + world - s) % world);
+        let recv = chunk_range(len, world, (rank + world - s) % world);
+        encode_chunk(buf, send, format, half_len, &mut outgoing);
+        incoming.resize(wire_len(&recv, half_len), 0);
+        link.exchange_bytes(&outgoing, &mut incoming)?;
+        decode_chunk(&incoming, buf, recv, format, half_len, false);
     }
     Ok(())
 }
@@ -85,6 +208,9 @@ impl<L: RingLink> Communicator for RingComm<L> {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         ring_all_reduce(&mut self.link, self.rank, self.world, buf)
     }
+    fn all_reduce_sum_as(&mut self, buf: &mut [f32], format: WireFormat, half_len: usize) -> Result<()> {
+        ring_all_reduce_as(&mut self.link, self.rank, self.world, buf, format, half_len)
+    }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         ring_broadcast(&mut self.link, self.rank, self.world, buf, root)
     }
@@ -94,7 +220,7 @@ impl<L: RingLink> Communicator for RingComm<L> {
 pub struct SoloLink;
 
 impl RingLink for SoloLink {
-    fn exchange(&mut self, _: &[f32], _: &mut [f32]) -> Result<()> {
+    fn exchange_bytes(&mut self, _: &[u8], _: &mut [u8]) -> Result<()> {
         Ok(())
     }
 }

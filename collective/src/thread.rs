@@ -6,17 +6,17 @@ use crate::{CollectiveError, Result};
 use std::sync::mpsc::{channel, Receiver, Sender};
 
 pub struct ThreadLink {
-    to_next: Sender<Vec<f32>>,
-    from_prev: Receiver<Vec<f32>>,
+    to_next: Sender<Vec<u8>>,
+    from_prev: Receiver<Vec<u8>>,
 }
 
 impl RingLink for ThreadLink {
-    fn exchange(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+    fn exchange_bytes(&mut self, send: &[u8], recv: &mut [u8]) -> Result<()> {
         // The channel is unbounded, so sending first cannot deadlock.
         self.to_next.send(send.to_vec()).map_err(|_| CollectiveError::Link("next rank hung up".into()))?;
         let got = self.from_prev.recv().map_err(|_| CollectiveError::Link("previous rank hung up".into()))?;
         if got.len() != recv.len() {
-            return Err(CollectiveError::Protocol(format!("expected {} values, got {}", recv.len(), got.len())));
+            return Err(CollectiveError::Protocol(format!("expected {} bytes, got {}", recv.len(), got.len())));
         }
         recv.copy_from_slice(&got);
         Ok(())
@@ -27,7 +27,7 @@ impl RingLink for ThreadLink {
 pub fn thread_group(world: usize) -> Vec<RingComm<ThreadLink>> {
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..world).map(|_| channel()).unzip();
     // Rank r sends on channel r+1 (received by rank r+1) and receives on channel r.
-    let mut receivers: Vec<Option<Receiver<Vec<f32>>>> = receivers.into_iter().map(Some).collect();
+    let mut receivers: Vec<Option<Receiver<Vec<u8>>>> = receivers.into_iter().map(Some).collect();
     (0..world)
         .map(|rank| RingComm {
             link: ThreadLink {
@@ -84,6 +84,46 @@ mod tests {
                     assert_eq!(
                         got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                         results[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_precision_all_reduce_is_close_identical_and_keeps_the_f32_tail() {
+        use crate::WireFormat;
+        for format in [WireFormat::Bf16, WireFormat::F16] {
+            for world in 2..=4 {
+                let len = 1001;
+                let half_len = len - 3; // the last 3 values stay f32 (loss, target count)
+                let results = on_group(world, move |c| {
+                    let mut buf = input(c.rank(), len);
+                    buf[len - 1] = 123_456.79 + c.rank() as f32; // needs f32's 24 bits
+                    c.all_reduce_sum_as(&mut buf, format, half_len).unwrap();
+                    buf
+                });
+                let want = |i: usize| -> f64 {
+                    (0..world)
+                        .map(|r| if i == len - 1 { 123_456.79f32 as f64 + r as f64 } else { input(r, len)[i] as f64 })
+                        .sum()
+                };
+                // bf16 keeps 8 significant bits, fp16 11; up to world−1 roundings on the way.
+                let tolerance = if format == WireFormat::Bf16 { 2e-2 } else { 4e-3 };
+                for got in &results {
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        results[0].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "identical bits on every rank"
+                    );
+                    for (i, g) in got.iter().enumerate().take(half_len) {
+                        let w = want(i);
+                        assert!((*g as f64 - w).abs() <= tolerance * w.abs().max(1.0), "{format:?} [{i}] {g} vs {w}");
+                    }
+                    assert_eq!(
+                        got[len - 1],
+                        (0..world).map(|r| 123_456.79f32 + r as f32).sum::<f32>(),
+                        "f32 tail exact"
                     );
                 }
             }

@@ -1,7 +1,9 @@
 //! The CPU backend: GEMM through the `gemm` crate, everything else as plain loops.
 //! This is the reference implementation; keep it obvious.
 
-use crate::{attention, norm, window, Activation, AttentionDims, Backend, UpdateRule, Window, IGNORE_TARGET};
+use crate::{
+    attention, norm, window, Activation, AttentionDims, Backend, MatmulPrecision, UpdateRule, Window, IGNORE_TARGET,
+};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -15,17 +17,19 @@ const CHUNK: usize = 1 << 15;
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     pub threads: usize,
+    /// Format of matmul operands and outputs (T25).
+    pub precision: MatmulPrecision,
 }
 
 impl Default for CpuBackend {
     fn default() -> Self {
-        Self { threads: rayon::current_num_threads() }
+        Self::new(rayon::current_num_threads())
     }
 }
 
 impl CpuBackend {
     pub fn new(threads: usize) -> Self {
-        Self { threads: threads.max(1) }
+        Self { threads: threads.max(1), precision: MatmulPrecision::Fp32 }
     }
 
     fn parallelism(&self, m: usize, k: usize, n: usize) -> Parallelism {
@@ -163,6 +167,23 @@ impl Backend for CpuBackend {
             }
             return;
         }
+        if self.precision != MatmulPrecision::Fp32 {
+            // Mixed precision (T25) as tensor cores do it: operands rounded to bf16/fp16,
+            // exact products (a half mantissa squared fits in fp32's), fp32 sums, the result
+            // rounded to the half format (activations and input gradients live in it; an
+            // fp16 overflow becomes inf). An accumulating matmul (weight gradients) adds its
+            // rounded result to the fp32 master gradient.
+            let p = self.precision;
+            let a_half: Vec<f32> = a[..m * k].iter().map(|&x| p.round(x)).collect();
+            let b_half: Vec<f32> = b[..k * n].iter().map(|&x| p.round(x)).collect();
+            let full = CpuBackend { precision: MatmulPrecision::Fp32, ..self.clone() };
+            let mut product = vec![0.0f32; m * n];
+            full.matmul(&a_half, &b_half, &mut product, m, k, n, trans_a, trans_b, false);
+            for (out, v) in c[..m * n].iter_mut().zip(product) {
+                *out = if accumulate { *out + p.round(v) } else { p.round(v) };
+            }
+            return;
+        }
         // SAFETY: the asserts above bound every index gemm touches by the strides given.
         unsafe {
             gemm::gemm(
@@ -187,6 +208,11 @@ impl Backend for CpuBackend {
                 self.parallelism(m, k, n),
             );
         }
+    }
+
+    fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<(), String> {
+        self.precision = precision;
+        Ok(())
     }
 
     fn add_row_vector(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) {

@@ -77,6 +77,15 @@ pub trait Backend: Send + Sync + 'static {
     /// dst[dst_off..dst_off+len] = src[src_off..src_off+len]
     fn copy_range(&self, src: &Self::Buf, src_off: usize, dst: &mut Self::Buf, dst_off: usize, len: usize);
 
+    /// Sets the format of matmul operands and outputs (T25); accumulation stays fp32. A
+    /// backend without it refuses anything but fp32.
+    fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<(), String> {
+        match precision {
+            MatmulPrecision::Fp32 => Ok(()),
+            other => Err(format!("{other:?} matmuls are not implemented on this backend")),
+        }
+    }
+
     // ---- linear algebra ----
     /// c = op(a)·op(b) (+ c if `accumulate`). op(a): (m,k), op(b): (k,n), c: (m,n).
     /// `trans_a` means `a` is stored (k,m); `trans_b` means `b` is stored (n,k).
@@ -458,4 +467,26 @@ pub trait Backend: Send + Sync + 'static {
         state1: &mut Self::Buf,
         state2: &mut Self::Buf,
     );
+}
+
+/// Number format of matmul operands and outputs (T25).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl MatmulPrecision {
+    /// `x` rounded (to nearest even) to this format and back: fp16 overflows to ±inf above
+    /// 65504, bf16 keeps fp32's range with 8 significant bits.
+    #[inline]
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            Self::Fp32 => x,
+            Self::Bf16 => half::bf16::from_f32(x).to_f32(),
+            Self::Fp16 => half::f16::from_f32(x).to_f32(),
+        }
+    }
 }

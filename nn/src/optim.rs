@@ -48,6 +48,8 @@ pub struct Optimizer<B: Backend> {
     pub state: Vec<(B::Buf, B::Buf)>,
     /// Updates taken so far (Adam's bias correction uses step+1).
     pub step: u64,
+    /// Per-parameter learning-rate multipliers (T37 parameter groups); missing = 1.
+    pub lr_scale: Vec<f32>,
 }
 
 impl<B: Backend> Optimizer<B> {
@@ -63,7 +65,7 @@ impl<B: Backend> Optimizer<B> {
                 }
             })
             .collect();
-        Self { config, state, step: 0 }
+        Self { config, state, step: 0, lr_scale: Vec::new() }
     }
 
     /// Applies one update with learning rate `lr` to every trainable parameter.
@@ -76,10 +78,11 @@ impl<B: Backend> Optimizer<B> {
     pub fn step_scaled(&mut self, be: &B, params: &mut [&mut Param<B>], lr: f32, grad_scale: f32) {
         self.step += 1;
         let OptimizerConfig { rule, l1, l2, decay_biases } = self.config;
-        for (p, (s1, s2)) in params.iter_mut().zip(self.state.iter_mut()) {
+        for (index, (p, (s1, s2))) in params.iter_mut().zip(self.state.iter_mut()).enumerate() {
             if !p.trainable {
                 continue;
             }
+            let lr = lr * self.lr_scale.get(index).copied().unwrap_or(1.0);
             let decays = p.decay || decay_biases;
             // Penalties are added to the scaled gradient, hence divided by the scale here.
             if decays && l2 > 0.0 {

@@ -107,13 +107,17 @@ impl Stream {
 
 /// Fisher-Yates permutation of 0..n from the (seed, "shuffle", epoch) stream.
 pub fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<u32> {
-    let mut stream = Stream::new(seed, "shuffle", &[epoch]);
     let mut order: Vec<u32> = (0..n as u32).collect();
-    for i in (1..n).rev() {
-        let j = stream.below(i as u64 + 1) as usize;
-        order.swap(i, j);
-    }
+    shuffle(&mut Stream::new(seed, "shuffle", &[epoch]), &mut order);
     order
+}
+
+/// Fisher-Yates shuffle of `items` in place, drawing from `stream`.
+pub fn shuffle<T>(stream: &mut Stream, items: &mut [T]) {
+    for i in (1..items.len()).rev() {
+        let j = stream.below(i as u64 + 1) as usize;
+        items.swap(i, j);
+    }
 }
 
 #[cfg(test)]

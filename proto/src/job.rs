@@ -1,6 +1,7 @@
 //! Job files: TOML deserialised into [`JobSpec`] with unknown keys rejected, then validated.
 //! Every error names the key and, where the file has it, the line.
 
+use crate::toolbox::{AugmentSpec, BlowupSpec, EarlyStopSpec, FinetuneSpec, PrecisionSpec, Resample};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,12 @@ pub struct JobSpec {
     pub optim: OptimSpec,
     #[serde(default)]
     pub schedule: ScheduleSpec,
+    /// Mixed precision (T25).
+    #[serde(default)]
+    pub precision: PrecisionSpec,
+    /// Fine-tuning and LoRA (T37, T38).
+    #[serde(default)]
+    pub finetune: FinetuneSpec,
 }
 
 fn default_seed() -> u64 {
@@ -325,6 +332,23 @@ pub struct DataSpec {
     /// Text: lower-case before tokenizing.
     #[serde(default)]
     pub lowercase: bool,
+    /// Images: keep only these labels, renumbered 0.. in this order (a task on a subset of
+    /// the classes, T37). Empty: all labels.
+    #[serde(default)]
+    pub labels: Vec<u32>,
+    /// Images: a binary task, this label (after `labels`) against the rest: 1 and 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary_positive: Option<u32>,
+    /// Binary task: keep a seeded subset of the positives so that they are this fraction of
+    /// each split (0 = keep all). Builds an imbalanced task (T28).
+    #[serde(default)]
+    pub positive_fraction: f64,
+    /// Re-balance classes in the sampler (T28).
+    #[serde(default)]
+    pub resample: Resample,
+    /// Seeded image augmentation (T27).
+    #[serde(default)]
+    pub augment: AugmentSpec,
 }
 
 fn default_text_file() -> String {
@@ -370,6 +394,28 @@ pub struct TrainSpec {
     /// Group re-formations allowed in one run.
     #[serde(default = "default_max_restarts")]
     pub max_restarts: usize,
+    /// EMA of the weights with this decay (T23); 0 = off.
+    #[serde(default)]
+    pub ema_decay: f64,
+    /// Evaluate with the (bias-corrected) EMA weights instead of the raw ones.
+    #[serde(default)]
+    pub eval_ema: bool,
+    /// Stop when the evaluation metric stops improving; the best model is kept (T24).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stop: Option<EarlyStopSpec>,
+    /// Loss blow-up detection (T36).
+    #[serde(default)]
+    pub blowup: BlowupSpec,
+    /// Per-class loss weights (T28); empty = all 1.
+    #[serde(default)]
+    pub class_weights: Vec<f32>,
+    /// Loss weights n/(classes·n_c) from the training split's class counts (T28).
+    #[serde(default)]
+    pub balanced_class_weights: bool,
+    /// Peak FLOP/s (in GFLOP/s) that MFU is stated against (T34); 0 = measure the
+    /// backend's matmul at start.
+    #[serde(default)]
+    pub peak_gflops: f64,
 }
 
 fn default_max_restarts() -> usize {
@@ -578,7 +624,7 @@ impl JobSpec {
         check(s.decay_steps > 0, "schedule.decay_steps", "must be > 0")?;
         check(s.gamma > 0.0 && s.gamma <= 1.0, "schedule.gamma", "must be in (0, 1]")?;
         check(s.rate > 0.0 && s.rate <= 1.0, "schedule.rate", "must be in (0, 1]")?;
-        Ok(())
+        crate::toolbox::validate(self)
     }
 
     /// The validated device (`validate` guarantees it parses).

@@ -1,9 +1,11 @@
 //! lockstep-proto: the job spec (TOML <-> validated serde structs) and the records that
 //! travel between workers, the coordinator and the run directory.
 
+pub mod classification;
 pub mod fuzz;
 pub mod job;
 pub mod metrics;
+pub mod toolbox;
 pub mod trace;
 pub mod wire;
 

@@ -14,7 +14,8 @@ pub struct TrainRecord {
     pub grad_norm: f64,
     pub examples_per_s: f64,
     /// T33: the L2 norm of each layer's batch-mean gradient, input side first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    // No skip_serializing_if on records: they also travel as bincode, which needs every field.
+    #[serde(default)]
     pub layer_grad_norms: Vec<LayerGradNorm>,
 }
 
@@ -82,6 +83,12 @@ pub struct EvalRecord {
     pub split: String,
     pub loss: f64,
     pub accuracy: f64,
+    /// Confusion matrix, precision/recall/F1 (T32); classifiers only.
+    #[serde(default)]
+    pub classes: Option<crate::classification::ClassMetrics>,
+    /// Evaluated with the EMA weights (T23).
+    #[serde(default)]
+    pub ema: bool,
 }
 
 /// One line of metrics.jsonl, tagged by `kind`.
@@ -113,6 +120,41 @@ pub struct Summary {
     /// Gradient bytes all-reduced per step by each rank (0 for one process).
     #[serde(default)]
     pub allreduce_bytes_per_step: u64,
+    /// Parameters that train (frozen and LoRA-base parameters excluded, T37/T38).
+    #[serde(default)]
+    pub trainable_params: usize,
+    /// T34: forward + backward FLOPs per example (3 × forward).
+    #[serde(default)]
+    pub train_flops_per_example: u64,
+    /// The peak MFU is stated against, per worker, and where it comes from.
+    #[serde(default)]
+    pub peak_gflops: f64,
+    #[serde(default)]
+    pub peak_source: String,
+    /// Model FLOPs utilisation: achieved training FLOP/s over world × peak.
+    #[serde(default)]
+    pub mfu: f64,
+    /// Updates skipped (fp16 overflow or loss blow-up).
+    #[serde(default)]
+    pub skipped_steps: u64,
+    /// The final loss scale (1 without dynamic scaling).
+    #[serde(default)]
+    pub loss_scale: f64,
+    /// Classification metrics of the last evaluation (T32).
+    #[serde(default)]
+    pub test_metrics: Option<crate::classification::ClassMetrics>,
+    /// Early stopping: the best evaluation (its model is in RUN_DIR/best).
+    #[serde(default)]
+    pub best: Option<BestRecord>,
+}
+
+/// The best evaluation early stopping has seen (T24).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BestRecord {
+    pub step: u64,
+    pub metric: String,
+    pub value: f64,
+    pub stopped_early: bool,
 }
 
 #[cfg(test)]

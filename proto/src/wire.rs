@@ -14,6 +14,9 @@ pub const MAX_FRAME_BYTES: u32 = 4 << 20;
 
 /// Worker -> coordinator.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+// Done and Eval carry a run's metrics; they are rare (once per evaluation / run), so the
+// size of the enum costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 pub enum ToCoordinator {
     /// First message on a connection.
     Hello {

@@ -78,6 +78,19 @@ pub fn build_model<B: Backend>(
     features: usize,
     classes: usize,
 ) -> Result<(Sequential<B>, Vec<usize>)> {
+    let (mut model, input_shape) = build_base_model(be, spec, features, classes)?;
+    if let Some(lora) = &spec.finetune.lora {
+        crate::finetune::add_lora(be, spec, lora, &mut model)?;
+    }
+    Ok((model, input_shape))
+}
+
+fn build_base_model<B: Backend>(
+    be: &B,
+    spec: &JobSpec,
+    features: usize,
+    classes: usize,
+) -> Result<(Sequential<B>, Vec<usize>)> {
     match spec.model.kind {
         ModelKind::Mlp => Ok((build_mlp(be, spec, features, classes), vec![features])),
         ModelKind::Gpt => Ok((crate::lm::build_gpt(be, spec, classes), vec![spec.model.context])),
@@ -307,6 +320,28 @@ pub fn load_images(spec: &JobSpec) -> Result<(Dataset, Dataset)> {
     let classes = train.classes.max(test.classes);
     train.classes = classes;
     test.classes = classes;
+    let d = &spec.data;
+    for (split, set) in [("train", &mut train), ("test", &mut test)] {
+        if !d.labels.is_empty() {
+            if let Some(missing) = d.labels.iter().find(|&&l| l as usize >= set.classes) {
+                return Err(WorkerError::Config(format!(
+                    "data.labels: label {missing} is not in {} (labels 0..{})",
+                    dir.display(),
+                    set.classes
+                )));
+            }
+            set.select_labels(&d.labels);
+        }
+        if let Some(positive) = d.binary_positive {
+            set.one_vs_rest(positive);
+            if d.positive_fraction > 0.0 {
+                set.subsample_positives(d.positive_fraction, spec.seed, split);
+            }
+        }
+        if set.is_empty() {
+            return Err(WorkerError::Config(format!("data: no {split} examples left after data.labels / limits")));
+        }
+    }
     let kind = match spec.data.normalize {
         Normalize::None => Normalization::None,
         Normalize::MinMax => Normalization::MinMax,

@@ -11,9 +11,10 @@ use lockstep_collective::quic::{LinkAbort, QuicLink};
 use lockstep_collective::tls::{
     client_config, endpoint, parse_join_address, resolve, server_config, AllowedPeers, Identity,
 };
-use lockstep_collective::{Communicator, RingComm};
+use lockstep_collective::{Communicator, RingComm, WireFormat};
 use lockstep_kernels::{Backend, CpuBackend};
 use lockstep_proto::job::Device;
+use lockstep_proto::toolbox::Dtype;
 use lockstep_proto::wire::{
     read_frame, write_frame, AllReduceTiming, Assign, Task, ToCoordinator, ToWorker, PROTOCOL_VERSION,
 };
@@ -381,7 +382,9 @@ fn train_on<B: Backend>(
     let TrainJob { spec, rank, world, bucket_bytes, weights_path, checkpoint_dir, resume_path } = job;
     let make_reducer: crate::ReducerFactory<'_, B> = Box::new(move |sizes| {
         Ok(match comm {
-            Some(comm) => Box::new(BucketReducer::new(comm, sizes, bucket_bytes)) as Box<dyn GradReducer<B>>,
+            Some(comm) => {
+                Box::new(BucketReducer::new(comm, sizes, bucket_bytes, wire_format(spec))) as Box<dyn GradReducer<B>>
+            }
             None => Box::new(NoReduce),
         })
     });
@@ -488,5 +491,14 @@ fn check_abort(session: &Session) -> Result<()> {
             Err(WorkerError::Stopped("coordinator ended the run".into()))
         }
         _ => Ok(()),
+    }
+}
+
+/// The all-reduce wire format a job asks for (T25).
+fn wire_format(spec: &JobSpec) -> WireFormat {
+    match spec.precision.allreduce {
+        Dtype::Fp32 => WireFormat::F32,
+        Dtype::Bf16 => WireFormat::Bf16,
+        Dtype::Fp16 => WireFormat::F16,
     }
 }

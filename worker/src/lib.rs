@@ -3,7 +3,11 @@
 //! many, with a gradient all-reduce between backward and the update).
 
 pub mod build;
+pub mod cost;
 pub mod daemon;
+pub mod early_stop;
+pub mod finetune;
+pub mod guards;
 pub mod lm;
 pub mod log_tap;
 pub mod model_file;

@@ -9,7 +9,7 @@
 
 use crate::trainer::GradReducer;
 use crate::{Result, WorkerError};
-use lockstep_collective::Communicator;
+use lockstep_collective::{Communicator, WireFormat};
 use lockstep_kernels::Backend;
 use lockstep_nn::layers::{StatSync, StatSyncHandle};
 use lockstep_nn::Param;
@@ -31,7 +31,8 @@ struct Bucket {
 }
 
 enum Job {
-    Reduce(usize, Vec<f32>),
+    /// Bucket id, values, and how many of them are gradients (sent in the wire format).
+    Reduce(usize, Vec<f32>, usize),
     /// Statistics from inside forward/backward (SyncBatchNorm): the sum goes back on the
     /// job's own channel, so it never mixes with gradient buckets still in flight.
     ReduceStats(Vec<f32>, Sender<std::result::Result<Vec<f32>, String>>),
@@ -94,7 +95,14 @@ pub struct BucketReducer {
 
 impl BucketReducer {
     /// `param_sizes[i]` is the element count of parameter i, `None` if frozen.
-    pub fn new(mut comm: Box<dyn Communicator>, param_sizes: &[Option<usize>], bucket_bytes: usize) -> Self {
+    /// Gradients travel in `wire` format (T25: bf16/fp16 halve the bytes); the loss scalars
+    /// on the last bucket stay f32.
+    pub fn new(
+        mut comm: Box<dyn Communicator>,
+        param_sizes: &[Option<usize>],
+        bucket_bytes: usize,
+        wire: WireFormat,
+    ) -> Self {
         let cap = (bucket_bytes / 4).max(1);
         let mut buckets: Vec<Bucket> = Vec::new();
         let mut bucket_of = vec![None; param_sizes.len()];
@@ -116,22 +124,25 @@ impl BucketReducer {
             current.data = vec![0.0; filled];
             buckets.push(current);
         }
-        let bytes_per_step = buckets.iter().map(|b| b.data.len() as u64 * 4).sum();
+        let value_bytes = if wire == WireFormat::F32 { 4 } else { 2 };
+        let bytes_per_step = buckets.iter().map(|b| b.data.len() as u64 * value_bytes).sum();
         let (jobs, job_rx) = channel::<Job>();
         let (result_tx, results) = channel();
         let comm_thread = std::thread::Builder::new()
             .name("lockstep-allreduce".into())
             .spawn(move || loop {
                 let failed = match job_rx.recv() {
-                    Ok(Job::Reduce(id, mut data)) => {
+                    Ok(Job::Reduce(id, mut data, gradient_len)) => {
                         let what = if id == usize::MAX {
                             "all-reduce of the loss scalars".to_string()
                         } else {
                             format!("all-reduce of gradient bucket {id} ({} values)", data.len())
                         };
                         let span = crate::trace::span_detail(SpanKind::AllReduce, id.min(u32::MAX as usize) as u32);
-                        let outcome =
-                            comm.all_reduce_sum(&mut data).map(|_| (id, data)).map_err(|e| format!("{what}: {e}"));
+                        let outcome = comm
+                            .all_reduce_sum_as(&mut data, wire, gradient_len)
+                            .map(|_| (id, data))
+                            .map_err(|e| format!("{what}: {e}"));
                         drop(span);
                         let failed = outcome.is_err();
                         result_tx.send(outcome).is_err() || failed
@@ -176,11 +187,12 @@ impl BucketReducer {
         while self.next_launch < self.buckets.len() && self.buckets[self.next_launch].pending == 0 {
             let id = self.next_launch;
             let mut data = std::mem::take(&mut self.buckets[id].data);
+            let gradient_len = data.len();
             if id + 1 == self.buckets.len() {
                 data.append(&mut self.staged_scalars);
             }
             self.jobs
-                .send(Job::Reduce(id, data))
+                .send(Job::Reduce(id, data, gradient_len))
                 .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
             self.next_launch += 1;
         }
@@ -191,7 +203,7 @@ impl BucketReducer {
     /// and a low f32 part, summed separately.
     fn reduce_f64(&mut self, values: &mut [f64]) -> Result<()> {
         self.jobs
-            .send(Job::Reduce(usize::MAX, split_f64(values)))
+            .send(Job::Reduce(usize::MAX, split_f64(values), 0))
             .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
         let (_, summed) = self.receive()?;
         join_f64(&summed, values);
@@ -317,7 +329,7 @@ mod tests {
                     let mut reducer: Box<dyn GradReducer<CpuBackend>> = if world == 1 {
                         Box::new(NoReduce)
                     } else {
-                        Box::new(BucketReducer::new(Box::new(comm), &sizes, bucket_bytes))
+                        Box::new(BucketReducer::new(Box::new(comm), &sizes, bucket_bytes, WireFormat::F32))
                     };
                     for s in 0..steps {
                         let batch: Vec<u32> = ((s * 24) as u32..(s * 24 + 24) as u32).collect();
@@ -353,7 +365,7 @@ mod tests {
     #[test]
     fn bucket_plan_reverse_order_and_frozen_excluded() {
         let comm = thread_group(1).pop().unwrap();
-        let r = BucketReducer::new(Box::new(comm), &[Some(10), None, Some(5), Some(8)], 13 * 4);
+        let r = BucketReducer::new(Box::new(comm), &[Some(10), None, Some(5), Some(8)], 13 * 4, WireFormat::F32);
         // reverse order: 8 then 5 fit in 13; 10 starts a new bucket; index 1 is frozen.
         assert_eq!(r.buckets.len(), 2);
         assert_eq!(r.buckets[0].slots.iter().map(|s| s.param).collect::<Vec<_>>(), vec![3, 2]);

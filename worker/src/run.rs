@@ -2,12 +2,16 @@
 //! happens through `RunEvent`s; the caller writes them (metrics.jsonl, progress bar) or
 //! sends them to the coordinator.
 
-use crate::trainer::{GradReducer, Trainer};
+use crate::early_stop::{early_stopping, EarlyStop};
+use crate::trainer::{Evaluation, GradReducer, Skip, Trainer};
 use crate::{build, train_state, Result};
+use crate::{cost, Result as WResult};
 use lockstep_kernels::Backend;
 use lockstep_nn::data::{rank_slice, EpochSampler, Remainder};
+use lockstep_nn::data::{BalancedOrder, Rebalance};
 use lockstep_nn::optim::sparsity;
 use lockstep_proto::job::Remainder as SpecRemainder;
+use lockstep_proto::toolbox::{BlowupAction, Dtype, Resample};
 use lockstep_proto::trace::SpanKind;
 use lockstep_proto::{EvalRecord, Histogram, JobSpec, LayerGradNorm, Summary, TrainRecord};
 use std::path::PathBuf;
@@ -83,6 +87,18 @@ pub fn run_training<B: Backend>(
     on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
 ) -> Result<(Summary, Trainer<B>)> {
     let build::LoadedData { train, test, vocab } = build::load_data(spec)?;
+    let balance = match (spec.data.resample, train.labels()) {
+        (Resample::None, _) => None,
+        (Resample::Oversample, Some(labels)) => {
+            Some(BalancedOrder::new(Rebalance::Oversample, labels, train.classes()))
+        }
+        (Resample::Undersample, Some(labels)) => {
+            Some(BalancedOrder::new(Rebalance::Undersample, labels, train.classes()))
+        }
+        (_, None) => {
+            return Err(crate::WorkerError::Config("data.resample needs labelled (idx) data".into()));
+        }
+    };
     let sampler = EpochSampler {
         len: train.len(),
         global_batch: spec.train.batch_size,
@@ -91,6 +107,7 @@ pub fn run_training<B: Backend>(
             SpecRemainder::Drop => Remainder::Drop,
             SpecRemainder::Pad => Remainder::Pad,
         },
+        balance,
     };
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
     if steps_per_epoch == 0 {
@@ -106,6 +123,16 @@ pub fn run_training<B: Backend>(
     }
     let mut trainer = Trainer::new(be, spec, train.features(), train.classes(), total_steps)?;
     trainer.vocab = vocab;
+    if let Some(labels) = train.labels() {
+        let mut counts = vec![0usize; train.classes()];
+        for &y in labels {
+            counts[y as usize] += 1;
+        }
+        trainer.class_weights = class_weights(spec, &counts)?;
+        if counts.len() == 2 {
+            trainer.prior_threshold = Some(counts[0].min(counts[1]) as f64 / labels.len().max(1) as f64);
+        }
+    }
     let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
     let mut reducer = make_reducer(&sizes)?;
     if let Some(path) = &opts.resume {
@@ -121,7 +148,21 @@ pub fn run_training<B: Backend>(
         }
         Ok(())
     };
-    let allreduce_bytes_per_step = if opts.world > 1 { sizes.iter().flatten().sum::<usize>() as u64 * 4 } else { 0 };
+    let wire_bytes = match spec.precision.allreduce {
+        Dtype::Fp32 => 4,
+        Dtype::Bf16 | Dtype::Fp16 => 2,
+    };
+    let trainable_params = sizes.iter().flatten().sum::<usize>();
+    let allreduce_bytes_per_step = if opts.world > 1 { trainable_params as u64 * wire_bytes } else { 0 };
+    let cost = cost::CostModel::new(&trainer, spec.train.peak_gflops);
+    if opts.rank == 0 {
+        cost.log_start(trainable_params);
+        cost::warn_on_data_per_param(train.distinct_targets(), trainer.model.param_count(), vocab_kind(&trainer));
+    }
+    let mut early_stop = spec.train.early_stop.clone().map(EarlyStop::new);
+    let best_dir = opts.checkpoint_dir.as_ref().and_then(|d| d.parent()).map(|d| d.join("best"));
+    let mut skips_in_row = 0usize;
+    let mut skipped_steps = 0u64;
     on_event(RunEvent::Start {
         total_steps,
         params: trainer.model.param_count(),
@@ -133,7 +174,7 @@ pub fn run_training<B: Backend>(
     let mut window_start = Instant::now();
     let mut window_examples = 0usize;
     let mut examples_total = 0usize;
-    let (mut test_loss, mut test_accuracy) = (f64::NAN, f64::NAN);
+    let mut last_eval: Option<Evaluation> = None;
     let mut evaluated_at = None;
     let mut epoch = 0;
     'epochs: for e in 0..spec.train.epochs as u64 {
@@ -158,11 +199,33 @@ pub fn run_training<B: Backend>(
                 crate::WorkerError::Collective(m) => crate::WorkerError::Collective(format!("step {step_index}: {m}")),
                 other => other,
             })?;
-            if !stats.loss.is_finite() {
-                return Err(crate::WorkerError::Stopped(format!(
-                    "loss is {} at step {}: the learning rate ({}) is likely too high or gradients exploded (grad norm {:.3e}); lower optim.lr or set optim.clip_norm",
-                    stats.loss, trainer.global_step - 1, stats.lr, stats.grad_norm
-                )));
+            match &stats.skipped {
+                None => skips_in_row = 0,
+                Some(Skip::Overflow) => {
+                    skipped_steps += 1;
+                    tracing::info!(
+                        "step {step_index}: fp16 gradients overflowed; update skipped, loss scale now {}",
+                        trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale)
+                    );
+                }
+                Some(Skip::Blowup(why)) => {
+                    skipped_steps += 1;
+                    skips_in_row += 1;
+                    let b = &spec.train.blowup;
+                    if b.action == BlowupAction::Stop || skips_in_row > b.max_skips {
+                        // The weights are still those before the bad step: keep them.
+                        checkpoint(&trainer)?;
+                        return Err(crate::WorkerError::Stopped(format!(
+                            "loss blow-up at step {step_index}: {why}{}",
+                            if skips_in_row > b.max_skips {
+                                format!(" ({skips_in_row} steps skipped in a row)")
+                            } else {
+                                String::new()
+                            }
+                        )));
+                    }
+                    tracing::warn!("step {step_index}: loss blow-up, update skipped: {why}");
+                }
             }
             window_examples += batch.len();
             examples_total += batch.len();
@@ -205,29 +268,37 @@ pub fn run_training<B: Backend>(
             }
             let eval_every = spec.train.eval_every as u64;
             if eval_every > 0 && step % eval_every == 0 && step < total_steps {
-                (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?;
+                last_eval = Some(evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?);
                 evaluated_at = Some(step);
+                if early_stopping(&trainer, &mut early_stop, last_eval.as_ref(), opts.rank, &best_dir)? {
+                    break 'epochs;
+                }
             }
         }
         if evaluated_at != Some(trainer.global_step) {
-            (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?;
+            last_eval = Some(evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?);
             evaluated_at = Some(trainer.global_step);
+            if early_stopping(&trainer, &mut early_stop, last_eval.as_ref(), opts.rank, &best_dir)? {
+                break 'epochs;
+            }
         }
     }
     if evaluated_at != Some(trainer.global_step) {
         // max_steps ended the run inside an epoch.
-        (test_loss, test_accuracy) = evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?;
+        last_eval = Some(evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?);
     }
-    if trainer.global_step == total_steps {
+    let (test_loss, test_accuracy) = last_eval.as_ref().map_or((f64::NAN, f64::NAN), |e| (e.loss, e.accuracy));
+    if trainer.global_step == total_steps || early_stop.as_ref().is_some_and(|e| e.stopped) {
         checkpoint(&trainer)?;
     }
     let wall_s = started.elapsed().as_secs_f64();
+    let examples_per_s = examples_total as f64 / wall_s.max(1e-9);
     let summary = Summary {
         name: spec.name.clone(),
         world_size: opts.world,
         steps: trainer.global_step,
         wall_s,
-        examples_per_s: examples_total as f64 / wall_s.max(1e-9),
+        examples_per_s,
         params: trainer.model.param_count(),
         flops_per_example: trainer.model.flops_per_example(),
         test_loss,
@@ -236,7 +307,26 @@ pub fn run_training<B: Backend>(
         sparsity: sparsity(&trainer.be, &trainer.model.params()),
         rank_weight_hashes: Vec::new(),
         allreduce_bytes_per_step,
+        trainable_params,
+        train_flops_per_example: cost.train_flops_per_example,
+        peak_gflops: cost.peak_gflops,
+        peak_source: cost.peak_source.clone(),
+        mfu: cost.mfu(examples_per_s, opts.world),
+        skipped_steps,
+        loss_scale: trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale as f64),
+        test_metrics: last_eval.and_then(|e| e.classes),
+        best: early_stop.and_then(|e| e.best_record()),
     };
+    if opts.rank == 0 {
+        tracing::info!(
+            "{:.0} examples/s, {:.1} GFLOP/s achieved, MFU {:.1}% of {:.1} GFLOP/s ({})",
+            examples_per_s,
+            examples_per_s * cost.train_flops_per_example as f64 / 1e9,
+            summary.mfu * 100.0,
+            cost.peak_gflops,
+            cost.peak_source
+        );
+    }
     Ok((summary, trainer))
 }
 
@@ -245,12 +335,21 @@ fn evaluate_and_report<B: Backend>(
     test: &dyn lockstep_nn::data::Examples,
     epoch: u64,
     on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
-) -> Result<(f64, f64)> {
+) -> Result<Evaluation> {
     let span = crate::trace::span(SpanKind::Eval);
-    let (loss, accuracy) = trainer.evaluate(test)?;
+    let ema = trainer.spec.train.eval_ema;
+    let eval = if ema { trainer.evaluate_ema(test)? } else { trainer.evaluate(test)? };
     drop(span);
-    on_event(RunEvent::Eval(EvalRecord { step: trainer.global_step, epoch, split: "test".into(), loss, accuracy }))?;
-    Ok((loss, accuracy))
+    on_event(RunEvent::Eval(EvalRecord {
+        step: trainer.global_step,
+        epoch,
+        split: "test".into(),
+        loss: eval.loss,
+        accuracy: eval.accuracy,
+        classes: eval.classes.clone(),
+        ema,
+    }))?;
+    Ok(eval)
 }
 
 /// T33: each layer's gradient L2 norm (its parameters together, named by the parameter
@@ -296,13 +395,52 @@ fn warn_on_gradient_health(step: u64, norms: &[LayerGradNorm]) {
     let (first, last) = (&norms[0], &norms[norms.len() - 1]);
     if ratio < VANISHING_RATIO {
         tracing::warn!(
-            "step {step}: vanishing gradients: {} has gradient norm {:.3e}, {:.1e} times the {:.3e} of {}              (deep sigmoid/tanh stacks, bad init or no normalization are the usual causes)",
-            first.layer, first.norm, ratio, last.norm, last.layer
+            "step {step}: vanishing gradients: {} has gradient norm {:.3e}, {:.1e} times the {:.3e} of {} \
+             (deep sigmoid/tanh stacks, bad init or no normalization are the usual causes)",
+            first.layer,
+            first.norm,
+            ratio,
+            last.norm,
+            last.layer
         );
     } else if ratio > EXPLODING_RATIO {
         tracing::warn!(
-            "step {step}: exploding gradients: {} has gradient norm {:.3e}, {:.1e} times the {:.3e} of {}              (lower optim.lr, set optim.clip_norm, or check the init)",
-            first.layer, first.norm, ratio, last.norm, last.layer
+            "step {step}: exploding gradients: {} has gradient norm {:.3e}, {:.1e} times the {:.3e} of {} \
+             (lower optim.lr, set optim.clip_norm, or check the init)",
+            first.layer,
+            first.norm,
+            ratio,
+            last.norm,
+            last.layer
         );
+    }
+}
+
+/// Loss weights (T28): explicit, balanced from the training split's class counts, or none.
+fn class_weights(spec: &JobSpec, counts: &[usize]) -> WResult<Option<Vec<f32>>> {
+    let t = &spec.train;
+    if !t.class_weights.is_empty() {
+        if t.class_weights.len() != counts.len() {
+            return Err(crate::WorkerError::Config(format!(
+                "train.class_weights has {} entries; the data has {} classes",
+                t.class_weights.len(),
+                counts.len()
+            )));
+        }
+        return Ok(Some(t.class_weights.clone()));
+    }
+    if t.balanced_class_weights {
+        let weights = lockstep_nn::data::balanced_class_weights(counts);
+        tracing::info!("class counts {counts:?}: balanced loss weights {weights:?}");
+        return Ok(Some(weights));
+    }
+    Ok(None)
+}
+
+fn vocab_kind<B: Backend>(trainer: &Trainer<B>) -> &'static str {
+    if trainer.vocab.is_some() {
+        "tokens"
+    } else {
+        "examples"
     }
 }

@@ -2,10 +2,12 @@
 //! loss gradient is a per-example **sum**, reduced (summed) across ranks, then divided by
 //! the global batch once, so the update does not depend on how the batch was split.
 
+use crate::guards::{BlowupGuard, Ema, LossScaler};
 use crate::trace;
 use crate::{build, Result};
-use lockstep_kernels::Backend;
 use lockstep_kernels::IGNORE_TARGET;
+use lockstep_kernels::{Backend, MatmulPrecision};
+use lockstep_nn::data::augment::Augment;
 use lockstep_nn::data::text::CharTokenizer;
 use lockstep_nn::data::Examples;
 use lockstep_nn::layers::StatSyncHandle;
@@ -13,6 +15,8 @@ use lockstep_nn::loss::softmax_cross_entropy;
 use lockstep_nn::optim::{clip_factor, global_grad_norm, Optimizer};
 use lockstep_nn::schedule::Schedule;
 use lockstep_nn::{ForwardCtx, Param, Sequential, Tensor};
+use lockstep_proto::classification::{BinaryMetrics, ClassMetrics};
+use lockstep_proto::toolbox::Dtype;
 use lockstep_proto::trace::SpanKind;
 use lockstep_proto::JobSpec;
 use std::time::Instant;
@@ -50,7 +54,7 @@ impl<B: Backend> GradReducer<B> for NoReduce {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepStats {
     /// Mean loss over the global batch.
     pub loss: f64,
@@ -61,6 +65,19 @@ pub struct StepStats {
     pub targets: f64,
     /// Seconds this step waited for communication after backward (exposed all-reduce time).
     pub comm_wait_s: f64,
+    /// Why the update was not applied, if it was not: an fp16 overflow (the loss scale was
+    /// halved) or a loss blow-up (T36).
+    pub skipped: Option<Skip>,
+    /// The loss scale this step ran with (1 without dynamic scaling).
+    pub loss_scale: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Skip {
+    /// Gradients overflowed under fp16 loss scaling: the scale was halved.
+    Overflow,
+    /// The blow-up guard's diagnosis.
+    Blowup(String),
 }
 
 pub struct Trainer<B: Backend> {
@@ -75,14 +92,63 @@ pub struct Trainer<B: Backend> {
     pub input_shape: Vec<usize>,
     /// The tokenizer of a language model's text, saved with its weights.
     pub vocab: Option<CharTokenizer>,
+    /// Per-class loss weights (T28).
+    pub class_weights: Option<Vec<f32>>,
+    /// Dynamic loss scaling (T25, fp16).
+    pub loss_scaler: Option<LossScaler>,
+    /// Loss blow-up detection (T36).
+    pub blowup: BlowupGuard,
+    /// EMA of the weights (T23).
+    pub ema: Option<Ema<B>>,
+    /// Seeded augmentation of image batches (T27) and the image shape.
+    augment: Option<(Augment, (usize, usize, usize))>,
+    /// Binary tasks: minority/(minority+majority) of the training split (T28).
+    pub prior_threshold: Option<f64>,
 }
 
 impl<B: Backend> Trainer<B> {
-    pub fn new(be: B, spec: &JobSpec, features: usize, classes: usize, total_steps: u64) -> Result<Self> {
-        let (model, input_shape) = build::build_model(&be, spec, features, classes)?;
-        let optimizer = Optimizer::new(&be, build::optimizer_config(spec), &model.params());
+    pub fn new(mut be: B, spec: &JobSpec, features: usize, classes: usize, total_steps: u64) -> Result<Self> {
+        let precision = match spec.precision.compute {
+            Dtype::Fp32 => MatmulPrecision::Fp32,
+            Dtype::Bf16 => MatmulPrecision::Bf16,
+            Dtype::Fp16 => MatmulPrecision::Fp16,
+        };
+        be.set_matmul_precision(precision)
+            .map_err(|e| crate::WorkerError::Config(format!("precision.compute: {e}")))?;
+        let (mut model, input_shape) = build::build_model(&be, spec, features, classes)?;
+        let lr_scale = crate::finetune::prepare(&be, spec, &mut model)?;
+        let mut optimizer = Optimizer::new(&be, build::optimizer_config(spec), &model.params());
+        optimizer.lr_scale = lr_scale;
         let schedule = build::schedule(spec, total_steps);
-        Ok(Self { be, spec: spec.clone(), model, optimizer, schedule, global_step: 0, input_shape, vocab: None })
+        let p = &spec.precision;
+        let loss_scaler = p.scaling().then(|| LossScaler::new(p.loss_scale, p.growth_interval));
+        let ema = (spec.train.ema_decay > 0.0).then(|| Ema::new(&be, spec.train.ema_decay, &model.params()));
+        let a = &spec.data.augment;
+        let augment = match (a.enabled(), input_shape.as_slice()) {
+            (false, _) => None,
+            (true, &[h, w, c]) => Some((Augment { shift: a.shift, flip: a.flip }, (h, w, c))),
+            (true, other) => {
+                return Err(crate::WorkerError::Config(format!(
+                    "data.augment needs image inputs [H, W, C]; this model takes {other:?} (use a sequential model with input_shape)"
+                )))
+            }
+        };
+        Ok(Self {
+            be,
+            spec: spec.clone(),
+            model,
+            optimizer,
+            schedule,
+            global_step: 0,
+            input_shape,
+            vocab: None,
+            class_weights: None,
+            loss_scaler,
+            blowup: BlowupGuard::new(spec.train.blowup.clone()),
+            ema,
+            augment,
+            prior_threshold: None,
+        })
     }
 
     /// The batch of `rows` examples as a tensor of shape [rows, input_shape...].
@@ -100,8 +166,13 @@ impl<B: Backend> Trainer<B> {
         crate::trace::set_step(self.global_step);
         self.model.zero_grad(be);
         let (mut loss_sum, mut targets) = (0.0, 0usize);
+        let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         if !local.is_empty() {
-            let batch = data.gather(local);
+            let mut batch = data.gather(local);
+            if let Some((augment, shape)) = &self.augment {
+                let ids: Vec<u64> = local.iter().map(|&i| i as u64).collect();
+                augment.apply(&mut batch.x, &ids, *shape, self.spec.seed, self.global_step);
+            }
             targets = batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
             let ctx = ForwardCtx {
                 train: true,
@@ -114,7 +185,8 @@ impl<B: Backend> Trainer<B> {
             let input = self.input(local.len(), &batch.x); // (B, F), (B, H, W, C) or (B, T)
             let forward = trace::span(SpanKind::Forward);
             let logits = self.model.forward(be, input, &ctx)?; // (B, classes) or (B, T, vocab)
-            let out = softmax_cross_entropy(be, &logits, &batch.y, None, 1.0)?;
+                                                               // The loss gradient carries the loss scale (T25); the update divides it out.
+            let out = softmax_cross_entropy(be, &logits, &batch.y, self.class_weights.as_deref(), loss_scale)?;
             drop(forward);
             loss_sum = out.loss_sum;
             reducer.stage_scalars(&[loss_sum, targets as f64]);
@@ -136,21 +208,40 @@ impl<B: Backend> Trainer<B> {
         drop(waiting);
         let _optimizer = trace::span(SpanKind::Optimizer);
         let global_targets = scalars[1].max(1.0);
-        // The gradients hold per-target sums; the mean and the clip factor are applied
-        // inside the update (one pass over the parameters instead of three).
-        let grad_norm = global_grad_norm(be, &params) / global_targets;
-        let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / global_targets;
+        // The gradients hold per-target sums times the loss scale; the mean, the unscaling
+        // and the clip factor are applied inside the update (one pass instead of three).
+        let unscale = global_targets * loss_scale as f64;
+        let grad_norm = global_grad_norm(be, &params) / unscale;
+        let loss = scalars[0] / global_targets;
         let lr = self.schedule.lr(self.global_step);
-        self.optimizer.step_scaled(be, &mut params, lr, scale as f32);
-        be.check().map_err(crate::WorkerError::Device)?;
+        let mut stats =
+            StepStats { loss, grad_norm, lr, targets: global_targets, comm_wait_s, skipped: None, loss_scale };
         self.global_step += 1;
-        Ok(StepStats { loss: scalars[0] / global_targets, grad_norm, lr, targets: global_targets, comm_wait_s })
+        if let Some(scaler) = &mut self.loss_scaler {
+            if !scaler.update(grad_norm.is_finite()) {
+                stats.skipped = Some(Skip::Overflow);
+                return Ok(stats);
+            }
+        }
+        if let Some(why) = self.blowup.check(loss, grad_norm, lr) {
+            stats.skipped = Some(Skip::Blowup(why));
+            return Ok(stats);
+        }
+        let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / unscale;
+        self.optimizer.step_scaled(be, &mut params, lr, scale as f32);
+        if let Some(ema) = &mut self.ema {
+            ema.update(be, &params);
+        }
+        be.check().map_err(crate::WorkerError::Device)?;
+        Ok(stats)
     }
 
-    /// Mean loss and accuracy per target over `data` in eval mode (no dropout, no caches).
-    pub fn evaluate(&mut self, data: &dyn Examples) -> Result<(f64, f64)> {
+    /// Mean loss and accuracy per target over `data` in eval mode (no dropout, no caches);
+    /// for classifiers also the confusion matrix and precision/recall/F1 (T32).
+    pub fn evaluate(&mut self, data: &dyn Examples) -> Result<Evaluation> {
         let be = &self.be;
         let (mut loss, mut correct, mut targets) = (0.0, 0usize, 0usize);
+        let mut classes = self.vocab.is_none().then(|| ClassCollector::new(data.classes()));
         let indices: Vec<u32> = (0..data.len() as u32).collect();
         // About 64k values of input per chunk: bounded memory for images and sequences alike.
         let chunk = (65_536 / data.features().max(1)).clamp(1, 1000);
@@ -166,11 +257,78 @@ impl<B: Backend> Trainer<B> {
             let input = self.input(chunk.len(), &batch.x);
             let logits = self.model.forward(be, input, &ctx)?;
             let out = softmax_cross_entropy(be, &logits, &batch.y, None, 1.0)?;
+            if let Some(collector) = classes.as_mut() {
+                collector.add(&be.download(&logits.buf), &batch.y);
+            }
             loss += out.loss_sum;
             correct += out.correct;
             targets += batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
         }
         let n = targets.max(1) as f64;
-        Ok((loss / n, correct as f64 / n))
+        let classes = classes.map(|c| c.finish(self.prior_threshold));
+        Ok(Evaluation { loss: loss / n, accuracy: correct as f64 / n, classes })
+    }
+
+    /// `evaluate` with the bias-corrected EMA weights swapped in (T23); the training
+    /// weights are put back afterwards.
+    pub fn evaluate_ema(&mut self, data: &dyn Examples) -> Result<Evaluation> {
+        let Some(ema) = &self.ema else { return self.evaluate(data) };
+        let averaged = ema.corrected(&self.be);
+        let mut saved = Vec::new();
+        for (p, avg) in self.model.params_mut().into_iter().zip(averaged) {
+            saved.push(std::mem::replace(&mut p.value, avg));
+        }
+        let result = self.evaluate(data);
+        for (p, value) in self.model.params_mut().into_iter().zip(saved) {
+            p.value = value;
+        }
+        result
+    }
+}
+
+/// One evaluation's results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub classes: Option<ClassMetrics>,
+}
+
+/// Gathers argmax predictions (and p(class 1) for binary tasks) over an evaluation.
+struct ClassCollector {
+    confusion: Vec<Vec<u64>>,
+    positive_scores: Vec<f32>,
+    positive: Vec<bool>,
+}
+
+impl ClassCollector {
+    fn new(classes: usize) -> Self {
+        Self { confusion: vec![vec![0; classes]; classes], positive_scores: Vec::new(), positive: Vec::new() }
+    }
+
+    /// `logits` (rows, classes) row-major.
+    fn add(&mut self, logits: &[f32], targets: &[u32]) {
+        let k = self.confusion.len();
+        for (row, &t) in logits.chunks_exact(k).zip(targets) {
+            if t == IGNORE_TARGET {
+                continue;
+            }
+            let predicted = row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
+            self.confusion[t as usize][predicted] += 1;
+            if k == 2 {
+                // p(1) = σ(z1 − z0)
+                self.positive_scores.push(1.0 / (1.0 + (row[0] - row[1]).exp()));
+                self.positive.push(t == 1);
+            }
+        }
+    }
+
+    fn finish(self, prior_threshold: Option<f64>) -> ClassMetrics {
+        let mut metrics = ClassMetrics::from_confusion(self.confusion);
+        if !self.positive.is_empty() {
+            let prior = prior_threshold.unwrap_or(0.5);
+            metrics.binary = Some(BinaryMetrics::of(&self.positive_scores, &self.positive, prior));
+        }
+        metrics
     }
 }

@@ -1,11 +1,14 @@
 //! Data: IDX files, in-memory datasets, normalisation (T26) and the epoch sampler (T31).
 
+pub mod augment;
 pub mod idx;
+pub mod imbalance;
 pub mod normalize;
 pub mod sampler;
 pub mod text;
 
 pub use idx::{load_idx_split, read_idx, IdxArray};
+pub use imbalance::{balanced_class_weights, BalancedOrder, Rebalance};
 pub use normalize::{Normalization, Normalizer};
 pub use sampler::{rank_slice, EpochSampler, Remainder};
 pub use text::TokenWindows;
@@ -32,6 +35,14 @@ pub trait Examples: Send + Sync {
     /// Number of classes (the vocabulary size of a language model).
     fn classes(&self) -> usize;
     fn gather(&self, indices: &[u32]) -> Batch;
+    /// One label per example, for classification data (class balancing reads them).
+    fn labels(&self) -> Option<&[u32]> {
+        None
+    }
+    /// Distinct training targets: examples, or tokens of a text (T35's data/parameter ratio).
+    fn distinct_targets(&self) -> usize {
+        self.len()
+    }
 }
 
 /// A classification dataset held in memory: rows of `features` f32 values and a label each.
@@ -69,6 +80,9 @@ impl Examples for Dataset {
     }
     fn classes(&self) -> usize {
         self.classes
+    }
+    fn labels(&self) -> Option<&[u32]> {
+        Some(&self.y)
     }
     /// Rows `indices` as a (len, features) batch and their labels.
     fn gather(&self, indices: &[u32]) -> Batch {

@@ -3,6 +3,7 @@
 //! [r·B/W, (r+1)·B/W). The global batch never depends on W, so every world size trains on
 //! the same examples in the same steps.
 
+use super::BalancedOrder;
 use crate::rng::permutation;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,18 +21,28 @@ pub struct EpochSampler {
     pub global_batch: usize,
     pub seed: u64,
     pub remainder: Remainder,
+    /// Re-balanced epochs (T28): the order comes from here and `len` is ignored.
+    pub balance: Option<BalancedOrder>,
 }
 
 impl EpochSampler {
+    /// Positions in one epoch's order.
+    fn epoch_len(&self) -> usize {
+        self.balance.as_ref().map_or(self.len, BalancedOrder::len)
+    }
+
     pub fn steps_per_epoch(&self) -> usize {
         match self.remainder {
-            Remainder::Drop => self.len / self.global_batch,
-            Remainder::Pad => self.len.div_ceil(self.global_batch),
+            Remainder::Drop => self.epoch_len() / self.global_batch,
+            Remainder::Pad => self.epoch_len().div_ceil(self.global_batch),
         }
     }
 
     pub fn epoch_order(&self, epoch: u64) -> Vec<u32> {
-        permutation(self.seed, epoch, self.len)
+        match &self.balance {
+            Some(balance) => balance.epoch_order(self.seed, epoch),
+            None => permutation(self.seed, epoch, self.len),
+        }
     }
 
     /// Dataset indices of global batch `step_in_epoch` of the epoch with `order`.
@@ -75,7 +86,7 @@ mod tests {
 
     #[test]
     fn drop_remainder_disjoint_and_covering_for_w_1_to_4() {
-        let s = EpochSampler { len: 103, global_batch: 10, seed: 9, remainder: Remainder::Drop };
+        let s = EpochSampler { len: 103, global_batch: 10, seed: 9, remainder: Remainder::Drop, balance: None };
         assert_eq!(s.steps_per_epoch(), 10);
         for world in 1..=4 {
             let (counts, per_rank) = seen_counts(&s, world, 2);
@@ -95,7 +106,7 @@ mod tests {
 
     #[test]
     fn pad_remainder_sees_every_example() {
-        let s = EpochSampler { len: 103, global_batch: 10, seed: 9, remainder: Remainder::Pad };
+        let s = EpochSampler { len: 103, global_batch: 10, seed: 9, remainder: Remainder::Pad, balance: None };
         assert_eq!(s.steps_per_epoch(), 11);
         for world in 1..=4 {
             let (counts, _) = seen_counts(&s, world, 0);
@@ -108,7 +119,7 @@ mod tests {
 
     #[test]
     fn global_batch_independent_of_world_and_epochs_differ() {
-        let s = EpochSampler { len: 50, global_batch: 8, seed: 1, remainder: Remainder::Drop };
+        let s = EpochSampler { len: 50, global_batch: 8, seed: 1, remainder: Remainder::Drop, balance: None };
         let order = s.epoch_order(0);
         let b = s.global_batch(&order, 3);
         let by_3: Vec<u32> = (0..3).flat_map(|r| rank_slice(&b, r, 3).to_vec()).collect();

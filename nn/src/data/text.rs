@@ -178,6 +178,9 @@ impl Examples for TokenWindows {
     fn classes(&self) -> usize {
         self.vocab
     }
+    fn distinct_targets(&self) -> usize {
+        self.tokens.len().saturating_sub(1)
+    }
     fn gather(&self, indices: &[u32]) -> Batch {
         let t = self.context;
         let mut batch = Batch {

@@ -1,0 +1,284 @@
+//! Job-file sections of the training toolbox (T23–T38): precision, fine-tuning, LoRA, EMA,
+//! early stopping, blow-up handling, class imbalance and augmentation. Every field has a
+//! default that turns its technique off, so older job files keep their meaning.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Number formats for matmul compute and for gradients on the wire (T25).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Dtype {
+    #[default]
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+/// `[precision]` (T25): matmul operands and outputs in `compute`, fp32 master weights,
+/// fp32 accumulation; dynamic loss scaling when `compute = "fp16"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrecisionSpec {
+    #[serde(default)]
+    pub compute: Dtype,
+    /// Initial loss scale for fp16 (dynamic: halved on inf/NaN, doubled after
+    /// `growth_interval` good steps). Ignored for fp32/bf16 unless `dynamic_scaling` is set.
+    #[serde(default = "default_loss_scale")]
+    pub loss_scale: f32,
+    #[serde(default = "default_growth_interval")]
+    pub growth_interval: u64,
+    /// Force dynamic loss scaling on (it is on by default only for fp16).
+    #[serde(default)]
+    pub dynamic_scaling: bool,
+    /// Gradients travel in this format in the all-reduce (bf16/fp16 halve the bytes).
+    #[serde(default)]
+    pub allreduce: Dtype,
+}
+
+impl Default for PrecisionSpec {
+    fn default() -> Self {
+        Self {
+            compute: Dtype::Fp32,
+            loss_scale: default_loss_scale(),
+            growth_interval: default_growth_interval(),
+            dynamic_scaling: false,
+            allreduce: Dtype::Fp32,
+        }
+    }
+}
+
+impl PrecisionSpec {
+    /// Dynamic loss scaling is on for fp16 compute (or when forced).
+    pub fn scaling(&self) -> bool {
+        self.compute == Dtype::Fp16 || self.dynamic_scaling
+    }
+}
+
+fn default_loss_scale() -> f32 {
+    65536.0
+}
+fn default_growth_interval() -> u64 {
+    2000
+}
+
+/// `[finetune]` (T37, T38): start from a trained model and adapt part of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSpec {
+    /// A `model.safetensors` (or a training checkpoint directory) whose weights initialise
+    /// the model; parameters are matched by name and shape.
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// Re-initialise the output layer instead of loading it (a new task or class count).
+    #[serde(default)]
+    pub replace_head: bool,
+    /// Layers (by name, or name prefix followed by '.') whose parameters are frozen: no
+    /// gradient, no optimiser state, no all-reduce bytes.
+    #[serde(default)]
+    pub freeze: Vec<String>,
+    /// Per-group learning rates: the lr of the listed layers is multiplied by `lr_scale`.
+    #[serde(default)]
+    pub lr_groups: Vec<LrGroup>,
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LrGroup {
+    pub layers: Vec<String>,
+    pub lr_scale: f32,
+}
+
+/// LoRA adapters (T38): W + (alpha/rank)·B·A on the listed Linear layers; only A and B train.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    pub layers: Vec<String>,
+    pub rank: usize,
+    #[serde(default = "default_lora_alpha")]
+    pub alpha: f32,
+}
+
+fn default_lora_alpha() -> f32 {
+    16.0
+}
+
+/// Whether layer `layer` is named by `pattern`: equal, or `pattern` is a dotted prefix.
+pub fn layer_matches(pattern: &str, layer: &str) -> bool {
+    layer == pattern || layer.strip_prefix(pattern).is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// The metric early stopping watches (T24).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMetric {
+    /// Evaluation loss, lower is better.
+    #[default]
+    Loss,
+    /// Evaluation accuracy, higher is better.
+    Accuracy,
+    /// Macro F1 (T32), higher is better.
+    F1,
+}
+
+/// `train.early_stop` (T24).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopSpec {
+    #[serde(default)]
+    pub metric: StopMetric,
+    /// Evaluations without improvement before training stops.
+    pub patience: usize,
+    /// An improvement smaller than this does not count.
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+/// What to do on a loss blow-up (T36).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BlowupAction {
+    /// Stop the run with a diagnosis; the weights stay those before the bad step.
+    #[default]
+    Stop,
+    /// Skip the update of the offending step and go on (at most `max_skips` in a row).
+    Skip,
+    /// Detect nothing.
+    Off,
+}
+
+/// `train.blowup` (T36): a step's loss that is NaN/inf, or more than `factor` times the
+/// running mean of the last `window` losses, is a blow-up; so is a running mean that rose
+/// `factor`-fold over its lowest value.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BlowupSpec {
+    #[serde(default)]
+    pub action: BlowupAction,
+    #[serde(default = "default_blowup_window")]
+    pub window: usize,
+    #[serde(default = "default_blowup_factor")]
+    pub factor: f64,
+    #[serde(default = "default_max_skips")]
+    pub max_skips: usize,
+}
+
+impl Default for BlowupSpec {
+    fn default() -> Self {
+        Self {
+            action: BlowupAction::Stop,
+            window: default_blowup_window(),
+            factor: default_blowup_factor(),
+            max_skips: default_max_skips(),
+        }
+    }
+}
+
+fn default_blowup_window() -> usize {
+    50
+}
+fn default_blowup_factor() -> f64 {
+    4.0
+}
+fn default_max_skips() -> usize {
+    10
+}
+
+/// Sampler re-balancing (T28).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Resample {
+    #[default]
+    None,
+    /// Every class drawn as often as the largest (minority examples repeat).
+    Oversample,
+    /// Every class drawn as often as the smallest (a fresh majority subset each epoch).
+    Undersample,
+}
+
+/// `data.augment` (T27): seeded per (seed, epoch, example), images only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AugmentSpec {
+    /// Random translation by up to this many pixels in each direction (zero fill).
+    #[serde(default)]
+    pub shift: usize,
+    /// Random horizontal flip with probability 1/2.
+    #[serde(default)]
+    pub flip: bool,
+}
+
+impl AugmentSpec {
+    pub fn enabled(&self) -> bool {
+        self.shift > 0 || self.flip
+    }
+}
+
+/// Checks of the toolbox keys; returns the offending dotted key and why.
+pub fn validate(spec: &crate::JobSpec) -> Result<(), (String, String)> {
+    fn check(ok: bool, key: &str, msg: &str) -> Result<(), (String, String)> {
+        if ok {
+            Ok(())
+        } else {
+            Err((key.to_string(), msg.to_string()))
+        }
+    }
+    let p = &spec.precision;
+    check(p.loss_scale.is_finite() && p.loss_scale >= 1.0, "precision.loss_scale", "must be a finite number >= 1")?;
+    check(p.growth_interval > 0, "precision.growth_interval", "must be > 0")?;
+    let t = &spec.train;
+    check((0.0..1.0).contains(&t.ema_decay), "train.ema_decay", "must be in [0, 1) (0 = off)")?;
+    check(!t.eval_ema || t.ema_decay > 0.0, "train.eval_ema", "needs train.ema_decay > 0")?;
+    if let Some(e) = &t.early_stop {
+        check(e.patience > 0, "train.early_stop.patience", "must be > 0")?;
+        check(e.min_delta >= 0.0, "train.early_stop.min_delta", "must be >= 0")?;
+    }
+    check(t.blowup.window >= 2, "train.blowup.window", "must be >= 2")?;
+    check(t.blowup.factor > 1.0, "train.blowup.factor", "must be > 1")?;
+    check(t.class_weights.iter().all(|w| w.is_finite() && *w >= 0.0), "train.class_weights", "must be >= 0")?;
+    check(
+        t.class_weights.is_empty() || !t.balanced_class_weights,
+        "train.balanced_class_weights",
+        "cannot be combined with explicit train.class_weights",
+    )?;
+    check(t.peak_gflops >= 0.0 && t.peak_gflops.is_finite(), "train.peak_gflops", "must be >= 0")?;
+    let d = &spec.data;
+    check((0.0..1.0).contains(&d.positive_fraction), "data.positive_fraction", "must be in [0, 1)")?;
+    check(
+        d.positive_fraction == 0.0 || d.binary_positive.is_some(),
+        "data.positive_fraction",
+        "needs data.binary_positive",
+    )?;
+    let mut seen = std::collections::HashSet::new();
+    check(d.labels.iter().all(|l| seen.insert(*l)), "data.labels", "lists a label twice")?;
+    if let Some(positive) = d.binary_positive {
+        let classes = if d.labels.is_empty() { u32::MAX } else { d.labels.len() as u32 };
+        check(positive < classes, "data.binary_positive", "is not one of the (renumbered) labels")?;
+    }
+    let f = &spec.finetune;
+    for g in &f.lr_groups {
+        check(g.lr_scale.is_finite() && g.lr_scale >= 0.0, "finetune.lr_groups", "lr_scale must be >= 0")?;
+        check(!g.layers.is_empty(), "finetune.lr_groups", "each group needs layers")?;
+    }
+    if let Some(l) = &f.lora {
+        check(l.rank > 0, "finetune.lora.rank", "must be > 0")?;
+        check(!l.layers.is_empty(), "finetune.lora.layers", "must name at least one Linear layer")?;
+        check(l.alpha.is_finite() && l.alpha > 0.0, "finetune.lora.alpha", "must be > 0")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_matches;
+
+    #[test]
+    fn layer_patterns_match_whole_dotted_prefixes() {
+        assert!(layer_matches("fc1", "fc1"));
+        assert!(layer_matches("block0", "block0.attn"));
+        assert!(!layer_matches("fc1", "fc10"));
+        assert!(!layer_matches("fc1.x", "fc1"));
+    }
+}
