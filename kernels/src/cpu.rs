@@ -674,6 +674,36 @@ mod tests {
     }
 
     #[test]
+    fn half_precision_matmul_rounds_operands_and_outputs_and_overflows_fp16() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| 1.0 + (i as f32) * 0.001_3).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| 0.5 - (i as f32) * 0.000_7).collect();
+        for p in [MatmulPrecision::Bf16, MatmulPrecision::Fp16] {
+            let be = CpuBackend { precision: p, ..CpuBackend::new(1) };
+            let ra: Vec<f32> = a.iter().map(|&x| p.round(x)).collect();
+            let rb: Vec<f32> = b.iter().map(|&x| p.round(x)).collect();
+            let want: Vec<f32> = naive_matmul(&ra, &rb, m, k, n, false, false).iter().map(|&x| p.round(x)).collect();
+            let mut c = vec![0.0; m * n];
+            be.matmul(&a, &b, &mut c, m, k, n, false, false, false);
+            assert_eq!(c, want, "{p:?}");
+            assert_ne!(ra, a, "{p:?} really rounds the operands");
+            // Accumulating: the rounded product is added to the fp32 values already there.
+            let mut acc = vec![0.25; m * n];
+            be.matmul(&a, &b, &mut acc, m, k, n, false, false, true);
+            for (x, w) in acc.iter().zip(&want) {
+                assert_eq!(*x, 0.25 + w);
+            }
+        }
+        let fp16 = CpuBackend { precision: MatmulPrecision::Fp16, ..CpuBackend::new(1) };
+        let mut c = vec![0.0; 1];
+        fp16.matmul(&vec![300.0], &vec![300.0], &mut c, 1, 1, 1, false, false, false);
+        assert_eq!(c[0], f32::INFINITY, "90000 > 65504 overflows fp16");
+        let bf16 = CpuBackend { precision: MatmulPrecision::Bf16, ..CpuBackend::new(1) };
+        bf16.matmul(&vec![300.0], &vec![300.0], &mut c, 1, 1, 1, false, false, false);
+        assert_eq!(c[0], 90112.0, "bf16 keeps the range, 8 significant bits");
+    }
+
+    #[test]
     fn softmax_ce_is_stable_and_known() {
         let be = CpuBackend::new(1);
         // Huge logits would overflow exp() without max-subtraction. Values are exact in f32.
