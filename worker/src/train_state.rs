@@ -23,6 +23,9 @@ const STEP_KEY: &str = "lockstep.step";
 const OPTIMIZER_STEP_KEY: &str = "lockstep.optimizer_step";
 const JOB_KEY: &str = "lockstep.job";
 const VOCAB_KEY: &str = "lockstep.vocab";
+const EMA_UPDATES_KEY: &str = "lockstep.ema_updates";
+const LOSS_SCALE_KEY: &str = "lockstep.loss_scale";
+const LOSS_SCALE_GOOD_STEPS_KEY: &str = "lockstep.loss_scale_good_steps";
 
 /// PyTorch's names for the two optimizer state slots of each rule.
 fn state_names<B: Backend>(trainer: &Trainer<B>) -> [&'static str; 2] {
@@ -63,6 +66,16 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize
     ]);
     if let Some(vocab) = &trainer.vocab {
         metadata.insert(VOCAB_KEY.to_string(), vocab.to_vocab_file());
+    }
+    if let Some(ema) = &trainer.ema {
+        for (p, v) in params.iter().zip(&ema.shadow) {
+            tensors.push((format!("ema.{}", p.name), p.shape.clone(), be.download(v)));
+        }
+        metadata.insert(EMA_UPDATES_KEY.to_string(), ema.updates.to_string());
+    }
+    if let Some(scaler) = &trainer.loss_scaler {
+        metadata.insert(LOSS_SCALE_KEY.to_string(), scaler.scale.to_string());
+        metadata.insert(LOSS_SCALE_GOOD_STEPS_KEY.to_string(), scaler.good_steps.to_string());
     }
     let path = dir.join(file_name(trainer.global_step));
     write_atomic(&path, &serialize(&tensors, &buffers, Some(metadata))?)?;
@@ -148,6 +161,19 @@ pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> 
             _ => return Err(bad(format!("no buffer {name} of {} values", values.len()))),
         }
     }
+    let number = |key: &str| -> Result<Option<f64>> {
+        metadata.get(key).map(|v| v.parse::<f64>().map_err(|_| bad(format!("{key} is not a number")))).transpose()
+    };
+    let ema_updates = number(EMA_UPDATES_KEY)?;
+    if let (Some(_), Some(_)) = (&trainer.ema, ema_updates) {
+        for p in trainer.model.params() {
+            match tensors.get(&format!("ema.{}", p.name)) {
+                Some((shape, _)) if *shape == p.shape => {}
+                _ => return Err(bad(format!("no tensor ema.{} of shape {:?}", p.name, p.shape))),
+            }
+        }
+    }
+    let (loss_scale, good_steps) = (number(LOSS_SCALE_KEY)?, number(LOSS_SCALE_GOOD_STEPS_KEY)?);
     for (p, (s1, s2)) in trainer.model.params_mut().into_iter().zip(trainer.optimizer.state.iter_mut()) {
         p.value = be.upload(&tensors[&p.name].1);
         for (slot, buf) in names.iter().zip([s1, s2]) {
@@ -158,6 +184,20 @@ pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> 
     }
     for (name, _) in trainer.model.buffers() {
         trainer.model.load_buffer(&name, &buffers[&name].1);
+    }
+    match (&mut trainer.ema, ema_updates) {
+        (Some(ema), Some(updates)) => {
+            for (p, v) in trainer.model.params().iter().zip(ema.shadow.iter_mut()) {
+                *v = be.upload(&tensors[&format!("ema.{}", p.name)].1);
+            }
+            ema.updates = updates as u64;
+        }
+        (Some(_), None) => tracing::warn!("{}: no EMA in the checkpoint; the EMA starts afresh", path.display()),
+        _ => {}
+    }
+    if let (Some(scaler), Some(scale)) = (&mut trainer.loss_scaler, loss_scale) {
+        scaler.scale = scale as f32;
+        scaler.good_steps = good_steps.unwrap_or(0.0) as u64;
     }
     trainer.optimizer.step = optimizer_step;
     trainer.global_step = step;

@@ -230,3 +230,29 @@ fn an_outlier_batch_is_caught_before_its_update_and_skipped() {
     assert_eq!(weights(&t), before, "the outlier batch changed nothing");
     assert_eq!(t.step(&data, &batch(6), &mut NoReduce).unwrap().skipped, None, "training goes on");
 }
+
+#[test]
+fn a_checkpoint_carries_the_ema_and_the_loss_scale() {
+    let dir = std::env::temp_dir().join(format!("lockstep-ema-ckpt-{}", std::process::id()));
+    let s = spec(&["train.ema_decay=0.9", "precision.compute=\"fp16\"", "precision.loss_scale=4096.0"]);
+    let data = data();
+    let mut continuous = Trainer::new(CpuBackend::new(1), &s, 20, 4, 10).unwrap();
+    let mut first = Trainer::new(CpuBackend::new(1), &s, 20, 4, 10).unwrap();
+    for step in 0..3 {
+        continuous.step(&data, &batch(step), &mut NoReduce).unwrap();
+        first.step(&data, &batch(step), &mut NoReduce).unwrap();
+    }
+    let path = lockstep_worker::train_state::save_checkpoint(&first, &dir, 1).unwrap();
+    let mut resumed = Trainer::new(CpuBackend::new(1), &s, 20, 4, 10).unwrap();
+    lockstep_worker::train_state::restore_checkpoint(&mut resumed, &path).unwrap();
+    for step in 3..6 {
+        continuous.step(&data, &batch(step), &mut NoReduce).unwrap();
+        resumed.step(&data, &batch(step), &mut NoReduce).unwrap();
+    }
+    assert_eq!(weights(&resumed), weights(&continuous));
+    assert_eq!(resumed.loss_scaler, continuous.loss_scaler);
+    let (a, b) = (resumed.ema.as_ref().unwrap(), continuous.ema.as_ref().unwrap());
+    assert_eq!(a.updates, b.updates);
+    assert_eq!(a.corrected(&resumed.be), b.corrected(&continuous.be));
+    std::fs::remove_dir_all(&dir).ok();
+}
