@@ -7,6 +7,8 @@
 #[cfg(target_endian = "big")]
 compile_error!("lockstep sends tensors as raw little-endian bytes");
 
+pub mod mesh;
+pub mod pipe;
 pub mod quic;
 pub mod ring;
 pub mod thread;

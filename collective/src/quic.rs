@@ -3,15 +3,14 @@
 //! tensor bytes. Certificates are pinned both ways: we pin the next rank's fingerprint,
 //! and our endpoint only admits the previous rank's.
 
+use crate::mesh::{connect_mesh, Channel, MeshConn, MeshPlan};
 use crate::ring::RingLink;
-use crate::tls::{client_config, resolve, AllowedPeers, Identity};
+use crate::tls::{AllowedPeers, Identity};
 use crate::{CollectiveError, Result};
 use lockstep_proto::wire::PeerInfo;
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use std::time::Duration;
 use tokio::runtime::Handle;
-
-const LINK_MAGIC: u32 = 0x4c53_5231; // "LSR1"
 
 pub struct QuicLink {
     rt: Handle,
@@ -42,17 +41,16 @@ impl LinkAbort {
     }
 }
 
-fn link_err(e: impl std::fmt::Display) -> CollectiveError {
-    CollectiveError::Link(e.to_string())
-}
+use crate::mesh::link_err;
 
 impl QuicLink {
     pub fn abort_handle(&self) -> LinkAbort {
         LinkAbort { connections: [self._next.clone(), self._prev.clone()] }
     }
 
-    /// Builds this rank's links. `endpoint` is this worker's data-plane endpoint, whose
-    /// allowed-peer set is restricted here to the previous rank.
+    /// Builds this rank's ring over `peers` (this rank is `peers[rank]`). `endpoint` is this
+    /// worker's data-plane endpoint, whose allowed-peer set is restricted here to the
+    /// previous rank.
     pub async fn connect(
         endpoint: &Endpoint,
         allowed: &AllowedPeers,
@@ -62,68 +60,36 @@ impl QuicLink {
         timeout: Duration,
     ) -> Result<Self> {
         let world = peers.len();
-        let next = &peers[(rank + 1) % world];
-        let prev = &peers[(rank + world - 1) % world];
-        allowed.write().map_err(|_| link_err("peer set poisoned"))?.insert(prev.fingerprint.clone());
+        let (next, prev) = (peers[(rank + 1) % world].rank, peers[(rank + world - 1) % world].rank);
+        let (mut dialed, mut accepted, dial_endpoint) = connect_mesh(
+            endpoint,
+            allowed,
+            me,
+            peers[rank].rank,
+            peers,
+            &MeshPlan { dial: vec![(next, Channel::Ring)], expect: vec![(prev, Channel::Ring)] },
+            timeout,
+        )
+        .await?;
+        match (dialed.pop(), accepted.pop()) {
+            (Some(next), Some(prev)) => Ok(Self::from_mesh(next, prev, dial_endpoint, timeout)),
+            _ => Err(link_err("ring setup returned no connections")),
+        }
+    }
 
-        // Outgoing traffic gets its own endpoint (socket and driver task): encrypting what we
-        // send and decrypting what we receive then run on two threads instead of one.
-        let local_ip = endpoint.local_addr()?.ip();
-        let dial_endpoint =
-            crate::tls::endpoint(std::net::SocketAddr::new(local_ip, 0), crate::tls::server_config(me, None)?)?;
-        let dial = async {
-            let addr = resolve(&next.data_addr)?;
-            let conn = dial_endpoint
-                .connect_with(client_config(me, &next.fingerprint)?, addr, "lockstep")
-                .map_err(link_err)?
-                .await
-                .map_err(|e| link_err(format!("connecting to rank {} at {}: {e}", next.rank, next.data_addr)))?;
-            let mut stream = conn.open_uni().await.map_err(link_err)?;
-            let mut hello = LINK_MAGIC.to_le_bytes().to_vec();
-            hello.extend((rank as u32).to_le_bytes());
-            stream.write_all(&hello).await.map_err(link_err)?;
-            Ok::<_, CollectiveError>((conn, stream))
-        };
-        let accept = async {
-            loop {
-                let incoming = endpoint.accept().await.ok_or_else(|| link_err("data endpoint closed"))?;
-                // The handshake fails for any certificate but the previous rank's.
-                let conn = match incoming.await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!("refused a data-plane connection: {e}");
-                        continue;
-                    }
-                };
-                let mut stream = conn.accept_uni().await.map_err(link_err)?;
-                let mut hello = [0u8; 8];
-                stream.read_exact(&mut hello).await.map_err(link_err)?;
-                let magic = u32::from_le_bytes([hello[0], hello[1], hello[2], hello[3]]);
-                let from = u32::from_le_bytes([hello[4], hello[5], hello[6], hello[7]]) as usize;
-                if magic != LINK_MAGIC || from != prev.rank {
-                    return Err(CollectiveError::Protocol(format!(
-                        "unexpected ring hello (magic {magic:#x}, rank {from}); expected rank {}",
-                        prev.rank
-                    )));
-                }
-                return Ok::<_, CollectiveError>((conn, stream));
-            }
-        };
-        let both = async { tokio::try_join!(dial, accept) };
-        let ((next_conn, to_next), (prev_conn, from_prev)) = tokio::time::timeout(timeout, both)
-            .await
-            .map_err(|_| link_err(format!("ring setup timed out after {timeout:?}")))??;
-        Ok(Self {
+    /// A ring link from mesh connections: `next` dialed, `prev` accepted.
+    pub fn from_mesh(next: MeshConn, prev: MeshConn, dial_endpoint: Endpoint, timeout: Duration) -> Self {
+        Self {
             rt: Handle::current(),
-            to_next,
-            from_prev,
+            to_next: next.send,
+            from_prev: prev.recv,
             _dial_endpoint: dial_endpoint,
-            _next: next_conn,
-            _prev: prev_conn,
-            prev_rank: prev.rank,
+            _next: next.conn,
+            _prev: prev.conn,
+            prev_rank: prev.peer,
             seq: 0,
             timeout,
-        })
+        }
     }
 }
 

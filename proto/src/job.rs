@@ -1,7 +1,7 @@
 //! Job files: TOML deserialised into [`JobSpec`] with unknown keys rejected, then validated.
 //! Every error names the key and, where the file has it, the line.
 
-use crate::toolbox::{AugmentSpec, BlowupSpec, EarlyStopSpec, FinetuneSpec, PrecisionSpec, Resample};
+use crate::toolbox::{AugmentSpec, BlowupSpec, EarlyStopSpec, FinetuneSpec, ParallelSpec, PrecisionSpec, Resample};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -40,6 +40,9 @@ pub struct JobSpec {
     /// Fine-tuning and LoRA (T37, T38).
     #[serde(default)]
     pub finetune: FinetuneSpec,
+    /// Pipeline stages × data-parallel replicas (T42).
+    #[serde(default)]
+    pub parallel: ParallelSpec,
 }
 
 fn default_seed() -> u64 {

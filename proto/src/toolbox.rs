@@ -5,6 +5,58 @@
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// Pipeline schedule (T42).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum PipeSchedule {
+    /// All forwards of the step's micro-batches, then all backwards.
+    #[default]
+    Gpipe,
+    /// One forward, one backward in the steady state: at most P − s micro-batches in flight
+    /// on stage s.
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+}
+
+/// `[parallel]` (T42): world = pipeline_stages × data_parallel. Rank r is stage r mod P of
+/// replica r div P.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSpec {
+    #[serde(default = "one_usize")]
+    pub pipeline_stages: usize,
+    /// Replicas of the pipeline (0 = world / pipeline_stages).
+    #[serde(default)]
+    pub data_parallel: usize,
+    /// Micro-batches per step and replica.
+    #[serde(default = "default_micro_batches")]
+    pub micro_batches: usize,
+    #[serde(default)]
+    pub schedule: PipeSchedule,
+    /// Layer names of each stage; empty = balanced automatically by FLOPs and parameters.
+    #[serde(default)]
+    pub placement: Vec<Vec<String>>,
+}
+
+impl Default for ParallelSpec {
+    fn default() -> Self {
+        Self {
+            pipeline_stages: 1,
+            data_parallel: 0,
+            micro_batches: default_micro_batches(),
+            schedule: PipeSchedule::Gpipe,
+            placement: Vec::new(),
+        }
+    }
+}
+
+fn one_usize() -> usize {
+    1
+}
+fn default_micro_batches() -> usize {
+    4
+}
+
 /// Number formats for matmul compute and for gradients on the wire (T25).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
@@ -256,6 +308,22 @@ pub fn validate(spec: &crate::JobSpec) -> Result<(), (String, String)> {
     if let Some(positive) = d.binary_positive {
         let classes = if d.labels.is_empty() { u32::MAX } else { d.labels.len() as u32 };
         check(positive < classes, "data.binary_positive", "is not one of the (renumbered) labels")?;
+    }
+    let par = &spec.parallel;
+    check(par.pipeline_stages >= 1, "parallel.pipeline_stages", "must be >= 1")?;
+    check(par.micro_batches >= 1, "parallel.micro_batches", "must be >= 1")?;
+    check(
+        par.placement.is_empty() || par.placement.len() == par.pipeline_stages,
+        "parallel.placement",
+        "must list one array of layer names per pipeline stage",
+    )?;
+    if par.pipeline_stages > 1 {
+        check(
+            spec.train.batch_size >= par.micro_batches * par.data_parallel.max(1),
+            "parallel.micro_batches",
+            "needs train.batch_size >= micro_batches × data_parallel (every micro-batch non-empty)",
+        )?;
+        check(!spec.model.sync_batch_norm, "model.sync_batch_norm", "is not supported with pipeline stages")?;
     }
     let f = &spec.finetune;
     for g in &f.lr_groups {

@@ -11,6 +11,8 @@ pub mod guards;
 pub mod lm;
 pub mod log_tap;
 pub mod model_file;
+pub mod pipeline;
+pub mod placement;
 pub mod reducer;
 pub mod run;
 pub mod sample;

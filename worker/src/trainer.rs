@@ -104,6 +104,8 @@ pub struct Trainer<B: Backend> {
     augment: Option<(Augment, (usize, usize, usize))>,
     /// Binary tasks: minority/(minority+majority) of the training split (T28).
     pub prior_threshold: Option<f64>,
+    /// This trainer is one stage of a pipeline (T42); the model holds its layers only.
+    pub pipeline: Option<crate::pipeline::PipelineStage>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -148,11 +150,12 @@ impl<B: Backend> Trainer<B> {
             ema,
             augment,
             prior_threshold: None,
+            pipeline: None,
         })
     }
 
     /// The batch of `rows` examples as a tensor of shape [rows, input_shape...].
-    fn input(&self, rows: usize, x: &[f32]) -> Tensor<B> {
+    pub(crate) fn input(&self, rows: usize, x: &[f32]) -> Tensor<B> {
         let mut shape = vec![rows];
         shape.extend(&self.input_shape);
         Tensor::from_slice(&self.be, &shape, x)
@@ -162,17 +165,16 @@ impl<B: Backend> Trainer<B> {
     /// batch. The loss is a mean over the global batch's targets (one per image, one per
     /// unpadded position of a sequence); their count is summed across ranks with the loss.
     pub fn step(&mut self, data: &dyn Examples, local: &[u32], reducer: &mut dyn GradReducer<B>) -> Result<StepStats> {
+        if self.pipeline.is_some() {
+            return self.pipeline_step(data, local, reducer);
+        }
         let be = &self.be;
         crate::trace::set_step(self.global_step);
         self.model.zero_grad(be);
         let (mut loss_sum, mut targets) = (0.0, 0usize);
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         if !local.is_empty() {
-            let mut batch = data.gather(local);
-            if let Some((augment, shape)) = &self.augment {
-                let ids: Vec<u64> = local.iter().map(|&i| i as u64).collect();
-                augment.apply(&mut batch.x, &ids, *shape, self.spec.seed, self.global_step);
-            }
+            let batch = self.gather(data, local);
             targets = batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
             let ctx = ForwardCtx {
                 train: true,
@@ -206,12 +208,39 @@ impl<B: Backend> Trainer<B> {
         reducer.finish_grads(be, &mut params, &mut scalars)?;
         let comm_wait_s = waiting.0.elapsed().as_secs_f64();
         drop(waiting);
+        let squared_norm = global_grad_norm(be, &params).powi(2);
+        drop(params);
+        self.apply_update(scalars, squared_norm, comm_wait_s, loss_scale)
+    }
+
+    /// The batch of examples `indices`, augmented when the job asks for it (T27).
+    pub(crate) fn gather(&self, data: &dyn Examples, indices: &[u32]) -> lockstep_nn::data::Batch {
+        let mut batch = data.gather(indices);
+        if let Some((augment, shape)) = &self.augment {
+            let ids: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
+            augment.apply(&mut batch.x, &ids, *shape, self.spec.seed, self.global_step);
+        }
+        batch
+    }
+
+    /// The end of every step, once the gradients are summed over all ranks: `scalars` =
+    /// [loss sum, target count] of the global batch, `squared_norm` = ‖Σ grad‖² over the
+    /// whole model. Loss scaling, blow-up check, clip, update and EMA.
+    pub(crate) fn apply_update(
+        &mut self,
+        scalars: [f64; 2],
+        squared_norm: f64,
+        comm_wait_s: f64,
+        loss_scale: f32,
+    ) -> Result<StepStats> {
+        let be = &self.be;
+        let mut params = self.model.params_mut();
         let _optimizer = trace::span(SpanKind::Optimizer);
         let global_targets = scalars[1].max(1.0);
         // The gradients hold per-target sums times the loss scale; the mean, the unscaling
         // and the clip factor are applied inside the update (one pass instead of three).
         let unscale = global_targets * loss_scale as f64;
-        let grad_norm = global_grad_norm(be, &params) / unscale;
+        let grad_norm = squared_norm.sqrt() / unscale;
         let loss = scalars[0] / global_targets;
         let lr = self.schedule.lr(self.global_step);
         let mut stats =
@@ -239,6 +268,9 @@ impl<B: Backend> Trainer<B> {
     /// Mean loss and accuracy per target over `data` in eval mode (no dropout, no caches);
     /// for classifiers also the confusion matrix and precision/recall/F1 (T32).
     pub fn evaluate(&mut self, data: &dyn Examples) -> Result<Evaluation> {
+        if self.pipeline.is_some() {
+            return self.pipeline_evaluate(data);
+        }
         let be = &self.be;
         let (mut loss, mut correct, mut targets) = (0.0, 0usize, 0usize);
         let mut classes = self.vocab.is_none().then(|| ClassCollector::new(data.classes()));

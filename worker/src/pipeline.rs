@@ -1,0 +1,358 @@
+//! Pipeline model parallelism (T42): this trainer holds a contiguous run of the model's
+//! layers (a stage); activations go forward to the next stage and gradients back to the
+//! previous one, micro-batch by micro-batch, in a GPipe or 1F1B order.
+//!
+//! Memory: a stage keeps only the *input* of each micro-batch in flight (re-materialisation,
+//! as in the GPipe paper) and recomputes the forward pass right before that micro-batch's
+//! backward when its layer caches have been overwritten. The forward is deterministic (dropout
+//! is keyed by step and example), so the recomputed caches are the ones the first forward
+//! made. GPipe holds all M inputs at its peak, 1F1B at most P − s: that is the difference the
+//! schedule makes, and `PipeReport::peak_stash_bytes` measures it.
+
+use crate::trainer::{Evaluation, GradReducer, StepStats, Trainer};
+use crate::{trace, Result, WorkerError};
+use lockstep_collective::pipe::{Neighbour, PipeLink};
+use lockstep_collective::{ring_all_reduce, ring_broadcast};
+use lockstep_kernels::{Backend, IGNORE_TARGET};
+use lockstep_nn::data::{rank_slice, Examples};
+use lockstep_nn::loss::softmax_cross_entropy;
+use lockstep_nn::{ForwardCtx, Tensor};
+use lockstep_proto::toolbox::PipeSchedule;
+use lockstep_proto::trace::SpanKind;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Instant;
+
+/// One unit of pipeline work on a micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Forward(usize),
+    Backward(usize),
+}
+
+/// The order stage `stage` of `stages` runs the forwards and backwards of `m` micro-batches.
+/// Every stage runs forwards in order 0..m and backwards in order 0..m, so what one stage
+/// sends is what its neighbour expects next.
+pub fn schedule_ops(schedule: PipeSchedule, stage: usize, stages: usize, m: usize) -> Vec<Op> {
+    match schedule {
+        PipeSchedule::Gpipe => (0..m).map(Op::Forward).chain((0..m).map(Op::Backward)).collect(),
+        PipeSchedule::OneFOneB => {
+            // Warm-up: enough forwards to fill the pipeline below this stage; then one
+            // forward, one backward; then drain the backwards.
+            let warmup = (stages - 1 - stage).min(m);
+            let mut ops: Vec<Op> = (0..warmup).map(Op::Forward).collect();
+            for i in 0..m - warmup {
+                ops.push(Op::Forward(warmup + i));
+                ops.push(Op::Backward(i));
+            }
+            ops.extend((m - warmup..m).map(Op::Backward));
+            ops
+        }
+    }
+}
+
+/// Per-stage measurements over a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PipeReport {
+    /// Seconds spent computing forwards and backwards (not waiting for neighbours).
+    pub busy_s: f64,
+    /// Seconds of the pipelined part of all steps (first op to last).
+    pub pipeline_s: f64,
+    /// Largest number of bytes of stashed micro-batch inputs held at once.
+    pub peak_stash_bytes: usize,
+    /// Largest number of micro-batches in flight (forward done, backward pending).
+    pub peak_in_flight: usize,
+}
+
+/// This rank's place in the pipeline and its links to the neighbouring stages.
+pub struct PipelineStage {
+    pub stage: usize,
+    pub stages: usize,
+    pub micro_batches: usize,
+    pub schedule: PipeSchedule,
+    pub link: Box<dyn PipeLink>,
+    pub report: PipeReport,
+}
+
+impl PipelineStage {
+    fn first(&self) -> bool {
+        self.stage == 0
+    }
+    fn last(&self) -> bool {
+        self.stage + 1 == self.stages
+    }
+}
+
+fn link_err(e: lockstep_collective::CollectiveError) -> WorkerError {
+    WorkerError::Collective(e.to_string())
+}
+
+/// Splits an f64 into two f32 whose sum is it to ~1e-14 relative (exact enough for losses).
+fn split(v: f64) -> [f32; 2] {
+    let hi = v as f32;
+    [hi, (v - hi as f64) as f32]
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Keeps only the layers `layers` of the full model: this trainer becomes one stage.
+    /// The optimizer and EMA state are rebuilt for the remaining parameters.
+    pub fn keep_stage(&mut self, layers: Range<usize>, stage: PipelineStage) {
+        let offset = self.param_offset(layers.start);
+        let all = std::mem::take(&mut self.model.layers);
+        self.model.layers = all.into_iter().skip(layers.start).take(layers.len()).collect();
+        // The stage's first layer computes its input gradient unless it is the model's first.
+        if let Some(first) = self.model.layers.first_mut() {
+            first.set_input_grad(stage.stage > 0);
+        }
+        let lr_scale = std::mem::take(&mut self.optimizer.lr_scale);
+        let kept: Vec<f32> = lr_scale.into_iter().skip(offset).collect();
+        self.optimizer = lockstep_nn::optim::Optimizer::new(&self.be, self.optimizer.config, &self.model.params());
+        self.optimizer.lr_scale = kept;
+        if let Some(ema) = &self.ema {
+            self.ema = Some(crate::guards::Ema::new(&self.be, ema.decay, &self.model.params()));
+        }
+        self.pipeline = Some(stage);
+    }
+
+    /// Parameters before layer `layer` of the full model (before `keep_stage`).
+    fn param_offset(&self, layer: usize) -> usize {
+        self.model.layers[..layer].iter().map(|l| l.params().len()).sum()
+    }
+
+    fn micro_ctx(&self, train: bool, ids: &[u32], seq_lens: Vec<usize>) -> ForwardCtx {
+        ForwardCtx {
+            train,
+            seed: self.spec.seed,
+            step: self.global_step,
+            example_ids: ids.iter().map(|&i| i as u64).collect(),
+            seq_lens,
+            stat_sync: None,
+        }
+    }
+
+    /// One training step of this stage: the micro-batches of `local` through the schedule,
+    /// then the data-parallel reduction among this stage's replicas, the global gradient
+    /// norm over all stages, and the update.
+    pub(crate) fn pipeline_step(
+        &mut self,
+        data: &dyn Examples,
+        local: &[u32],
+        reducer: &mut dyn GradReducer<B>,
+    ) -> Result<StepStats> {
+        let mut pipe = self.pipeline.take().ok_or_else(|| WorkerError::Config("not a pipeline stage".into()))?;
+        let result = self.run_schedule(&mut pipe, data, local, reducer);
+        self.pipeline = Some(pipe);
+        let (scalars, squared_norm, comm_wait_s, loss_scale) = result?;
+        self.apply_update(scalars, squared_norm, comm_wait_s, loss_scale)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn run_schedule(
+        &mut self,
+        pipe: &mut PipelineStage,
+        data: &dyn Examples,
+        local: &[u32],
+        reducer: &mut dyn GradReducer<B>,
+    ) -> Result<([f64; 2], f64, f64, f32)> {
+        crate::trace::set_step(self.global_step);
+        self.model.zero_grad(&self.be);
+        let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
+        let m = pipe.micro_batches;
+        let micro: Vec<&[u32]> = (0..m).map(|i| rank_slice(local, i, m)).collect();
+        let started = Instant::now();
+        let mut busy = 0.0;
+        // Stage inputs of micro-batches in flight, for the recompute before their backward.
+        let mut stash: HashMap<usize, Tensor<B>> = HashMap::new();
+        // The micro-batch whose forward the layer caches hold, and (last stage) its dlogits.
+        let mut caches_hold: Option<usize> = None;
+        let mut last_dlogits: Option<(usize, Tensor<B>)> = None;
+        let mut micro_loss = vec![0.0f64; m];
+        let mut targets = 0usize;
+        for op in schedule_ops(pipe.schedule, pipe.stage, pipe.stages, m) {
+            match op {
+                Op::Forward(i) => {
+                    let batch = self.gather(data, micro[i]);
+                    targets += batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
+                    let x = if pipe.first() {
+                        self.input(micro[i].len(), &batch.x)
+                    } else {
+                        let (shape, values) = pipe.link.recv_tensor(Neighbour::Prev).map_err(link_err)?;
+                        Tensor::from_slice(&self.be, &shape, &values)
+                    };
+                    let t0 = Instant::now();
+                    let _span = trace::span_detail(SpanKind::Forward, i as u32);
+                    stash.insert(i, x.duplicate(&self.be));
+                    let ctx = self.micro_ctx(true, micro[i], batch.seq_lens);
+                    let y = self.model.forward(&self.be, x, &ctx)?;
+                    caches_hold = Some(i);
+                    if pipe.last() {
+                        let cw = self.class_weights.as_deref();
+                        let out = softmax_cross_entropy(&self.be, &y, &batch.y, cw, loss_scale)?;
+                        micro_loss[i] = out.loss_sum;
+                        last_dlogits = Some((i, out.grad));
+                        busy += t0.elapsed().as_secs_f64();
+                    } else {
+                        let values = y.to_vec(&self.be);
+                        busy += t0.elapsed().as_secs_f64();
+                        pipe.link.send_tensor(Neighbour::Next, &y.shape, &values).map_err(link_err)?;
+                    }
+                    let held: usize = stash.values().map(|t| t.numel() * 4).sum();
+                    pipe.report.peak_stash_bytes = pipe.report.peak_stash_bytes.max(held);
+                    pipe.report.peak_in_flight = pipe.report.peak_in_flight.max(stash.len());
+                }
+                Op::Backward(i) => {
+                    let received = if pipe.last() {
+                        None
+                    } else {
+                        let (shape, values) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
+                        let (_, loss) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
+                        micro_loss[i] = loss.iter().map(|&v| v as f64).sum();
+                        Some(Tensor::from_slice(&self.be, &shape, &values))
+                    };
+                    let t0 = Instant::now();
+                    let _span = trace::span_detail(SpanKind::Backward, i as u32);
+                    let x =
+                        stash.remove(&i).ok_or_else(|| WorkerError::Config(format!("micro-batch {i} not stashed")))?;
+                    let needs_recompute = caches_hold != Some(i);
+                    let dy = match received {
+                        Some(dy) => {
+                            if needs_recompute {
+                                let batch = self.gather(data, micro[i]);
+                                let ctx = self.micro_ctx(true, micro[i], batch.seq_lens);
+                                self.model.forward(&self.be, x, &ctx)?;
+                            }
+                            dy
+                        }
+                        None => match last_dlogits.take() {
+                            Some((j, dlogits)) if j == i && !needs_recompute => dlogits,
+                            _ => {
+                                let batch = self.gather(data, micro[i]);
+                                let ctx = self.micro_ctx(true, micro[i], batch.seq_lens);
+                                let y = self.model.forward(&self.be, x, &ctx)?;
+                                let cw = self.class_weights.as_deref();
+                                softmax_cross_entropy(&self.be, &y, &batch.y, cw, loss_scale)?.grad
+                            }
+                        },
+                    };
+                    let dx = self.model.backward(&self.be, dy)?;
+                    caches_hold = None;
+                    busy += t0.elapsed().as_secs_f64();
+                    if !pipe.first() {
+                        let values = dx.to_vec(&self.be);
+                        pipe.link.send_tensor(Neighbour::Prev, &dx.shape, &values).map_err(link_err)?;
+                        pipe.link.send_tensor(Neighbour::Prev, &[2], &split(micro_loss[i])).map_err(link_err)?;
+                    }
+                }
+            }
+        }
+        pipe.report.busy_s += busy;
+        pipe.report.pipeline_s += started.elapsed().as_secs_f64();
+        // Data parallelism among this stage's replicas: the usual bucketed reducer.
+        let loss_sum: f64 = micro_loss.iter().sum();
+        reducer.stage_scalars(&[loss_sum, targets as f64]);
+        {
+            let params = self.model.params();
+            reducer.grads_ready(&self.be, 0, &params)?;
+        }
+        let mut params = self.model.params_mut();
+        let mut scalars = [loss_sum, targets as f64];
+        let waiting = (Instant::now(), trace::span(SpanKind::AllReduceWait));
+        reducer.finish_grads(&self.be, &mut params, &mut scalars)?;
+        let comm_wait_s = waiting.0.elapsed().as_secs_f64();
+        drop(waiting);
+        // ‖g‖² of the whole model: this stage's share summed around the stage ring.
+        let local_squares: f64 = params.iter().filter(|p| p.trainable).map(|p| self.be.sum_squares(&p.grad)).sum();
+        let mut squares = split(local_squares);
+        ring_all_reduce(pipe.link.as_mut(), pipe.stage, pipe.stages, &mut squares).map_err(link_err)?;
+        let squared_norm = squares[0] as f64 + squares[1] as f64;
+        Ok((scalars, squared_norm, comm_wait_s, loss_scale))
+    }
+
+    /// Evaluation through the pipeline: the last stage computes the loss and accuracy and
+    /// sends the totals around the stage ring, so every stage returns the same numbers.
+    pub(crate) fn pipeline_evaluate(&mut self, data: &dyn Examples) -> Result<Evaluation> {
+        let mut pipe = self.pipeline.take().ok_or_else(|| WorkerError::Config("not a pipeline stage".into()))?;
+        let result = self.evaluate_stage(&mut pipe, data);
+        self.pipeline = Some(pipe);
+        result
+    }
+
+    fn evaluate_stage(&mut self, pipe: &mut PipelineStage, data: &dyn Examples) -> Result<Evaluation> {
+        let (mut loss, mut correct, mut targets) = (0.0f64, 0usize, 0usize);
+        let indices: Vec<u32> = (0..data.len() as u32).collect();
+        let chunk = (65_536 / data.features().max(1)).clamp(1, 1000);
+        for chunk in indices.chunks(chunk) {
+            let batch = data.gather(chunk);
+            let x = if pipe.first() {
+                self.input(chunk.len(), &batch.x)
+            } else {
+                let (shape, values) = pipe.link.recv_tensor(Neighbour::Prev).map_err(link_err)?;
+                Tensor::from_slice(&self.be, &shape, &values)
+            };
+            let ctx = self.micro_ctx(false, chunk, batch.seq_lens);
+            let y = self.model.forward(&self.be, x, &ctx)?;
+            if pipe.last() {
+                let out = softmax_cross_entropy(&self.be, &y, &batch.y, None, 1.0)?;
+                loss += out.loss_sum;
+                correct += out.correct;
+                targets += batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
+            } else {
+                let values = y.to_vec(&self.be);
+                pipe.link.send_tensor(Neighbour::Next, &y.shape, &values).map_err(link_err)?;
+            }
+        }
+        let [hi, lo] = split(loss);
+        let mut totals = [hi, lo, correct as f32, targets as f32];
+        ring_broadcast(pipe.link.as_mut(), pipe.stage, pipe.stages, &mut totals, pipe.stages - 1).map_err(link_err)?;
+        let n = (totals[3] as f64).max(1.0);
+        Ok(Evaluation {
+            loss: (totals[0] as f64 + totals[1] as f64) / n,
+            accuracy: totals[2] as f64 / n,
+            classes: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_flight_peak(ops: &[Op]) -> usize {
+        let (mut now, mut peak) = (0usize, 0usize);
+        for op in ops {
+            match op {
+                Op::Forward(_) => now += 1,
+                Op::Backward(_) => now -= 1,
+            }
+            peak = peak.max(now);
+        }
+        peak
+    }
+
+    #[test]
+    fn schedules_cover_every_micro_batch_in_order_and_1f1b_bounds_what_is_in_flight() {
+        for (stages, m) in [(2, 4), (4, 8), (4, 2), (3, 3)] {
+            for stage in 0..stages {
+                for schedule in [PipeSchedule::Gpipe, PipeSchedule::OneFOneB] {
+                    let ops = schedule_ops(schedule, stage, stages, m);
+                    let fwd: Vec<usize> =
+                        ops.iter().filter_map(|o| if let Op::Forward(i) = o { Some(*i) } else { None }).collect();
+                    let bwd: Vec<usize> =
+                        ops.iter().filter_map(|o| if let Op::Backward(i) = o { Some(*i) } else { None }).collect();
+                    assert_eq!(fwd, (0..m).collect::<Vec<_>>());
+                    assert_eq!(bwd, (0..m).collect::<Vec<_>>());
+                    for (k, op) in ops.iter().enumerate() {
+                        if let Op::Backward(i) = op {
+                            assert!(ops[..k].contains(&Op::Forward(*i)), "backward {i} before its forward");
+                        }
+                    }
+                    let peak = in_flight_peak(&ops);
+                    match schedule {
+                        PipeSchedule::Gpipe => assert_eq!(peak, m),
+                        PipeSchedule::OneFOneB => assert_eq!(peak, (stages - stage).min(m)),
+                    }
+                }
+            }
+        }
+    }
+}
