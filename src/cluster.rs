@@ -334,6 +334,7 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
     let rt = runtime()?;
     let mut spec = run.spec.clone();
     absolutize_data_dir(&mut spec);
+    crate::pipeline_cli::check_and_print_placement(&spec, run.workers, run.resume.is_some())?;
     let mut writer = RunWriter::open(run.dir, &spec, run.progress, run.resume.is_some())?;
     let token = generate_token()?;
     let token_file = write_token(run.dir, &token)?;
@@ -355,6 +356,7 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
         }
         result.with_context(|| format!("worker logs are in {}", run.dir.display()))
     })?;
+    crate::pipeline_cli::merge_stage_models(run.dir, spec.parallel.pipeline_stages)?;
     writer.finish(&summary)?;
     Ok(())
 }
@@ -377,6 +379,7 @@ pub struct CoordinatorRun<'a> {
 /// `lockstep coordinator`: waits for N workers to join, runs the job, shuts them down.
 pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
     let rt = runtime()?;
+    crate::pipeline_cli::check_and_print_placement(&run.spec, run.workers, run.resume.is_some())?;
     let mut writer = RunWriter::open(run.dir, &run.spec, run.progress, run.resume.is_some())?;
     let token = match run.token_file {
         Some(p) => read_token(Some(p))?,
@@ -426,6 +429,12 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
         let (summary, _) = train_elastic(&mut coord, joined, &run.spec, &local, &mut writer).await?;
         Ok::<_, anyhow::Error>(summary)
     })?;
+    let stages = run.spec.parallel.pipeline_stages;
+    if (0..stages).all(|s| run.dir.join(format!("model.safetensors.stage-{s}")).exists()) {
+        crate::pipeline_cli::merge_stage_models(run.dir, stages)?;
+    } else if stages > 1 {
+        tracing::warn!("the stage weight files are on the workers' machines (no shared run directory): not merged");
+    }
     writer.finish(&summary)?;
     Ok(())
 }

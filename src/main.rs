@@ -3,6 +3,7 @@
 
 mod bench;
 mod cluster;
+mod pipeline_cli;
 mod plot;
 
 use anyhow::{Context, Result};

@@ -30,10 +30,14 @@ pub struct QuicLink {
 /// dead or aborted peer fails at once instead of waiting for its timeout.
 #[derive(Clone)]
 pub struct LinkAbort {
-    connections: [Connection; 2],
+    connections: Vec<Connection>,
 }
 
 impl LinkAbort {
+    pub fn new(connections: Vec<Connection>) -> Self {
+        Self { connections }
+    }
+
     pub fn abort(&self, reason: &str) {
         for c in &self.connections {
             c.close(3u32.into(), reason.as_bytes());
@@ -44,8 +48,12 @@ impl LinkAbort {
 use crate::mesh::link_err;
 
 impl QuicLink {
+    pub fn connections(&self) -> [Connection; 2] {
+        [self._next.clone(), self._prev.clone()]
+    }
+
     pub fn abort_handle(&self) -> LinkAbort {
-        LinkAbort { connections: [self._next.clone(), self._prev.clone()] }
+        LinkAbort { connections: vec![self._next.clone(), self._prev.clone()] }
     }
 
     /// Builds this rank's ring over `peers` (this rank is `peers[rank]`). `endpoint` is this

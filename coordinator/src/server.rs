@@ -202,7 +202,8 @@ impl Coordinator {
         };
         self.status.set_state("starting");
         let mut group = Group::assign(workers, spec.seed, task, self.status.clone()).await?;
-        let mut result = supervise_train(&mut group, writer, trace).await;
+        let stages = spec.parallel.pipeline_stages.max(1);
+        let mut result = supervise_train(&mut group, writer, trace, stages).await;
         self.status.set_state(match &result {
             Ok(_) => "finished".to_string(),
             Err(e) => format!("failed: {e}"),
@@ -468,10 +469,13 @@ impl Group {
     }
 }
 
+/// `stages` > 1: a pipeline, where rank r holds stage r mod stages and weight hashes are
+/// compared among the replicas of each stage.
 async fn supervise_train(
     group: &mut Group,
     writer: &mut RunWriter,
     trace: Option<&std::path::Path>,
+    stages: usize,
 ) -> Result<Summary> {
     let job = writer.job_name().to_string();
     let world = group.sends.len();
@@ -522,11 +526,14 @@ async fn supervise_train(
                 let seen = step_hashes.entry(step).or_default();
                 seen.push((rank, weight_hash));
                 if seen.len() == world {
-                    if let Some((r, h)) = seen.iter().find(|(_, h)| *h != seen[0].1) {
-                        return Err(CoordError::Run(format!(
-                            "ranks diverged at step {step}: rank {r} has weight hash {h:016x}, rank {} has {:016x}",
-                            seen[0].0, seen[0].1
-                        )));
+                    for (r, h) in seen.iter() {
+                        if let Some((r0, h0)) = seen.iter().find(|(r0, _)| r0 % stages == r % stages) {
+                            if h != h0 {
+                                return Err(CoordError::Run(format!(
+                                    "ranks diverged at step {step}: rank {r} has weight hash {h:016x}, rank {r0} has {h0:016x}"
+                                )));
+                            }
+                        }
                     }
                     step_hashes.remove(&step);
                 }
@@ -541,9 +548,10 @@ async fn supervise_train(
         }
     }
     let hashes: Vec<String> = summaries.values().map(|s| s.weight_hash.clone()).collect();
-    if hashes.iter().any(|h| *h != hashes[0]) {
-        return Err(CoordError::Run(format!("final weights differ across ranks: {hashes:?}")));
+    if hashes.iter().enumerate().any(|(r, h)| *h != hashes[r % stages]) {
+        return Err(CoordError::Run(format!("final weights differ across the replicas of a stage: {hashes:?}")));
     }
+    let pipeline_stages: Vec<_> = summaries.values().filter_map(|s| s.pipeline.clone()).collect();
     if let Some(path) = trace {
         let ranks: Vec<(usize, String, Vec<TraceSpan>)> =
             spans.into_iter().enumerate().map(|(rank, s)| (rank, group.hosts[rank].clone(), s)).collect();
@@ -552,6 +560,11 @@ async fn supervise_train(
     let mut summary = summaries.remove(&0).ok_or_else(|| CoordError::Run("no summary from rank 0".into()))?;
     summary.world_size = world;
     summary.rank_weight_hashes = hashes;
+    if !pipeline_stages.is_empty() {
+        // Rank 0 holds stage 0 only: the model is the sum of one replica's stages.
+        summary.params = pipeline_stages.iter().filter(|s| s.replica == 0).map(|s| s.params).sum();
+    }
+    summary.pipeline_stages = pipeline_stages;
     Ok(summary)
 }
 

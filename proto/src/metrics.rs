@@ -146,6 +146,35 @@ pub struct Summary {
     /// Early stopping: the best evaluation (its model is in RUN_DIR/best).
     #[serde(default)]
     pub best: Option<BestRecord>,
+    /// Pipeline runs: this rank's stage report.
+    #[serde(default)]
+    pub pipeline: Option<StageReport>,
+    /// Pipeline runs (coordinator's summary): every rank's stage report.
+    #[serde(default)]
+    pub pipeline_stages: Vec<StageReport>,
+}
+
+/// One pipeline stage's measurements over a run (T42).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StageReport {
+    pub rank: usize,
+    pub stage: usize,
+    pub replica: usize,
+    pub layers: Vec<String>,
+    pub params: usize,
+    pub schedule: String,
+    pub micro_batches: usize,
+    /// Seconds computing forwards and backwards.
+    pub busy_s: f64,
+    /// Seconds of the pipelined part of the steps.
+    pub pipeline_s: f64,
+    /// 1 − busy / pipelined time: the share of the schedule this stage sat idle.
+    pub bubble_fraction: f64,
+    /// Largest bytes of micro-batch inputs held for backward at once.
+    pub peak_stash_bytes: usize,
+    pub peak_in_flight: usize,
+    /// The process's peak resident memory (VmHWM), bytes.
+    pub peak_rss_bytes: u64,
 }
 
 /// The best evaluation early stopping has seen (T24).

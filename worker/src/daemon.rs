@@ -3,10 +3,14 @@
 //! first task; otherwise it waits for the next, and re-joins if the coordinator goes away.
 
 use crate::model_file::save_model;
+use crate::pipeline::{PipeReport, PipelineStage};
 use crate::reducer::BucketReducer;
+use crate::run::run_training_stage;
 use crate::run::StepReport;
 use crate::trainer::{GradReducer, NoReduce};
-use crate::{run_training, Result, RunEvent, RunOptions, WorkerError};
+use crate::{Result, RunEvent, RunOptions, WorkerError};
+use lockstep_collective::mesh::{connect_mesh, Channel, MeshPlan};
+use lockstep_collective::pipe::QuicPipe;
 use lockstep_collective::quic::{LinkAbort, QuicLink};
 use lockstep_collective::tls::{
     client_config, endpoint, parse_join_address, resolve, server_config, AllowedPeers, Identity,
@@ -279,6 +283,76 @@ impl Node<'_> {
         Ok(Some(Box::new(RingComm { link, rank: assign.rank, world: assign.world })))
     }
 
+    /// A pipeline rank's links (T42), set up together on the data endpoint: the ring of its
+    /// stage's data-parallel replicas (None with one replica) and the ring of its replica's
+    /// stages. Rank r is stage r mod P of replica r div P.
+    fn build_pipeline_links(
+        &self,
+        assign: &Assign,
+        spec: &JobSpec,
+    ) -> Result<(Option<Box<dyn Communicator>>, PipelineStage)> {
+        let stages = spec.parallel.pipeline_stages;
+        let (world, rank) = (assign.world, assign.rank);
+        if !world.is_multiple_of(stages) {
+            return Err(WorkerError::Config(format!("{world} workers do not divide into {stages} pipeline stages")));
+        }
+        let replicas = world / stages;
+        let (stage, replica) = (rank % stages, rank / stages);
+        let pipe_next = replica * stages + (stage + 1) % stages;
+        let pipe_prev = replica * stages + (stage + stages - 1) % stages;
+        let ring_next = ((replica + 1) % replicas) * stages + stage;
+        let ring_prev = ((replica + replicas - 1) % replicas) * stages + stage;
+        let mut plan = MeshPlan { dial: vec![(pipe_next, Channel::Pipe)], expect: vec![(pipe_prev, Channel::Pipe)] };
+        if replicas > 1 {
+            plan.dial.push((ring_next, Channel::Ring));
+            plan.expect.push((ring_prev, Channel::Ring));
+        }
+        let timeout = self.opts.collective_timeout;
+        let (links, comm) = self
+            .rt
+            .block_on(async {
+                let (mut dialed, mut accepted, dial_ep) =
+                    connect_mesh(self.data_ep, self.allowed, self.me, rank, &assign.peers, &plan, timeout).await?;
+                let ring = if replicas > 1 {
+                    match (dialed.pop(), accepted.pop()) {
+                        (Some(next), Some(prev)) => Some(QuicLink::from_mesh(next, prev, dial_ep.clone(), timeout)),
+                        _ => None,
+                    }
+                } else {
+                    None
+                };
+                let pipe = match (dialed.pop(), accepted.pop()) {
+                    (Some(next), Some(prev)) => QuicPipe::from_mesh(next, prev, dial_ep, timeout),
+                    _ => {
+                        return Err(lockstep_collective::CollectiveError::Link(
+                            "pipeline setup returned no links".into(),
+                        ))
+                    }
+                };
+                Ok((pipe, ring))
+            })
+            .map_err(|e| WorkerError::Collective(e.to_string()))?;
+        let pipe = links;
+        let mut connections = pipe.connections().to_vec();
+        let comm: Option<Box<dyn Communicator>> = comm.map(|link| {
+            connections.extend(link.connections());
+            Box::new(RingComm { link, rank: replica, world: replicas }) as Box<dyn Communicator>
+        });
+        if let Ok(mut active) = self.active_link.lock() {
+            *active = Some(LinkAbort::new(connections));
+        }
+        tracing::info!(stage, replica, stages, replicas, "pipeline links up");
+        let stage = PipelineStage {
+            stage,
+            stages,
+            micro_batches: spec.parallel.micro_batches,
+            schedule: spec.parallel.schedule,
+            link: Box::new(pipe),
+            report: PipeReport::default(),
+        };
+        Ok((comm, stage))
+    }
+
     fn run_task(&self, session: &Session, assign: &Assign) -> Result<()> {
         let opts = self.opts;
         let (rank, world) = (assign.rank, assign.world);
@@ -291,7 +365,12 @@ impl Node<'_> {
                     .num_threads(threads)
                     .build()
                     .map_err(|e| WorkerError::Config(format!("thread pool: {e}")))?;
-                let comm = self.build_comm(assign)?;
+                let (comm, stage) = if spec.parallel.pipeline_stages > 1 {
+                    let (comm, stage) = self.build_pipeline_links(assign, &spec)?;
+                    (comm, Some(stage))
+                } else {
+                    (self.build_comm(assign)?, None)
+                };
                 let job = TrainJob {
                     spec: &spec,
                     rank,
@@ -306,11 +385,11 @@ impl Node<'_> {
                     crate::trace::start();
                 }
                 let summary = pool.install(|| match spec.device() {
-                    Device::Cpu => train_on(CpuBackend::new(pool.current_num_threads()), job, comm, session),
+                    Device::Cpu => train_on(CpuBackend::new(pool.current_num_threads()), job, comm, stage, session),
                     #[cfg(feature = "cuda")]
                     Device::Cuda(i) => {
                         let be = lockstep_kernels::cuda::CudaBackend::new(i).map_err(WorkerError::Device)?;
-                        train_on(be, job, comm, session)
+                        train_on(be, job, comm, stage, session)
                     }
                     #[cfg(not(feature = "cuda"))]
                     Device::Cuda(_) => Err(WorkerError::Device("this build has no CUDA support".into())),
@@ -377,6 +456,7 @@ fn train_on<B: Backend>(
     be: B,
     job: TrainJob<'_>,
     comm: Option<Box<dyn Communicator>>,
+    stage: Option<PipelineStage>,
     session: &Session,
 ) -> Result<lockstep_proto::Summary> {
     let TrainJob { spec, rank, world, bucket_bytes, weights_path, checkpoint_dir, resume_path } = job;
@@ -423,9 +503,14 @@ fn train_on<B: Backend>(
         resume: resume_path.map(Into::into),
         stop_after: None,
     };
-    let (summary, trainer) = run_training(be, spec, opts, make_reducer, &mut on_event)?;
-    if let (0, Some(path)) = (rank, weights_path) {
-        save_model(&trainer, std::path::Path::new(path))?;
+    let (summary, trainer) = run_training_stage(be, spec, opts, stage, make_reducer, &mut on_event)?;
+    match (&trainer.pipeline, weights_path) {
+        // Each stage's first replica writes its stage's weights; the launcher merges them.
+        (Some(p), Some(path)) if rank < p.stages => {
+            save_model(&trainer, std::path::Path::new(&format!("{path}.stage-{}", p.stage)))?;
+        }
+        (None, Some(path)) if rank == 0 => save_model(&trainer, std::path::Path::new(path))?,
+        _ => {}
     }
     Ok(summary)
 }

@@ -3,6 +3,7 @@
 //! sends them to the coordinator.
 
 use crate::early_stop::{early_stopping, EarlyStop};
+use crate::pipeline::PipelineStage;
 use crate::trainer::{Evaluation, GradReducer, Skip, Trainer};
 use crate::{build, train_state, Result};
 use crate::{cost, Result as WResult};
@@ -11,6 +12,7 @@ use lockstep_nn::data::{rank_slice, EpochSampler, Remainder};
 use lockstep_nn::data::{BalancedOrder, Rebalance};
 use lockstep_nn::optim::sparsity;
 use lockstep_proto::job::Remainder as SpecRemainder;
+use lockstep_proto::metrics::StageReport;
 use lockstep_proto::toolbox::{BlowupAction, Dtype, Resample};
 use lockstep_proto::trace::SpanKind;
 use lockstep_proto::{EvalRecord, Histogram, JobSpec, LayerGradNorm, Summary, TrainRecord};
@@ -86,6 +88,19 @@ pub fn run_training<B: Backend>(
     make_reducer: ReducerFactory<'_, B>,
     on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
 ) -> Result<(Summary, Trainer<B>)> {
+    run_training_stage(be, spec, opts, None, make_reducer, on_event)
+}
+
+/// `run_training` for one stage of a pipeline (T42) when `stage` is set: rank r is stage
+/// r mod P of data-parallel replica r div P; the reducer sums over the stage's replicas.
+pub fn run_training_stage<B: Backend>(
+    be: B,
+    spec: &JobSpec,
+    opts: RunOptions,
+    stage: Option<PipelineStage>,
+    make_reducer: ReducerFactory<'_, B>,
+    on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
+) -> Result<(Summary, Trainer<B>)> {
     let build::LoadedData { train, test, vocab } = build::load_data(spec)?;
     let balance = match (spec.data.resample, train.labels()) {
         (Resample::None, _) => None,
@@ -133,6 +148,29 @@ pub fn run_training<B: Backend>(
             trainer.prior_threshold = Some(counts[0].min(counts[1]) as f64 / labels.len().max(1) as f64);
         }
     }
+    // Every rank builds the whole model first (so every rank checks the same initial hash),
+    // then a pipeline stage keeps its layers.
+    let init_weight_hash = trainer.model.weight_hash(&trainer.be);
+    if stages_of(spec) > 1 && (stage.is_none() || !opts.world.is_multiple_of(stages_of(spec))) {
+        return Err(crate::WorkerError::Config(format!(
+            "parallel.pipeline_stages = {} needs a multiple of that many workers (got {}): run it with \
+             `lockstep local --workers N` or a coordinator",
+            stages_of(spec),
+            opts.world
+        )));
+    }
+    let (data_rank, data_world) = (opts.rank / stages_of(spec), opts.world / stages_of(spec));
+    let mut stage_layers = Vec::new();
+    if let Some(stage) = stage {
+        if opts.resume.is_some() {
+            return Err(crate::WorkerError::Config("resuming a pipeline run is not supported yet".into()));
+        }
+        let (placement, costs) =
+            crate::placement::place(&trainer.model, spec).map_err(|e| crate::WorkerError::Config(e.to_string()))?;
+        let range = placement.stages[stage.stage].clone();
+        stage_layers = costs[range.clone()].iter().map(|c| c.name.clone()).collect();
+        trainer.keep_stage(range, stage);
+    }
     let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
     let mut reducer = make_reducer(&sizes)?;
     if let Some(path) = &opts.resume {
@@ -141,9 +179,14 @@ pub fn run_training<B: Backend>(
     }
     let resumed_at = trainer.global_step;
     let checkpoint = |trainer: &Trainer<B>| -> Result<()> {
-        if let (0, Some(dir)) = (opts.rank, &opts.checkpoint_dir) {
+        if let (0, Some(dir)) = (data_rank, &opts.checkpoint_dir) {
             let _span = crate::trace::span(SpanKind::Checkpoint);
-            let path = train_state::save_checkpoint(trainer, dir, spec.train.keep_checkpoints)?;
+            // Each stage's first replica checkpoints its stage: together they hold the model.
+            let dir = match &trainer.pipeline {
+                Some(p) => dir.join(format!("stage-{}", p.stage)),
+                None => dir.clone(),
+            };
+            let path = train_state::save_checkpoint(trainer, &dir, spec.train.keep_checkpoints)?;
             tracing::info!("checkpoint {}", path.display());
         }
         Ok(())
@@ -153,7 +196,7 @@ pub fn run_training<B: Backend>(
         Dtype::Bf16 | Dtype::Fp16 => 2,
     };
     let trainable_params = sizes.iter().flatten().sum::<usize>();
-    let allreduce_bytes_per_step = if opts.world > 1 { trainable_params as u64 * wire_bytes } else { 0 };
+    let allreduce_bytes_per_step = if data_world > 1 { trainable_params as u64 * wire_bytes } else { 0 };
     let cost = cost::CostModel::new(&trainer, spec.train.peak_gflops);
     if opts.rank == 0 {
         cost.log_start(trainable_params);
@@ -161,13 +204,14 @@ pub fn run_training<B: Backend>(
     }
     let mut early_stop = spec.train.early_stop.clone().map(EarlyStop::new);
     let best_dir = opts.checkpoint_dir.as_ref().and_then(|d| d.parent()).map(|d| d.join("best"));
+    let best_dir = if trainer.pipeline.is_some() { None } else { best_dir };
     let mut skips_in_row = 0usize;
     let mut skipped_steps = 0u64;
     on_event(RunEvent::Start {
         total_steps,
         params: trainer.model.param_count(),
         flops_per_example: trainer.model.flops_per_example(),
-        init_weight_hash: trainer.model.weight_hash(&trainer.be),
+        init_weight_hash,
     })?;
 
     let started = Instant::now();
@@ -191,7 +235,7 @@ pub fn run_training<B: Backend>(
                 break 'epochs;
             }
             let batch = sampler.global_batch(&order, s);
-            let local = rank_slice(&batch, opts.rank, opts.world);
+            let local = rank_slice(&batch, data_rank, data_world);
             let step_index = trainer.global_step;
             let step_started = Instant::now();
             let stats = trainer.step(train.as_ref(), local, reducer.as_mut()).map_err(|e| match e {
@@ -316,6 +360,8 @@ pub fn run_training<B: Backend>(
         loss_scale: trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale as f64),
         test_metrics: last_eval.and_then(|e| e.classes),
         best: early_stop.and_then(|e| e.best_record()),
+        pipeline: trainer.pipeline.as_ref().map(|p| stage_report(p, opts.rank, data_rank, stage_layers, &trainer)),
+        pipeline_stages: Vec::new(),
     };
     if opts.rank == 0 {
         tracing::info!(
@@ -443,4 +489,44 @@ fn vocab_kind<B: Backend>(trainer: &Trainer<B>) -> &'static str {
     } else {
         "examples"
     }
+}
+
+/// Pipeline stages of a job (1 without a pipeline).
+fn stages_of(spec: &JobSpec) -> usize {
+    spec.parallel.pipeline_stages.max(1)
+}
+
+fn stage_report<B: Backend>(
+    p: &PipelineStage,
+    rank: usize,
+    replica: usize,
+    layers: Vec<String>,
+    trainer: &Trainer<B>,
+) -> StageReport {
+    let r = &p.report;
+    StageReport {
+        rank,
+        stage: p.stage,
+        replica,
+        layers,
+        params: trainer.model.param_count(),
+        schedule: format!("{:?}", p.schedule),
+        micro_batches: p.micro_batches,
+        busy_s: r.busy_s,
+        pipeline_s: r.pipeline_s,
+        bubble_fraction: if r.pipeline_s > 0.0 { 1.0 - r.busy_s / r.pipeline_s } else { 0.0 },
+        peak_stash_bytes: r.peak_stash_bytes,
+        peak_in_flight: r.peak_in_flight,
+        peak_rss_bytes: peak_rss_bytes(),
+    }
+}
+
+/// The process's peak resident set (VmHWM in /proc/self/status), 0 where unavailable.
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }

@@ -1,0 +1,118 @@
+//! Pipeline model parallelism (T42) through `lockstep local`: real worker processes, the
+//! QUIC data plane between stages, the placement checked and printed before any worker
+//! starts.
+
+mod common;
+
+use common::{bin, run, stderr, summary, temp_dir};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A small GPT on Tiny Shakespeare: 4 blocks, dropout on, clipping on, 24 steps.
+fn small_gpt() -> Vec<String> {
+    [
+        "model.dim=32",
+        "model.context=32",
+        "model.dropout=0.1",
+        "train.max_steps=24",
+        "train.log_every=4",
+        "train.eval_every=0",
+        "train.batch_size=16",
+        "data.val_fraction=0.01",
+        "parallel.micro_batches=4",
+    ]
+    .iter()
+    .flat_map(|s| ["--set".to_string(), s.to_string()])
+    .collect()
+}
+
+fn train_losses(dir: &Path) -> BTreeMap<u64, f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+fn local(dir: &Path, workers: usize, extra: &[&str]) -> std::process::Output {
+    let mut cmd = bin();
+    cmd.args(["local", "--quiet", "--workers", &workers.to_string(), "configs/shakespeare-gpt.toml", "--out"])
+        .arg(dir)
+        .args(small_gpt());
+    for s in extra {
+        cmd.args(["--set", s]);
+    }
+    run(&mut cmd)
+}
+
+#[test]
+fn pipelined_gpt_follows_the_unpipelined_loss_on_2_and_4_processes() {
+    let root = temp_dir("pipeline");
+    let reference = root.join("p1");
+    assert!(local(&reference, 1, &[]).status.success());
+    let want = train_losses(&reference);
+    assert_eq!(want.len(), 6);
+    let cases: [(&str, usize, &[&str]); 3] = [
+        ("p2-gpipe", 2, &["parallel.pipeline_stages=2"]),
+        // An explicit placement (a different split from the balanced one) and 1F1B.
+        (
+            "p2-explicit-1f1b",
+            2,
+            &[
+                "parallel.pipeline_stages=2",
+                "parallel.schedule=\"1f1b\"",
+                "parallel.placement=[[\"tok_emb\",\"pos_emb\",\"drop_emb\",\"h0\"],[\"h1\",\"h2\",\"h3\",\"ln_f\",\"head\"]]",
+            ],
+        ),
+        ("p2-d2-1f1b", 4, &["parallel.pipeline_stages=2", "parallel.schedule=\"1f1b\""]),
+    ];
+    for (name, workers, sets) in cases {
+        let dir = root.join(name);
+        let out = local(&dir, workers, sets);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let got = train_losses(&dir);
+        let worst = want.iter().map(|(k, w)| (got[k] - w).abs() / w.abs()).fold(0.0, f64::max);
+        eprintln!("{name}: largest relative loss difference over {} logged steps: {worst:.2e}", want.len());
+        assert!(worst < 1e-5, "{name}: {got:?} vs {want:?}");
+        let s = summary(&dir);
+        let stages = s["pipeline_stages"].as_array().unwrap();
+        assert_eq!(stages.len(), workers, "a report per rank");
+        assert_eq!(s["params"], summary(&reference)["params"], "the stages hold the whole model");
+        assert!(dir.join("model.safetensors").is_file(), "stage weights merged");
+        assert!(dir.join("checkpoints/stage-1").is_dir(), "checkpoints hold every stage");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("placement") && stdout.contains("FLOPs/example"), "the placement is printed: {stdout}");
+    }
+    // 1F1B keeps fewer micro-batches in flight than GPipe on the first stage (4 vs 2).
+    let in_flight = |name: &str| summary(&root.join(name))["pipeline_stages"][0]["peak_in_flight"].as_u64().unwrap();
+    assert_eq!((in_flight("p2-gpipe"), in_flight("p2-explicit-1f1b")), (4, 2));
+}
+
+#[test]
+fn bad_placements_are_errors_before_any_worker_starts() {
+    let root = temp_dir("pipeline-bad");
+    let cases: [(&str, usize, &[&str]); 5] = [
+        ("but the model has only 9 layers", 16, &["parallel.pipeline_stages=16"]),
+        ("does not divide", 3, &["parallel.pipeline_stages=2"]),
+        (
+            "\"h1\" is missing",
+            2,
+            &["parallel.pipeline_stages=2", "parallel.placement=[[\"tok_emb\",\"pos_emb\",\"drop_emb\",\"h0\"],[\"h2\",\"h3\",\"ln_f\",\"head\"]]"],
+        ),
+        (
+            "\"h0\" is listed twice",
+            2,
+            &["parallel.pipeline_stages=2", "parallel.placement=[[\"tok_emb\",\"pos_emb\",\"drop_emb\",\"h0\"],[\"h0\",\"h1\",\"h2\",\"h3\",\"ln_f\",\"head\"]]"],
+        ),
+        ("no layer named \"h9\"", 2, &["parallel.pipeline_stages=2", "parallel.placement=[[\"h9\"],[\"head\"]]"]),
+    ];
+    for (i, (message, workers, sets)) in cases.into_iter().enumerate() {
+        let dir = root.join(format!("case-{i}"));
+        let out = local(&dir, workers, sets);
+        assert!(!out.status.success(), "{message}");
+        assert!(stderr(&out).contains(message), "want {message:?} in: {}", stderr(&out));
+        assert!(!dir.join("worker-0.log").exists(), "{message}: a worker was started");
+    }
+}
