@@ -31,6 +31,7 @@ pub fn check_and_print_placement(spec: &JobSpec, workers: usize, resume: bool) -
     let data = lockstep_worker::build::load_data(spec).context("loading the data to size the model")?;
     let (model, _) =
         lockstep_worker::build::build_model(&CpuBackend::new(1), spec, data.train.features(), data.train.classes())?;
+    lockstep_worker::pipeline::check_supported(&model)?;
     let (placement, costs) = lockstep_worker::placement::place(&model, spec)?;
     let how = if p.placement.is_empty() { "balanced by FLOPs and parameters" } else { "explicit" };
     let replicas = workers / stages;

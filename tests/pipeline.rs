@@ -108,6 +108,15 @@ fn bad_placements_are_errors_before_any_worker_starts() {
         ),
         ("no layer named \"h9\"", 2, &["parallel.pipeline_stages=2", "parallel.placement=[[\"h9\"],[\"head\"]]"]),
     ];
+    // A model with BatchNorm cannot be pipelined (the recompute would update its statistics twice).
+    let dir = root.join("batch-norm");
+    let out = run(bin()
+        .args(["local", "--quiet", "--workers", "2", "configs/mnist-cnn.toml", "--out"])
+        .arg(&dir)
+        .args(["--set", "parallel.pipeline_stages=2", "--set", "train.max_steps=1"])
+        .args(["--set", "model.layers=[{type=\"flatten\"},{type=\"batch_norm\"},{type=\"linear\",out=10}]"]));
+    assert!(!out.status.success() && stderr(&out).contains("do not support BatchNorm"), "{}", stderr(&out));
+    assert!(!dir.join("worker-0.log").exists());
     for (i, (message, workers, sets)) in cases.into_iter().enumerate() {
         let dir = root.join(format!("case-{i}"));
         let out = local(&dir, workers, sets);

@@ -23,6 +23,18 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Instant;
 
+/// Whether `model` can be split into stages: a stage recomputes each micro-batch's forward
+/// before its backward, so layers with running statistics (BatchNorm) would count it twice.
+pub fn check_supported<B: Backend>(model: &lockstep_nn::Sequential<B>) -> Result<()> {
+    match model.buffers().first() {
+        Some((name, _)) => Err(WorkerError::Config(format!(
+            "pipeline stages do not support BatchNorm ({name}: its running statistics would also be updated by the \
+             recomputed forward); use layer_norm"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// One unit of pipeline work on a micro-batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {

@@ -165,6 +165,7 @@ pub fn run_training_stage<B: Backend>(
         if opts.resume.is_some() {
             return Err(crate::WorkerError::Config("resuming a pipeline run is not supported yet".into()));
         }
+        crate::pipeline::check_supported(&trainer.model)?;
         let (placement, costs) =
             crate::placement::place(&trainer.model, spec).map_err(|e| crate::WorkerError::Config(e.to_string()))?;
         let range = placement.stages[stage.stage].clone();
