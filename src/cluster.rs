@@ -271,6 +271,9 @@ fn publish_join_address(dir: &Path, join: &str, extra: Option<&Path>) -> Result<
 /// A run directory's newest checkpoint (made absolute: the workers may run elsewhere), or
 /// the checkpoint file given.
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() && path.join("checkpoints").join("stage-0").is_dir() {
+        return crate::pipeline_cli::resolve_stage_checkpoint(&path.join("checkpoints"));
+    }
     let file = if path.is_file() {
         path.to_path_buf()
     } else {

@@ -25,9 +25,10 @@ pub fn check_and_print_placement(spec: &JobSpec, workers: usize, resume: bool) -
             p.data_parallel * stages
         );
     }
-    if resume || spec.train.min_workers > 0 {
-        bail!("pipeline runs cannot resume or re-form yet (--resume, train.min_workers)");
+    if spec.train.min_workers > 0 {
+        bail!("pipeline runs cannot re-form after a failure yet (train.min_workers); they can --resume");
     }
+    let _ = resume;
     let data = lockstep_worker::build::load_data(spec).context("loading the data to size the model")?;
     let (model, _) =
         lockstep_worker::build::build_model(&CpuBackend::new(1), spec, data.train.features(), data.train.classes())?;
@@ -69,4 +70,27 @@ pub fn merge_stage_models(dir: &Path, stages: usize) -> Result<()> {
     }
     tracing::info!("merged {stages} stage weight files into {}", target.display());
     Ok(())
+}
+
+/// The newest step every stage has a checkpoint of, in `checkpoints/stage-S/`: the path of
+/// stage 0's file (each stage reads the same step from its own directory).
+pub fn resolve_stage_checkpoint(checkpoints: &Path) -> Result<std::path::PathBuf> {
+    let mut common: Option<std::collections::BTreeSet<u64>> = None;
+    let mut stages = 0;
+    while checkpoints.join(format!("stage-{stages}")).is_dir() {
+        let dir = checkpoints.join(format!("stage-{stages}"));
+        let steps: std::collections::BTreeSet<u64> =
+            lockstep_worker::train_state::list_checkpoints(&dir)?.into_iter().map(|(s, _)| s).collect();
+        common = Some(match common {
+            Some(c) => c.intersection(&steps).copied().collect(),
+            None => steps,
+        });
+        stages += 1;
+    }
+    let step = common.and_then(|c| c.last().copied()).ok_or_else(|| {
+        anyhow::anyhow!("--resume: no step has a checkpoint of every stage in {}", checkpoints.display())
+    })?;
+    let file = lockstep_worker::train_state::checkpoint_path(&checkpoints.join("stage-0"), step);
+    tracing::info!("resuming all {stages} stages from step {step}");
+    Ok(std::path::absolute(file)?)
 }

@@ -125,3 +125,37 @@ fn bad_placements_are_errors_before_any_worker_starts() {
         assert!(!dir.join("worker-0.log").exists(), "{message}: a worker was started");
     }
 }
+
+#[test]
+fn a_pipeline_resumes_every_stage_from_its_checkpoint_bit_for_bit() {
+    let root = temp_dir("pipeline-resume");
+    let full = root.join("full");
+    let sets = ["parallel.pipeline_stages=2", "parallel.schedule=\"1f1b\"", "train.checkpoint_every=12"];
+    assert!(local(&full, 2, &sets).status.success());
+    // A run stopped after step 12: only the step-12 checkpoints of both stages survive.
+    let stopped = root.join("stopped");
+    for s in 0..2 {
+        let dir = stopped.join(format!("checkpoints/stage-{s}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = "step-00000012.safetensors";
+        std::fs::copy(full.join(format!("checkpoints/stage-{s}/{name}")), dir.join(name)).unwrap();
+    }
+    let resumed = root.join("resumed");
+    let mut cmd = bin();
+    cmd.args(["local", "--quiet", "--workers", "2", "configs/shakespeare-gpt.toml", "--resume"])
+        .arg(&stopped)
+        .arg("--out")
+        .arg(&resumed)
+        .args(small_gpt());
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (a, b) = (train_losses(&full), train_losses(&resumed));
+    assert_eq!(b.keys().copied().collect::<Vec<_>>(), [16, 20, 24], "the resumed run starts after step 12");
+    for step in [16, 20, 24] {
+        assert_eq!(a[&step].to_bits(), b[&step].to_bits(), "step {step}: {} vs {}", a[&step], b[&step]);
+    }
+    assert_eq!(summary(&full)["rank_weight_hashes"], summary(&resumed)["rank_weight_hashes"], "every stage's weights");
+}

@@ -161,9 +161,11 @@ pub fn run_training_stage<B: Backend>(
     }
     let (data_rank, data_world) = (opts.rank / stages_of(spec), opts.world / stages_of(spec));
     let mut stage_layers = Vec::new();
+    let mut resume = opts.resume.clone();
     if let Some(stage) = stage {
-        if opts.resume.is_some() {
-            return Err(crate::WorkerError::Config("resuming a pipeline run is not supported yet".into()));
+        if let Some(path) = &resume {
+            // Every stage resumes the same step from its own checkpoint directory.
+            resume = Some(train_state::stage_checkpoint(path, stage.stage)?);
         }
         crate::pipeline::check_supported(&trainer.model)?;
         let (placement, costs) =
@@ -174,7 +176,7 @@ pub fn run_training_stage<B: Backend>(
     }
     let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
     let mut reducer = make_reducer(&sizes)?;
-    if let Some(path) = &opts.resume {
+    if let Some(path) = &resume {
         let step = train_state::restore_checkpoint(&mut trainer, path)?;
         tracing::info!("resumed from {} at step {step}", path.display());
     }

@@ -40,6 +40,22 @@ fn file_name(step: u64) -> String {
     format!("step-{step:08}.safetensors")
 }
 
+/// Where the checkpoint of `step` lives in `dir`.
+pub fn checkpoint_path(dir: &Path, step: u64) -> PathBuf {
+    dir.join(file_name(step))
+}
+
+/// A pipeline stage's checkpoint of the same step as `stage0_file` (which is in
+/// `checkpoints/stage-0/`): the same file name in `checkpoints/stage-<stage>/`.
+pub fn stage_checkpoint(stage0_file: &Path, stage: usize) -> Result<PathBuf> {
+    let bad =
+        || WorkerError::Config(format!("{}: not a file in a checkpoints/stage-0 directory", stage0_file.display()));
+    let name = stage0_file.file_name().ok_or_else(bad)?;
+    let stage_dir = stage0_file.parent().filter(|d| d.ends_with("stage-0")).ok_or_else(bad)?;
+    let checkpoints = stage_dir.parent().ok_or_else(bad)?;
+    Ok(checkpoints.join(format!("stage-{stage}")).join(name))
+}
+
 /// Writes the trainer's state to `dir/step-<global_step>.safetensors` and deletes all but
 /// the newest `keep` checkpoints. Returns the file written.
 pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize) -> Result<PathBuf> {
