@@ -195,6 +195,28 @@ impl RingLink for QuicPipe {
     }
 }
 
+impl Drop for QuicPipe {
+    /// Graceful close, as the ring link does: stop reading both neighbours, finish both
+    /// streams and wait until each neighbour has stopped reading them, so the last message
+    /// (the evaluation totals, say) is not cut off by the connection closing.
+    fn drop(&mut self) {
+        let _ = self.next.1.stop(0u32.into());
+        let _ = self.prev.1.stop(0u32.into());
+        let _ = self.next.0.finish();
+        let _ = self.prev.0.finish();
+        if Handle::try_current().is_err() {
+            let (to_next, to_prev) = (&mut self.next.0, &mut self.prev.0);
+            let _ = self.rt.block_on(async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    let _ = to_next.stopped().await;
+                    let _ = to_prev.stopped().await;
+                })
+                .await
+            });
+        }
+    }
+}
+
 /// An in-process pipe link over channels (tests).
 pub struct ThreadPipe {
     to: [Sender<(Vec<usize>, Vec<f32>)>; 2],
