@@ -337,7 +337,7 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
     let rt = runtime()?;
     let mut spec = run.spec.clone();
     absolutize_data_dir(&mut spec);
-    crate::pipeline_cli::check_and_print_placement(&spec, run.workers, run.resume.is_some())?;
+    crate::pipeline_cli::check_and_print_placement(&spec, run.workers)?;
     let mut writer = RunWriter::open(run.dir, &spec, run.progress, run.resume.is_some())?;
     let token = generate_token()?;
     let token_file = write_token(run.dir, &token)?;
@@ -382,7 +382,7 @@ pub struct CoordinatorRun<'a> {
 /// `lockstep coordinator`: waits for N workers to join, runs the job, shuts them down.
 pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
     let rt = runtime()?;
-    crate::pipeline_cli::check_and_print_placement(&run.spec, run.workers, run.resume.is_some())?;
+    crate::pipeline_cli::check_and_print_placement(&run.spec, run.workers)?;
     let mut writer = RunWriter::open(run.dir, &run.spec, run.progress, run.resume.is_some())?;
     let token = match run.token_file {
         Some(p) => read_token(Some(p))?,

@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// For a pipeline job on `workers` workers: checks the world divides into stages ×
 /// replicas and the placement is valid, and prints it. Nothing for other jobs.
-pub fn check_and_print_placement(spec: &JobSpec, workers: usize, resume: bool) -> Result<()> {
+pub fn check_and_print_placement(spec: &JobSpec, workers: usize) -> Result<()> {
     let p = &spec.parallel;
     let stages = p.pipeline_stages;
     if stages <= 1 {
@@ -28,7 +28,6 @@ pub fn check_and_print_placement(spec: &JobSpec, workers: usize, resume: bool) -
     if spec.train.min_workers > 0 {
         bail!("pipeline runs cannot re-form after a failure yet (train.min_workers); they can --resume");
     }
-    let _ = resume;
     let data = lockstep_worker::build::load_data(spec).context("loading the data to size the model")?;
     let (model, _) =
         lockstep_worker::build::build_model(&CpuBackend::new(1), spec, data.train.features(), data.train.classes())?;

@@ -59,6 +59,27 @@ pub fn plot_run(run_dir: &Path, output: &Path) -> Result<()> {
 
 type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
+type Panel<'a> = ChartContext<
+    'a,
+    BitMapBackend<'a>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// One panel: its caption, steps 0..last_step across, `y` up.
+fn panel<'a>(
+    area: &DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>,
+    caption: &str,
+    last_step: f64,
+    y: std::ops::Range<f64>,
+) -> std::result::Result<Panel<'a>, Box<dyn std::error::Error>> {
+    Ok(ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 20))
+        .margin(20)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..last_step, y)?)
+}
+
 fn draw(c: &Curves, name: &str, output: &Path) -> DrawResult {
     let root = BitMapBackend::new(output, (1200, 1000)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -67,12 +88,7 @@ fn draw(c: &Curves, name: &str, output: &Path) -> DrawResult {
     let last_step = c.train_loss.iter().chain(&c.test_loss).map(|p| p.0).fold(1.0, f64::max);
 
     let (lo, hi) = span(c.train_loss.iter().chain(&c.test_loss).map(|p| p.1));
-    let mut loss = ChartBuilder::on(&panels[0])
-        .caption("loss", ("sans-serif", 20))
-        .margin(20)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..last_step, lo..hi)?;
+    let mut loss = panel(&panels[0], "loss", last_step, lo..hi)?;
     loss.configure_mesh().x_desc("step").x_label_formatter(&|v| format!("{v:.0}")).draw()?;
     loss.draw_series(LineSeries::new(c.train_loss.iter().copied(), BLUE.stroke_width(2)))?
         .label("train")
@@ -84,23 +100,13 @@ fn draw(c: &Curves, name: &str, output: &Path) -> DrawResult {
     loss.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
 
     let (lo, hi) = span(c.test_accuracy.iter().map(|p| p.1));
-    let mut accuracy = ChartBuilder::on(&panels[1])
-        .caption("test accuracy (%)", ("sans-serif", 20))
-        .margin(20)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..last_step, lo..hi)?;
+    let mut accuracy = panel(&panels[1], "test accuracy (%)", last_step, lo..hi)?;
     accuracy.configure_mesh().x_desc("step").x_label_formatter(&|v| format!("{v:.0}")).draw()?;
     accuracy.draw_series(LineSeries::new(c.test_accuracy.iter().copied(), GREEN.stroke_width(2)))?;
     accuracy.draw_series(c.test_accuracy.iter().map(|&p| Circle::new(p, 3, GREEN.filled())))?;
 
     let (_, hi) = span(c.lr.iter().map(|p| p.1));
-    let mut lr = ChartBuilder::on(&panels[2])
-        .caption("learning rate", ("sans-serif", 20))
-        .margin(20)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..last_step, 0.0..hi.max(1e-12))?;
+    let mut lr = panel(&panels[2], "learning rate", last_step, 0.0..hi.max(1e-12))?;
     lr.configure_mesh()
         .x_desc("step")
         .x_label_formatter(&|v| format!("{v:.0}"))

@@ -51,3 +51,22 @@ pub trait Communicator: Send {
         self.all_reduce_sum(&mut token)
     }
 }
+
+/// f64 values as (high, low) f32 pairs, so that an f32 collective summing the pairs keeps
+/// ~48 bits: losses, target counts and squared norms travel this way.
+pub fn split_f64(values: &[f64]) -> Vec<f32> {
+    values
+        .iter()
+        .flat_map(|&v| {
+            let hi = v as f32;
+            [hi, (v - hi as f64) as f32]
+        })
+        .collect()
+}
+
+/// The inverse of [`split_f64`]: each (high, low) pair of `parts` back into `values`.
+pub fn join_f64(parts: &[f32], values: &mut [f64]) {
+    for (v, pair) in values.iter_mut().zip(parts.chunks_exact(2)) {
+        *v = pair[0] as f64 + pair[1] as f64;
+    }
+}

@@ -123,7 +123,13 @@ impl<B: Backend> Optimizer<B> {
 
 /// ‖g‖₂ over all trainable parameters, accumulated in f64.
 pub fn global_grad_norm<B: Backend>(be: &B, params: &[&mut Param<B>]) -> f64 {
-    params.iter().filter(|p| p.trainable).map(|p| be.sum_squares(&p.grad)).sum::<f64>().sqrt()
+    grad_sum_squares(be, params).sqrt()
+}
+
+/// ‖g‖₂² over all trainable parameters, accumulated in f64 (sums of squares add up across
+/// pipeline stages; norms do not).
+pub fn grad_sum_squares<B: Backend>(be: &B, params: &[&mut Param<B>]) -> f64 {
+    params.iter().filter(|p| p.trainable).map(|p| be.sum_squares(&p.grad)).sum()
 }
 
 /// The factor that clips a gradient of norm `norm` to at most `max_norm` (1 if it is

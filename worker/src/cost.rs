@@ -18,12 +18,16 @@ pub struct CostModel {
 const PEAK_N: usize = 512;
 
 impl CostModel {
-    pub fn new<B: Backend>(trainer: &Trainer<B>, stated_peak_gflops: f64) -> Self {
+    /// The peak is `stated_peak_gflops`, or measured here when `measure` is set (only the
+    /// rank that reports does: the others would measure a CPU it shares with them).
+    pub fn new<B: Backend>(trainer: &Trainer<B>, stated_peak_gflops: f64, measure: bool) -> Self {
         let forward = trainer.model.flops_per_example();
         let (peak_gflops, peak_source) = if stated_peak_gflops > 0.0 {
             (stated_peak_gflops, "stated in train.peak_gflops".to_string())
-        } else {
+        } else if measure {
             (measure_matmul_gflops(&trainer.be), format!("measured: best of 5 {PEAK_N}³ matmuls on this backend"))
+        } else {
+            (0.0, "not measured on this rank".to_string())
         };
         Self { forward_flops_per_example: forward, train_flops_per_example: 3 * forward, peak_gflops, peak_source }
     }
@@ -40,6 +44,9 @@ impl CostModel {
 
     /// Model FLOPs utilisation: achieved training FLOP/s over the peak of `world` workers.
     pub fn mfu(&self, examples_per_s: f64, world: usize) -> f64 {
+        if self.peak_gflops <= 0.0 {
+            return 0.0;
+        }
         let achieved = examples_per_s * self.train_flops_per_example as f64;
         achieved / (self.peak_gflops * 1e9 * world.max(1) as f64).max(1.0)
     }

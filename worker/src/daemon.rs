@@ -308,7 +308,7 @@ impl Node<'_> {
             plan.expect.push((ring_prev, Channel::Ring));
         }
         let timeout = self.opts.collective_timeout;
-        let (links, comm) = self
+        let (pipe, comm) = self
             .rt
             .block_on(async {
                 let (mut dialed, mut accepted, dial_ep) =
@@ -332,7 +332,6 @@ impl Node<'_> {
                 Ok((pipe, ring))
             })
             .map_err(|e| WorkerError::Collective(e.to_string()))?;
-        let pipe = links;
         let mut connections = pipe.connections().to_vec();
         let comm: Option<Box<dyn Communicator>> = comm.map(|link| {
             connections.extend(link.connections());

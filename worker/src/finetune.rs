@@ -4,10 +4,10 @@
 
 use crate::{Result, WorkerError};
 use lockstep_kernels::Backend;
-use lockstep_nn::checkpoint::{load_tensors, save_weights, TensorMap};
+use lockstep_nn::checkpoint::{load_tensors, to_safetensors_with_metadata, write_atomic, TensorMap};
 use lockstep_nn::init::normal;
 use lockstep_nn::layers::LoraLinear;
-use lockstep_nn::{Param, Sequential};
+use lockstep_nn::Sequential;
 use lockstep_proto::toolbox::{layer_matches, LoraSpec};
 use lockstep_proto::JobSpec;
 use std::collections::HashMap;
@@ -174,18 +174,11 @@ pub fn merge_lora_file(input: &Path, output: &Path) -> Result<Vec<String>> {
             }
         }
     }
-    let be = lockstep_kernels::CpuBackend::new(1);
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let params: Vec<Param<_>> = names
-        .iter()
-        .map(|n| {
-            let (shape, values) = &tensors[*n];
-            Param::new(&be, n.as_str(), shape, values, false)
-        })
-        .collect();
+    let mut merged: Vec<(String, Vec<usize>, Vec<f32>)> =
+        tensors.into_iter().map(|(name, (shape, values))| (name, shape, values)).collect();
+    merged.sort_by(|a, b| a.0.cmp(&b.0));
     let mut header: HashMap<String, String> = metadata;
     header.insert("lockstep.job".into(), spec.to_toml());
-    save_weights(&be, &params.iter().collect::<Vec<_>>(), Some(header), output)?;
+    write_atomic(output, &to_safetensors_with_metadata(&merged, Some(header))?)?;
     Ok(adapted)
 }

@@ -12,10 +12,10 @@
 use crate::trainer::{Evaluation, GradReducer, StepStats, Trainer};
 use crate::{trace, Result, WorkerError};
 use lockstep_collective::pipe::{Neighbour, PipeLink};
-use lockstep_collective::{ring_all_reduce, ring_broadcast};
+use lockstep_collective::{join_f64, ring_all_reduce, ring_broadcast, split_f64};
 use lockstep_kernels::{Backend, IGNORE_TARGET};
-use lockstep_nn::data::{rank_slice, Examples};
-use lockstep_nn::loss::softmax_cross_entropy;
+use lockstep_nn::data::{rank_slice, Batch, Examples};
+use lockstep_nn::loss::{softmax_cross_entropy, LossOutput};
 use lockstep_nn::{ForwardCtx, Tensor};
 use lockstep_proto::toolbox::PipeSchedule;
 use lockstep_proto::trace::SpanKind;
@@ -99,12 +99,6 @@ fn link_err(e: lockstep_collective::CollectiveError) -> WorkerError {
     WorkerError::Collective(e.to_string())
 }
 
-/// Splits an f64 into two f32 whose sum is it to ~1e-14 relative (exact enough for losses).
-fn split(v: f64) -> [f32; 2] {
-    let hi = v as f32;
-    [hi, (v - hi as f64) as f32]
-}
-
 impl<B: Backend> Trainer<B> {
     /// Keeps only the layers `layers` of the full model: this trainer becomes one stage.
     /// The optimizer and EMA state are rebuilt for the remaining parameters.
@@ -140,6 +134,26 @@ impl<B: Backend> Trainer<B> {
             seq_lens,
             stat_sync: None,
         }
+    }
+
+    /// The training forward of micro-batch `ids` from its stage input `x`: the stage output
+    /// and, on the last stage, the loss (its sum and dL/dlogits times `loss_scale`).
+    fn micro_forward(
+        &mut self,
+        batch: &Batch,
+        ids: &[u32],
+        x: Tensor<B>,
+        last: bool,
+        loss_scale: f32,
+    ) -> Result<(Tensor<B>, Option<LossOutput<B>>)> {
+        let ctx = self.micro_ctx(true, ids, batch.seq_lens.clone());
+        let y = self.model.forward(&self.be, x, &ctx)?;
+        let loss = if last {
+            Some(softmax_cross_entropy(&self.be, &y, &batch.y, self.class_weights.as_deref(), loss_scale)?)
+        } else {
+            None
+        };
+        Ok((y, loss))
     }
 
     /// One training step of this stage: the micro-batches of `local` through the schedule,
@@ -194,12 +208,9 @@ impl<B: Backend> Trainer<B> {
                     let t0 = Instant::now();
                     let _span = trace::span_detail(SpanKind::Forward, i as u32);
                     stash.insert(i, x.duplicate(&self.be));
-                    let ctx = self.micro_ctx(true, micro[i], batch.seq_lens);
-                    let y = self.model.forward(&self.be, x, &ctx)?;
+                    let (y, loss) = self.micro_forward(&batch, micro[i], x, pipe.last(), loss_scale)?;
                     caches_hold = Some(i);
-                    if pipe.last() {
-                        let cw = self.class_weights.as_deref();
-                        let out = softmax_cross_entropy(&self.be, &y, &batch.y, cw, loss_scale)?;
+                    if let Some(out) = loss {
                         micro_loss[i] = out.loss_sum;
                         last_dlogits = Some((i, out.grad));
                         busy += t0.elapsed().as_secs_f64();
@@ -218,33 +229,31 @@ impl<B: Backend> Trainer<B> {
                     } else {
                         let (shape, values) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
                         let (_, loss) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
-                        micro_loss[i] = loss.iter().map(|&v| v as f64).sum();
+                        join_f64(&loss, &mut micro_loss[i..=i]);
                         Some(Tensor::from_slice(&self.be, &shape, &values))
                     };
                     let t0 = Instant::now();
                     let _span = trace::span_detail(SpanKind::Backward, i as u32);
                     let x =
                         stash.remove(&i).ok_or_else(|| WorkerError::Config(format!("micro-batch {i} not stashed")))?;
-                    let needs_recompute = caches_hold != Some(i);
-                    let dy = match received {
-                        Some(dy) => {
-                            if needs_recompute {
-                                let batch = self.gather(data, micro[i]);
-                                let ctx = self.micro_ctx(true, micro[i], batch.seq_lens);
-                                self.model.forward(&self.be, x, &ctx)?;
+                    let kept_dlogits = last_dlogits.take().filter(|(j, _)| *j == i && caches_hold == Some(i));
+                    let dy = match (received, kept_dlogits) {
+                        (Some(dy), _) if caches_hold == Some(i) => dy,
+                        (_, Some((_, dlogits))) => dlogits,
+                        (received, None) => {
+                            // The layer caches hold another micro-batch: recompute this one's.
+                            let batch = self.gather(data, micro[i]);
+                            let (_, loss) = self.micro_forward(&batch, micro[i], x, pipe.last(), loss_scale)?;
+                            match (received, loss) {
+                                (Some(dy), _) => dy,
+                                (None, Some(out)) => out.grad,
+                                (None, None) => {
+                                    return Err(WorkerError::Config(format!(
+                                        "micro-batch {i}: no gradient to propagate"
+                                    )))
+                                }
                             }
-                            dy
                         }
-                        None => match last_dlogits.take() {
-                            Some((j, dlogits)) if j == i && !needs_recompute => dlogits,
-                            _ => {
-                                let batch = self.gather(data, micro[i]);
-                                let ctx = self.micro_ctx(true, micro[i], batch.seq_lens);
-                                let y = self.model.forward(&self.be, x, &ctx)?;
-                                let cw = self.class_weights.as_deref();
-                                softmax_cross_entropy(&self.be, &y, &batch.y, cw, loss_scale)?.grad
-                            }
-                        },
                     };
                     let dx = self.model.backward(&self.be, dy)?;
                     caches_hold = None;
@@ -252,7 +261,7 @@ impl<B: Backend> Trainer<B> {
                     if !pipe.first() {
                         let values = dx.to_vec(&self.be);
                         pipe.link.send_tensor(Neighbour::Prev, &dx.shape, &values).map_err(link_err)?;
-                        pipe.link.send_tensor(Neighbour::Prev, &[2], &split(micro_loss[i])).map_err(link_err)?;
+                        pipe.link.send_tensor(Neighbour::Prev, &[2], &split_f64(&[micro_loss[i]])).map_err(link_err)?;
                     }
                 }
             }
@@ -273,10 +282,12 @@ impl<B: Backend> Trainer<B> {
         let comm_wait_s = waiting.0.elapsed().as_secs_f64();
         drop(waiting);
         // ‖g‖² of the whole model: this stage's share summed around the stage ring.
-        let local_squares: f64 = params.iter().filter(|p| p.trainable).map(|p| self.be.sum_squares(&p.grad)).sum();
-        let mut squares = split(local_squares);
+        let local_squares = lockstep_nn::optim::grad_sum_squares(&self.be, &params);
+        let mut squares = split_f64(&[local_squares]);
         ring_all_reduce(pipe.link.as_mut(), pipe.stage, pipe.stages, &mut squares).map_err(link_err)?;
-        let squared_norm = squares[0] as f64 + squares[1] as f64;
+        let mut squared_norm = [0.0];
+        join_f64(&squares, &mut squared_norm);
+        let squared_norm = squared_norm[0];
         Ok((scalars, squared_norm, comm_wait_s, loss_scale))
     }
 
@@ -292,8 +303,7 @@ impl<B: Backend> Trainer<B> {
     fn evaluate_stage(&mut self, pipe: &mut PipelineStage, data: &dyn Examples) -> Result<Evaluation> {
         let (mut loss, mut correct, mut targets) = (0.0f64, 0usize, 0usize);
         let indices: Vec<u32> = (0..data.len() as u32).collect();
-        let chunk = (65_536 / data.features().max(1)).clamp(1, 1000);
-        for chunk in indices.chunks(chunk) {
+        for chunk in indices.chunks(crate::trainer::eval_chunk_len(data)) {
             let batch = data.gather(chunk);
             let x = if pipe.first() {
                 self.input(chunk.len(), &batch.x)
@@ -313,15 +323,12 @@ impl<B: Backend> Trainer<B> {
                 pipe.link.send_tensor(Neighbour::Next, &y.shape, &values).map_err(link_err)?;
             }
         }
-        let [hi, lo] = split(loss);
-        let mut totals = [hi, lo, correct as f32, targets as f32];
+        let mut totals = split_f64(&[loss, correct as f64, targets as f64]);
         ring_broadcast(pipe.link.as_mut(), pipe.stage, pipe.stages, &mut totals, pipe.stages - 1).map_err(link_err)?;
-        let n = (totals[3] as f64).max(1.0);
-        Ok(Evaluation {
-            loss: (totals[0] as f64 + totals[1] as f64) / n,
-            accuracy: totals[2] as f64 / n,
-            classes: None,
-        })
+        let mut sums = [0.0; 3];
+        join_f64(&totals, &mut sums);
+        let n = sums[2].max(1.0);
+        Ok(Evaluation { loss: sums[0] / n, accuracy: sums[1] / n, classes: None })
     }
 }
 

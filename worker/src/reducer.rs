@@ -9,7 +9,7 @@
 
 use crate::trainer::GradReducer;
 use crate::{Result, WorkerError};
-use lockstep_collective::{Communicator, WireFormat};
+use lockstep_collective::{join_f64, split_f64, Communicator, WireFormat};
 use lockstep_kernels::Backend;
 use lockstep_nn::layers::{StatSync, StatSyncHandle};
 use lockstep_nn::Param;
@@ -37,23 +37,6 @@ enum Job {
     /// job's own channel, so it never mixes with gradient buckets still in flight.
     ReduceStats(Vec<f32>, Sender<std::result::Result<Vec<f32>, String>>),
     Stop,
-}
-
-/// f64 values as (high, low) f32 pairs, so a sum of pairs keeps ~48 bits.
-fn split_f64(values: &[f64]) -> Vec<f32> {
-    values
-        .iter()
-        .flat_map(|&v| {
-            let hi = v as f32;
-            [hi, (v - hi as f64) as f32]
-        })
-        .collect()
-}
-
-fn join_f64(parts: &[f32], values: &mut [f64]) {
-    for (v, pair) in values.iter_mut().zip(parts.chunks_exact(2)) {
-        *v = pair[0] as f64 + pair[1] as f64;
-    }
 }
 
 /// The [`StatSync`] of a bucket reducer: a request to its communication thread.

@@ -139,10 +139,7 @@ pub fn run_training_stage<B: Backend>(
     let mut trainer = Trainer::new(be, spec, train.features(), train.classes(), total_steps)?;
     trainer.vocab = vocab;
     if let Some(labels) = train.labels() {
-        let mut counts = vec![0usize; train.classes()];
-        for &y in labels {
-            counts[y as usize] += 1;
-        }
+        let counts = lockstep_nn::data::class_counts(labels, train.classes());
         trainer.class_weights = class_weights(spec, &counts)?;
         if counts.len() == 2 {
             trainer.prior_threshold = Some(counts[0].min(counts[1]) as f64 / labels.len().max(1) as f64);
@@ -200,7 +197,7 @@ pub fn run_training_stage<B: Backend>(
     };
     let trainable_params = sizes.iter().flatten().sum::<usize>();
     let allreduce_bytes_per_step = if data_world > 1 { trainable_params as u64 * wire_bytes } else { 0 };
-    let cost = cost::CostModel::new(&trainer, spec.train.peak_gflops);
+    let cost = cost::CostModel::new(&trainer, spec.train.peak_gflops, opts.rank == 0);
     if opts.rank == 0 {
         cost.log_start(trainable_params);
         cost::warn_on_data_per_param(train.distinct_targets(), trainer.model.param_count(), vocab_kind(&trainer));

@@ -12,7 +12,7 @@ use lockstep_nn::data::text::CharTokenizer;
 use lockstep_nn::data::Examples;
 use lockstep_nn::layers::StatSyncHandle;
 use lockstep_nn::loss::softmax_cross_entropy;
-use lockstep_nn::optim::{clip_factor, global_grad_norm, Optimizer};
+use lockstep_nn::optim::{clip_factor, grad_sum_squares, Optimizer};
 use lockstep_nn::schedule::Schedule;
 use lockstep_nn::{ForwardCtx, Param, Sequential, Tensor};
 use lockstep_proto::classification::{BinaryMetrics, ClassMetrics};
@@ -208,7 +208,7 @@ impl<B: Backend> Trainer<B> {
         reducer.finish_grads(be, &mut params, &mut scalars)?;
         let comm_wait_s = waiting.0.elapsed().as_secs_f64();
         drop(waiting);
-        let squared_norm = global_grad_norm(be, &params).powi(2);
+        let squared_norm = grad_sum_squares(be, &params);
         drop(params);
         self.apply_update(scalars, squared_norm, comm_wait_s, loss_scale)
     }
@@ -275,9 +275,7 @@ impl<B: Backend> Trainer<B> {
         let (mut loss, mut correct, mut targets) = (0.0, 0usize, 0usize);
         let mut classes = self.vocab.is_none().then(|| ClassCollector::new(data.classes()));
         let indices: Vec<u32> = (0..data.len() as u32).collect();
-        // About 64k values of input per chunk: bounded memory for images and sequences alike.
-        let chunk = (65_536 / data.features().max(1)).clamp(1, 1000);
-        for chunk in indices.chunks(chunk) {
+        for chunk in indices.chunks(eval_chunk_len(data)) {
             let batch = data.gather(chunk);
             let ctx = ForwardCtx {
                 train: false,
@@ -316,6 +314,12 @@ impl<B: Backend> Trainer<B> {
         }
         result
     }
+}
+
+/// Examples per evaluation chunk: about 64k input values, so memory stays bounded for
+/// images and sequences alike.
+pub(crate) fn eval_chunk_len(data: &dyn Examples) -> usize {
+    (65_536 / data.features().max(1)).clamp(1, 1000)
 }
 
 /// One evaluation's results.

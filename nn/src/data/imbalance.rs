@@ -39,11 +39,7 @@ impl Dataset {
 
     /// Examples per class.
     pub fn class_counts(&self) -> Vec<usize> {
-        let mut counts = vec![0; self.classes];
-        for &y in &self.y {
-            counts[y as usize] += 1;
-        }
-        counts
+        class_counts(&self.y, self.classes)
     }
 
     fn retain_rows(&mut self, keep: impl Fn(usize, u32) -> bool) {
@@ -57,6 +53,15 @@ impl Dataset {
         }
         (self.x, self.y) = (x, y);
     }
+}
+
+/// How many of `labels` fall in each of `classes` classes.
+pub fn class_counts(labels: &[u32], classes: usize) -> Vec<usize> {
+    let mut counts = vec![0; classes];
+    for &y in labels {
+        counts[y as usize] += 1;
+    }
+    counts
 }
 
 /// Loss weights n / (classes · n_c): every class contributes equally to the loss (classes

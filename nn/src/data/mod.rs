@@ -8,7 +8,7 @@ pub mod sampler;
 pub mod text;
 
 pub use idx::{load_idx_split, read_idx, IdxArray};
-pub use imbalance::{balanced_class_weights, BalancedOrder, Rebalance};
+pub use imbalance::{balanced_class_weights, class_counts, BalancedOrder, Rebalance};
 pub use normalize::{Normalization, Normalizer};
 pub use sampler::{rank_slice, EpochSampler, Remainder};
 pub use text::TokenWindows;
