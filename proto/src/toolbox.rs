@@ -192,18 +192,23 @@ pub struct EarlyStopSpec {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BlowupAction {
-    /// Stop the run with a diagnosis; the weights stay those before the bad step.
+    /// Stop the run on a divergence, with a diagnosis; the weights stay those before the
+    /// bad step. Single outlier batches are skipped either way.
     #[default]
     Stop,
-    /// Skip the update of the offending step and go on (at most `max_skips` in a row).
+    /// Skip the update of a diverging step too and go on (at most `max_skips` in a row).
     Skip,
     /// Detect nothing.
     Off,
 }
 
-/// `train.blowup` (T36): a step's loss that is NaN/inf, or more than `factor` times the
-/// running mean of the last `window` losses, is a blow-up; so is a running mean that rose
-/// `factor`-fold over its lowest value.
+/// `train.blowup` (T36). A step's loss is an *outlier* when it is over `factor` times the
+/// median of the last `window` losses **and** above that median by more than both
+/// `spread` robust standard deviations (1.4826 × MAD) and `min_jump` (an absolute floor, in
+/// loss units: near a loss of 0 a noisy batch is easily 10× the median, yet no divergence).
+/// An outlier's update is skipped; `max_skips` outliers in a row are a divergence. A NaN or
+/// infinite loss or gradient norm, or a windowed mean that rose `factor`-fold and by more
+/// than `min_jump` over its lowest, is a divergence: `action` says what happens then.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BlowupSpec {
@@ -215,6 +220,10 @@ pub struct BlowupSpec {
     pub factor: f64,
     #[serde(default = "default_max_skips")]
     pub max_skips: usize,
+    #[serde(default = "default_blowup_min_jump")]
+    pub min_jump: f64,
+    #[serde(default = "default_blowup_spread")]
+    pub spread: f64,
 }
 
 impl Default for BlowupSpec {
@@ -224,6 +233,8 @@ impl Default for BlowupSpec {
             window: default_blowup_window(),
             factor: default_blowup_factor(),
             max_skips: default_max_skips(),
+            min_jump: default_blowup_min_jump(),
+            spread: default_blowup_spread(),
         }
     }
 }
@@ -236,6 +247,12 @@ fn default_blowup_factor() -> f64 {
 }
 fn default_max_skips() -> usize {
     10
+}
+fn default_blowup_min_jump() -> f64 {
+    1.0
+}
+fn default_blowup_spread() -> f64 {
+    6.0
 }
 
 /// Sampler re-balancing (T28).

@@ -38,6 +38,23 @@ impl LossScaler {
     }
 }
 
+/// What the blow-up guard found wrong with a step. Either way its update is not applied.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Alarm {
+    /// One batch far out of line with the recent ones: skip it and go on.
+    Outlier(String),
+    /// The run is diverging (NaN/inf, or a sustained rise): `train.blowup.action` decides.
+    Divergence(String),
+}
+
+impl Alarm {
+    pub fn why(&self) -> &str {
+        match self {
+            Alarm::Outlier(why) | Alarm::Divergence(why) => why,
+        }
+    }
+}
+
 /// Watches the loss and gradient norm of every step before its update is applied.
 #[derive(Debug, Clone)]
 pub struct BlowupGuard {
@@ -50,9 +67,25 @@ pub struct BlowupGuard {
 
 /// Steps of history before a single-step spike can be called.
 const MIN_SPIKE_HISTORY: usize = 5;
+/// MAD × this estimates the standard deviation of normally distributed values.
+const MAD_TO_SIGMA: f64 = 1.4826;
 
 fn mean(v: &VecDeque<f64>) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut sorted: Vec<f64> = values.collect();
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        0.5 * (sorted[mid - 1] + sorted[mid])
+    }
 }
 
 impl BlowupGuard {
@@ -60,47 +93,71 @@ impl BlowupGuard {
         Self { spec, losses: VecDeque::new(), grad_norms: VecDeque::new(), lowest_mean: f64::INFINITY }
     }
 
-    /// None if the step looks healthy (and it joins the window); otherwise why it does
-    /// not, with the likely cause. A blown-up step stays out of the window.
-    pub fn check(&mut self, loss: f64, grad_norm: f64, lr: f32) -> Option<String> {
+    /// None if the step looks healthy (and it joins the window); otherwise what is wrong,
+    /// with the likely cause. An alarming step stays out of the window.
+    pub fn check(&mut self, loss: f64, grad_norm: f64, lr: f32) -> Option<Alarm> {
         if self.spec.action == lockstep_proto::toolbox::BlowupAction::Off {
             return None;
         }
-        let (w, factor) = (self.spec.window, self.spec.factor);
-        let full = self.losses.len() >= w;
-        // A spike needs a little history to compare with; a trend a whole window.
-        let some_history = self.losses.len() >= w.min(MIN_SPIKE_HISTORY);
-        let what = if !loss.is_finite() || !grad_norm.is_finite() {
-            Some(format!("the loss is {loss} (gradient norm {grad_norm:.3e})"))
-        } else if some_history && loss > factor * self.losses.iter().copied().fold(0.0, f64::max) {
-            Some(format!(
-                "the loss jumped to {loss:.4}, over {factor}× the largest of the last {} steps (mean {:.4})",
-                self.losses.len(),
-                mean(&self.losses)
-            ))
+        let alarm = if !loss.is_finite() || !grad_norm.is_finite() {
+            Some(Alarm::Divergence(format!("the loss is {loss} (gradient norm {grad_norm:.3e})")))
         } else {
-            let window_mean = mean(&self.losses);
-            (full && window_mean > factor * self.lowest_mean).then(|| {
-                format!(
-                    "the loss is rising: its mean over the last {w} steps is {window_mean:.4}, {:.1}× its lowest ({:.4})",
-                    window_mean / self.lowest_mean,
-                    self.lowest_mean
-                )
-            })
+            self.spike(loss).map(Alarm::Outlier).or_else(|| self.rise().map(Alarm::Divergence))
         };
-        if let Some(what) = what {
-            return Some(format!("{what}; likely cause: {}", self.cause(grad_norm, lr)));
+        if let Some(alarm) = alarm {
+            let cause = self.cause(grad_norm, lr);
+            return Some(match alarm {
+                Alarm::Outlier(what) => Alarm::Outlier(format!("{what}; likely cause: {cause}")),
+                Alarm::Divergence(what) => Alarm::Divergence(format!("{what}; likely cause: {cause}")),
+            });
         }
+        self.record(loss, grad_norm);
+        None
+    }
+
+    /// A single loss far above the recent ones: over `factor` × their median, and above it
+    /// by more than `spread` robust standard deviations and by more than `min_jump`.
+    fn spike(&self, loss: f64) -> Option<String> {
+        if self.losses.len() < self.spec.window.min(MIN_SPIKE_HISTORY) {
+            return None;
+        }
+        let center = median(self.losses.iter().copied());
+        let sigma = MAD_TO_SIGMA * median(self.losses.iter().map(|l| (l - center).abs()));
+        let margin = (self.spec.spread * sigma).max(self.spec.min_jump);
+        (loss > self.spec.factor * center && loss - center > margin).then(|| {
+            format!(
+                "the loss jumped to {loss:.4}, over {}× the median of the last {} steps ({center:.4}, robust std {sigma:.4})",
+                self.spec.factor,
+                self.losses.len()
+            )
+        })
+    }
+
+    /// A sustained rise: the windowed mean `factor` × and `min_jump` over its lowest.
+    fn rise(&self) -> Option<String> {
+        let w = self.spec.window;
+        let window_mean = mean(&self.losses);
+        let risen = window_mean > self.spec.factor * self.lowest_mean
+            && window_mean - self.lowest_mean > self.spec.min_jump;
+        (self.losses.len() >= w && risen).then(|| {
+            format!(
+                "the loss is rising: its mean over the last {w} steps is {window_mean:.4}, {:.1}× its lowest ({:.4})",
+                window_mean / self.lowest_mean,
+                self.lowest_mean
+            )
+        })
+    }
+
+    fn record(&mut self, loss: f64, grad_norm: f64) {
         self.losses.push_back(loss);
         self.grad_norms.push_back(grad_norm);
-        if self.losses.len() > w {
+        if self.losses.len() > self.spec.window {
             self.losses.pop_front();
             self.grad_norms.pop_front();
         }
-        if self.losses.len() >= w {
+        if self.losses.len() >= self.spec.window {
             self.lowest_mean = self.lowest_mean.min(mean(&self.losses));
         }
-        None
     }
 
     fn cause(&self, grad_norm: f64, lr: f32) -> String {
@@ -173,44 +230,71 @@ mod tests {
     }
 
     fn guard(action: BlowupAction) -> BlowupGuard {
-        BlowupGuard::new(BlowupSpec { action, window: 5, factor: 4.0, max_skips: 3 })
+        BlowupGuard::new(BlowupSpec { action, window: 5, factor: 4.0, max_skips: 3, ..BlowupSpec::default() })
     }
 
     #[test]
     fn nan_spike_and_rise_are_caught_with_a_cause() {
         let mut g = guard(BlowupAction::Stop);
-        for l in [1.0, 0.9, 0.8, 0.7, 0.6] {
+        for l in [2.3, 2.2, 2.1, 2.0, 1.9] {
             assert_eq!(g.check(l, 1.0, 0.1), None);
         }
         let nan = g.check(f64::NAN, f64::NAN, 0.1).unwrap();
-        assert!(nan.contains("NaN") && nan.contains("exploding gradients"), "{nan}");
-        let spike = g.check(5.0, 1.1, 0.1).unwrap();
-        assert!(spike.contains("jumped") && spike.contains("learning rate"), "{spike}");
-        let spike_big_grad = g.check(5.0, 50.0, 0.1).unwrap();
-        assert!(spike_big_grad.contains("exploding"), "{spike_big_grad}");
-        // A slow climb: each step under 4x the window max, but the mean ends 4x its lowest.
+        assert!(matches!(nan, Alarm::Divergence(_)), "{nan:?}");
+        assert!(nan.why().contains("NaN") && nan.why().contains("exploding gradients"), "{nan:?}");
+        let spike = g.check(40.0, 1.1, 0.1).unwrap();
+        assert!(matches!(spike, Alarm::Outlier(_)), "{spike:?}");
+        assert!(spike.why().contains("jumped") && spike.why().contains("learning rate"), "{spike:?}");
+        let spike_big_grad = g.check(40.0, 50.0, 0.1).unwrap();
+        assert!(spike_big_grad.why().contains("exploding"), "{spike_big_grad:?}");
+        // A slow climb: no single step is an outlier, but the mean ends 4x its lowest.
         let mut caught = None;
-        let mut loss = 0.6;
+        let mut loss = 1.9;
         for _ in 0..60 {
             loss *= 1.1;
-            if let Some(why) = g.check(loss, 1.0, 0.1) {
-                caught = Some(why);
+            if let Some(alarm) = g.check(loss, 1.0, 0.1) {
+                caught = Some(alarm);
                 break;
             }
         }
-        let why = caught.expect("a 4-fold rise is caught");
-        assert!(why.contains("rising"), "{why}");
+        let alarm = caught.expect("a 4-fold rise is caught");
+        assert!(matches!(alarm, Alarm::Divergence(_)) && alarm.why().contains("rising"), "{alarm:?}");
         assert!(guard(BlowupAction::Off).check(f64::NAN, 0.0, 0.1).is_none());
     }
 
     #[test]
-    fn noisy_but_healthy_losses_pass() {
+    fn a_noisy_batch_of_a_converged_model_is_no_alarm() {
+        // The shipped mnist-cnn run that the old guard stopped: losses near 0.006, then 0.0757.
         let mut g = BlowupGuard::new(BlowupSpec::default());
-        for step in 0..2000 {
-            let noise = ((step as f64 * 0.37).sin() + 1.0) * 0.5; // 0..1
-            let loss = 2.3 * (-(step as f64) / 300.0).exp() + 0.02 + 0.1 * noise;
-            assert_eq!(g.check(loss, 1.0 + noise, 1e-3), None, "step {step}");
+        for step in 0..50 {
+            let loss = 0.006 + 0.004 * ((step as f64 * 1.7).sin());
+            assert_eq!(g.check(loss, 0.5, 1e-3), None);
         }
+        assert_eq!(g.check(0.0757, 2.0, 1e-3), None, "12x the median, but only 0.07 above it");
+        // A real jump of a converged model still is one.
+        assert!(matches!(g.check(3.5, 40.0, 1e-3), Some(Alarm::Outlier(_))));
+        // A rise of the mean from 0.006 to 0.03 is noise, not a divergence.
+        for step in 0..200 {
+            let loss = 0.03 + 0.01 * ((step as f64 * 0.9).sin());
+            assert_eq!(g.check(loss, 0.5, 1e-3), None, "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_jump_is_judged_against_the_spread_of_recent_losses() {
+        let spec = BlowupSpec { min_jump: 0.0, ..BlowupSpec::default() };
+        // Widely spread losses (1..9): 40 is 4x their median and within 6 robust sigmas.
+        let mut wide = BlowupGuard::new(spec.clone());
+        for step in 0..50 {
+            assert_eq!(wide.check(1.0 + (step % 9) as f64, 1.0, 1e-3), None);
+        }
+        assert_eq!(wide.check(21.0, 1.0, 1e-3), None, "4.2x the median, 2.5 robust sigmas");
+        // Tight losses around 5: the same 21 is far out.
+        let mut tight = BlowupGuard::new(spec);
+        for step in 0..50 {
+            assert_eq!(tight.check(5.0 + 0.01 * (step % 3) as f64, 1.0, 1e-3), None);
+        }
+        assert!(matches!(tight.check(21.0, 1.0, 1e-3), Some(Alarm::Outlier(_))));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use lockstep_nn::data::{BalancedOrder, Rebalance};
 use lockstep_nn::optim::sparsity;
 use lockstep_proto::job::Remainder as SpecRemainder;
 use lockstep_proto::metrics::StageReport;
+use crate::guards::Alarm;
 use lockstep_proto::toolbox::{BlowupAction, Dtype, Resample};
 use lockstep_proto::trace::SpanKind;
 use lockstep_proto::{EvalRecord, Histogram, JobSpec, LayerGradNorm, Summary, TrainRecord};
@@ -252,23 +253,25 @@ pub fn run_training_stage<B: Backend>(
                         trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale)
                     );
                 }
-                Some(Skip::Blowup(why)) => {
+                Some(Skip::Blowup(alarm)) => {
                     skipped_steps += 1;
                     skips_in_row += 1;
                     let b = &spec.train.blowup;
-                    if b.action == BlowupAction::Stop || skips_in_row > b.max_skips {
+                    let diverged = matches!(alarm, Alarm::Divergence(_)) && b.action == BlowupAction::Stop;
+                    if diverged || skips_in_row > b.max_skips {
                         // The weights are still those before the bad step: keep them.
                         checkpoint(&trainer)?;
+                        let in_row = if skips_in_row > b.max_skips {
+                            format!(" ({skips_in_row} steps skipped in a row)")
+                        } else {
+                            String::new()
+                        };
                         return Err(crate::WorkerError::Stopped(format!(
-                            "loss blow-up at step {step_index}: {why}{}",
-                            if skips_in_row > b.max_skips {
-                                format!(" ({skips_in_row} steps skipped in a row)")
-                            } else {
-                                String::new()
-                            }
+                            "loss blow-up at step {step_index}: {}{in_row}",
+                            alarm.why()
                         )));
                     }
-                    tracing::warn!("step {step_index}: loss blow-up, update skipped: {why}");
+                    tracing::warn!("step {step_index}: update skipped: {}", alarm.why());
                 }
             }
             window_examples += batch.len();

@@ -76,8 +76,8 @@ pub struct StepStats {
 pub enum Skip {
     /// Gradients overflowed under fp16 loss scaling: the scale was halved.
     Overflow,
-    /// The blow-up guard's diagnosis.
-    Blowup(String),
+    /// The blow-up guard's diagnosis: an outlier batch or a divergence.
+    Blowup(crate::guards::Alarm),
 }
 
 pub struct Trainer<B: Backend> {
@@ -252,8 +252,8 @@ impl<B: Backend> Trainer<B> {
                 return Ok(stats);
             }
         }
-        if let Some(why) = self.blowup.check(loss, grad_norm, lr) {
-            stats.skipped = Some(Skip::Blowup(why));
+        if let Some(alarm) = self.blowup.check(loss, grad_norm, lr) {
+            stats.skipped = Some(Skip::Blowup(alarm));
             return Ok(stats);
         }
         let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / unscale;

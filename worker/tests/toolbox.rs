@@ -225,7 +225,9 @@ fn an_outlier_batch_is_caught_before_its_update_and_skipped() {
     }
     let before = weights(&t);
     let stats = t.step(&data, &batch(5), &mut NoReduce).unwrap();
-    let Some(Skip::Blowup(why)) = &stats.skipped else { panic!("not caught: {stats:?}") };
+    let Some(Skip::Blowup(alarm)) = &stats.skipped else { panic!("not caught: {stats:?}") };
+    assert!(matches!(alarm, lockstep_worker::guards::Alarm::Outlier(_)), "one bad batch is an outlier: {alarm:?}");
+    let why = alarm.why();
     assert!(why.contains("jumped") && why.contains("exploding gradients"), "{why}");
     assert_eq!(weights(&t), before, "the outlier batch changed nothing");
     assert_eq!(t.step(&data, &batch(6), &mut NoReduce).unwrap().skipped, None, "training goes on");
