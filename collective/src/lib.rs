@@ -11,6 +11,7 @@ pub mod mesh;
 pub mod pipe;
 pub mod quic;
 pub mod ring;
+pub mod shm;
 pub mod thread;
 pub mod tls;
 
