@@ -33,10 +33,13 @@ pub enum Which {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
-    /// Ring all-reduce busbw over QUIC across N local processes vs a plain TCP stream.
+    /// All-reduce busbw across N local processes, vs memcpy and a plain TCP stream.
     Allreduce {
         #[arg(long, default_value_t = 2)]
         workers: usize,
+        /// auto (shared memory on one host), shm or quic.
+        #[arg(long, default_value = "auto", value_parser = parse_transport)]
+        transport: lockstep_proto::toolbox::Transport,
         /// Message sizes in bytes (repeatable; default 1, 4, 16 and 64 MiB).
         #[arg(long = "size")]
         sizes: Vec<u64>,
@@ -69,12 +72,39 @@ pub fn run(which: Which, threads: usize) -> Result<()> {
                 Device::Cuda(i) => bench_gpt(cuda(i)?, batch, steps),
             }
         }
-        Which::Allreduce { workers, sizes, iters } => {
+        Which::Allreduce { workers, transport, sizes, iters } => {
             let sizes = if sizes.is_empty() { vec![1 << 20, 4 << 20, 16 << 20, 64 << 20] } else { sizes };
-            crate::cluster::bench_allreduce(workers, sizes, iters.max(1), 1)
+            crate::cluster::bench_allreduce(workers, transport, sizes, iters.max(1), 1)
         }
         Which::TcpSink { connect, bytes } => crate::cluster::tcp_sink(&connect, bytes),
     }
+}
+
+fn parse_transport(s: &str) -> Result<lockstep_proto::toolbox::Transport, String> {
+    use lockstep_proto::toolbox::Transport;
+    match s {
+        "auto" => Ok(Transport::Auto),
+        "shm" => Ok(Transport::Shm),
+        "quic" => Ok(Transport::Quic),
+        other => Err(format!("unknown transport {other:?}: auto, shm or quic")),
+    }
+}
+
+/// One core's memcpy bandwidth (bytes/s) on `bytes`-sized buffers: the median of `reps`.
+pub fn memcpy_bandwidth(bytes: usize, reps: usize) -> f64 {
+    let src = vec![1.0f32; bytes / 4];
+    let mut dst = vec![0.0f32; bytes / 4];
+    dst.copy_from_slice(&src); // fault the pages in
+    let mut times: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    bytes as f64 / times[times.len() / 2]
 }
 
 fn cuda(i: usize) -> Result<lockstep_kernels::cuda::CudaBackend> {

@@ -442,9 +442,16 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
     Ok(())
 }
 
-/// `lockstep bench allreduce`: ring all-reduce busbw across N local processes, next to a
-/// plain TCP stream between two local processes measured in the same run.
-pub fn bench_allreduce(workers: usize, sizes: Vec<u64>, iters: usize, threads: usize) -> Result<()> {
+/// `lockstep bench allreduce`: all-reduce busbw across N local processes, next to one
+/// core's memcpy and a plain TCP stream between two local processes, measured in the same
+/// run.
+pub fn bench_allreduce(
+    workers: usize,
+    transport: lockstep_proto::toolbox::Transport,
+    sizes: Vec<u64>,
+    iters: usize,
+    threads: usize,
+) -> Result<()> {
     let rt = runtime()?;
     let dir = std::env::temp_dir().join(format!("lockstep-bench-{}", std::process::id()));
     let token = generate_token()?;
@@ -453,23 +460,32 @@ pub fn bench_allreduce(workers: usize, sizes: Vec<u64>, iters: usize, threads: u
         let mut coord = Coordinator::bind("127.0.0.1:0".parse()?, None, token)?;
         let mut children = LocalWorkers::spawn(workers, &coord.join_address, &token_file, threads, &dir)?;
         let joined = rendezvous_local(&mut coord, workers, &mut children).await?;
-        let timings = coord.run_bench(joined, sizes.clone(), iters).await?;
+        let timings = coord.run_bench(joined, sizes.clone(), iters, transport).await?;
         children.wait_all(Duration::from_secs(30), false).await?;
         Ok::<_, anyhow::Error>(timings)
     })?;
     let tcp = rt.block_on(tcp_stream_throughput(64 << 20, 8))?;
-    println!("bench allreduce: ring over QUIC, {workers} processes, median of {iters}");
+    let memcpy = crate::bench::memcpy_bandwidth(64 << 20, 10);
+    println!(
+        "bench allreduce: transport {transport} ({} on one host), {workers} processes, slowest rank's median of {iters}",
+        if transport == lockstep_proto::toolbox::Transport::Quic || workers == 1 { "quic ring" } else { "shared memory" }
+    );
+    println!("  memcpy, one core, 64 MiB: {:.2} GB/s", memcpy / 1e9);
     println!("  plain TCP stream between two local processes: {:.2} GB/s", tcp / 1e9);
-    println!("  {:>10} {:>10} {:>11} {:>11} {:>12}", "bytes", "median ms", "algbw GB/s", "busbw GB/s", "busbw/tcp");
+    println!(
+        "  {:>10} {:>10} {:>11} {:>11} {:>12} {:>10}",
+        "bytes", "median ms", "algbw GB/s", "busbw GB/s", "busbw/memcpy", "busbw/tcp"
+    );
     for t in &timings {
         let algbw = t.bytes as f64 / t.median_s;
         let busbw = algbw * 2.0 * (workers as f64 - 1.0) / workers as f64;
         println!(
-            "  {:>10} {:>10.3} {:>11.3} {:>11.3} {:>12.3}",
+            "  {:>10} {:>10.3} {:>11.3} {:>11.3} {:>12.3} {:>10.3}",
             t.bytes,
             t.median_s * 1e3,
             algbw / 1e9,
             busbw / 1e9,
+            busbw / memcpy,
             busbw / tcp
         );
     }

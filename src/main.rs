@@ -236,7 +236,13 @@ fn real_main() -> Result<()> {
     // log files (RUN_DIR/logs/rank-R.log, RUN_DIR/coordinator.log).
     tracing_subscriber::registry()
         .with(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        // Colour only for a person at a terminal: stderr that `local` or launch.sh sends to a
+        // log file must stay plain text.
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
+        )
         .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(|| log_tap::TapWriter))
         .init();
     let cli = Cli::parse();

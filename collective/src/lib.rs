@@ -7,12 +7,14 @@
 #[cfg(target_endian = "big")]
 compile_error!("lockstep sends tensors as raw little-endian bytes");
 
+pub mod hier;
 pub mod mesh;
 pub mod pipe;
 pub mod quic;
 pub mod ring;
 pub mod shm;
 pub mod thread;
+pub mod topology;
 pub mod tls;
 
 pub use ring::{ring_all_reduce, ring_all_reduce_as, ring_broadcast, RingComm, RingLink, WireFormat};

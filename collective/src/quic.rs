@@ -28,19 +28,29 @@ pub struct QuicLink {
 
 /// Closes a link's connections from another thread, so that a collective blocked on a
 /// dead or aborted peer fails at once instead of waiting for its timeout.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct LinkAbort {
     connections: Vec<Connection>,
+    shared_memory: Vec<crate::shm::ShmAbort>,
 }
 
 impl LinkAbort {
     pub fn new(connections: Vec<Connection>) -> Self {
-        Self { connections }
+        Self { connections, shared_memory: Vec::new() }
+    }
+
+    /// Also fail the collectives of a shared-memory group.
+    pub fn with_shm(mut self, shm: crate::shm::ShmAbort) -> Self {
+        self.shared_memory.push(shm);
+        self
     }
 
     pub fn abort(&self, reason: &str) {
         for c in &self.connections {
             c.close(3u32.into(), reason.as_bytes());
+        }
+        for shm in &self.shared_memory {
+            shm.abort();
         }
     }
 }
@@ -53,7 +63,7 @@ impl QuicLink {
     }
 
     pub fn abort_handle(&self) -> LinkAbort {
-        LinkAbort { connections: vec![self._next.clone(), self._prev.clone()] }
+        LinkAbort::new(vec![self._next.clone(), self._prev.clone()])
     }
 
     /// Builds this rank's ring over `peers` (this rank is `peers[rank]`). `endpoint` is this

@@ -27,6 +27,7 @@ fn quic_group(rt: &tokio::runtime::Runtime, world: usize) -> Vec<RingComm<QuicLi
                 rank,
                 data_addr: ep.local_addr().unwrap().to_string(),
                 fingerprint: id.fingerprint.clone(),
+                host_id: format!("test-host-{rank}"),
             })
             .collect();
         let tasks: Vec<_> = setups

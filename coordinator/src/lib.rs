@@ -26,7 +26,16 @@ pub type Result<T> = std::result::Result<T, CoordError>;
 
 /// A fresh random cluster token (128 bits, hex) from the OS.
 pub fn generate_token() -> Result<String> {
-    let mut bytes = [0u8; 16];
+    random_hex::<16>()
+}
+
+/// 32 random bytes (hex): a group's shared-memory secret.
+pub fn generate_secret() -> Result<String> {
+    random_hex::<32>()
+}
+
+fn random_hex<const N: usize>() -> Result<String> {
+    let mut bytes = [0u8; N];
     use std::io::Read;
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))

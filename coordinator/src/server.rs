@@ -4,6 +4,7 @@
 use crate::{CoordError, Result, RunWriter, StatusBoard};
 use lockstep_collective::tls::{endpoint, server_config, Identity};
 use lockstep_proto::trace::TraceSpan;
+use lockstep_proto::toolbox::Transport;
 use lockstep_proto::wire::{
     read_frame, tokens_equal, write_frame, AllReduceTiming, Assign, PeerInfo, Task, ToCoordinator, ToWorker,
     PROTOCOL_VERSION,
@@ -35,6 +36,7 @@ pub struct WorkerConn {
     send: SendStream,
     recv: RecvStream,
     pub host: String,
+    pub host_id: String,
     pub pid: u32,
     pub data_addr: String,
     pub fingerprint: String,
@@ -220,22 +222,35 @@ impl Coordinator {
         result
     }
 
-    /// Times ring all-reduces of `sizes` bytes on `workers`; returns rank 0's timings.
+    /// Times all-reduces of `sizes` bytes on `workers` over `transport`; for each size the
+    /// slowest rank's median (a collective is done when its last rank is).
     pub async fn run_bench(
         &mut self,
         workers: Vec<WorkerConn>,
         sizes: Vec<u64>,
         iters: usize,
+        transport: Transport,
     ) -> Result<Vec<AllReduceTiming>> {
-        let mut group = Group::assign(workers, 0, Task::BenchAllReduce { sizes, iters }, self.status.clone()).await?;
+        let world = workers.len();
+        let task = Task::BenchAllReduce { sizes, iters, transport };
+        let mut group = Group::assign(workers, 0, task, self.status.clone()).await?;
         let result = async {
-            loop {
+            let mut slowest: Vec<AllReduceTiming> = Vec::new();
+            for _ in 0..world {
                 match group.next().await? {
-                    (0, ToCoordinator::BenchResult { results, .. }) => return Ok(results),
-                    (_, ToCoordinator::BenchResult { .. }) => {}
+                    (_, ToCoordinator::BenchResult { results, .. }) => {
+                        if slowest.is_empty() {
+                            slowest = results;
+                        } else {
+                            for (s, r) in slowest.iter_mut().zip(results) {
+                                s.median_s = s.median_s.max(r.median_s);
+                            }
+                        }
+                    }
                     (rank, other) => return Err(unexpected(rank, &other)),
                 }
             }
+            Ok(slowest)
         }
         .await;
         group.finish(&result).await;
@@ -330,7 +345,7 @@ async fn handshake(
         conn.close(2u32.into(), reason.as_bytes());
         return Err(format!("{reason} (worker {host} pid {pid})"));
     }
-    let ToCoordinator::Hello { data_addr, fingerprint, rank, world_size, local_rank, .. } = hello else {
+    let ToCoordinator::Hello { data_addr, fingerprint, rank, world_size, local_rank, host_id, .. } = hello else {
         write_frame(&mut send, &ToWorker::Status(board.snapshot())).await.map_err(|e| e.to_string())?;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
@@ -342,6 +357,7 @@ async fn handshake(
         send,
         recv,
         host,
+        host_id,
         pid,
         data_addr,
         fingerprint,
@@ -370,16 +386,30 @@ impl Group {
         let peers: Vec<PeerInfo> = workers
             .iter()
             .enumerate()
-            .map(|(rank, w)| PeerInfo { rank, data_addr: w.data_addr.clone(), fingerprint: w.fingerprint.clone() })
+            .map(|(rank, w)| PeerInfo {
+                rank,
+                data_addr: w.data_addr.clone(),
+                fingerprint: w.fingerprint.clone(),
+                host_id: w.host_id.clone(),
+            })
             .collect();
         status.set_group(&workers.iter().map(|w| (w.host.clone(), w.pid)).collect::<Vec<_>>());
+        // One secret per group formation: a worker of an earlier group cannot attach.
+        let group_secret = crate::generate_secret()?;
         let (tx, inbox) = mpsc::unbounded_channel();
         let mut sends = Vec::new();
         let mut conns = Vec::new();
         let mut hosts = Vec::new();
         for (rank, w) in workers.into_iter().enumerate() {
             let WorkerConn { conn, mut send, mut recv, host, .. } = w;
-            let assign = ToWorker::Assign(Assign { rank, world, seed, peers: peers.clone(), task: task.clone() });
+            let assign = ToWorker::Assign(Assign {
+                rank,
+                world,
+                seed,
+                peers: peers.clone(),
+                group_secret: group_secret.clone(),
+                task: task.clone(),
+            });
             write_frame(&mut send, &assign)
                 .await
                 .map_err(|e| CoordError::Net(format!("assigning rank {rank}: {e}")))?;

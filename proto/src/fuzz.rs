@@ -29,6 +29,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             token: "token".into(),
             host: "host".into(),
+            host_id: "host/boot/net:1".into(),
             pid: 42,
             data_addr: "127.0.0.1:7000".into(),
             fingerprint: "ab".repeat(32),
@@ -40,7 +41,8 @@ mod tests {
             rank: 1,
             world: 2,
             seed: 7,
-            peers: vec![PeerInfo { rank: 0, data_addr: "127.0.0.1:7001".into(), fingerprint: "cd".repeat(32) }],
+            peers: vec![PeerInfo { rank: 0, data_addr: "127.0.0.1:7001".into(), fingerprint: "cd".repeat(32), host_id: "h".into() }],
+            group_secret: "ef".repeat(32),
             task: Task::Train {
                 job_toml: "name = \"x\"".into(),
                 threads: 1,

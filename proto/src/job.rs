@@ -1,7 +1,9 @@
 //! Job files: TOML deserialised into [`JobSpec`] with unknown keys rejected, then validated.
 //! Every error names the key and, where the file has it, the line.
 
-use crate::toolbox::{AugmentSpec, BlowupSpec, EarlyStopSpec, FinetuneSpec, ParallelSpec, PrecisionSpec, Resample};
+use crate::toolbox::{
+    AugmentSpec, BlowupSpec, CollectiveSpec, EarlyStopSpec, FinetuneSpec, ParallelSpec, PrecisionSpec, Resample,
+};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -43,6 +45,9 @@ pub struct JobSpec {
     /// Pipeline stages × data-parallel replicas (T42).
     #[serde(default)]
     pub parallel: ParallelSpec,
+    /// How gradients travel between ranks.
+    #[serde(default)]
+    pub collective: CollectiveSpec,
 }
 
 fn default_seed() -> u64 {

@@ -18,6 +18,38 @@ pub enum PipeSchedule {
     OneFOneB,
 }
 
+/// How the ranks' gradients travel (`collective.transport`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Shared memory between ranks of one host, QUIC between hosts; hierarchical when
+    /// several hosts each have several ranks.
+    #[default]
+    Auto,
+    /// Shared memory only: every rank must be on one host.
+    Shm,
+    /// A QUIC ring over every rank, wherever it is.
+    Quic,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Auto => "auto",
+            Transport::Shm => "shm",
+            Transport::Quic => "quic",
+        })
+    }
+}
+
+/// `[collective]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CollectiveSpec {
+    #[serde(default)]
+    pub transport: Transport,
+}
+
 /// `[parallel]` (T42): world = pipeline_stages × data_parallel. Rank r is stage r mod P of
 /// replica r div P.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

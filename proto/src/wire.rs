@@ -8,7 +8,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bumped on any incompatible change of these messages.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest control-plane frame (a job spec, a summary): far above any real message.
 pub const MAX_FRAME_BYTES: u32 = 4 << 20;
 
@@ -23,6 +23,9 @@ pub enum ToCoordinator {
         version: u32,
         token: String,
         host: String,
+        /// Which ranks share memory with this one: equal ids are one host (hostname, boot
+        /// id and network namespace, so the netns test hosts differ).
+        host_id: String,
         pid: u32,
         /// Where this worker's data-plane endpoint listens (its ring neighbour connects here).
         data_addr: String,
@@ -103,6 +106,8 @@ pub struct PeerInfo {
     pub rank: usize,
     pub data_addr: String,
     pub fingerprint: String,
+    /// The rank's host identity (see `ToCoordinator::Hello`).
+    pub host_id: String,
 }
 
 /// What a worker is asked to do once the group has formed.
@@ -123,7 +128,7 @@ pub enum Task {
         trace: bool,
     },
     /// Time ring all-reduces of these sizes.
-    BenchAllReduce { sizes: Vec<u64>, iters: usize },
+    BenchAllReduce { sizes: Vec<u64>, iters: usize, transport: crate::toolbox::Transport },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -133,6 +138,9 @@ pub struct Assign {
     pub seed: u64,
     /// Every rank's data-plane address and certificate fingerprint, by rank.
     pub peers: Vec<PeerInfo>,
+    /// A fresh random secret of this group (hex), shared over the authenticated control
+    /// plane: ranks of one host prove it to each other before sharing memory.
+    pub group_secret: String,
     pub task: Task,
 }
 
@@ -269,6 +277,7 @@ mod tests {
             version: PROTOCOL_VERSION,
             token: "t".into(),
             host: "h".into(),
+            host_id: "h/b/net:1".into(),
             pid: 1,
             data_addr: "127.0.0.1:1".into(),
             fingerprint: "ab".into(),

@@ -15,10 +15,13 @@ use lockstep_collective::quic::{LinkAbort, QuicLink};
 use lockstep_collective::tls::{
     client_config, endpoint, parse_join_address, resolve, server_config, AllowedPeers, Identity,
 };
+use lockstep_collective::hier::HierComm;
+use lockstep_collective::shm::{ShmComm, ShmGroupSpec};
+use lockstep_collective::topology::{Layout, Topology};
 use lockstep_collective::{Communicator, RingComm, WireFormat};
 use lockstep_kernels::{Backend, CpuBackend};
 use lockstep_proto::job::Device;
-use lockstep_proto::toolbox::Dtype;
+use lockstep_proto::toolbox::{Dtype, Transport};
 use lockstep_proto::wire::{
     read_frame, write_frame, AllReduceTiming, Assign, Task, ToCoordinator, ToWorker, PROTOCOL_VERSION,
 };
@@ -186,6 +189,7 @@ impl Node<'_> {
             version: PROTOCOL_VERSION,
             token: opts.token.clone(),
             host: lockstep_proto::hostname(),
+            host_id: lockstep_proto::host_id(),
             pid: std::process::id(),
             data_addr: data_addr.to_string(),
             fingerprint: me.fingerprint.clone(),
@@ -267,20 +271,76 @@ impl Node<'_> {
         }
     }
 
-    /// This rank's ring communicator (None at world size 1).
-    fn build_comm(&self, assign: &Assign) -> Result<Option<Box<dyn Communicator>>> {
-        if assign.world <= 1 {
-            return Ok(None);
+    /// This rank's communicator (None at world size 1): shared memory between the ranks
+    /// of one host, a QUIC ring between hosts, hierarchical when several hosts each have
+    /// several ranks (`collective.transport`).
+    fn build_comm(&self, assign: &Assign, transport: Transport) -> Result<Option<Box<dyn Communicator>>> {
+        let topology = Topology::plan(&assign.peers, transport).map_err(WorkerError::Config)?;
+        if assign.rank == 0 {
+            tracing::info!("collective topology: {}", topology.describe());
         }
-        let timeout = self.opts.collective_timeout;
-        let link = self
-            .rt
-            .block_on(QuicLink::connect(self.data_ep, self.allowed, self.me, assign.rank, &assign.peers, timeout))
-            .map_err(|e| WorkerError::Collective(e.to_string()))?;
+        let rank = assign.rank;
+        let comm: Box<dyn Communicator> = match topology.layout {
+            Layout::Solo => return Ok(None),
+            Layout::Ring => {
+                let link = self.quic_ring(rank, &assign.peers)?;
+                self.set_active(link.abort_handle());
+                Box::new(RingComm { link, rank, world: assign.world })
+            }
+            Layout::Shm => {
+                let local = self.shm_group(assign, "host", rank, (0..assign.world).collect())?;
+                self.set_active(LinkAbort::default().with_shm(local.abort_handle()));
+                Box::new(local)
+            }
+            Layout::Hierarchical => Box::new(self.hierarchical(assign, &topology)?),
+        };
+        Ok(Some(comm))
+    }
+
+    fn set_active(&self, abort: LinkAbort) {
         if let Ok(mut active) = self.active_link.lock() {
-            *active = Some(link.abort_handle());
+            *active = Some(abort);
         }
-        Ok(Some(Box::new(RingComm { link, rank: assign.rank, world: assign.world })))
+    }
+
+    /// A QUIC ring over `peers`, this rank being `peers[index]`.
+    fn quic_ring(&self, index: usize, peers: &[lockstep_proto::wire::PeerInfo]) -> Result<QuicLink> {
+        let timeout = self.opts.collective_timeout;
+        self.rt
+            .block_on(QuicLink::connect(self.data_ep, self.allowed, self.me, index, peers, timeout))
+            .map_err(|e| WorkerError::Collective(e.to_string()))
+    }
+
+    /// This rank's place in the shared-memory group `ranks` (global ranks, in order).
+    fn shm_group(&self, assign: &Assign, group: &str, rank: usize, ranks: Vec<usize>) -> Result<ShmComm> {
+        let member = ranks.iter().position(|&r| r == rank).ok_or_else(|| {
+            WorkerError::Collective(format!("rank {rank} is not in shared-memory group {group} {ranks:?}"))
+        })?;
+        let spec = ShmGroupSpec {
+            secret: assign.group_secret.as_bytes().to_vec(),
+            group: group.to_string(),
+            member,
+            ranks,
+            timeout: self.opts.collective_timeout,
+            sub_len: lockstep_collective::shm::DEFAULT_SUB_LEN,
+        };
+        ShmComm::connect(&spec).map_err(|e| WorkerError::Collective(e.to_string()))
+    }
+
+    /// Shared memory inside this host, one QUIC ring per local index between hosts.
+    fn hierarchical(&self, assign: &Assign, topology: &Topology) -> Result<HierComm> {
+        let rank = assign.rank;
+        let locate = |r: usize| {
+            topology.locate(r).ok_or_else(|| WorkerError::Collective(format!("rank {r} is on no host")))
+        };
+        let (host, local_index) = locate(rank)?;
+        let local = self.shm_group(assign, &format!("host{host}"), rank, topology.hosts[host].clone())?;
+        let ring_peers: Vec<_> = topology.hosts.iter().map(|h| assign.peers[h[local_index]].clone()).collect();
+        let link = self.quic_ring(host, &ring_peers)?;
+        self.set_active(link.abort_handle().with_shm(local.abort_handle()));
+        let inter: Box<dyn Communicator> = Box::new(RingComm { link, rank: host, world: ring_peers.len() });
+        let locations = (0..assign.world).map(locate).collect::<Result<Vec<_>>>()?;
+        Ok(HierComm::new(local, Some(inter), locations, rank))
     }
 
     /// A pipeline rank's links (T42), set up together on the data endpoint: the ring of its
@@ -368,7 +428,7 @@ impl Node<'_> {
                     let (comm, stage) = self.build_pipeline_links(assign, &spec)?;
                     (comm, Some(stage))
                 } else {
-                    (self.build_comm(assign)?, None)
+                    (self.build_comm(assign, spec.collective.transport)?, None)
                 };
                 let job = TrainJob {
                     spec: &spec,
@@ -407,8 +467,8 @@ impl Node<'_> {
                     .map_err(|_| WorkerError::Stopped("coordinator connection closed".into()))?;
                 Ok(())
             }
-            Task::BenchAllReduce { sizes, iters } => {
-                let mut comm = self.build_comm(assign)?;
+            Task::BenchAllReduce { sizes, iters, transport } => {
+                let mut comm = self.build_comm(assign, *transport)?;
                 let mut results = Vec::new();
                 for &bytes in sizes {
                     let mut buf = vec![1.0f32; (bytes / 4) as usize];

@@ -59,6 +59,7 @@ pub struct ShmComm {
     peers: Vec<Option<OwnedFd>>,
     timeout: Duration,
     spin: Duration,
+    yield_for: Duration,
     /// What the collective in progress is, for messages.
     op: &'static str,
 }
@@ -110,6 +111,9 @@ impl ShmComm {
         seg.pid(spec.member).store(std::process::id(), Ordering::SeqCst);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let spin = if world <= cores { Duration::from_micros(50) } else { Duration::from_micros(2) };
+        let env_us = |k: &str, d: Duration| std::env::var(k).ok().and_then(|v| v.parse().ok()).map_or(d, Duration::from_micros);
+        let spin = env_us("LOCKSTEP_SHM_SPIN_US", spin);
+        let yield_for = env_us("LOCKSTEP_SHM_YIELD_US", Duration::from_micros(0));
         let mut comm = Self {
             seg: Arc::new(seg),
             member: spec.member,
@@ -118,6 +122,7 @@ impl ShmComm {
             peers: (0..world).map(|_| None).collect(),
             timeout: spec.timeout,
             spin,
+            yield_for,
             op: "shared-memory setup",
         };
         comm.sync()?; // every pid is written
@@ -161,6 +166,10 @@ impl ShmComm {
             spins = spins.wrapping_add(1);
             if spins % 64 != 0 || started.elapsed() < self.spin {
                 std::hint::spin_loop();
+                continue;
+            }
+            if started.elapsed() < self.spin + self.yield_for {
+                std::thread::yield_now();
                 continue;
             }
             let sleepers = self.seg.sleepers(q);
