@@ -117,3 +117,45 @@ fn a_frozen_worker_is_named_within_the_heartbeat_timeout_and_the_run_stops_clean
     // ("all-reduce of gradient bucket N" or "of the loss scalars": wherever it froze.)
     assert!(error.contains("all-reduce of ") && error.contains("step "), "{error}");
 }
+
+/// Processes whose command line mentions `dir` and that hold a shared-memory segment of
+/// lockstep's (a memfd: it shows as `/memfd:lockstep-allreduce (deleted)` in /proc).
+fn segment_holders(dir: &Path) -> Vec<u32> {
+    let dir = dir.to_string_lossy().into_owned();
+    let mut holders = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(&dir) {
+            continue;
+        }
+        let fds = std::fs::read_dir(entry.path().join("fd")).into_iter().flatten().flatten();
+        if fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|t| t.to_string_lossy().contains("memfd:lockstep")) {
+            holders.push(pid);
+        }
+    }
+    holders
+}
+
+#[test]
+fn a_worker_killed_in_a_shared_memory_all_reduce_is_named_and_leaves_no_segment() {
+    let dir = temp_dir("shm-kill");
+    let mut child = start_local(&dir, &["--set", "train.epochs=3"]);
+    wait_for_step(&dir, 100, &mut child);
+    let holders = segment_holders(&dir);
+    assert_eq!(holders.len(), 4, "all four workers map the segment: {holders:?}");
+    assert!(std::fs::read_dir("/dev/shm").map_or(true, |d| d.flatten().all(|e| !e.file_name().to_string_lossy().contains("lockstep"))));
+    let pid = worker_pid(&dir, 2);
+    signal(&pid, "-KILL");
+    let killed_at = Instant::now();
+    let status = wait_exit(&mut child, Duration::from_secs(60));
+    let waited = killed_at.elapsed();
+    let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+    assert!(!status.success(), "min_workers = 0: the run stops");
+    assert!(waited < Duration::from_secs(15), "took {waited:?}");
+    let error = log.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(error.contains("exited") || error.contains("lost rank"), "names the dead rank: {error}");
+    println!("killed worker named after {waited:?}: {error}");
+    assert_eq!(segment_holders(&dir), Vec::<u32>::new(), "no process of the run holds a segment");
+    assert!(std::fs::read_dir("/dev/shm").map_or(true, |d| d.flatten().all(|e| !e.file_name().to_string_lossy().contains("lockstep"))));
+}

@@ -32,6 +32,11 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_SUB_LEN: usize = 64 << 10;
 /// How long a sleeping waiter sleeps between health checks.
 const HEALTH_PERIOD: Duration = Duration::from_millis(5);
+/// Every member's heartbeat thread bumps its word this often...
+const HEARTBEAT_PERIOD: Duration = Duration::from_millis(500);
+/// ...and a member whose heartbeat stood still this long is frozen (SIGSTOP, a hung host):
+/// the same 10 s as the QUIC idle timeout of the control plane.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who is in a group and how it finds its segment.
 #[derive(Debug, Clone)]
@@ -62,6 +67,22 @@ pub struct ShmComm {
     yield_for: Duration,
     /// What the collective in progress is, for messages.
     op: &'static str,
+    /// Dropping it stops this member's heartbeat thread.
+    _heartbeat: std::sync::mpsc::Sender<()>,
+}
+
+/// Bumps `member`'s heartbeat word until the sender is dropped.
+fn start_heartbeat(seg: Arc<Segment>, member: usize) -> std::sync::mpsc::Sender<()> {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let beat = move || {
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(HEARTBEAT_PERIOD) {
+            seg.heartbeat(member).fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name("lockstep-shm-heartbeat".into()).spawn(beat) {
+        tracing::warn!("shared memory: no heartbeat thread ({e}); a frozen peer is found by the timeout only");
+    }
+    stop
 }
 
 /// Fails a group's collectives from another thread (the coordinator aborted the task).
@@ -114,8 +135,11 @@ impl ShmComm {
         let env_us = |k: &str, d: Duration| std::env::var(k).ok().and_then(|v| v.parse().ok()).map_or(d, Duration::from_micros);
         let spin = env_us("LOCKSTEP_SHM_SPIN_US", spin);
         let yield_for = env_us("LOCKSTEP_SHM_YIELD_US", Duration::from_micros(0));
+        let seg = Arc::new(seg);
+        let heartbeat = start_heartbeat(seg.clone(), spec.member);
         let mut comm = Self {
-            seg: Arc::new(seg),
+            seg,
+            _heartbeat: heartbeat,
             member: spec.member,
             ranks: spec.ranks.clone(),
             epoch: 0,
@@ -157,6 +181,8 @@ impl ShmComm {
     fn wait_for(&self, q: usize) -> Result<()> {
         let word = self.seg.progress(q);
         let started = Instant::now();
+        // (value, when it last changed) of q's heartbeat.
+        let mut beat = (self.seg.heartbeat(q).load(Ordering::Relaxed), started);
         let mut spins = 0u32;
         loop {
             let seen = word.load(Ordering::Acquire);
@@ -179,11 +205,15 @@ impl ShmComm {
                 futex_wait(word, seen, HEALTH_PERIOD);
             }
             sleepers.fetch_sub(1, Ordering::SeqCst);
-            self.check_health(q, started)?;
+            self.check_health(q, started, &mut beat)?;
         }
     }
 
-    fn check_health(&self, q: usize, started: Instant) -> Result<()> {
+    fn check_health(&self, q: usize, started: Instant, beat: &mut (u32, Instant)) -> Result<()> {
+        let now_beat = self.seg.heartbeat(q).load(Ordering::Relaxed);
+        if now_beat != beat.0 {
+            *beat = (now_beat, Instant::now());
+        }
         let rank = self.ranks[q];
         let failure = match self.seg.abort_word().load(Ordering::SeqCst) {
             0 => None,
@@ -192,6 +222,15 @@ impl ShmComm {
         let failure = failure.or_else(|| {
             self.peers[q].as_ref().filter(|fd| has_exited(fd)).map(|_| {
                 format!("rank {rank} (pid {}) exited", self.seg.pid(q).load(Ordering::Relaxed))
+            })
+        });
+        let failure = failure.or_else(|| {
+            (beat.1.elapsed() > HEARTBEAT_TIMEOUT).then(|| {
+                format!(
+                    "rank {rank} (pid {}) stopped responding: no heartbeat for {:?}",
+                    self.seg.pid(q).load(Ordering::Relaxed),
+                    beat.1.elapsed()
+                )
             })
         });
         let failure = failure.or_else(|| {

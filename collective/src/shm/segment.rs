@@ -6,7 +6,7 @@
 //! ```text
 //! line 0          header: magic, world, sub_len
 //! line 1          abort word (0 = running, else 1 + the member that aborted)
-//! line 2 + q      member q: progress (futex word), sleepers, pid
+//! line 2 + q      member q: progress (futex word), sleepers, pid, heartbeat
 //! data            slots   [P members][2 buffers][P regions][S]  f32   (staged inputs)
 //!                 results [2 buffers][P regions][S]             f32   (reduced regions)
 //! ```
@@ -133,6 +133,10 @@ impl Segment {
     }
     pub fn pid(&self, member: usize) -> &AtomicU32 {
         self.word(2 + member, 2)
+    }
+    /// Bumped every `HEARTBEAT_PERIOD` by the member's heartbeat thread.
+    pub fn heartbeat(&self, member: usize) -> &AtomicU32 {
+        self.word(2 + member, 3)
     }
 
     fn floats(&self, offset: usize, len: usize) -> *mut f32 {
