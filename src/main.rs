@@ -27,9 +27,10 @@ struct Cli {
     /// Compute threads (default: all cores; `local` divides them among its workers).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// QUIC congestion controller: cubic (datacenter, loopback) or bbr (links that lose
-    /// packets at random). `local` passes it to its workers.
-    #[arg(long, global = true, env = "LOCKSTEP_CONGESTION", default_value = "cubic")]
+    /// QUIC congestion controller: bbr (the default: as fast as cubic on clean links, and
+    /// it keeps its rate on links that lose packets at random) or cubic. `local` passes it
+    /// to its workers.
+    #[arg(long, global = true, env = "LOCKSTEP_CONGESTION", default_value = "bbr")]
     congestion: lockstep_collective::tls::Congestion,
     #[command(subcommand)]
     command: Command,
