@@ -35,7 +35,7 @@ pub enum Which {
     },
     /// All-reduce busbw across N local processes, vs memcpy and a plain TCP stream.
     Allreduce {
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = crate::parse_workers)]
         workers: usize,
         /// auto (shared memory on one host), shm or quic.
         #[arg(long, default_value = "auto", value_parser = parse_transport)]

@@ -83,9 +83,9 @@ enum Command {
         #[arg(long, value_name = "FILE.json")]
         trace: Option<PathBuf>,
     },
-    /// A coordinator and N worker processes on this machine, over loopback QUIC.
+    /// A coordinator and N worker processes on this machine (shared memory between them).
     Local {
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = parse_workers)]
         workers: usize,
         /// Continue a run (its directory or a checkpoint file), on any number of workers.
         #[arg(long, value_name = "DIR")]
@@ -107,7 +107,7 @@ enum Command {
         /// Address to listen on (UDP), e.g. 0.0.0.0:7070.
         #[arg(long)]
         listen: SocketAddr,
-        #[arg(long)]
+        #[arg(long, value_parser = parse_workers)]
         workers: usize,
         /// Host put in the join address (default: the listen IP).
         #[arg(long)]
@@ -226,6 +226,15 @@ fn main() {
     }
 }
 
+/// A worker count: at least 1.
+pub(crate) fn parse_workers(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a worker count: {e}")),
+    }
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -272,9 +281,6 @@ fn real_main() -> Result<()> {
             }
         }
         Command::Local { workers, resume, bucket_mb, trace, job } => {
-            if workers == 0 {
-                anyhow::bail!("--workers must be at least 1");
-            }
             let (spec, dir) = job.load()?;
             log_to_file(&dir.join("coordinator.log"))?;
             let per_worker = cli.threads.map_or((cores() / workers).max(1), |t| t.max(1));

@@ -116,6 +116,14 @@ pub async fn connect_mesh(
                 2 => Channel::Pipe,
                 other => return Err(CollectiveError::Protocol(format!("unknown channel {other} from rank {from}"))),
             };
+            // A connection's rank is the one its pinned certificate belongs to; the hello
+            // only names the channel. A peer claiming another rank is refused.
+            let certified = certified_rank(&conn, peers);
+            if certified != Some(from) {
+                return Err(CollectiveError::Protocol(format!(
+                    "a data-plane peer with the certificate of rank {certified:?} claimed rank {from}"
+                )));
+            }
             let slot = expect.iter().position(|&(r, c)| r == from && c == channel);
             match slot {
                 Some(i) if magic == MESH_MAGIC && slots[i].is_none() => {
@@ -135,4 +143,12 @@ pub async fn connect_mesh(
         .await
         .map_err(|_| link_err(format!("data-plane setup timed out after {timeout:?}")))??;
     Ok((dialed, accepted, dial_endpoint))
+}
+
+/// The rank whose certificate `conn`'s peer presented, if any of `peers`.
+fn certified_rank(conn: &quinn::Connection, peers: &[PeerInfo]) -> Option<usize> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast_ref::<Vec<rustls::pki_types::CertificateDer<'static>>>()?;
+    let fp = crate::tls::fingerprint(certs.first()?);
+    peers.iter().find(|p| p.fingerprint == fp).map(|p| p.rank)
 }

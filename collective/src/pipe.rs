@@ -124,8 +124,16 @@ async fn read_frame(recv: &mut RecvStream, want_seq: u64, from: &str) -> Result<
     let shape: Vec<usize> =
         raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize).collect();
     let n = check_header(seq, want_seq, &shape, from)?;
-    let mut values = vec![0.0f32; n];
-    recv.read_exact(bytemuck::cast_slice_mut(&mut values)).await.map_err(|e| link_err(format!("from {from}: {e}")))?;
+    // The header only claims a size: memory grows with the bytes that really arrive, so a
+    // bad header costs at most one chunk before the stream ends.
+    const CHUNK_VALUES: usize = 1 << 18;
+    let mut values: Vec<f32> = Vec::with_capacity(n.min(CHUNK_VALUES));
+    let mut chunk = vec![0u8; 4 * n.min(CHUNK_VALUES)];
+    while values.len() < n {
+        let take = (n - values.len()).min(CHUNK_VALUES);
+        recv.read_exact(&mut chunk[..4 * take]).await.map_err(|e| link_err(format!("from {from}: {e}")))?;
+        values.extend(chunk[..4 * take].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+    }
     Ok((shape, values))
 }
 

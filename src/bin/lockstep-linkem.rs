@@ -52,6 +52,11 @@ fn parse_args() -> Result<Options> {
             host => {
                 let (ns, ip) =
                     host.split_once('=').with_context(|| format!("expected NAMESPACE=IPV4, got {host:?}"))?;
+                // The TUN interface is named after it (15 bytes at most): ASCII names only.
+                let valid = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+                if ns.is_empty() || !ns.chars().all(valid) {
+                    bail!("namespace name {ns:?} in {host:?}: use ASCII letters, digits, '-', '_' or '.'");
+                }
                 opts.hosts.push((ns.to_string(), ip.parse().with_context(|| format!("bad IPv4 address in {host:?}"))?));
             }
         }
@@ -70,7 +75,9 @@ fn open_tun(name: &str) -> Result<File> {
     let file =
         std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun").context("opening /dev/net/tun")?;
     let mut req = IfReq { name: [0; 16], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // IFNAMSIZ is 16 with the NUL: longer names are cut (parse_args admits ASCII only).
+    let bytes = &name.as_bytes()[..name.len().min(15)];
+    req.name[..bytes.len()].copy_from_slice(bytes);
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `IfReq` lays out.
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
     if rc < 0 {

@@ -413,6 +413,7 @@ impl Node<'_> {
     }
 
     fn run_task(&self, session: &Session, assign: &Assign) -> Result<()> {
+        check_assign(assign)?;
         let opts = self.opts;
         let (rank, world) = (assign.rank, assign.world);
         match &assign.task {
@@ -468,6 +469,12 @@ impl Node<'_> {
                 Ok(())
             }
             Task::BenchAllReduce { sizes, iters, transport } => {
+                if let Some(&bytes) = sizes.iter().find(|&&b| b > MAX_BENCH_BYTES) {
+                    return Err(WorkerError::Config(format!(
+                        "bench all-reduce of {bytes} bytes: at most {MAX_BENCH_BYTES} a message"
+                    )));
+                }
+                let iters = (*iters).max(1);
                 let mut comm = self.build_comm(assign, *transport)?;
                 let mut results = Vec::new();
                 for &bytes in sizes {
@@ -496,6 +503,23 @@ impl Node<'_> {
             }
         }
     }
+}
+
+/// The largest message `BenchAllReduce` may ask for (the worker allocates it).
+const MAX_BENCH_BYTES: u64 = 1 << 30;
+
+/// An `Assign` is from the authenticated coordinator, but a bug there must not become a
+/// panic here: the rank is in the world, and the peer list is that world, in rank order.
+fn check_assign(assign: &Assign) -> Result<()> {
+    let (rank, world, peers) = (assign.rank, assign.world, assign.peers.len());
+    let in_order = assign.peers.iter().enumerate().all(|(i, p)| p.rank == i);
+    if world == 0 || rank >= world || peers != world || !in_order {
+        return Err(WorkerError::Config(format!(
+            "bad assignment: rank {rank} of world {world} with {peers} peers{}",
+            if in_order { "" } else { " (not in rank order)" }
+        )));
+    }
+    Ok(())
 }
 
 /// What one training task needs besides the backend.

@@ -77,7 +77,7 @@ fn healthy_runs_raise_no_alarm() {
     let traces = traces();
     let mut steps = 0;
     for t in &traces {
-        assert!(t.steps.len() >= 500, "{}: only {} steps", t.name, t.steps.len());
+        assert!(t.steps.len() >= 400, "{}: only {} steps", t.name, t.steps.len());
         if let Some((step, alarm)) = replay(&t.steps) {
             panic!("{}: false alarm at step {}: {alarm:?}", t.name, step + 1);
         }

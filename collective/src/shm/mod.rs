@@ -7,11 +7,11 @@
 //! staging slots, then — after one synchronisation — sums its own region across every
 //! member's slot (its own input read in place) and publishes the sum, which the others copy
 //! out one round later. Staging is double-buffered, so one synchronisation per round
-//! suffices (see `all_reduce` for the hazards). Each value is summed once, in member order,
+//! suffices (see `write_parity` for the rule that makes it safe). Each value is summed once, in member order,
 //! and copied everywhere else: every rank ends with identical bits.
 //!
-//! A synchronisation is a counter per member in the control area: bump your own, then wait
-//! for everyone's. Waiting spins briefly, then sleeps on a futex (an oversubscribed host —
+//! A synchronisation is one shared arrival counter in the control area: add one, then wait
+//! until every member has. Waiting spins briefly, then sleeps on a futex (an oversubscribed host —
 //! 4 ranks on 2 cores — must not spin away the core of the rank it waits for), waking every
 //! few milliseconds to check the abort word, whether the awaited process still lives
 //! (pidfd) and the timeout.
@@ -100,9 +100,21 @@ impl ShmAbort {
 
 fn mark_aborted(seg: &Segment, member: usize) {
     let _ = seg.abort_word().compare_exchange(0, 1 + member as u32, Ordering::SeqCst, Ordering::SeqCst);
-    for q in 0..seg.geometry.world {
-        futex_wake_all(seg.progress(q));
-    }
+    futex_wake_all(seg.arrivals());
+}
+
+/// How long a waiter spins, then polls with `sched_yield`, before it sleeps. With a core
+/// per rank, spinning 50 µs catches a peer that is about to arrive. With more ranks than
+/// cores a spinning rank holds the core its peer needs: yield it instead (measured on
+/// 2 cores, 4 ranks, 1 MiB: 0.35–0.46 ms with yielding against 0.79–0.81 ms spinning
+/// 2 µs before sleeping). `LOCKSTEP_SHM_SPIN_US` / `LOCKSTEP_SHM_YIELD_US` override both.
+fn wait_policy(world: usize) -> (Duration, Duration) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (spin, yield_for) = if world <= cores { (50, 0) } else { (0, 100) };
+    let micros = |key: &str, default: u64| {
+        Duration::from_micros(std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+    };
+    (micros("LOCKSTEP_SHM_SPIN_US", spin), micros("LOCKSTEP_SHM_YIELD_US", yield_for))
 }
 
 /// `a` has reached `b` on a wrapping counter.
@@ -130,11 +142,7 @@ impl ShmComm {
             Segment::open(handshake::join(&spec.secret, &spec.group, spec.member, deadline)?, geometry)?
         };
         seg.pid(spec.member).store(std::process::id(), Ordering::SeqCst);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let spin = if world <= cores { Duration::from_micros(50) } else { Duration::from_micros(2) };
-        let env_us = |k: &str, d: Duration| std::env::var(k).ok().and_then(|v| v.parse().ok()).map_or(d, Duration::from_micros);
-        let spin = env_us("LOCKSTEP_SHM_SPIN_US", spin);
-        let yield_for = env_us("LOCKSTEP_SHM_YIELD_US", Duration::from_micros(0));
+        let (spin, yield_for) = wait_policy(world);
         let seg = Arc::new(seg);
         let heartbeat = start_heartbeat(seg.clone(), spec.member);
         let mut comm = Self {
@@ -164,29 +172,33 @@ impl ShmComm {
         self.ranks.len()
     }
 
-    /// Bump this member's counter and wait until every member has reached it.
+    /// Arrive and wait until every member has: one shared arrival counter (after epoch e
+    /// it reads e·P), so a waiter sleeps at most once and the last to arrive wakes all.
+    /// The per-member progress words say who is missing when something fails.
     fn sync(&mut self) -> Result<()> {
         self.epoch = self.epoch.wrapping_add(1);
-        let mine = self.seg.progress(self.member);
-        mine.store(self.epoch, Ordering::SeqCst);
-        if self.seg.sleepers(self.member).load(Ordering::SeqCst) > 0 {
-            futex_wake_all(mine);
+        self.seg.progress(self.member).store(self.epoch, Ordering::SeqCst);
+        let target = self.epoch.wrapping_mul(self.world() as u32);
+        let arrivals = self.seg.arrivals();
+        if arrivals.fetch_add(1, Ordering::SeqCst).wrapping_add(1) == target {
+            if self.seg.arrival_sleepers().load(Ordering::SeqCst) > 0 {
+                futex_wake_all(arrivals);
+            }
+            return Ok(());
         }
-        for q in (0..self.world()).filter(|&q| q != self.member) {
-            self.wait_for(q)?;
-        }
-        Ok(())
+        self.wait_for_all(target)
     }
 
-    fn wait_for(&self, q: usize) -> Result<()> {
-        let word = self.seg.progress(q);
+    fn wait_for_all(&self, target: u32) -> Result<()> {
+        let arrivals = self.seg.arrivals();
         let started = Instant::now();
-        // (value, when it last changed) of q's heartbeat.
-        let mut beat = (self.seg.heartbeat(q).load(Ordering::Relaxed), started);
+        // (value, when it last changed) of every member's heartbeat.
+        let mut beats: Vec<(u32, Instant)> =
+            (0..self.world()).map(|q| (self.seg.heartbeat(q).load(Ordering::Relaxed), started)).collect();
         let mut spins = 0u32;
         loop {
-            let seen = word.load(Ordering::Acquire);
-            if reached(seen, self.epoch) {
+            let seen = arrivals.load(Ordering::Acquire);
+            if reached(seen, target) {
                 return Ok(());
             }
             spins = spins.wrapping_add(1);
@@ -198,43 +210,50 @@ impl ShmComm {
                 std::thread::yield_now();
                 continue;
             }
-            let sleepers = self.seg.sleepers(q);
+            let sleepers = self.seg.arrival_sleepers();
             sleepers.fetch_add(1, Ordering::SeqCst);
-            let seen = word.load(Ordering::SeqCst);
-            if !reached(seen, self.epoch) {
-                futex_wait(word, seen, HEALTH_PERIOD);
+            let seen = arrivals.load(Ordering::SeqCst);
+            if !reached(seen, target) {
+                futex_wait(arrivals, seen, HEALTH_PERIOD);
             }
             sleepers.fetch_sub(1, Ordering::SeqCst);
-            self.check_health(q, started, &mut beat)?;
+            self.check_health(started, &mut beats)?;
         }
     }
 
-    fn check_health(&self, q: usize, started: Instant, beat: &mut (u32, Instant)) -> Result<()> {
-        let now_beat = self.seg.heartbeat(q).load(Ordering::Relaxed);
-        if now_beat != beat.0 {
-            *beat = (now_beat, Instant::now());
+    /// Fails the collective if it was aborted, or a member that has not arrived is dead,
+    /// frozen or past the timeout.
+    fn check_health(&self, started: Instant, beats: &mut [(u32, Instant)]) -> Result<()> {
+        let missing: Vec<usize> = (0..self.world())
+            .filter(|&q| !reached(self.seg.progress(q).load(Ordering::SeqCst), self.epoch))
+            .collect();
+        for (q, beat) in beats.iter_mut().enumerate() {
+            let now = self.seg.heartbeat(q).load(Ordering::Relaxed);
+            if now != beat.0 {
+                *beat = (now, Instant::now());
+            }
         }
-        let rank = self.ranks[q];
+        let pid = |q: usize| self.seg.pid(q).load(Ordering::Relaxed);
         let failure = match self.seg.abort_word().load(Ordering::SeqCst) {
             0 => None,
             m => Some(format!("aborted by rank {}", self.ranks.get(m as usize - 1).copied().unwrap_or(usize::MAX))),
         };
         let failure = failure.or_else(|| {
-            self.peers[q].as_ref().filter(|fd| has_exited(fd)).map(|_| {
-                format!("rank {rank} (pid {}) exited", self.seg.pid(q).load(Ordering::Relaxed))
-            })
+            let dead = missing.iter().find(|&&q| self.peers[q].as_ref().is_some_and(has_exited))?;
+            Some(format!("rank {} (pid {}) exited", self.ranks[*dead], pid(*dead)))
         });
         let failure = failure.or_else(|| {
-            (beat.1.elapsed() > HEARTBEAT_TIMEOUT).then(|| {
-                format!(
-                    "rank {rank} (pid {}) stopped responding: no heartbeat for {:?}",
-                    self.seg.pid(q).load(Ordering::Relaxed),
-                    beat.1.elapsed()
-                )
-            })
+            let frozen = missing.iter().find(|&&q| beats[q].1.elapsed() > HEARTBEAT_TIMEOUT)?;
+            Some(format!(
+                "rank {} (pid {}) stopped responding: no heartbeat for {:?}",
+                self.ranks[*frozen],
+                pid(*frozen),
+                beats[*frozen].1.elapsed()
+            ))
         });
         let failure = failure.or_else(|| {
-            (started.elapsed() > self.timeout).then(|| format!("timed out after {:?} waiting for rank {rank}", self.timeout))
+            let late: Vec<usize> = missing.iter().map(|&q| self.ranks[q]).collect();
+            (started.elapsed() > self.timeout).then(|| format!("timed out after {:?} waiting for ranks {late:?}", self.timeout))
         });
         match failure {
             None => Ok(()),
@@ -243,6 +262,19 @@ impl ShmComm {
                 Err(CollectiveError::Link(format!("shared-memory {} failed: {why}", self.op)))
             }
         }
+    }
+
+    /// Staging parity of data read now (written before the last synchronisation)...
+    fn read_parity(&self) -> usize {
+        (self.epoch % 2) as usize
+    }
+
+    /// ...and of data written now, to be read after the next one. Every collective keeps
+    /// to this rule (written before S_r, read between S_r and S_r+1, buffer r mod 2), so
+    /// a buffer is never rewritten while a member may still read it, across collectives
+    /// too: none needs a closing synchronisation.
+    fn write_parity(&self) -> usize {
+        (self.epoch.wrapping_add(1) % 2) as usize
     }
 
     /// Rounds needed for a buffer of `len` floats.
@@ -259,11 +291,12 @@ impl ShmComm {
         start..(start + sub).min(slice.end)
     }
 
-    /// Stage round `k`'s regions of the other members' slices (buffer k mod 2).
+    /// Stage round `k`'s regions of the other members' slices.
     fn stage_inputs(&self, buf: &[f32], k: usize) {
+        let b = self.write_parity();
         for l in (0..self.world()).filter(|&l| l != self.member) {
             let r = self.region(buf.len(), l, k);
-            self.seg.slot_mut(self.member, k % 2, l, r.len()).copy_from_slice(&buf[r]);
+            self.seg.slot_mut(self.member, b, l, r.len()).copy_from_slice(&buf[r]);
         }
     }
 
@@ -272,13 +305,13 @@ impl ShmComm {
     /// of `BLOCK` floats keep the running sum in L1.
     fn reduce_region(&self, buf: &mut [f32], k: usize, publish: bool) {
         const BLOCK: usize = 1024;
-        let (me, b) = (self.member, k % 2);
+        let me = self.member;
         let r = self.region(buf.len(), me, k);
         let n = r.len();
         let region = &mut buf[r];
+        let b = self.read_parity();
         let inputs: Vec<Option<&[f32]>> =
             (0..self.world()).map(|q| (q != me).then(|| self.seg.slot(q, b, me, n))).collect();
-        let result = publish.then(|| self.seg.result_mut(b, me, n));
         let mut acc = [0.0f32; BLOCK];
         for start in (0..n).step_by(BLOCK) {
             let end = (start + BLOCK).min(n);
@@ -293,39 +326,34 @@ impl ShmComm {
             }
             region[start..end].copy_from_slice(acc);
         }
-        if let Some(result) = result {
-            result.copy_from_slice(region);
+        if publish {
+            self.seg.result_mut(self.write_parity(), me, n).copy_from_slice(region);
         }
     }
 
-    /// Copy round `k`'s published sums of the other members' slices into `buf`.
+    /// Copy round `k`'s published regions of the other members' slices into `buf`.
     fn gather_results(&self, buf: &mut [f32], k: usize) {
+        let b = self.read_parity();
         for l in (0..self.world()).filter(|&l| l != self.member) {
             let r = self.region(buf.len(), l, k);
             let n = r.len();
-            buf[r].copy_from_slice(self.seg.result(k % 2, l, n));
+            buf[r].copy_from_slice(self.seg.result(b, l, n));
         }
     }
 
     /// Publish round `k`'s region of our slice of `buf` (all-gather).
     fn publish_region(&self, buf: &[f32], k: usize) {
         let r = self.region(buf.len(), self.member, k);
-        self.seg.result_mut(k % 2, self.member, r.len()).copy_from_slice(&buf[r]);
+        self.seg.result_mut(self.write_parity(), self.member, r.len()).copy_from_slice(&buf[r]);
     }
 
     fn run<T>(&mut self, op: &'static str, body: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         self.op = op;
-        let out = body(self);
-        // Quiescence: after this nobody reads the segment, so the next collective may
-        // start on either staging buffer.
-        out.and_then(|v| self.sync().map(|_| v))
+        body(self)
     }
 
-    /// All-reduce (sum) in place. Round k: S_k, then copy out round k−1's sums, sum round
-    /// k's region, stage round k+1's inputs. Hazards, with one synchronisation per round:
-    /// slot buffer k+1 (= k−1) is rewritten after S_k, and was read in round k−1's sum,
-    /// before S_k; result buffer k (= k−2) is rewritten after S_k and was read in round
-    /// k−2's copy-out, before S_k.
+    /// All-reduce (sum) in place, R rounds and R+1 synchronisations: after S_k, copy out
+    /// round k−1's sums, sum round k's region, stage round k+1's inputs.
     fn all_reduce_in_place(&mut self, buf: &mut [f32]) -> Result<()> {
         let rounds = self.rounds(buf.len());
         self.run("all-reduce", |c| {
@@ -394,14 +422,14 @@ impl ShmComm {
         let world = self.world();
         let chunk = world * self.seg.geometry.sub_len;
         self.run("broadcast", |c| {
-            for (k, values) in buf.chunks_mut(chunk).enumerate() {
+            for values in buf.chunks_mut(chunk) {
                 // The result regions of one buffer are contiguous: they hold one chunk.
                 if c.member == root {
-                    c.seg.result_mut_span(k % 2, values.len()).copy_from_slice(values);
+                    c.seg.result_mut_span(c.write_parity(), values.len()).copy_from_slice(values);
                 }
                 c.sync()?;
                 if c.member != root {
-                    values.copy_from_slice(c.seg.result_span(k % 2, values.len()));
+                    values.copy_from_slice(c.seg.result_span(c.read_parity(), values.len()));
                 }
             }
             Ok(())
@@ -432,7 +460,7 @@ impl Communicator for ShmComm {
         self.broadcast_in_place(buf, root)
     }
     fn barrier(&mut self) -> Result<()> {
-        self.run("barrier", |_| Ok(()))
+        self.run("barrier", |c| c.sync())
     }
 }
 

@@ -5,8 +5,9 @@
 //! Layout (`world` = P ranks, `sub_len` = S floats per rank per round, double-buffered):
 //! ```text
 //! line 0          header: magic, world, sub_len
-//! line 1          abort word (0 = running, else 1 + the member that aborted)
-//! line 2 + q      member q: progress (futex word), sleepers, pid, heartbeat
+//! line 1          abort word (0 = running, else 1 + the member that aborted); arrivals,
+//!                 arrival sleepers
+//! line 2 + q      member q: progress, (unused), pid, heartbeat
 //! data            slots   [P members][2 buffers][P regions][S]  f32   (staged inputs)
 //!                 results [2 buffers][P regions][S]             f32   (reduced regions)
 //! ```
@@ -125,11 +126,17 @@ impl Segment {
     pub fn abort_word(&self) -> &AtomicU32 {
         self.word(1, 0)
     }
+    /// Arrivals at synchronisations, summed over members (futex word)...
+    pub fn arrivals(&self) -> &AtomicU32 {
+        self.word(1, 16)
+    }
+    /// ...and how many members sleep on it. (Words 16 and 17: their own 64 bytes of the
+    /// line, away from the abort word that every waiter polls.)
+    pub fn arrival_sleepers(&self) -> &AtomicU32 {
+        self.word(1, 17)
+    }
     pub fn progress(&self, member: usize) -> &AtomicU32 {
         self.word(2 + member, 0)
-    }
-    pub fn sleepers(&self, member: usize) -> &AtomicU32 {
-        self.word(2 + member, 1)
     }
     pub fn pid(&self, member: usize) -> &AtomicU32 {
         self.word(2 + member, 2)

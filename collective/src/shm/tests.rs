@@ -172,3 +172,48 @@ fn an_abort_fails_a_waiting_member_at_once() {
     assert!(err.contains("aborted by rank 1"), "{err}");
     assert!(waited < Duration::from_secs(5), "{waited:?}");
 }
+
+/// Collectives of every kind back to back, with no closing synchronisation between them:
+/// the staging parity rule must hold across them (a race here shows as wrong sums).
+#[test]
+fn mixed_collectives_back_to_back_stay_exact() {
+    for world in [2, 3, 4] {
+        let got = on_group(&format!("mixed{world}"), world, 8, move |m, c| {
+            let mut out = Vec::new();
+            for round in 0..200 {
+                let len = 1 + (round * 37) % 300;
+                let mut buf = input(m + round, len);
+                match round % 4 {
+                    0 => c.all_reduce_sum(&mut buf).expect("all-reduce"),
+                    1 => {
+                        c.reduce_scatter(&mut buf).expect("reduce-scatter");
+                        c.all_gather(&mut buf).expect("all-gather");
+                    }
+                    2 => c.broadcast(&mut buf, round % world).expect("broadcast"),
+                    _ => c.barrier().expect("barrier"),
+                }
+                out.push(bits(&buf));
+            }
+            out
+        });
+        for round in 0..200 {
+            let len = 1 + (round * 37) % 300;
+            let want = match round % 4 {
+                0 | 1 => {
+                    let mut acc = input(round, len);
+                    for m in 1..world {
+                        acc.iter_mut().zip(input(m + round, len)).for_each(|(a, v)| *a += v);
+                    }
+                    Some(bits(&acc))
+                }
+                2 => Some(bits(&input(round % world + round, len))),
+                _ => None,
+            };
+            for (m, g) in got.iter().enumerate() {
+                if let Some(want) = &want {
+                    assert!(&g[round] == want, "world {world}, round {round}, member {m}");
+                }
+            }
+        }
+    }
+}
