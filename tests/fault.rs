@@ -130,7 +130,10 @@ fn segment_holders(dir: &Path) -> Vec<u32> {
             continue;
         }
         let fds = std::fs::read_dir(entry.path().join("fd")).into_iter().flatten().flatten();
-        if fds.filter_map(|fd| std::fs::read_link(fd.path()).ok()).any(|t| t.to_string_lossy().contains("memfd:lockstep")) {
+        if fds
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|t| t.to_string_lossy().contains("memfd:lockstep"))
+        {
             holders.push(pid);
         }
     }
@@ -144,7 +147,8 @@ fn a_worker_killed_in_a_shared_memory_all_reduce_is_named_and_leaves_no_segment(
     wait_for_step(&dir, 100, &mut child);
     let holders = segment_holders(&dir);
     assert_eq!(holders.len(), 4, "all four workers map the segment: {holders:?}");
-    assert!(std::fs::read_dir("/dev/shm").map_or(true, |d| d.flatten().all(|e| !e.file_name().to_string_lossy().contains("lockstep"))));
+    assert!(std::fs::read_dir("/dev/shm")
+        .map_or(true, |d| d.flatten().all(|e| !e.file_name().to_string_lossy().contains("lockstep"))));
     let pid = worker_pid(&dir, 2);
     signal(&pid, "-KILL");
     let killed_at = Instant::now();
@@ -157,5 +161,6 @@ fn a_worker_killed_in_a_shared_memory_all_reduce_is_named_and_leaves_no_segment(
     assert!(error.contains("exited") || error.contains("lost rank"), "names the dead rank: {error}");
     println!("killed worker named after {waited:?}: {error}");
     assert_eq!(segment_holders(&dir), Vec::<u32>::new(), "no process of the run holds a segment");
-    assert!(std::fs::read_dir("/dev/shm").map_or(true, |d| d.flatten().all(|e| !e.file_name().to_string_lossy().contains("lockstep"))));
+    assert!(std::fs::read_dir("/dev/shm")
+        .map_or(true, |d| d.flatten().all(|e| !e.file_name().to_string_lossy().contains("lockstep"))));
 }

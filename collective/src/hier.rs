@@ -21,11 +21,20 @@ pub struct HierComm {
 
 impl HierComm {
     /// `inter` is ordered by host: its rank h is this local index on host h.
-    pub fn new(local: ShmComm, inter: Option<Box<dyn Communicator>>, locations: Vec<(usize, usize)>, rank: usize) -> Self {
+    pub fn new(
+        local: ShmComm,
+        inter: Option<Box<dyn Communicator>>,
+        locations: Vec<(usize, usize)>,
+        rank: usize,
+    ) -> Self {
         Self { local, inter, locations, rank }
     }
 
-    fn reduce(&mut self, buf: &mut [f32], inter_reduce: impl FnOnce(&mut dyn Communicator, &mut [f32], usize) -> Result<()>) -> Result<()> {
+    fn reduce(
+        &mut self,
+        buf: &mut [f32],
+        inter_reduce: impl FnOnce(&mut dyn Communicator, &mut [f32], usize) -> Result<()>,
+    ) -> Result<()> {
         self.local.reduce_scatter(buf)?;
         let slice = self.local.slice(buf.len());
         if let Some(inter) = self.inter.as_mut() {

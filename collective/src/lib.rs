@@ -14,8 +14,8 @@ pub mod quic;
 pub mod ring;
 pub mod shm;
 pub mod thread;
-pub mod topology;
 pub mod tls;
+pub mod topology;
 
 pub use ring::{ring_all_reduce, ring_all_reduce_as, ring_broadcast, RingComm, RingLink, WireFormat};
 

@@ -63,11 +63,12 @@ fn hierarchical_equals_flat_within_rounding_with_identical_bits_everywhere() {
     for (hosts, per_host) in [(2, 2), (3, 2), (2, 3)] {
         let world = hosts * per_host;
         for len in [1, 7, 3 * world + 1, 5000] {
-            let hier = run_all(hierarchical_group(hosts, per_host, &format!("h{hosts}{per_host}-{len}")), move |r, c| {
-                let mut buf = input(r, len);
-                c.all_reduce_sum(&mut buf).expect("hierarchical all-reduce");
-                buf
-            });
+            let hier =
+                run_all(hierarchical_group(hosts, per_host, &format!("h{hosts}{per_host}-{len}")), move |r, c| {
+                    let mut buf = input(r, len);
+                    c.all_reduce_sum(&mut buf).expect("hierarchical all-reduce");
+                    buf
+                });
             let flat = run_all(thread_group(world), move |r, c| {
                 let mut buf = input(r, len);
                 c.all_reduce_sum(&mut buf).expect("ring all-reduce");

@@ -3,8 +3,8 @@
 
 use crate::{CoordError, Result, RunWriter, StatusBoard};
 use lockstep_collective::tls::{endpoint, server_config, Identity};
-use lockstep_proto::trace::TraceSpan;
 use lockstep_proto::toolbox::Transport;
+use lockstep_proto::trace::TraceSpan;
 use lockstep_proto::wire::{
     read_frame, tokens_equal, write_frame, AllReduceTiming, Assign, PeerInfo, Task, ToCoordinator, ToWorker,
     PROTOCOL_VERSION,

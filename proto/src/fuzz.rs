@@ -41,7 +41,12 @@ mod tests {
             rank: 1,
             world: 2,
             seed: 7,
-            peers: vec![PeerInfo { rank: 0, data_addr: "127.0.0.1:7001".into(), fingerprint: "cd".repeat(32), host_id: "h".into() }],
+            peers: vec![PeerInfo {
+                rank: 0,
+                data_addr: "127.0.0.1:7001".into(),
+                fingerprint: "cd".repeat(32),
+                host_id: "h".into(),
+            }],
             group_secret: "ef".repeat(32),
             task: Task::Train {
                 job_toml: "name = \"x\"".into(),

@@ -9,14 +9,14 @@ use crate::run::run_training_stage;
 use crate::run::StepReport;
 use crate::trainer::{GradReducer, NoReduce};
 use crate::{Result, RunEvent, RunOptions, WorkerError};
+use lockstep_collective::hier::HierComm;
 use lockstep_collective::mesh::{connect_mesh, Channel, MeshPlan};
 use lockstep_collective::pipe::QuicPipe;
 use lockstep_collective::quic::{LinkAbort, QuicLink};
+use lockstep_collective::shm::{ShmComm, ShmGroupSpec};
 use lockstep_collective::tls::{
     client_config, endpoint, parse_join_address, resolve, server_config, AllowedPeers, Identity,
 };
-use lockstep_collective::hier::HierComm;
-use lockstep_collective::shm::{ShmComm, ShmGroupSpec};
 use lockstep_collective::topology::{Layout, Topology};
 use lockstep_collective::{Communicator, RingComm, WireFormat};
 use lockstep_kernels::{Backend, CpuBackend};
@@ -330,9 +330,8 @@ impl Node<'_> {
     /// Shared memory inside this host, one QUIC ring per local index between hosts.
     fn hierarchical(&self, assign: &Assign, topology: &Topology) -> Result<HierComm> {
         let rank = assign.rank;
-        let locate = |r: usize| {
-            topology.locate(r).ok_or_else(|| WorkerError::Collective(format!("rank {r} is on no host")))
-        };
+        let locate =
+            |r: usize| topology.locate(r).ok_or_else(|| WorkerError::Collective(format!("rank {r} is on no host")));
         let (host, local_index) = locate(rank)?;
         let local = self.shm_group(assign, &format!("host{host}"), rank, topology.hosts[host].clone())?;
         let ring_peers: Vec<_> = topology.hosts.iter().map(|h| assign.peers[h[local_index]].clone()).collect();

@@ -137,8 +137,8 @@ impl BlowupGuard {
     fn rise(&self) -> Option<String> {
         let w = self.spec.window;
         let window_mean = mean(&self.losses);
-        let risen = window_mean > self.spec.factor * self.lowest_mean
-            && window_mean - self.lowest_mean > self.spec.min_jump;
+        let risen =
+            window_mean > self.spec.factor * self.lowest_mean && window_mean - self.lowest_mean > self.spec.min_jump;
         (self.losses.len() >= w && risen).then(|| {
             format!(
                 "the loss is rising: its mean over the last {w} steps is {window_mean:.4}, {:.1}× its lowest ({:.4})",
@@ -308,10 +308,11 @@ mod tests {
             ema.update(&be, &[&mut p]);
         }
         // v3 = 0.1·(0.81·θ1 + 0.9·θ2 + θ3); corrected by 1/(1 − 0.9³).
-        for i in 0..2 {
+        let corrected = ema.corrected(&be);
+        for (i, &got) in corrected[0].iter().enumerate() {
             let v = 0.1 * (0.81 * thetas[0][i] as f64 + 0.9 * thetas[1][i] as f64 + thetas[2][i] as f64);
             let want = v / (1.0 - 0.9f64.powi(3));
-            let got = ema.corrected(&be)[0][i] as f64;
+            let got = got as f64;
             assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
         // Constant weights: the corrected EMA is those weights from the first step on.

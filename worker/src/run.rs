@@ -3,6 +3,7 @@
 //! sends them to the coordinator.
 
 use crate::early_stop::{early_stopping, EarlyStop};
+use crate::guards::Alarm;
 use crate::pipeline::PipelineStage;
 use crate::trainer::{Evaluation, GradReducer, Skip, Trainer};
 use crate::{build, train_state, Result};
@@ -13,7 +14,6 @@ use lockstep_nn::data::{BalancedOrder, Rebalance};
 use lockstep_nn::optim::sparsity;
 use lockstep_proto::job::Remainder as SpecRemainder;
 use lockstep_proto::metrics::StageReport;
-use crate::guards::Alarm;
 use lockstep_proto::toolbox::{BlowupAction, Dtype, Resample};
 use lockstep_proto::trace::SpanKind;
 use lockstep_proto::{EvalRecord, Histogram, JobSpec, LayerGradNorm, Summary, TrainRecord};

@@ -202,7 +202,9 @@ pub(super) fn join_at(addr: &SocketAddr, secret: &[u8], member: usize, deadline:
             Err(e) => return Err(err(format!("the first member of group {group} is not listening: {e}"))),
         }
     };
-    stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1)))).map_err(err)?;
+    stream
+        .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))
+        .map_err(err)?;
     let uid = peer_uid(&stream)?;
     if uid != my_uid() {
         return Err(err(format!("the listener runs as uid {uid}, this job as uid {}", my_uid())));

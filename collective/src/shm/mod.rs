@@ -202,7 +202,7 @@ impl ShmComm {
                 return Ok(());
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 != 0 || started.elapsed() < self.spin {
+            if !spins.is_multiple_of(64) || started.elapsed() < self.spin {
                 std::hint::spin_loop();
                 continue;
             }
@@ -224,9 +224,8 @@ impl ShmComm {
     /// Fails the collective if it was aborted, or a member that has not arrived is dead,
     /// frozen or past the timeout.
     fn check_health(&self, started: Instant, beats: &mut [(u32, Instant)]) -> Result<()> {
-        let missing: Vec<usize> = (0..self.world())
-            .filter(|&q| !reached(self.seg.progress(q).load(Ordering::SeqCst), self.epoch))
-            .collect();
+        let missing: Vec<usize> =
+            (0..self.world()).filter(|&q| !reached(self.seg.progress(q).load(Ordering::SeqCst), self.epoch)).collect();
         for (q, beat) in beats.iter_mut().enumerate() {
             let now = self.seg.heartbeat(q).load(Ordering::Relaxed);
             if now != beat.0 {
@@ -253,7 +252,8 @@ impl ShmComm {
         });
         let failure = failure.or_else(|| {
             let late: Vec<usize> = missing.iter().map(|&q| self.ranks[q]).collect();
-            (started.elapsed() > self.timeout).then(|| format!("timed out after {:?} waiting for ranks {late:?}", self.timeout))
+            (started.elapsed() > self.timeout)
+                .then(|| format!("timed out after {:?} waiting for ranks {late:?}", self.timeout))
         });
         match failure {
             None => Ok(()),

@@ -77,7 +77,8 @@ impl Segment {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        file.set_len(geometry.bytes() as u64).map_err(|e| CollectiveError::Link(format!("shared memory: size: {e}")))?;
+        file.set_len(geometry.bytes() as u64)
+            .map_err(|e| CollectiveError::Link(format!("shared memory: size: {e}")))?;
         // Its size is fixed: a member cannot shrink it under the others (SIGBUS).
         let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
         // SAFETY: fcntl on a descriptor we own.
@@ -111,7 +112,8 @@ impl Segment {
     fn map(file: File, geometry: Geometry) -> Result<Self> {
         // SAFETY: the memfd is sealed against shrinking, so the mapping stays backed; every
         // access to it goes through atomics or the bounds-checked slices below.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| CollectiveError::Link(format!("shared memory: mmap: {e}")))?;
+        let map = unsafe { MmapMut::map_mut(&file) }
+            .map_err(|e| CollectiveError::Link(format!("shared memory: mmap: {e}")))?;
         Ok(Self { map, file, geometry })
     }
 

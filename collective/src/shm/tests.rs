@@ -139,8 +139,7 @@ fn a_caller_without_the_secret_is_refused_and_the_group_still_forms() {
     let group = spec(b"", "intrude", 0, world, 16).group;
     let addr = handshake::address(b"test secret", &group).expect("address");
     let refused = handshake::join_at(&addr, b"wrong secret", 1, Instant::now() + Duration::from_secs(10))
-        .err()
-        .expect("the intruder is refused")
+        .expect_err("the intruder is refused")
         .to_string();
     assert!(refused.contains("secret"), "{refused}");
     let others = [member(1), member(2)];
@@ -162,7 +161,7 @@ fn an_abort_fails_a_waiting_member_at_once() {
     let waiting = std::thread::spawn(|| {
         let mut comm = ShmComm::connect(&spec(b"s", "abort", 0, 2, 16)).expect("join");
         let started = Instant::now();
-        let err = comm.all_reduce_sum(&mut [1.0; 4]).err().expect("aborted");
+        let err = comm.all_reduce_sum(&mut [1.0; 4]).expect_err("aborted");
         (err.to_string(), started.elapsed())
     });
     let comm = ShmComm::connect(&spec(b"s", "abort", 1, 2, 16)).expect("join");
