@@ -54,7 +54,7 @@ fn pipelined_gpt_follows_the_unpipelined_loss_on_2_and_4_processes() {
     assert!(local(&reference, 1, &[]).status.success());
     let want = train_losses(&reference);
     assert_eq!(want.len(), 6);
-    let cases: [(&str, usize, &[&str]); 3] = [
+    let cases: [(&str, usize, &[&str]); 4] = [
         ("p2-gpipe", 2, &["parallel.pipeline_stages=2"]),
         // An explicit placement (a different split from the balanced one) and 1F1B.
         (
@@ -67,6 +67,8 @@ fn pipelined_gpt_follows_the_unpipelined_loss_on_2_and_4_processes() {
             ],
         ),
         ("p2-d2-1f1b", 4, &["parallel.pipeline_stages=2", "parallel.schedule=\"1f1b\""]),
+        // On one host the links are shared memory; this keeps the QUIC links tested too.
+        ("p2-d2-quic", 4, &["parallel.pipeline_stages=2", "collective.transport=\"quic\""]),
     ];
     for (name, workers, sets) in cases {
         let dir = root.join(name);

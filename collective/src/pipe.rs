@@ -27,7 +27,7 @@ pub trait PipeLink: RingLink {
 }
 
 /// Frame: sequence (u64), number of dims (u32), dims (u64 each), values (f32 LE).
-fn encode(seq: u64, shape: &[usize], values: &[f32]) -> Vec<u8> {
+pub(crate) fn encode(seq: u64, shape: &[usize], values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(12 + 8 * shape.len() + 4 * values.len());
     out.extend(seq.to_le_bytes());
     out.extend((shape.len() as u32).to_le_bytes());
@@ -43,10 +43,10 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
-const MAX_DIMS: usize = 8;
+pub(crate) const MAX_DIMS: usize = 8;
 const MAX_VALUES: usize = 1 << 30;
 
-fn check_header(seq: u64, want_seq: u64, shape: &[usize], from: &str) -> Result<usize> {
+pub(crate) fn check_header(seq: u64, want_seq: u64, shape: &[usize], from: &str) -> Result<usize> {
     let n: usize = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
     if seq != want_seq || n > MAX_VALUES {
         return Err(CollectiveError::Protocol(format!(

@@ -32,16 +32,29 @@ pub struct QuicLink {
 pub struct LinkAbort {
     connections: Vec<Connection>,
     shared_memory: Vec<crate::shm::ShmAbort>,
+    pipes: Vec<crate::shm::pipe::ShmPipeAbort>,
 }
 
 impl LinkAbort {
     pub fn new(connections: Vec<Connection>) -> Self {
-        Self { connections, shared_memory: Vec::new() }
+        Self { connections, ..Self::default() }
+    }
+
+    /// Also close these connections.
+    pub fn with_connections(mut self, connections: Vec<Connection>) -> Self {
+        self.connections.extend(connections);
+        self
     }
 
     /// Also fail the collectives of a shared-memory group.
     pub fn with_shm(mut self, shm: crate::shm::ShmAbort) -> Self {
         self.shared_memory.push(shm);
+        self
+    }
+
+    /// Also fail the waits of a shared-memory pipeline link.
+    pub fn with_shm_pipe(mut self, pipe: crate::shm::pipe::ShmPipeAbort) -> Self {
+        self.pipes.push(pipe);
         self
     }
 
@@ -51,6 +64,9 @@ impl LinkAbort {
         }
         for shm in &self.shared_memory {
             shm.abort();
+        }
+        for pipe in &self.pipes {
+            pipe.abort();
         }
     }
 }

@@ -13,6 +13,7 @@ use lockstep_collective::hier::HierComm;
 use lockstep_collective::mesh::{connect_mesh, Channel, MeshPlan};
 use lockstep_collective::pipe::QuicPipe;
 use lockstep_collective::quic::{LinkAbort, QuicLink};
+use lockstep_collective::shm::pipe::ShmPipe;
 use lockstep_collective::shm::{ShmComm, ShmGroupSpec};
 use lockstep_collective::tls::{
     client_config, endpoint, parse_join_address, resolve, server_config, AllowedPeers, Identity,
@@ -361,51 +362,93 @@ impl Node<'_> {
         let pipe_prev = replica * stages + (stage + stages - 1) % stages;
         let ring_next = ((replica + 1) % replicas) * stages + stage;
         let ring_prev = ((replica + replicas - 1) % replicas) * stages + stage;
-        let mut plan = MeshPlan { dial: vec![(pipe_next, Channel::Pipe)], expect: vec![(pipe_prev, Channel::Pipe)] };
-        if replicas > 1 {
+        // Shared memory where every rank of the link's ring is on this host (the same
+        // answer on each of them), QUIC otherwise.
+        let transport = spec.collective.transport;
+        let on_this_host = |ranks: &[usize]| {
+            transport != Transport::Quic && ranks.iter().all(|&r| assign.peers[r].host_id == assign.peers[rank].host_id)
+        };
+        let pipe_on_shm = on_this_host(&(0..stages).map(|s| replica * stages + s).collect::<Vec<_>>());
+        let stage_ranks: Vec<usize> = (0..replicas).map(|r| r * stages + stage).collect();
+        let ring_on_shm = replicas > 1 && on_this_host(&stage_ranks);
+        if transport == Transport::Shm && !(pipe_on_shm && (replicas == 1 || ring_on_shm)) {
+            return Err(WorkerError::Config(
+                "collective.transport = \"shm\" needs every rank of a pipeline on one host".into(),
+            ));
+        }
+        let mut plan = MeshPlan { dial: Vec::new(), expect: Vec::new() };
+        if !pipe_on_shm {
+            plan.dial.push((pipe_next, Channel::Pipe));
+            plan.expect.push((pipe_prev, Channel::Pipe));
+        }
+        if replicas > 1 && !ring_on_shm {
             plan.dial.push((ring_next, Channel::Ring));
             plan.expect.push((ring_prev, Channel::Ring));
         }
         let timeout = self.opts.collective_timeout;
-        let (pipe, comm) = self
-            .rt
-            .block_on(async {
-                let (mut dialed, mut accepted, dial_ep) =
-                    connect_mesh(self.data_ep, self.allowed, self.me, rank, &assign.peers, &plan, timeout).await?;
-                let ring = if replicas > 1 {
-                    match (dialed.pop(), accepted.pop()) {
-                        (Some(next), Some(prev)) => Some(QuicLink::from_mesh(next, prev, dial_ep.clone(), timeout)),
+        let (quic_pipe, quic_ring) = if plan.dial.is_empty() {
+            (None, None)
+        } else {
+            self.rt
+                .block_on(async {
+                    let (mut dialed, mut accepted, dial_ep) =
+                        connect_mesh(self.data_ep, self.allowed, self.me, rank, &assign.peers, &plan, timeout).await?;
+                    // Popped in reverse order of the plan: the ring, then the pipe.
+                    let ring = match (replicas > 1 && !ring_on_shm, dialed.pop(), accepted.pop()) {
+                        (true, Some(next), Some(prev)) => {
+                            Some(QuicLink::from_mesh(next, prev, dial_ep.clone(), timeout))
+                        }
+                        (true, ..) => None,
+                        (false, next, prev) => {
+                            // Not the ring's: put the pipe's back.
+                            dialed.extend(next);
+                            accepted.extend(prev);
+                            None
+                        }
+                    };
+                    let pipe = match (pipe_on_shm, dialed.pop(), accepted.pop()) {
+                        (false, Some(next), Some(prev)) => Some(QuicPipe::from_mesh(next, prev, dial_ep, timeout)),
                         _ => None,
-                    }
-                } else {
-                    None
-                };
-                let pipe = match (dialed.pop(), accepted.pop()) {
-                    (Some(next), Some(prev)) => QuicPipe::from_mesh(next, prev, dial_ep, timeout),
-                    _ => {
-                        return Err(lockstep_collective::CollectiveError::Link(
-                            "pipeline setup returned no links".into(),
-                        ))
-                    }
-                };
-                Ok((pipe, ring))
-            })
-            .map_err(|e| WorkerError::Collective(e.to_string()))?;
-        let mut connections = pipe.connections().to_vec();
-        let comm: Option<Box<dyn Communicator>> = comm.map(|link| {
-            connections.extend(link.connections());
-            Box::new(RingComm { link, rank: replica, world: replicas }) as Box<dyn Communicator>
-        });
-        if let Ok(mut active) = self.active_link.lock() {
-            *active = Some(LinkAbort::new(connections));
-        }
-        tracing::info!(stage, replica, stages, replicas, "pipeline links up");
+                    };
+                    Ok::<_, lockstep_collective::CollectiveError>((pipe, ring))
+                })
+                .map_err(|e| WorkerError::Collective(e.to_string()))?
+        };
+        let mut abort = LinkAbort::default();
+        let pipe: Box<dyn lockstep_collective::pipe::PipeLink> = match quic_pipe {
+            Some(pipe) => {
+                abort = LinkAbort::new(pipe.connections().to_vec());
+                Box::new(pipe)
+            }
+            None if pipe_on_shm => {
+                let secret = assign.group_secret.as_bytes();
+                let pipe = ShmPipe::connect(secret, rank, pipe_next, pipe_prev, timeout)
+                    .map_err(|e| WorkerError::Collective(e.to_string()))?;
+                abort = abort.with_shm_pipe(pipe.abort_handle());
+                Box::new(pipe)
+            }
+            None => return Err(WorkerError::Collective("pipeline setup returned no links".into())),
+        };
+        let comm: Option<Box<dyn Communicator>> = match quic_ring {
+            Some(link) => {
+                abort = abort.with_connections(link.connections().to_vec());
+                Some(Box::new(RingComm { link, rank: replica, world: replicas }))
+            }
+            None if ring_on_shm => {
+                let local = self.shm_group(assign, &format!("stage{stage}"), rank, stage_ranks)?;
+                abort = abort.with_shm(local.abort_handle());
+                Some(Box::new(local))
+            }
+            None => None,
+        };
+        self.set_active(abort);
+        tracing::info!(stage, replica, stages, replicas, pipe_on_shm, ring_on_shm, "pipeline links up");
         let stage = PipelineStage {
             stage,
             stages,
             micro_batches: spec.parallel.micro_batches,
             schedule: spec.parallel.schedule,
-            link: Box::new(pipe),
+            link: pipe,
             report: PipeReport::default(),
         };
         Ok((comm, stage))

@@ -17,6 +17,7 @@
 //! (pidfd) and the timeout.
 
 mod handshake;
+pub mod pipe;
 mod segment;
 
 use crate::ring::chunk_range;
@@ -136,7 +137,7 @@ impl ShmComm {
         let deadline = Instant::now() + spec.timeout;
         let seg = if spec.member == 0 {
             let seg = Segment::create(geometry)?;
-            handshake::serve(&spec.secret, &spec.group, world, &seg.file, deadline)?;
+            handshake::serve(&spec.secret, &spec.group, world, seg.file(), deadline)?;
             seg
         } else {
             Segment::open(handshake::join(&spec.secret, &spec.group, spec.member, deadline)?, geometry)?

@@ -55,21 +55,20 @@ impl Geometry {
     }
 }
 
-pub struct Segment {
+/// A sealed memfd of a fixed size and its mapping.
+pub struct Mapping {
     map: MmapMut,
     /// The memfd, kept to hand to members that join.
     pub file: File,
-    pub geometry: Geometry,
 }
 
 fn os_err(what: &str) -> CollectiveError {
     CollectiveError::Link(format!("shared memory: {what}: {}", std::io::Error::last_os_error()))
 }
 
-impl Segment {
-    /// A new zeroed segment (the group's first member makes it).
-    pub fn create(geometry: Geometry) -> Result<Self> {
-        let name = c"lockstep-allreduce";
+impl Mapping {
+    /// A new zeroed mapping of `len` bytes; `name` shows in /proc/PID/fd.
+    pub fn create(name: &std::ffi::CStr, len: usize) -> Result<Self> {
         // SAFETY: a valid NUL-terminated name; the flags are constants.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
@@ -77,15 +76,74 @@ impl Segment {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        file.set_len(geometry.bytes() as u64)
-            .map_err(|e| CollectiveError::Link(format!("shared memory: size: {e}")))?;
+        file.set_len(len as u64).map_err(|e| CollectiveError::Link(format!("shared memory: size: {e}")))?;
         // Its size is fixed: a member cannot shrink it under the others (SIGBUS).
         let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
         // SAFETY: fcntl on a descriptor we own.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
             return Err(os_err("sealing"));
         }
-        let segment = Self::map(file, geometry)?;
+        Self::map(file)
+    }
+
+    /// Maps a memfd received from another member, checking its size and seals (an unsealed
+    /// file could shrink under us: SIGBUS).
+    pub fn open(file: File, len: usize) -> Result<Self> {
+        let got = file.metadata().map_err(|e| CollectiveError::Link(format!("shared memory: {e}")))?.len();
+        if got != len as u64 {
+            return Err(CollectiveError::Protocol(format!("shared segment is {got} bytes, expected {len}")));
+        }
+        // SAFETY: fcntl on a descriptor we own.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(CollectiveError::Protocol("shared segment is not sealed against shrinking".into()));
+        }
+        Self::map(file)
+    }
+
+    fn map(file: File) -> Result<Self> {
+        // SAFETY: the memfd is sealed against shrinking, so the mapping stays backed; every
+        // access to it goes through atomics or bounds-checked slices.
+        let map = unsafe { MmapMut::map_mut(&file) }
+            .map_err(|e| CollectiveError::Link(format!("shared memory: mmap: {e}")))?;
+        Ok(Self { map, file })
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// The u32 at byte `offset` (4-aligned), shared by every process that maps it.
+    pub fn word(&self, offset: usize) -> &AtomicU32 {
+        assert!(offset % 4 == 0 && offset + 4 <= self.map.len());
+        // SAFETY: in bounds and aligned (checked above; the mapping is page-aligned), and
+        // only ever accessed atomically by every process that maps it.
+        unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU32) }
+    }
+
+    /// `len` bytes at `offset`, for the one process that writes them (callers keep the
+    /// protocol that no other process touches them meanwhile).
+    #[allow(clippy::mut_from_ref)]
+    pub fn bytes_mut(&self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(offset + len <= self.map.len());
+        // SAFETY: in bounds; exclusive by the callers' protocol.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr().add(offset) as *mut u8, len) }
+    }
+
+    fn ptr(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+}
+
+pub struct Segment {
+    map: Mapping,
+    pub geometry: Geometry,
+}
+
+impl Segment {
+    /// A new zeroed segment (the group's first member makes it).
+    pub fn create(geometry: Geometry) -> Result<Self> {
+        let segment = Self { map: Mapping::create(c"lockstep-allreduce", geometry.bytes())?, geometry };
         segment.word(0, 0).store(MAGIC, Ordering::Relaxed);
         segment.word(0, 1).store(geometry.world as u32, Ordering::Relaxed);
         segment.word(0, 2).store(geometry.sub_len as u32, Ordering::Release);
@@ -94,14 +152,7 @@ impl Segment {
 
     /// Maps a segment received from the first member, checking that it is one.
     pub fn open(file: File, geometry: Geometry) -> Result<Self> {
-        let len = file.metadata().map_err(|e| CollectiveError::Link(format!("shared memory: {e}")))?.len();
-        if len != geometry.bytes() as u64 {
-            return Err(CollectiveError::Protocol(format!(
-                "shared segment is {len} bytes, expected {}",
-                geometry.bytes()
-            )));
-        }
-        let segment = Self::map(file, geometry)?;
+        let segment = Self { map: Mapping::open(file, geometry.bytes())?, geometry };
         let header = [0, 1, 2].map(|i| segment.word(0, i).load(Ordering::Acquire));
         if header != [MAGIC, geometry.world as u32, geometry.sub_len as u32] {
             return Err(CollectiveError::Protocol(format!("shared segment header {header:?} does not match")));
@@ -109,20 +160,14 @@ impl Segment {
         Ok(segment)
     }
 
-    fn map(file: File, geometry: Geometry) -> Result<Self> {
-        // SAFETY: the memfd is sealed against shrinking, so the mapping stays backed; every
-        // access to it goes through atomics or the bounds-checked slices below.
-        let map = unsafe { MmapMut::map_mut(&file) }
-            .map_err(|e| CollectiveError::Link(format!("shared memory: mmap: {e}")))?;
-        Ok(Self { map, file, geometry })
+    pub fn file(&self) -> &File {
+        &self.map.file
     }
 
     /// The `i`-th u32 of control line `line`.
     fn word(&self, line: usize, i: usize) -> &AtomicU32 {
         assert!(line < 2 + self.geometry.world && i < LINE / 4);
-        // SAFETY: in bounds (checked above), 4-byte aligned (the mapping is page-aligned),
-        // and only ever accessed atomically by every process that maps it.
-        unsafe { &*(self.map.as_ptr().add(line * LINE + 4 * i) as *const AtomicU32) }
+        self.map.word(line * LINE + 4 * i)
     }
 
     pub fn abort_word(&self) -> &AtomicU32 {
@@ -152,7 +197,7 @@ impl Segment {
         let start = self.geometry.data_offset() + 4 * offset;
         assert!(start + 4 * len <= self.map.len());
         // SAFETY: in bounds (checked above) and 4-byte aligned.
-        unsafe { self.map.as_ptr().add(start) as *mut f32 }
+        unsafe { self.map.ptr().add(start) as *mut f32 }
     }
 
     /// Member `q`'s staging region `l` of buffer `b`, `len` floats. Regions of different
