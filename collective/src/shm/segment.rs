@@ -115,7 +115,7 @@ impl Mapping {
 
     /// The u32 at byte `offset` (4-aligned), shared by every process that maps it.
     pub fn word(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.map.len());
+        assert!(offset.is_multiple_of(4) && offset + 4 <= self.map.len());
         // SAFETY: in bounds and aligned (checked above; the mapping is page-aligned), and
         // only ever accessed atomically by every process that maps it.
         unsafe { &*(self.map.as_ptr().add(offset) as *const AtomicU32) }
