@@ -63,6 +63,7 @@ fn data_parallel_ranks_agree_and_world_sizes_match() {
         let s = summary(&dir);
         assert_eq!(s["world_size"], workers);
         assert_eq!(s["steps"], 12);
+        assert_eq!(s["collective"], format!("shm: {workers} ranks on 1 host"), "auto picks shared memory");
         let hashes: Vec<&str> =
             s["rank_weight_hashes"].as_array().unwrap().iter().map(|h| h.as_str().unwrap()).collect();
         assert_eq!(hashes.len(), workers);

@@ -152,6 +152,9 @@ pub struct Summary {
     /// Pipeline runs (coordinator's summary): every rank's stage report.
     #[serde(default)]
     pub pipeline_stages: Vec<StageReport>,
+    /// How the gradients travelled, e.g. "shm: 4 ranks on 1 host" (`collective.transport`).
+    #[serde(default)]
+    pub collective: String,
 }
 
 /// One pipeline stage's measurements over a run (T42).

@@ -76,6 +76,8 @@ struct Node<'a> {
     /// The ring link of the running task: closed when the coordinator aborts the task or
     /// goes away, so a collective blocked on a dead peer fails now rather than at its timeout.
     active_link: ActiveLink,
+    /// The running task's collective topology, for its summary.
+    topology: std::sync::Mutex<String>,
 }
 
 type ActiveLink = std::sync::Arc<std::sync::Mutex<Option<LinkAbort>>>;
@@ -126,8 +128,15 @@ pub fn run_daemon(opts: &DaemonOptions) -> Result<()> {
     let data_port = data_ep.local_addr().map_err(net("data-plane endpoint"))?.port();
     let advertise = opts.advertise.or_else(|| local_ip_towards(coord)).unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let data_addr = SocketAddr::new(advertise, data_port).to_string();
-    let node =
-        Node { rt: &rt, data_ep: &data_ep, allowed: &allowed, me: &identity, opts, active_link: Default::default() };
+    let node = Node {
+        rt: &rt,
+        data_ep: &data_ep,
+        allowed: &allowed,
+        me: &identity,
+        opts,
+        active_link: Default::default(),
+        topology: Default::default(),
+    };
     let result = node.join_and_serve(coord, &coord_fp, &coord_addr, &data_addr);
     // Close the connections properly so the coordinator sees us leave at once.
     data_ep.close(0u32.into(), b"worker exiting");
@@ -277,9 +286,7 @@ impl Node<'_> {
     /// several ranks (`collective.transport`).
     fn build_comm(&self, assign: &Assign, transport: Transport) -> Result<Option<Box<dyn Communicator>>> {
         let topology = Topology::plan(&assign.peers, transport).map_err(WorkerError::Config)?;
-        if assign.rank == 0 {
-            tracing::info!("collective topology: {}", topology.describe());
-        }
+        self.set_topology(assign.rank, topology.describe());
         let rank = assign.rank;
         let comm: Box<dyn Communicator> = match topology.layout {
             Layout::Solo => return Ok(None),
@@ -296,6 +303,15 @@ impl Node<'_> {
             Layout::Hierarchical => Box::new(self.hierarchical(assign, &topology)?),
         };
         Ok(Some(comm))
+    }
+
+    fn set_topology(&self, rank: usize, description: String) {
+        if rank == 0 {
+            tracing::info!("collective topology: {description}");
+        }
+        if let Ok(mut t) = self.topology.lock() {
+            *t = description;
+        }
     }
 
     fn set_active(&self, abort: LinkAbort) {
@@ -442,6 +458,15 @@ impl Node<'_> {
             None => None,
         };
         self.set_active(abort);
+        let kind = |shm: bool| if shm { "shm" } else { "quic" };
+        self.set_topology(
+            rank,
+            format!(
+                "pipeline: {stages} stages x {replicas} replicas, stage links {}, stage rings {}",
+                kind(pipe_on_shm),
+                if replicas > 1 { kind(ring_on_shm) } else { "none" }
+            ),
+        );
         tracing::info!(stage, replica, stages, replicas, pipe_on_shm, ring_on_shm, "pipeline links up");
         let stage = PipelineStage {
             stage,
@@ -497,7 +522,8 @@ impl Node<'_> {
                     Device::Cuda(_) => Err(WorkerError::Device("this build has no CUDA support".into())),
                 });
                 let spans = crate::trace::finish();
-                let summary = summary.inspect_err(|_| forward_logs(session, rank))?;
+                let mut summary = summary.inspect_err(|_| forward_logs(session, rank))?;
+                summary.collective = self.topology.lock().map(|t| t.clone()).unwrap_or_default();
                 // Chunks of 20k spans (about 0.7 MB) stay far below the frame limit.
                 for chunk in spans.chunks(20_000) {
                     let _ = session.outbox.send(ToCoordinator::Trace { rank, spans: chunk.to_vec() });

@@ -365,6 +365,7 @@ pub fn run_training_stage<B: Backend>(
         best: early_stop.and_then(|e| e.best_record()),
         pipeline: trainer.pipeline.as_ref().map(|p| stage_report(p, opts.rank, data_rank, stage_layers, &trainer)),
         pipeline_stages: Vec::new(),
+        collective: String::new(),
     };
     if opts.rank == 0 {
         tracing::info!(
