@@ -137,6 +137,15 @@ fn a_local_run_writes_tensorboard_events_a_trace_rank_logs_and_a_plot() {
     let rank0 = std::fs::read_to_string(dir.join("logs/rank-0.log")).expect("logs/rank-0.log");
     assert!(rank0.contains("checkpoint"), "{rank0}");
     assert!(std::fs::read_to_string(dir.join("coordinator.log")).unwrap().contains("all ranks hold identical"));
+    // No colour codes in any log file: the workers' stderr goes to worker-<i>.log.
+    let logs = std::fs::read_dir(&dir).unwrap().chain(std::fs::read_dir(dir.join("logs")).unwrap());
+    let mut checked = 0;
+    for path in logs.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "log")) {
+        let text = std::fs::read(&path).unwrap();
+        assert!(!text.contains(&0x1b), "{} holds ANSI escape codes", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 4, "worker-0/1.log, coordinator.log and the rank logs: {checked}");
 
     // The plot: a 1200x1000 PNG with every curve drawn.
     let png = dir.join("curves.png");
@@ -225,4 +234,37 @@ fn vanishing_gradients_are_named_in_a_warning() {
         })
         .unwrap();
     assert!(ratio < 1e-3, "first/last gradient norm ratio {ratio}");
+}
+
+#[test]
+fn a_run_whose_loss_turns_nan_still_plots_and_keeps_the_spike() {
+    let dir = temp_dir("nan-plot");
+    // SGD at lr 1e4 with the guard off: the loss overflows to NaN within a few steps and
+    // the run goes on to its end.
+    let out = run(bin()
+        .args(["train", "configs/mnist-mlp.toml", "--quiet", "--out"])
+        .arg(&dir)
+        .args(small_mnist(1280, 1))
+        .args([
+            "--set",
+            "optim.kind=\"sgd\"",
+            "--set",
+            "optim.lr=10000.0",
+            "--set",
+            "optim.clip_norm=0.0",
+            "--set",
+            "train.log_every=1",
+            "--set",
+            "train.blowup.action=\"off\"",
+        ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics.jsonl");
+    assert!(text.contains(r#""loss":"NaN""#), "a NaN loss is written as \"NaN\", not null");
+    for field in ["loss", "grad_norm", "accuracy"] {
+        assert!(!text.contains(&format!("\"{field}\":null")), "{field} is never written as null");
+    }
+    let png = dir.join("curves.png");
+    let out = run(bin().arg("plot").arg(&dir).arg("-o").arg(&png));
+    assert!(out.status.success(), "plot: {}", stderr(&out));
+    assert!(png.is_file());
 }

@@ -119,9 +119,10 @@ impl EventWriter {
 
     /// Scalars `(tag, value)` at `step`, in one event.
     pub fn scalars(&mut self, step: u64, scalars: &[(String, f64)]) -> std::io::Result<()> {
+        // Non-finite values go in as they are: TensorBoard marks a NaN or infinite loss
+        // instead of silently missing the step where a run blew up.
         let value = scalars
             .iter()
-            .filter(|(_, v)| v.is_finite())
             .map(|(tag, v)| SummaryValue { tag: tag.clone(), simple_value: Some(*v as f32), histo: None })
             .collect();
         self.summary(step, value)

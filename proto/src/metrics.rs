@@ -8,10 +8,14 @@ pub struct TrainRecord {
     pub step: u64,
     pub epoch: u64,
     /// Mean loss over the global batch.
+    #[serde(with = "json_float")]
     pub loss: f64,
+    #[serde(with = "json_float")]
     pub lr: f64,
     /// Global gradient L2 norm before clipping.
+    #[serde(with = "json_float")]
     pub grad_norm: f64,
+    #[serde(with = "json_float")]
     pub examples_per_s: f64,
     /// T33: the L2 norm of each layer's batch-mean gradient, input side first.
     // No skip_serializing_if on records: they also travel as bincode, which needs every field.
@@ -23,7 +27,52 @@ pub struct TrainRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LayerGradNorm {
     pub layer: String,
+    #[serde(with = "json_float")]
     pub norm: f64,
+}
+
+/// f64 fields of metrics records: JSON has no NaN or infinity (serde_json would write
+/// `null`, and a reader could not tell a NaN loss from a missing one), so in human-readable
+/// formats a non-finite value is the string "NaN", "Infinity" or "-Infinity" (the tokens
+/// Python's `json` module uses); numbers, those strings and `null` (older files) all read
+/// back. Binary formats (bincode, between processes) carry the f64 as it is.
+pub mod json_float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        match (s.is_human_readable(), v.is_finite()) {
+            (true, false) if v.is_nan() => s.serialize_str("NaN"),
+            (true, false) if *v > 0.0 => s.serialize_str("Infinity"),
+            (true, false) => s.serialize_str("-Infinity"),
+            _ => s.serialize_f64(*v),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Text {
+        Number(f64),
+        Word(String),
+        Null(()),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        if !d.is_human_readable() {
+            return f64::deserialize(d);
+        }
+        match Text::deserialize(d)? {
+            Text::Number(v) => Ok(v),
+            Text::Null(()) => Ok(f64::NAN),
+            Text::Word(w) => match w.as_str() {
+                "NaN" => Ok(f64::NAN),
+                "Infinity" => Ok(f64::INFINITY),
+                "-Infinity" => Ok(f64::NEG_INFINITY),
+                other => {
+                    Err(serde::de::Error::custom(format!("expected a number, \"NaN\" or \"Infinity\", got {other:?}")))
+                }
+            },
+        }
+    }
 }
 
 /// A histogram of values in TensorBoard's terms: `bucket_counts[i]` values fell at or below
@@ -81,7 +130,9 @@ pub struct EvalRecord {
     pub step: u64,
     pub epoch: u64,
     pub split: String,
+    #[serde(with = "json_float")]
     pub loss: f64,
+    #[serde(with = "json_float")]
     pub accuracy: f64,
     /// Confusion matrix, precision/recall/F1 (T32); classifiers only.
     #[serde(default)]
@@ -191,6 +242,35 @@ pub struct BestRecord {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_values_survive_json_and_bincode() {
+        let record = TrainRecord {
+            step: 3,
+            epoch: 0,
+            loss: f64::NAN,
+            lr: 1e-3,
+            grad_norm: f64::INFINITY,
+            examples_per_s: f64::NEG_INFINITY,
+            layer_grad_norms: vec![LayerGradNorm { layer: "fc0".into(), norm: f64::NAN }],
+            ..serde_json::from_str(r#"{"step":0,"epoch":0,"loss":0,"lr":0,"grad_norm":0,"examples_per_s":0}"#).unwrap()
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert!(json.contains(r#""loss":"NaN""#) && json.contains(r#""grad_norm":"Infinity""#), "{json}");
+        let back: TrainRecord = serde_json::from_str(&json).unwrap();
+        assert!(back.loss.is_nan() && back.grad_norm == f64::INFINITY && back.examples_per_s == f64::NEG_INFINITY);
+        assert!(back.layer_grad_norms[0].norm.is_nan());
+        // Older files wrote null.
+        let old: TrainRecord =
+            serde_json::from_str(r#"{"step":1,"epoch":0,"loss":null,"lr":0.1,"grad_norm":2.5,"examples_per_s":1}"#)
+                .unwrap();
+        assert!(old.loss.is_nan() && old.grad_norm == 2.5);
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(&record, config).unwrap();
+        let (wire, _): (TrainRecord, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert!(wire.loss.is_nan() && wire.grad_norm == f64::INFINITY);
+    }
     use super::Histogram;
 
     #[test]
