@@ -105,11 +105,21 @@ if [[ -z $hostfile ]]; then
     # shellcheck disable=SC2086
     "$bin" worker --once --join-file "$join_file" "${token_args[@]}" $worker_args &
     worker_pid=$!
-    status=0
-    wait "$worker_pid" || status=$?
-    if [[ -n $coordinator_pid ]]; then
-        wait "$coordinator_pid" || status=$?
-    fi
+    # Preemption: pass SIGTERM/SIGINT on to what this task started (they stop after the
+    # current step, with a checkpoint), then wait for them as usual.
+    forward() { kill "-$1" "$worker_pid" $coordinator_pid 2>/dev/null || true; }
+    trap 'forward TERM' TERM
+    trap 'forward INT' INT
+    # (A trapped signal interrupts `wait`: wait again until the process has exited.)
+    wait_for() {
+        status=0
+        wait "$1" || status=$?
+        while kill -0 "$1" 2>/dev/null; do status=0; wait "$1" || status=$?; done
+    }
+    wait_for "$worker_pid"
+    worker_status=$status
+    if [[ -n $coordinator_pid ]]; then wait_for "$coordinator_pid"; fi
+    [[ $worker_status != 0 ]] && status=$worker_status
     exit "$status"
 fi
 
@@ -143,7 +153,18 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+# Preemption: the first SIGTERM/SIGINT goes to the coordinator, which stops every rank
+# after its current step with a checkpoint (over the control plane, so on every host);
+# a second one stops everything at once.
+stopping=0
+on_signal() {
+    if [[ $stopping == 1 ]]; then exit "$2"; fi
+    stopping=1
+    echo "launch.sh: $1: the coordinator stops every rank after its current step, with a checkpoint" >&2
+    kill "-$1" "${pids[0]}" 2>/dev/null || true
+}
+trap 'on_signal TERM 143' TERM
+trap 'on_signal INT 130' INT
 
 # The remote command reads the token from stdin into LOCKSTEP_TOKEN, then runs.
 remote() {
@@ -179,8 +200,10 @@ exec $(q "$bin") worker --once --join $(q "$join") --advertise $(q "${addrs[i]}"
     done
 done
 
+# (A trapped signal interrupts `wait`: wait again until the coordinator has exited.)
 status=0
 wait "$coordinator" || status=$?
+while kill -0 "$coordinator" 2>/dev/null; do status=0; wait "$coordinator" || status=$?; done
 # Workers leave after the coordinator's Shutdown; give them a moment, then stop stragglers.
 for p in "${pids[@]:1}"; do
     for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done

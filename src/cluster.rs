@@ -165,8 +165,15 @@ impl LocalWorkers {
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .kill_on_drop(true)
+                // Their own process group: a Ctrl-C at the terminal reaches `local`, which
+                // stops the run in step (every worker after the same step, a checkpoint),
+                // instead of every process at once.
+                .process_group(0)
                 .spawn()
                 .with_context(|| format!("starting worker {i}"))?;
+            if let Some(pid) = child.id() {
+                lockstep_proto::preempt::register_child(pid);
+            }
             // For operators (and the fault-injection tests): which process is which worker.
             if let Some(pid) = child.id() {
                 let pid_path = dir.join(format!("worker-{i}.pid"));
@@ -313,6 +320,8 @@ async fn train_elastic(
         };
         match coord.run_train(joined, spec, opts, writer).await {
             Ok(summary) => return Ok((summary, restarts)),
+            // A preemption is an order to stop, not a failure to recover from.
+            Err(e @ lockstep_coordinator::CoordError::Preempted { .. }) => return Err(e.into()),
             Err(e) if spec.train.min_workers > 0 && restarts < spec.train.max_restarts => {
                 restarts += 1;
                 // The newest checkpoint of this run, else whatever the run started from.

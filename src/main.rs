@@ -220,10 +220,54 @@ enum Command {
 }
 
 fn main() {
-    if let Err(err) = real_main() {
-        eprintln!("error: {err:#}");
-        std::process::exit(1);
+    lockstep_proto::preempt::install();
+    let Err(err) = real_main() else { return };
+    if let Some(signal) = lockstep_proto::preempt::requested() {
+        // Stopped on purpose: say where the work is and how to go on from it.
+        eprintln!("stopped by signal {signal}: {err:#}");
+        if let Some(checkpoint) = preempted_checkpoint(&err) {
+            eprintln!("resume with: {}", resume_command(&checkpoint));
+        }
+        std::process::exit(lockstep_proto::preempt::exit_code(signal));
     }
+    eprintln!("error: {err:#}");
+    std::process::exit(1);
+}
+
+/// The checkpoint a preempted run wrote, if the error is a preemption.
+fn preempted_checkpoint(err: &anyhow::Error) -> Option<String> {
+    err.chain().find_map(|e| {
+        if let Some(lockstep_coordinator::CoordError::Preempted { checkpoint, .. }) = e.downcast_ref() {
+            return checkpoint.clone();
+        }
+        match e.downcast_ref() {
+            Some(lockstep_worker::WorkerError::Preempted { checkpoint, .. }) => checkpoint.clone(),
+            _ => None,
+        }
+    })
+}
+
+/// This process's command line with `--resume CHECKPOINT` in place of any earlier one.
+fn resume_command(checkpoint: &str) -> String {
+    let mut args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--resume") {
+        args.drain(i..(i + 2).min(args.len()));
+    }
+    args.retain(|a| !a.starts_with("--resume="));
+    args.push("--resume".into());
+    args.push(checkpoint.into());
+    args.iter()
+        .map(
+            |a| {
+                if a.contains(|c: char| c.is_whitespace() || "\"'$".contains(c)) {
+                    format!("'{a}'")
+                } else {
+                    a.clone()
+                }
+            },
+        )
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A worker count: at least 1.

@@ -20,6 +20,9 @@ pub enum CoordError {
     Protocol(String),
     #[error("run failed: {0}")]
     Run(String),
+    /// Every rank stopped after `step` (SIGTERM/SIGINT) and the checkpoint was written.
+    #[error("preempted after step {step}{}", checkpoint.as_ref().map(|c| format!(": checkpoint {c}")).unwrap_or_default())]
+    Preempted { step: u64, checkpoint: Option<String> },
 }
 
 pub type Result<T> = std::result::Result<T, CoordError>;

@@ -456,6 +456,23 @@ impl Group {
         }
     }
 
+    /// `next`, but every 100 ms it checks whether this process was asked to stop
+    /// (SIGTERM/SIGINT) and, once, tells every worker to stop after its current step.
+    async fn next_or_preempt(&mut self, told: &mut bool) -> Result<(usize, ToCoordinator)> {
+        loop {
+            tokio::select! {
+                msg = self.next() => return msg,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if let (false, Some(signal)) = (*told, lockstep_proto::preempt::requested()) {
+                        tracing::warn!("signal {signal}: every rank stops after its current step, with a checkpoint");
+                        self.broadcast(&ToWorker::Preempt { signal }).await;
+                        *told = true;
+                    }
+                }
+            }
+        }
+    }
+
     /// Failures reported within `window` after the first one, as text.
     async fn other_failures(&mut self, window: Duration) -> Vec<String> {
         let deadline = tokio::time::Instant::now() + window;
@@ -537,8 +554,18 @@ async fn supervise_train(
     // 2. Reports until every rank is done; weight hashes compared at every logged step.
     let mut step_hashes: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
     let mut summaries: BTreeMap<usize, Summary> = BTreeMap::new();
+    let (mut told_to_stop, mut preempted) = (false, BTreeMap::new());
     while summaries.len() < world {
-        match group.next().await? {
+        match group.next_or_preempt(&mut told_to_stop).await? {
+            (rank, ToCoordinator::Preempted { step, checkpoint, .. }) => {
+                // Every rank stops after the same step; wait for all, so that the
+                // checkpoint is complete before the workers are shut down.
+                preempted.insert(rank, (step, checkpoint));
+                if preempted.len() == world {
+                    let checkpoint = preempted.values().find_map(|(_, c)| c.clone());
+                    return Err(CoordError::Preempted { step, checkpoint });
+                }
+            }
             (rank, ToCoordinator::Progress { step, examples_per_s, comm_share, .. }) => {
                 group.status.progress(rank, step, examples_per_s, comm_share);
                 if rank == 0 {

@@ -5,6 +5,7 @@ pub mod classification;
 pub mod fuzz;
 pub mod job;
 pub mod metrics;
+pub mod preempt;
 pub mod toolbox;
 pub mod trace;
 pub mod wire;

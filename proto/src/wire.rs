@@ -18,6 +18,13 @@ pub const MAX_FRAME_BYTES: u32 = 4 << 20;
 // size of the enum costs nothing worth a Box.
 #[allow(clippy::large_enum_variant)]
 pub enum ToCoordinator {
+    /// Every rank stopped after `step` because of a preemption signal; rank 0 wrote the
+    /// checkpoint `checkpoint` (if it has a checkpoint directory).
+    Preempted {
+        rank: usize,
+        step: u64,
+        checkpoint: Option<String>,
+    },
     /// First message on a connection.
     Hello {
         version: u32,
@@ -162,6 +169,11 @@ pub enum ToWorker {
     },
     /// The run is over; a daemon without `--once` waits for the next job.
     Shutdown,
+    /// The coordinator was told to stop (SIGTERM/SIGINT): finish the current step, vote to
+    /// stop, checkpoint, report `Preempted`.
+    Preempt {
+        signal: i32,
+    },
     /// The answer to a `StatusQuery`.
     Status(ClusterStatus),
 }

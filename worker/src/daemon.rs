@@ -169,7 +169,7 @@ impl Node<'_> {
                 // A daemon outlives runs: back to joining, for the next job.
                 Ok(true) => tracing::info!("run finished; waiting for the next job"),
                 Ok(false) => tracing::info!("coordinator closed the connection; re-joining"),
-                Err(e @ WorkerError::Stopped(_)) => return Err(e),
+                Err(e @ (WorkerError::Stopped(_) | WorkerError::Preempted { .. })) => return Err(e),
                 Err(e) if opts.once => return Err(e),
                 Err(e) => tracing::warn!("task failed: {e}; re-joining"),
             }
@@ -235,6 +235,10 @@ impl Node<'_> {
                 if let ToWorker::Abort { reason } = &msg {
                     abort_active_link(&active_link, &format!("coordinator aborted the task: {reason}"));
                 }
+                if let ToWorker::Preempt { signal } = &msg {
+                    tracing::warn!("the coordinator was told to stop (signal {signal}): stopping after this step");
+                    lockstep_proto::preempt::request(*signal);
+                }
                 if in_tx.send(msg).is_err() {
                     break;
                 }
@@ -256,9 +260,21 @@ impl Node<'_> {
                     let rank = assign.rank;
                     let result = self.run_task(session, &assign);
                     crate::log_tap::stop_capture();
-                    if let Err(e) = &result {
-                        tracing::error!(rank, "task failed: {e}");
-                        let _ = session.outbox.send(ToCoordinator::Failed { rank, error: e.to_string() });
+                    match &result {
+                        Err(WorkerError::Preempted { step, checkpoint, .. }) => {
+                            let checkpoint = checkpoint.clone();
+                            let _ = session.outbox.send(ToCoordinator::Preempted { rank, step: *step, checkpoint });
+                        }
+                        Err(e) => {
+                            tracing::error!(rank, "task failed: {e}");
+                            let _ = session.outbox.send(ToCoordinator::Failed { rank, error: e.to_string() });
+                        }
+                        Ok(()) => {}
+                    }
+                    if let Err(e @ WorkerError::Preempted { .. }) = result {
+                        // Let the report reach the coordinator, then stop this process.
+                        let _ = session.recv(Some(Duration::from_secs(10)));
+                        return Err(e);
                     }
                     self.allowed.write().map_err(|_| WorkerError::Collective("peer set poisoned".into()))?.clear();
                     if let Ok(mut active) = self.active_link.lock() {

@@ -33,6 +33,9 @@ pub enum WorkerError {
     Collective(String),
     #[error("training stopped: {0}")]
     Stopped(String),
+    /// Stopped by SIGTERM/SIGINT after `step`, with a checkpoint (resume with --resume).
+    #[error("preempted by signal {signal} after step {step}")]
+    Preempted { step: u64, signal: i32, checkpoint: Option<String> },
     #[error("device: {0}")]
     Device(String),
 }

@@ -179,7 +179,8 @@ pub fn run_training_stage<B: Backend>(
         tracing::info!("resumed from {} at step {step}", path.display());
     }
     let resumed_at = trainer.global_step;
-    let checkpoint = |trainer: &Trainer<B>| -> Result<()> {
+    // The checkpoint written, if this rank writes one.
+    let checkpoint = |trainer: &Trainer<B>| -> Result<Option<PathBuf>> {
         if let (0, Some(dir)) = (data_rank, &opts.checkpoint_dir) {
             let _span = crate::trace::span(SpanKind::Checkpoint);
             // Each stage's first replica checkpoints its stage: together they hold the model.
@@ -189,8 +190,9 @@ pub fn run_training_stage<B: Backend>(
             };
             let path = train_state::save_checkpoint(trainer, &dir, spec.train.keep_checkpoints)?;
             tracing::info!("checkpoint {}", path.display());
+            return Ok(Some(path));
         }
-        Ok(())
+        Ok(None)
     };
     let wire_bytes = match spec.precision.allreduce {
         Dtype::Fp32 => 4,
@@ -304,6 +306,17 @@ pub fn run_training_stage<B: Backend>(
                 comm_wait_s: stats.comm_wait_s,
                 report,
             })?;
+            if stats.stop_requested {
+                // Every rank saw the same vote: all stop after this step.
+                let written = checkpoint(&trainer)?;
+                let signal = lockstep_proto::preempt::requested().unwrap_or(lockstep_proto::preempt::SIGTERM);
+                tracing::warn!("stopping after step {step}: preempted (signal {signal})");
+                return Err(crate::WorkerError::Preempted {
+                    step,
+                    signal,
+                    checkpoint: written.map(|p| p.display().to_string()),
+                });
+            }
             let every = spec.train.checkpoint_every as u64;
             if every > 0 && step % every == 0 && step < total_steps {
                 checkpoint(&trainer)?;

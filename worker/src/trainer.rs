@@ -70,6 +70,8 @@ pub struct StepStats {
     pub skipped: Option<Skip>,
     /// The loss scale this step ran with (1 without dynamic scaling).
     pub loss_scale: f32,
+    /// Some rank was asked to stop (SIGTERM/SIGINT): every rank stops after this step.
+    pub stop_requested: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,6 +174,8 @@ impl<B: Backend> Trainer<B> {
         crate::trace::set_step(self.global_step);
         self.model.zero_grad(be);
         let (mut loss_sum, mut targets) = (0.0, 0usize);
+        // This rank's vote to stop after this step (preemption), summed with the loss.
+        let stop_vote = if lockstep_proto::preempt::requested().is_some() { 1.0 } else { 0.0 };
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         if !local.is_empty() {
             let batch = self.gather(data, local);
@@ -191,26 +195,29 @@ impl<B: Backend> Trainer<B> {
             let out = softmax_cross_entropy(be, &logits, &batch.y, self.class_weights.as_deref(), loss_scale)?;
             drop(forward);
             loss_sum = out.loss_sum;
-            reducer.stage_scalars(&[loss_sum, targets as f64]);
+            reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote]);
             let _backward = trace::span(SpanKind::Backward);
             self.model.backward_with_hook(be, out.grad, &mut |first, params| {
                 reducer.grads_ready(be, first, params).map_err(|e| lockstep_nn::NnError::Invalid(e.to_string()))
             })?;
         } else {
             // No local examples this step: still take part in every collective, in order.
-            reducer.stage_scalars(&[0.0, 0.0]);
+            reducer.stage_scalars(&[0.0, 0.0, stop_vote]);
             let params = self.model.params();
             reducer.grads_ready(be, 0, &params)?;
         }
         let mut params = self.model.params_mut();
-        let mut scalars = [loss_sum, targets as f64];
+        let mut scalars = [loss_sum, targets as f64, stop_vote];
         let waiting = (Instant::now(), trace::span(SpanKind::AllReduceWait));
         reducer.finish_grads(be, &mut params, &mut scalars)?;
         let comm_wait_s = waiting.0.elapsed().as_secs_f64();
         drop(waiting);
         let squared_norm = grad_sum_squares(be, &params);
         drop(params);
-        self.apply_update(scalars, squared_norm, comm_wait_s, loss_scale)
+        let mut stats = self.apply_update([scalars[0], scalars[1]], squared_norm, comm_wait_s, loss_scale)?;
+        // The votes are summed like the loss: all ranks see the same total.
+        stats.stop_requested = scalars[2] > 0.5;
+        Ok(stats)
     }
 
     /// The batch of examples `indices`, augmented when the job asks for it (T27).
@@ -243,8 +250,16 @@ impl<B: Backend> Trainer<B> {
         let grad_norm = squared_norm.sqrt() / unscale;
         let loss = scalars[0] / global_targets;
         let lr = self.schedule.lr(self.global_step);
-        let mut stats =
-            StepStats { loss, grad_norm, lr, targets: global_targets, comm_wait_s, skipped: None, loss_scale };
+        let mut stats = StepStats {
+            loss,
+            grad_norm,
+            lr,
+            targets: global_targets,
+            comm_wait_s,
+            skipped: None,
+            loss_scale,
+            stop_requested: false,
+        };
         self.global_step += 1;
         if let Some(scaler) = &mut self.loss_scaler {
             if !scaler.update(grad_norm.is_finite()) {
