@@ -76,18 +76,28 @@ fn my_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// Room for one control message carrying one descriptor.
+fn fd_control() -> Vec<u8> {
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    vec![0u8; unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize]
+}
+
+/// A message of one buffer and a control buffer; both must outlive its use.
+fn message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data: all-zero is a valid empty message.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = control.len() as _;
+    msg
+}
+
 /// Sends `bytes` with `fd` attached (SCM_RIGHTS).
 fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: &File) -> Result<()> {
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-    // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
+    let mut control = fd_control();
+    let msg = message(&mut iov, &mut control);
     // SAFETY: the control buffer holds one cmsg with room for one descriptor.
     let sent = unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
@@ -106,15 +116,8 @@ fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: &File) -> Result<()> {
 /// Receives exactly `buf.len()` bytes in one message and the descriptor attached to it.
 fn recv_with_fd(stream: &UnixStream, buf: &mut [u8]) -> Result<Option<File>> {
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    // SAFETY: as in `send_with_fd`.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: as in `send_with_fd`.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = space as _;
+    let mut control = fd_control();
+    let mut msg = message(&mut iov, &mut control);
     // SAFETY: recvmsg writes into the buffers described by msg.
     let got = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_WAITALL) };
     if got != buf.len() as isize {
