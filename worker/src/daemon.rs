@@ -564,7 +564,10 @@ impl Node<'_> {
                 for &bytes in sizes {
                     let mut buf = vec![1.0f32; (bytes / 4) as usize];
                     let mut times = Vec::new();
-                    for i in 0..iters + 1 {
+                    // Untimed warm-up calls first, as nccl-tests does (-w 5): page faults
+                    // on first touch and the start-up of the other processes stay out.
+                    const WARMUP: usize = 5;
+                    for i in 0..iters + WARMUP {
                         if let Some(c) = comm.as_mut() {
                             c.barrier().map_err(|e| WorkerError::Collective(e.to_string()))?;
                         }
@@ -572,8 +575,8 @@ impl Node<'_> {
                         if let Some(c) = comm.as_mut() {
                             c.all_reduce_sum(&mut buf).map_err(|e| WorkerError::Collective(e.to_string()))?;
                         }
-                        if i > 0 {
-                            times.push(t.elapsed().as_secs_f64()); // iteration 0 warms up
+                        if i >= WARMUP {
+                            times.push(t.elapsed().as_secs_f64());
                         }
                     }
                     times.sort_by(|a, b| a.total_cmp(b));

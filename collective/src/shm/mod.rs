@@ -104,14 +104,15 @@ fn mark_aborted(seg: &Segment, member: usize) {
     futex_wake_all(seg.arrivals());
 }
 
-/// How long a waiter spins, then polls with `sched_yield`, before it sleeps. With a core
-/// per rank, spinning 50 µs catches a peer that is about to arrive. With more ranks than
-/// cores a spinning rank holds the core its peer needs: yield it instead (measured on
-/// 2 cores, 4 ranks, 1 MiB: 0.35–0.46 ms with yielding against 0.79–0.81 ms spinning
-/// 2 µs before sleeping). `LOCKSTEP_SHM_SPIN_US` / `LOCKSTEP_SHM_YIELD_US` override both.
+/// How long a waiter spins, then polls with `sched_yield`, before it sleeps. Yielding
+/// polls about as fast as spinning when the waiter has its core to itself, and gives the
+/// core away when the late rank is queued on it (ranks outnumber cores, or two share one
+/// for a while): measured on 2 cores, 4 ranks, 1 MiB, 0.35–0.46 ms with yielding against
+/// 0.79–0.81 ms spinning 2 µs before sleeping. `LOCKSTEP_SHM_SPIN_US` /
+/// `LOCKSTEP_SHM_YIELD_US` override both.
 fn wait_policy(world: usize) -> (Duration, Duration) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let (spin, yield_for) = if world <= cores { (50, 0) } else { (0, 100) };
+    let (spin, yield_for) = if world <= cores { (5, 200) } else { (0, 100) };
     let micros = |key: &str, default: u64| {
         Duration::from_micros(std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
     };
