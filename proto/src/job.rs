@@ -391,6 +391,11 @@ pub struct TrainSpec {
     /// Write a training checkpoint every this many steps (0 = only at the end).
     #[serde(default)]
     pub checkpoint_every: usize,
+    /// Also write one whenever this many minutes of training passed since the last
+    /// (0 = off): a dead worker or a crash loses minutes, not the run. Rank 0's clock
+    /// decides, and every rank checkpoints at the same step.
+    #[serde(default = "default_checkpoint_minutes")]
+    pub checkpoint_minutes: f64,
     /// Checkpoints kept (the newest).
     #[serde(default = "default_keep_checkpoints")]
     pub keep_checkpoints: usize,
@@ -424,6 +429,10 @@ pub struct TrainSpec {
     /// backend's matmul at start.
     #[serde(default)]
     pub peak_gflops: f64,
+}
+
+fn default_checkpoint_minutes() -> f64 {
+    10.0
 }
 
 fn default_max_restarts() -> usize {

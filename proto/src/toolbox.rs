@@ -338,6 +338,9 @@ pub fn validate(spec: &crate::JobSpec) -> Result<(), (String, String)> {
     }
     check(t.blowup.window >= 2, "train.blowup.window", "must be >= 2")?;
     check(t.blowup.factor > 1.0, "train.blowup.factor", "must be > 1")?;
+    check(t.blowup.min_jump >= 0.0, "train.blowup.min_jump", "must be >= 0")?;
+    check(t.blowup.spread >= 0.0, "train.blowup.spread", "must be >= 0")?;
+    check(t.checkpoint_minutes.is_finite() && t.checkpoint_minutes >= 0.0, "train.checkpoint_minutes", "must be >= 0")?;
     check(t.class_weights.iter().all(|w| w.is_finite() && *w >= 0.0), "train.class_weights", "must be >= 0")?;
     check(
         t.class_weights.is_empty() || !t.balanced_class_weights,

@@ -99,6 +99,12 @@ fn link_err(e: lockstep_collective::CollectiveError) -> WorkerError {
     WorkerError::Collective(e.to_string())
 }
 
+/// The step's stop and checkpoint votes, summed over every rank of the pipeline.
+pub(crate) struct Votes {
+    stop: bool,
+    checkpoint: bool,
+}
+
 impl<B: Backend> Trainer<B> {
     /// Keeps only the layers `layers` of the full model: this trainer becomes one stage.
     /// The optimizer and EMA state are rebuilt for the remaining parameters.
@@ -168,9 +174,10 @@ impl<B: Backend> Trainer<B> {
         let mut pipe = self.pipeline.take().ok_or_else(|| WorkerError::Config("not a pipeline stage".into()))?;
         let result = self.run_schedule(&mut pipe, data, local, reducer);
         self.pipeline = Some(pipe);
-        let (scalars, squared_norm, comm_wait_s, loss_scale, stop) = result?;
+        let (scalars, squared_norm, comm_wait_s, loss_scale, votes) = result?;
         let mut stats = self.apply_update(scalars, squared_norm, comm_wait_s, loss_scale)?;
-        stats.stop_requested = stop;
+        stats.stop_requested = votes.stop;
+        stats.checkpoint_requested = votes.checkpoint;
         Ok(stats)
     }
 
@@ -181,7 +188,7 @@ impl<B: Backend> Trainer<B> {
         data: &dyn Examples,
         local: &[u32],
         reducer: &mut dyn GradReducer<B>,
-    ) -> Result<([f64; 2], f64, f64, f32, bool)> {
+    ) -> Result<([f64; 2], f64, f64, f32, Votes)> {
         crate::trace::set_step(self.global_step);
         self.model.zero_grad(&self.be);
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
@@ -275,25 +282,27 @@ impl<B: Backend> Trainer<B> {
         // This rank's vote to stop after this step (preemption): summed over the stage's
         // replicas with the loss, then around the stage ring with the norm.
         let stop_vote = if lockstep_proto::preempt::requested().is_some() { 1.0 } else { 0.0 };
-        reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote]);
+        let checkpoint_vote = if self.checkpoint_wanted { 1.0 } else { 0.0 };
+        reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote, checkpoint_vote]);
         {
             let params = self.model.params();
             reducer.grads_ready(&self.be, 0, &params)?;
         }
         let mut params = self.model.params_mut();
-        let mut scalars = [loss_sum, targets as f64, stop_vote];
+        let mut scalars = [loss_sum, targets as f64, stop_vote, checkpoint_vote];
         let waiting = (Instant::now(), trace::span(SpanKind::AllReduceWait));
         reducer.finish_grads(&self.be, &mut params, &mut scalars)?;
         let comm_wait_s = waiting.0.elapsed().as_secs_f64();
         drop(waiting);
         // ‖g‖² of the whole model: this stage's share summed around the stage ring.
         let local_squares = lockstep_nn::optim::grad_sum_squares(&self.be, &params);
-        let mut squares = split_f64(&[local_squares, scalars[2]]);
+        let mut squares = split_f64(&[local_squares, scalars[2], scalars[3]]);
         ring_all_reduce(pipe.link.as_mut(), pipe.stage, pipe.stages, &mut squares).map_err(link_err)?;
-        let mut totals = [0.0, 0.0];
+        let mut totals = [0.0; 3];
         join_f64(&squares, &mut totals);
-        let [squared_norm, votes] = totals;
-        Ok(([scalars[0], scalars[1]], squared_norm, comm_wait_s, loss_scale, votes > 0.5))
+        let [squared_norm, stop_votes, checkpoint_votes] = totals;
+        let votes = Votes { stop: stop_votes > 0.5, checkpoint: checkpoint_votes > 0.5 };
+        Ok(([scalars[0], scalars[1]], squared_norm, comm_wait_s, loss_scale, votes))
     }
 
     /// Evaluation through the pipeline: the last stage computes the loss and accuracy and

@@ -209,6 +209,9 @@ pub fn run_training_stage<B: Backend>(
     let best_dir = opts.checkpoint_dir.as_ref().and_then(|d| d.parent()).map(|d| d.join("best"));
     let best_dir = if trainer.pipeline.is_some() { None } else { best_dir };
     let mut skips_in_row = 0usize;
+    // Wall-clock checkpoints: rank 0's clock asks, every rank takes part at the same step.
+    let checkpoint_period = std::time::Duration::from_secs_f64(spec.train.checkpoint_minutes * 60.0);
+    let mut last_checkpoint = Instant::now();
     let mut skipped_steps = 0u64;
     on_event(RunEvent::Start {
         total_steps,
@@ -241,6 +244,8 @@ pub fn run_training_stage<B: Backend>(
             let local = rank_slice(&batch, data_rank, data_world);
             let step_index = trainer.global_step;
             let step_started = Instant::now();
+            trainer.checkpoint_wanted =
+                opts.rank == 0 && !checkpoint_period.is_zero() && last_checkpoint.elapsed() >= checkpoint_period;
             let stats = trainer.step(train.as_ref(), local, reducer.as_mut()).map_err(|e| match e {
                 // Say where: which step a collective failed in (the bucket is in the message).
                 crate::WorkerError::Collective(m) => crate::WorkerError::Collective(format!("step {step_index}: {m}")),
@@ -318,8 +323,10 @@ pub fn run_training_stage<B: Backend>(
                 });
             }
             let every = spec.train.checkpoint_every as u64;
-            if every > 0 && step % every == 0 && step < total_steps {
+            let on_schedule = every > 0 && step % every == 0;
+            if (on_schedule || stats.checkpoint_requested) && step < total_steps {
                 checkpoint(&trainer)?;
+                last_checkpoint = Instant::now();
             }
             if opts.stop_after.is_some_and(|stop| step >= stop) {
                 checkpoint(&trainer)?;

@@ -72,6 +72,9 @@ pub struct StepStats {
     pub loss_scale: f32,
     /// Some rank was asked to stop (SIGTERM/SIGINT): every rank stops after this step.
     pub stop_requested: bool,
+    /// Rank 0 asked for a checkpoint after this step (wall-clock period): every rank
+    /// takes part at the same step.
+    pub checkpoint_requested: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,6 +111,8 @@ pub struct Trainer<B: Backend> {
     pub prior_threshold: Option<f64>,
     /// This trainer is one stage of a pipeline (T42); the model holds its layers only.
     pub pipeline: Option<crate::pipeline::PipelineStage>,
+    /// This rank asks for a checkpoint after the next step (set by the step loop).
+    pub checkpoint_wanted: bool,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -153,6 +158,7 @@ impl<B: Backend> Trainer<B> {
             augment,
             prior_threshold: None,
             pipeline: None,
+            checkpoint_wanted: false,
         })
     }
 
@@ -174,8 +180,10 @@ impl<B: Backend> Trainer<B> {
         crate::trace::set_step(self.global_step);
         self.model.zero_grad(be);
         let (mut loss_sum, mut targets) = (0.0, 0usize);
-        // This rank's vote to stop after this step (preemption), summed with the loss.
+        // This rank's votes (to stop: preemption; to checkpoint: rank 0's clock), summed
+        // with the loss so that every rank acts on the same step.
         let stop_vote = if lockstep_proto::preempt::requested().is_some() { 1.0 } else { 0.0 };
+        let checkpoint_vote = if self.checkpoint_wanted { 1.0 } else { 0.0 };
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         if !local.is_empty() {
             let batch = self.gather(data, local);
@@ -195,19 +203,19 @@ impl<B: Backend> Trainer<B> {
             let out = softmax_cross_entropy(be, &logits, &batch.y, self.class_weights.as_deref(), loss_scale)?;
             drop(forward);
             loss_sum = out.loss_sum;
-            reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote]);
+            reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote, checkpoint_vote]);
             let _backward = trace::span(SpanKind::Backward);
             self.model.backward_with_hook(be, out.grad, &mut |first, params| {
                 reducer.grads_ready(be, first, params).map_err(|e| lockstep_nn::NnError::Invalid(e.to_string()))
             })?;
         } else {
             // No local examples this step: still take part in every collective, in order.
-            reducer.stage_scalars(&[0.0, 0.0, stop_vote]);
+            reducer.stage_scalars(&[0.0, 0.0, stop_vote, checkpoint_vote]);
             let params = self.model.params();
             reducer.grads_ready(be, 0, &params)?;
         }
         let mut params = self.model.params_mut();
-        let mut scalars = [loss_sum, targets as f64, stop_vote];
+        let mut scalars = [loss_sum, targets as f64, stop_vote, checkpoint_vote];
         let waiting = (Instant::now(), trace::span(SpanKind::AllReduceWait));
         reducer.finish_grads(be, &mut params, &mut scalars)?;
         let comm_wait_s = waiting.0.elapsed().as_secs_f64();
@@ -217,6 +225,7 @@ impl<B: Backend> Trainer<B> {
         let mut stats = self.apply_update([scalars[0], scalars[1]], squared_norm, comm_wait_s, loss_scale)?;
         // The votes are summed like the loss: all ranks see the same total.
         stats.stop_requested = scalars[2] > 0.5;
+        stats.checkpoint_requested = scalars[3] > 0.5;
         Ok(stats)
     }
 
@@ -259,6 +268,7 @@ impl<B: Backend> Trainer<B> {
             skipped: None,
             loss_scale,
             stop_requested: false,
+            checkpoint_requested: false,
         };
         self.global_step += 1;
         if let Some(scaler) = &mut self.loss_scaler {
