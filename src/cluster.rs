@@ -146,44 +146,74 @@ pub fn read_token(path: Option<&Path>) -> Result<String> {
 pub struct LocalWorkers {
     children: Vec<tokio::process::Child>,
     logs: Vec<PathBuf>,
+    join: String,
+    token_file: PathBuf,
+    threads: usize,
 }
 
 impl LocalWorkers {
     pub fn spawn(n: usize, join: &str, token_file: &Path, threads: usize, dir: &Path) -> Result<Self> {
-        let exe = std::env::current_exe().context("locating the lockstep binary")?;
-        let mut children = Vec::new();
-        let mut logs = Vec::new();
+        let logs: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("worker-{i}.log"))).collect();
+        let mut workers =
+            Self { children: Vec::new(), logs, join: join.to_string(), token_file: token_file.to_path_buf(), threads };
         for i in 0..n {
-            let log_path = dir.join(format!("worker-{i}.log"));
-            let log = std::fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-            let child = tokio::process::Command::new(&exe)
-                .args(["worker", "--once", "--join", join, "--threads", &threads.to_string(), "--token-file"])
-                .arg(token_file)
-                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-                .env("LOCKSTEP_CONGESTION", lockstep_collective::tls::congestion().to_string())
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .kill_on_drop(true)
-                // Their own process group: a Ctrl-C at the terminal reaches `local`, which
-                // stops the run in step (every worker after the same step, a checkpoint),
-                // instead of every process at once.
-                .process_group(0)
-                .spawn()
-                .with_context(|| format!("starting worker {i}"))?;
-            if let Some(pid) = child.id() {
-                lockstep_proto::preempt::register_child(pid);
-            }
-            // For operators (and the fault-injection tests): which process is which worker.
-            if let Some(pid) = child.id() {
-                let pid_path = dir.join(format!("worker-{i}.pid"));
-                std::fs::write(&pid_path, pid.to_string())
-                    .with_context(|| format!("writing {}", pid_path.display()))?;
-            }
-            children.push(child);
-            logs.push(log_path);
+            let child = workers.start(i, false)?;
+            workers.children.push(child);
         }
-        Ok(Self { children, logs })
+        Ok(workers)
+    }
+
+    /// Starts worker `i` (appending to its log when it replaces a dead one).
+    fn start(&self, i: usize, replacement: bool) -> Result<tokio::process::Child> {
+        let exe = std::env::current_exe().context("locating the lockstep binary")?;
+        let log_path = &self.logs[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(replacement)
+            .write(true)
+            .truncate(!replacement)
+            .open(log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let child = tokio::process::Command::new(&exe)
+            .args(["worker", "--once", "--join", &self.join, "--threads", &self.threads.to_string(), "--token-file"])
+            .arg(&self.token_file)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("LOCKSTEP_CONGESTION", lockstep_collective::tls::congestion().to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            // Their own process group: a Ctrl-C at the terminal reaches `local`, which
+            // stops the run in step (every worker after the same step, a checkpoint),
+            // instead of every process at once.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting worker {i}"))?;
+        if let Some(pid) = child.id() {
+            lockstep_proto::preempt::register_child(pid);
+            // For operators (and the fault-injection tests): which process is which worker.
+            let dir = log_path.parent().unwrap_or(Path::new("."));
+            let pid_path = dir.join(format!("worker-{i}.pid"));
+            std::fs::write(&pid_path, pid.to_string()).with_context(|| format!("writing {}", pid_path.display()))?;
+        }
+        Ok(child)
+    }
+
+    /// Starts a new worker in the place of each one that has exited; how many.
+    pub fn replace_dead(&mut self) -> Result<usize> {
+        let mut replaced = 0;
+        for i in 0..self.children.len() {
+            let pid = self.children[i].id();
+            if let Ok(Some(status)) = self.children[i].try_wait() {
+                if let Some(pid) = pid {
+                    lockstep_proto::preempt::forget_child(pid);
+                }
+                tracing::warn!("worker {i} exited ({status}); starting a replacement");
+                self.children[i] = self.start(i, true)?;
+                replaced += 1;
+            }
+        }
+        Ok(replaced)
     }
 
     /// Resolves when any child exits, with its index and status.
@@ -305,6 +335,7 @@ async fn train_elastic(
     spec: &JobSpec,
     run: &LocalRun<'_>,
     writer: &mut RunWriter,
+    mut local: Option<&mut LocalWorkers>,
 ) -> Result<(lockstep_proto::Summary, usize)> {
     // Resolved only now, after the rendezvous: until the workers re-joined, a rank of an
     // interrupted run may still have been writing (and pruning) checkpoints.
@@ -322,7 +353,7 @@ async fn train_elastic(
             Ok(summary) => return Ok((summary, restarts)),
             // A preemption is an order to stop, not a failure to recover from.
             Err(e @ lockstep_coordinator::CoordError::Preempted { .. }) => return Err(e.into()),
-            Err(e) if spec.train.min_workers > 0 && restarts < spec.train.max_restarts => {
+            Err(e) if restarts < spec.train.max_restarts => {
                 restarts += 1;
                 // The newest checkpoint of this run, else whatever the run started from.
                 resume = resolve_checkpoint(run.dir).ok().or_else(|| resume.take());
@@ -332,9 +363,15 @@ async fn train_elastic(
                     spec.train.max_restarts
                 );
                 coord.status.set_state(format!("re-forming after: {e}"));
-                joined = coord
-                    .rendezvous_elastic(spec.train.min_workers, run.workers, REFORM_GRACE, RENDEZVOUS_TIMEOUT)
-                    .await?;
+                // `local` owns its workers: a dead one is replaced, so the group re-forms at
+                // its full size. Daemons re-join by themselves (a replacement may join too):
+                // the group waits for all of them, or for `min_workers` when that allows a
+                // smaller group, up to the rendezvous timeout.
+                if let Some(workers) = local.as_deref_mut() {
+                    workers.replace_dead()?;
+                }
+                let min = if spec.train.min_workers > 0 { spec.train.min_workers } else { run.workers };
+                joined = coord.rendezvous_elastic(min, run.workers, REFORM_GRACE, RENDEZVOUS_TIMEOUT).await?;
             }
             Err(e) => return Err(e.into()),
         }
@@ -358,7 +395,8 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
             LocalWorkers::spawn(run.workers, &coord.join_address, &token_file, run.threads_per_worker, run.dir)?;
         let result = async {
             let joined = rendezvous_local(&mut coord, run.workers, &mut workers).await?;
-            let (summary, restarts) = train_elastic(&mut coord, joined, &spec, &run, &mut writer).await?;
+            let (summary, restarts) =
+                train_elastic(&mut coord, joined, &spec, &run, &mut writer, Some(&mut workers)).await?;
             workers.wait_all(Duration::from_secs(30), restarts > 0).await?;
             Ok::<_, anyhow::Error>(summary)
         }
@@ -438,7 +476,7 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
             trace: run.trace.clone(),
             join_file: None,
         };
-        let (summary, _) = train_elastic(&mut coord, joined, &run.spec, &local, &mut writer).await?;
+        let (summary, _) = train_elastic(&mut coord, joined, &run.spec, &local, &mut writer, None).await?;
         Ok::<_, anyhow::Error>(summary)
     })?;
     let stages = run.spec.parallel.pipeline_stages;
