@@ -351,8 +351,10 @@ async fn train_elastic(
         };
         match coord.run_train(joined, spec, opts, writer).await {
             Ok(summary) => return Ok((summary, restarts)),
-            // A preemption is an order to stop, not a failure to recover from.
-            Err(e @ lockstep_coordinator::CoordError::Preempted { .. }) => return Err(e.into()),
+            // A preemption or a deliberate stop is not a failure to recover from.
+            Err(
+                e @ (lockstep_coordinator::CoordError::Preempted { .. } | lockstep_coordinator::CoordError::Stopped(_)),
+            ) => return Err(e.into()),
             Err(e) if restarts < spec.train.max_restarts => {
                 restarts += 1;
                 // The newest checkpoint of this run, else whatever the run started from.

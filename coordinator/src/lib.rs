@@ -20,6 +20,9 @@ pub enum CoordError {
     Protocol(String),
     #[error("run failed: {0}")]
     Run(String),
+    /// A rank stopped the run on purpose (a loss blow-up, a refusal): nothing to recover.
+    #[error("run stopped: {0}")]
+    Stopped(String),
     /// Every rank stopped after `step` (SIGTERM/SIGINT) and the checkpoint was written.
     #[error("preempted after step {step}{}", checkpoint.as_ref().map(|c| format!(": checkpoint {c}")).unwrap_or_default())]
     Preempted { step: u64, checkpoint: Option<String> },

@@ -442,7 +442,13 @@ impl Group {
         match self.inbox.recv().await {
             Some((rank, Ok(ToCoordinator::Failed { error, .. }))) => {
                 self.status.set_rank_state(rank, "failed");
-                Err(CoordError::Run(format!("rank {rank} ({}) failed: {error}", self.hosts[rank])))
+                let what = format!("rank {rank} ({}) failed: {error}", self.hosts[rank]);
+                // `WorkerError::Stopped` (a loss blow-up, a refusal): on purpose, not a fault.
+                if error.starts_with("training stopped: ") {
+                    Err(CoordError::Stopped(what))
+                } else {
+                    Err(CoordError::Run(what))
+                }
             }
             Some((rank, Ok(msg))) => {
                 self.status.heard(rank);
