@@ -62,6 +62,7 @@ impl JobArgs {
         }
         let spec = JobSpec::load(&self.config, &overrides)?;
         let dir = self.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(&spec.name));
+        let _ = RUN_DIR.set(dir.clone());
         Ok((spec, dir))
     }
 }
@@ -219,6 +220,10 @@ enum Command {
     },
 }
 
+/// The run directory of this command, once known: a failed run's last line names its
+/// newest checkpoint and the command that resumes from it.
+static RUN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 fn main() {
     lockstep_proto::preempt::install();
     let Err(err) = real_main() else { return };
@@ -231,6 +236,14 @@ fn main() {
         std::process::exit(lockstep_proto::preempt::exit_code(signal));
     }
     eprintln!("error: {err:#}");
+    let newest = RUN_DIR.get().and_then(|dir| cluster::resolve_checkpoint(dir).ok());
+    if let Some(checkpoint) = newest {
+        eprintln!(
+            "newest checkpoint: {}; resume with: {}",
+            checkpoint.display(),
+            resume_command(&checkpoint.display().to_string())
+        );
+    }
     std::process::exit(1);
 }
 
