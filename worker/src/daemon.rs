@@ -383,106 +383,40 @@ impl Node<'_> {
         assign: &Assign,
         spec: &JobSpec,
     ) -> Result<(Option<Box<dyn Communicator>>, PipelineStage)> {
-        let stages = spec.parallel.pipeline_stages;
-        let (world, rank) = (assign.world, assign.rank);
-        if !world.is_multiple_of(stages) {
-            return Err(WorkerError::Config(format!("{world} workers do not divide into {stages} pipeline stages")));
-        }
-        let replicas = world / stages;
-        let (stage, replica) = (rank % stages, rank / stages);
-        let pipe_next = replica * stages + (stage + 1) % stages;
-        let pipe_prev = replica * stages + (stage + stages - 1) % stages;
-        let ring_next = ((replica + 1) % replicas) * stages + stage;
-        let ring_prev = ((replica + replicas - 1) % replicas) * stages + stage;
-        // Shared memory where every rank of the link's ring is on this host (the same
-        // answer on each of them), QUIC otherwise.
-        let transport = spec.collective.transport;
-        let on_this_host = |ranks: &[usize]| {
-            transport != Transport::Quic && ranks.iter().all(|&r| assign.peers[r].host_id == assign.peers[rank].host_id)
-        };
-        let pipe_on_shm = on_this_host(&(0..stages).map(|s| replica * stages + s).collect::<Vec<_>>());
-        let stage_ranks: Vec<usize> = (0..replicas).map(|r| r * stages + stage).collect();
-        let ring_on_shm = replicas > 1 && on_this_host(&stage_ranks);
-        if transport == Transport::Shm && !(pipe_on_shm && (replicas == 1 || ring_on_shm)) {
-            return Err(WorkerError::Config(
-                "collective.transport = \"shm\" needs every rank of a pipeline on one host".into(),
-            ));
-        }
-        let mut plan = MeshPlan { dial: Vec::new(), expect: Vec::new() };
-        if !pipe_on_shm {
-            plan.dial.push((pipe_next, Channel::Pipe));
-            plan.expect.push((pipe_prev, Channel::Pipe));
-        }
-        if replicas > 1 && !ring_on_shm {
-            plan.dial.push((ring_next, Channel::Ring));
-            plan.expect.push((ring_prev, Channel::Ring));
-        }
+        let place = PipelinePlace::of(assign, spec)?;
+        let (quic_pipe, quic_ring) = self.quic_pipeline_links(assign, &place)?;
         let timeout = self.opts.collective_timeout;
-        let (quic_pipe, quic_ring) = if plan.dial.is_empty() {
-            (None, None)
-        } else {
-            self.rt
-                .block_on(async {
-                    let (mut dialed, mut accepted, dial_ep) =
-                        connect_mesh(self.data_ep, self.allowed, self.me, rank, &assign.peers, &plan, timeout).await?;
-                    // Popped in reverse order of the plan: the ring, then the pipe.
-                    let ring = match (replicas > 1 && !ring_on_shm, dialed.pop(), accepted.pop()) {
-                        (true, Some(next), Some(prev)) => {
-                            Some(QuicLink::from_mesh(next, prev, dial_ep.clone(), timeout))
-                        }
-                        (true, ..) => None,
-                        (false, next, prev) => {
-                            // Not the ring's: put the pipe's back.
-                            dialed.extend(next);
-                            accepted.extend(prev);
-                            None
-                        }
-                    };
-                    let pipe = match (pipe_on_shm, dialed.pop(), accepted.pop()) {
-                        (false, Some(next), Some(prev)) => Some(QuicPipe::from_mesh(next, prev, dial_ep, timeout)),
-                        _ => None,
-                    };
-                    Ok::<_, lockstep_collective::CollectiveError>((pipe, ring))
-                })
-                .map_err(|e| WorkerError::Collective(e.to_string()))?
-        };
         let mut abort = LinkAbort::default();
         let pipe: Box<dyn lockstep_collective::pipe::PipeLink> = match quic_pipe {
             Some(pipe) => {
-                abort = LinkAbort::new(pipe.connections().to_vec());
+                abort = abort.with_connections(pipe.connections().to_vec());
                 Box::new(pipe)
             }
-            None if pipe_on_shm => {
+            None => {
                 let secret = assign.group_secret.as_bytes();
-                let pipe = ShmPipe::connect(secret, rank, pipe_next, pipe_prev, timeout)
+                let pipe = ShmPipe::connect(secret, assign.rank, place.pipe_next, place.pipe_prev, timeout)
                     .map_err(|e| WorkerError::Collective(e.to_string()))?;
                 abort = abort.with_shm_pipe(pipe.abort_handle());
                 Box::new(pipe)
             }
-            None => return Err(WorkerError::Collective("pipeline setup returned no links".into())),
         };
         let comm: Option<Box<dyn Communicator>> = match quic_ring {
             Some(link) => {
                 abort = abort.with_connections(link.connections().to_vec());
-                Some(Box::new(RingComm { link, rank: replica, world: replicas }))
+                Some(Box::new(RingComm { link, rank: place.replica, world: place.replicas }))
             }
-            None if ring_on_shm => {
-                let local = self.shm_group(assign, &format!("stage{stage}"), rank, stage_ranks)?;
+            None if place.ring_on_shm => {
+                let group = format!("stage{}", place.stage);
+                let local = self.shm_group(assign, &group, assign.rank, place.stage_ranks.clone())?;
                 abort = abort.with_shm(local.abort_handle());
                 Some(Box::new(local))
             }
             None => None,
         };
         self.set_active(abort);
-        let kind = |shm: bool| if shm { "shm" } else { "quic" };
-        self.set_topology(
-            rank,
-            format!(
-                "pipeline: {stages} stages x {replicas} replicas, stage links {}, stage rings {}",
-                kind(pipe_on_shm),
-                if replicas > 1 { kind(ring_on_shm) } else { "none" }
-            ),
-        );
+        self.set_topology(assign.rank, place.describe());
+        let (stage, replica, stages, replicas) = (place.stage, place.replica, place.stages, place.replicas);
+        let (pipe_on_shm, ring_on_shm) = (place.pipe_on_shm, place.ring_on_shm);
         tracing::info!(stage, replica, stages, replicas, pipe_on_shm, ring_on_shm, "pipeline links up");
         let stage = PipelineStage {
             stage,
@@ -493,6 +427,44 @@ impl Node<'_> {
             report: PipeReport::default(),
         };
         Ok((comm, stage))
+    }
+
+    /// The pipeline links that go over QUIC (set up together on the data endpoint): the
+    /// stage link unless it is on shared memory, the stage ring if it has one off it.
+    fn quic_pipeline_links(
+        &self,
+        assign: &Assign,
+        place: &PipelinePlace,
+    ) -> Result<(Option<QuicPipe>, Option<QuicLink>)> {
+        let ring_via_quic = place.replicas > 1 && !place.ring_on_shm;
+        let mut plan = MeshPlan { dial: Vec::new(), expect: Vec::new() };
+        if !place.pipe_on_shm {
+            plan.dial.push((place.pipe_next, Channel::Pipe));
+            plan.expect.push((place.pipe_prev, Channel::Pipe));
+        }
+        if ring_via_quic {
+            plan.dial.push((place.ring_next, Channel::Ring));
+            plan.expect.push((place.ring_prev, Channel::Ring));
+        }
+        if plan.dial.is_empty() {
+            return Ok((None, None));
+        }
+        let timeout = self.opts.collective_timeout;
+        let setup = async {
+            let (mut dialed, mut accepted, dial_ep) =
+                connect_mesh(self.data_ep, self.allowed, self.me, assign.rank, &assign.peers, &plan, timeout).await?;
+            let mut pop = || match (dialed.pop(), accepted.pop()) {
+                (Some(next), Some(prev)) => Ok((next, prev)),
+                _ => Err(lockstep_collective::CollectiveError::Link("pipeline setup returned no links".into())),
+            };
+            // In reverse order of the plan: the ring, then the stage link.
+            let ring = if ring_via_quic { Some(pop()?) } else { None };
+            let pipe = if place.pipe_on_shm { None } else { Some(pop()?) };
+            let ring = ring.map(|(next, prev)| QuicLink::from_mesh(next, prev, dial_ep.clone(), timeout));
+            let pipe = pipe.map(|(next, prev)| QuicPipe::from_mesh(next, prev, dial_ep, timeout));
+            Ok::<_, lockstep_collective::CollectiveError>((pipe, ring))
+        };
+        self.rt.block_on(setup).map_err(|e| WorkerError::Collective(e.to_string()))
     }
 
     fn run_task(&self, session: &Session, assign: &Assign) -> Result<()> {
@@ -558,30 +530,11 @@ impl Node<'_> {
                         "bench all-reduce of {bytes} bytes: at most {MAX_BENCH_BYTES} a message"
                     )));
                 }
-                let iters = (*iters).max(1);
                 let mut comm = self.build_comm(assign, *transport)?;
-                let mut results = Vec::new();
-                for &bytes in sizes {
-                    let mut buf = vec![1.0f32; (bytes / 4) as usize];
-                    let mut times = Vec::new();
-                    // Untimed warm-up calls first, as nccl-tests does (-w 5): page faults
-                    // on first touch and the start-up of the other processes stay out.
-                    const WARMUP: usize = 5;
-                    for i in 0..iters + WARMUP {
-                        if let Some(c) = comm.as_mut() {
-                            c.barrier().map_err(|e| WorkerError::Collective(e.to_string()))?;
-                        }
-                        let t = Instant::now();
-                        if let Some(c) = comm.as_mut() {
-                            c.all_reduce_sum(&mut buf).map_err(|e| WorkerError::Collective(e.to_string()))?;
-                        }
-                        if i >= WARMUP {
-                            times.push(t.elapsed().as_secs_f64());
-                        }
-                    }
-                    times.sort_by(|a, b| a.total_cmp(b));
-                    results.push(AllReduceTiming { bytes, median_s: times[times.len() / 2] });
-                }
+                let results = sizes
+                    .iter()
+                    .map(|&bytes| time_all_reduce(&mut comm, bytes, (*iters).max(1)))
+                    .collect::<Result<Vec<_>>>()?;
                 session
                     .outbox
                     .send(ToCoordinator::BenchResult { rank, results })
@@ -589,6 +542,97 @@ impl Node<'_> {
                 Ok(())
             }
         }
+    }
+}
+
+/// The median of `iters` all-reduces of `bytes`, each after a barrier. Untimed warm-up
+/// calls come first, as in nccl-tests (-w 5): page faults on first touch and the start-up
+/// of the other processes stay out.
+fn time_all_reduce(comm: &mut Option<Box<dyn Communicator>>, bytes: u64, iters: usize) -> Result<AllReduceTiming> {
+    const WARMUP: usize = 5;
+    let collective = |e: lockstep_collective::CollectiveError| WorkerError::Collective(e.to_string());
+    let mut buf = vec![1.0f32; (bytes / 4) as usize];
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + WARMUP {
+        if let Some(c) = comm.as_mut() {
+            c.barrier().map_err(collective)?;
+        }
+        let t = Instant::now();
+        if let Some(c) = comm.as_mut() {
+            c.all_reduce_sum(&mut buf).map_err(collective)?;
+        }
+        if i >= WARMUP {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(AllReduceTiming { bytes, median_s: times[times.len() / 2] })
+}
+
+/// Where a pipeline rank sits (T42): rank r is stage r mod P of replica r div P, and
+/// which of its links can use shared memory.
+struct PipelinePlace {
+    stages: usize,
+    replicas: usize,
+    stage: usize,
+    replica: usize,
+    pipe_next: usize,
+    pipe_prev: usize,
+    ring_next: usize,
+    ring_prev: usize,
+    /// The ranks of this stage's data-parallel ring.
+    stage_ranks: Vec<usize>,
+    pipe_on_shm: bool,
+    ring_on_shm: bool,
+}
+
+impl PipelinePlace {
+    fn of(assign: &Assign, spec: &JobSpec) -> Result<Self> {
+        let stages = spec.parallel.pipeline_stages;
+        let (world, rank) = (assign.world, assign.rank);
+        if !world.is_multiple_of(stages) {
+            return Err(WorkerError::Config(format!("{world} workers do not divide into {stages} pipeline stages")));
+        }
+        let replicas = world / stages;
+        let (stage, replica) = (rank % stages, rank / stages);
+        // Shared memory where every rank of the link's ring is on this host (the same
+        // answer on each of them), QUIC otherwise.
+        let transport = spec.collective.transport;
+        let on_this_host = |ranks: &[usize]| {
+            transport != Transport::Quic && ranks.iter().all(|&r| assign.peers[r].host_id == assign.peers[rank].host_id)
+        };
+        let stage_ranks: Vec<usize> = (0..replicas).map(|r| r * stages + stage).collect();
+        let pipe_on_shm = on_this_host(&(0..stages).map(|s| replica * stages + s).collect::<Vec<_>>());
+        let ring_on_shm = replicas > 1 && on_this_host(&stage_ranks);
+        if transport == Transport::Shm && !(pipe_on_shm && (replicas == 1 || ring_on_shm)) {
+            return Err(WorkerError::Config(
+                "collective.transport = \"shm\" needs every rank of a pipeline on one host".into(),
+            ));
+        }
+        Ok(Self {
+            stages,
+            replicas,
+            stage,
+            replica,
+            pipe_next: replica * stages + (stage + 1) % stages,
+            pipe_prev: replica * stages + (stage + stages - 1) % stages,
+            ring_next: ((replica + 1) % replicas) * stages + stage,
+            ring_prev: ((replica + replicas - 1) % replicas) * stages + stage,
+            stage_ranks,
+            pipe_on_shm,
+            ring_on_shm,
+        })
+    }
+
+    fn describe(&self) -> String {
+        let kind = |shm: bool| if shm { "shm" } else { "quic" };
+        format!(
+            "pipeline: {} stages x {} replicas, stage links {}, stage rings {}",
+            self.stages,
+            self.replicas,
+            kind(self.pipe_on_shm),
+            if self.replicas > 1 { kind(self.ring_on_shm) } else { "none" }
+        )
     }
 }
 
