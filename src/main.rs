@@ -205,6 +205,22 @@ enum Command {
         #[arg(long, default_value_t = 1234)]
         seed: u64,
     },
+    /// Evaluate a trained model on its dataset's test split, without training: loss and
+    /// accuracy, per-class precision/recall/F1 and the confusion matrix (classifiers),
+    /// perplexity (language models).
+    Eval {
+        /// A model.safetensors, a checkpoint file, or a directory holding either (a run
+        /// directory, its best/ or checkpoints/).
+        model: PathBuf,
+        /// A job file whose [data] section replaces the one the model was trained with.
+        config: Option<PathBuf>,
+        /// Evaluate on this dataset directory instead.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Fold a LoRA model's adapters into its weights (W + alpha/r·B·A) and write a plain model.
     MergeLora {
         /// A model.safetensors trained with `finetune.lora`.
@@ -301,8 +317,11 @@ fn real_main() -> Result<()> {
     use tracing_subscriber::util::SubscriberInitExt;
     // Two outputs under one RUST_LOG filter: stderr, and the tap that feeds the per-rank
     // log files (RUN_DIR/logs/rank-R.log, RUN_DIR/coordinator.log).
+    let cli = Cli::parse();
+    // `eval` prints a report on stdout; its build log would only bury it.
+    let default_level = if matches!(cli.command, Command::Eval { .. }) { "warn" } else { "info" };
     tracing_subscriber::registry()
-        .with(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
         // Colour only for a person at a terminal: stderr that `local` or launch.sh sends to a
         // log file must stay plain text.
         .with(
@@ -312,7 +331,6 @@ fn real_main() -> Result<()> {
         )
         .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(|| log_tap::TapWriter))
         .init();
-    let cli = Cli::parse();
     lockstep_collective::tls::set_congestion(cli.congestion);
     let threads = cli.threads.unwrap_or_else(cores).max(1);
     match cli.command {
@@ -425,6 +443,17 @@ fn real_main() -> Result<()> {
                 let _ = write!(stdout, "{c}").and_then(|_| stdout.flush());
             })?;
             writeln!(stdout)?;
+            Ok(())
+        }
+        Command::Eval { model, config, data, json } => {
+            let config = config.map(|c| JobSpec::load(&c, &[])).transpose()?;
+            let data = lockstep_worker::eval::EvalData { config, dir: data };
+            let report = lockstep_worker::eval::evaluate_model_file(CpuBackend::new(threads), &model, &data)
+                .with_context(|| format!("evaluating {}", model.display()))?;
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&report)?),
+                false => print!("{}", report.to_table()),
+            }
             Ok(())
         }
         Command::Bench { which } => bench::run(which, threads),

@@ -78,9 +78,18 @@ pub fn save_weights<B: Backend>(
     metadata: Option<HashMap<String, String>>,
     path: &Path,
 ) -> Result<()> {
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
-        params.iter().map(|p| (p.name.clone(), p.shape.clone(), be.download(&p.value))).collect();
-    write_atomic(path, &to_safetensors_with_metadata(&tensors, metadata)?)
+    write_atomic(path, &to_safetensors_with_metadata(&file_tensors(be, params), metadata)?)
+}
+
+/// Every parameter's value as a file tensor (PyTorch's layout): (name, shape, values).
+pub fn file_tensors<B: Backend>(be: &B, params: &[&Param<B>]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    params
+        .iter()
+        .map(|p| {
+            let (shape, values) = p.to_file(&be.download(&p.value));
+            (p.name.clone(), shape, values)
+        })
+        .collect()
 }
 
 /// The header metadata of a safetensors file (empty if it has none).
@@ -99,16 +108,13 @@ pub fn parse_metadata(bytes: &[u8], path: &Path) -> Result<HashMap<String, Strin
     Ok(header.metadata().clone().unwrap_or_default())
 }
 
-/// Copies tensors into `params` by name; a missing tensor or a shape mismatch is an error
-/// naming the tensor and the file.
+/// Copies file tensors into `params` by name (from PyTorch's layout); a missing tensor or a
+/// shape mismatch is an error naming the tensor and the file.
 pub fn load_into<B: Backend>(be: &B, params: &mut [&mut Param<B>], tensors: &TensorMap, path: &Path) -> Result<()> {
     for p in params.iter_mut() {
         let bad = |message: String| NnError::Data { path: path.to_path_buf(), offset: 0, message };
         let (shape, values) = tensors.get(&p.name).ok_or_else(|| bad(format!("no tensor {}", p.name)))?;
-        if *shape != p.shape {
-            return Err(bad(format!("tensor {} has shape {shape:?}, the model expects {:?}", p.name, p.shape)));
-        }
-        p.value = be.upload(values);
+        p.value = be.upload(&p.from_file(shape, values).map_err(bad)?);
     }
     Ok(())
 }

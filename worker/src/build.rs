@@ -302,6 +302,13 @@ pub fn load_data(spec: &JobSpec) -> Result<LoadedData> {
     })
 }
 
+/// Binary tasks: minority / (minority + majority) of the training labels (T28).
+pub fn prior_threshold(train: &dyn Examples) -> Option<f64> {
+    let labels = train.labels()?;
+    let counts = lockstep_nn::data::class_counts(labels, train.classes());
+    (counts.len() == 2).then(|| counts[0].min(counts[1]) as f64 / labels.len().max(1) as f64)
+}
+
 /// IDX train and test splits, normalised with statistics of the training split.
 pub fn load_images(spec: &JobSpec) -> Result<(Dataset, Dataset)> {
     let dir = &spec.data.dir;

@@ -87,16 +87,16 @@ pub fn prepare<B: Backend>(be: &B, spec: &JobSpec, model: &mut Sequential<B>) ->
                     p.name
                 )));
             };
-            if *shape != p.shape {
+            if *shape != p.file_shape() {
                 return Err(WorkerError::Config(format!(
                     "finetune.init_from {}: {} is {shape:?} there but {:?} here{}",
                     path.display(),
                     p.name,
-                    p.shape,
+                    p.file_shape(),
                     if in_head { " (set finetune.replace_head to re-initialise the output layer)" } else { "" }
                 )));
             }
-            p.value = be.upload(values);
+            p.value = be.upload(&p.layout.from_file(&p.shape, values));
             loaded += 1;
         }
         tracing::info!("fine-tuning from {}: {loaded} tensors loaded, fresh: {fresh:?}", path.display());

@@ -6,6 +6,7 @@ pub mod build;
 pub mod cost;
 pub mod daemon;
 pub mod early_stop;
+pub mod eval;
 pub mod finetune;
 pub mod guards;
 pub mod lm;

@@ -4,23 +4,58 @@
 
 use crate::{build, Result, Trainer, WorkerError};
 use lockstep_kernels::Backend;
-use lockstep_nn::checkpoint::{load_into, load_metadata, load_tensors, save_weights};
+use lockstep_nn::checkpoint::{load_all, load_into, load_metadata, serialize, write_atomic};
 use lockstep_nn::data::text::CharTokenizer;
 use lockstep_nn::Sequential;
 use lockstep_proto::JobSpec;
 use std::collections::HashMap;
 use std::path::Path;
 
-const JOB_KEY: &str = "lockstep.job";
-const VOCAB_KEY: &str = "lockstep.vocab";
+pub(crate) const JOB_KEY: &str = "lockstep.job";
+pub(crate) const VOCAB_KEY: &str = "lockstep.vocab";
 
-/// Writes `trainer`'s weights, job and vocabulary to `path` (atomically).
+/// Writes the weights `trainer` evaluates with (the EMA's when `train.eval_ema`), its
+/// buffers (BatchNorm statistics, f64), job and vocabulary to `path` (atomically).
 pub fn save_model<B: Backend>(trainer: &Trainer<B>, path: &Path) -> Result<()> {
+    let be = &trainer.be;
     let mut metadata = HashMap::from([(JOB_KEY.to_string(), trainer.spec.to_toml())]);
     if let Some(vocab) = &trainer.vocab {
         metadata.insert(VOCAB_KEY.to_string(), vocab.to_vocab_file());
     }
-    save_weights(&trainer.be, &trainer.model.params(), Some(metadata), path)?;
+    let params = trainer.model.params();
+    let values: Vec<Vec<f32>> = match (&trainer.ema, trainer.spec.train.eval_ema) {
+        (Some(ema), true) => ema.corrected(be).iter().map(|v| be.download(v)).collect(),
+        _ => params.iter().map(|p| be.download(&p.value)).collect(),
+    };
+    let tensors: Vec<_> = params
+        .iter()
+        .zip(values)
+        .map(|(p, v)| {
+            let (shape, values) = p.to_file(&v);
+            (p.name.clone(), shape, values)
+        })
+        .collect();
+    let buffers: Vec<_> = trainer.model.buffers().into_iter().map(|(name, v)| (name, vec![v.len()], v)).collect();
+    write_atomic(path, &serialize(&tensors, &buffers, Some(metadata))?)?;
+    Ok(())
+}
+
+/// Loads the weights and buffers of the model file `path` into `trainer`'s model; a
+/// missing tensor or a shape that differs is an error naming it.
+pub fn load_weights<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> Result<()> {
+    let (tensors, buffers) = load_all(path)?;
+    load_into(&trainer.be, &mut trainer.model.params_mut(), &tensors, path)?;
+    for (name, values) in trainer.model.buffers() {
+        let stored = buffers.get(&name).filter(|(_, v)| v.len() == values.len());
+        let Some((_, stored)) = stored else {
+            return Err(WorkerError::Config(format!(
+                "{}: no buffer {name} of {} values",
+                path.display(),
+                values.len()
+            )));
+        };
+        trainer.model.load_buffer(&name, stored);
+    }
     Ok(())
 }
 
@@ -48,7 +83,10 @@ pub fn load_model<B: Backend>(be: &B, path: &Path) -> Result<LoadedModel<B>> {
         None => return Err(WorkerError::Config(format!("{}: not a language model (no vocabulary)", path.display()))),
     };
     let (mut model, _) = build::build_model(be, &spec, spec.model.context, classes)?;
-    let tensors = load_tensors(path)?;
+    let (tensors, buffers) = load_all(path)?;
     load_into(be, &mut model.params_mut(), &tensors, path)?;
+    for (name, (_, values)) in &buffers {
+        model.load_buffer(name, values);
+    }
     Ok(LoadedModel { spec, model, vocab })
 }

@@ -342,7 +342,7 @@ impl<B: Backend> Trainer<B> {
         let mut sums = [0.0; 3];
         join_f64(&totals, &mut sums);
         let n = sums[2].max(1.0);
-        Ok(Evaluation { loss: sums[0] / n, accuracy: sums[1] / n, classes: None })
+        Ok(Evaluation { loss: sums[0] / n, accuracy: sums[1] / n, targets: sums[2] as usize, classes: None })
     }
 }
 

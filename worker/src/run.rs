@@ -142,10 +142,8 @@ pub fn run_training_stage<B: Backend>(
     if let Some(labels) = train.labels() {
         let counts = lockstep_nn::data::class_counts(labels, train.classes());
         trainer.class_weights = class_weights(spec, &counts)?;
-        if counts.len() == 2 {
-            trainer.prior_threshold = Some(counts[0].min(counts[1]) as f64 / labels.len().max(1) as f64);
-        }
     }
+    trainer.prior_threshold = build::prior_threshold(train.as_ref());
     // Every rank builds the whole model first (so every rank checks the same initial hash),
     // then a pipeline stage keeps its layers.
     let init_weight_hash = trainer.model.weight_hash(&trainer.be);

@@ -19,7 +19,7 @@ use lockstep_nn::checkpoint::{load_all, load_metadata, serialize, write_atomic};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-const STEP_KEY: &str = "lockstep.step";
+pub(crate) const STEP_KEY: &str = "lockstep.step";
 const OPTIMIZER_STEP_KEY: &str = "lockstep.optimizer_step";
 const JOB_KEY: &str = "lockstep.job";
 const VOCAB_KEY: &str = "lockstep.vocab";
@@ -63,13 +63,18 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize
     std::fs::create_dir_all(dir).map_err(io)?;
     let be = &trainer.be;
     let params = trainer.model.params();
+    // PyTorch's layout (conv weights channels-first), for the optimizer state too.
+    let file_tensor = |name: String, p: &lockstep_nn::Param<B>, buf: &B::Buf| {
+        let (shape, values) = p.to_file(&be.download(buf));
+        (name, shape, values)
+    };
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
-        params.iter().map(|p| (p.name.clone(), p.shape.clone(), be.download(&p.value))).collect();
+        params.iter().map(|p| file_tensor(p.name.clone(), p, &p.value)).collect();
     let names = state_names(trainer);
     for (p, (s1, s2)) in params.iter().zip(&trainer.optimizer.state) {
         for (slot, buf) in names.iter().zip([s1, s2]) {
             if be.len(buf) == p.numel() {
-                tensors.push((format!("optim.{slot}.{}", p.name), p.shape.clone(), be.download(buf)));
+                tensors.push(file_tensor(format!("optim.{slot}.{}", p.name), p, buf));
             }
         }
     }
@@ -85,7 +90,7 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize
     }
     if let Some(ema) = &trainer.ema {
         for (p, v) in params.iter().zip(&ema.shadow) {
-            tensors.push((format!("ema.{}", p.name), p.shape.clone(), be.download(v)));
+            tensors.push(file_tensor(format!("ema.{}", p.name), p, v));
         }
         metadata.insert(EMA_UPDATES_KEY.to_string(), ema.updates.to_string());
     }
@@ -158,8 +163,10 @@ pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> 
     // Check everything first, then write: a bad file leaves the trainer untouched.
     for (p, (s1, s2)) in trainer.model.params().iter().zip(&trainer.optimizer.state) {
         match tensors.get(&p.name) {
-            Some((shape, _)) if *shape == p.shape => {}
-            Some((shape, _)) => return Err(bad(format!("{} has shape {shape:?}, the model {:?}", p.name, p.shape))),
+            Some((shape, _)) if *shape == p.file_shape() => {}
+            Some((shape, _)) => {
+                return Err(bad(format!("{} has shape {shape:?}, the model {:?}", p.name, p.file_shape())))
+            }
             None => return Err(bad(format!("no tensor {}", p.name))),
         }
         for (slot, buf) in names.iter().zip([s1, s2]).filter(|(_, b)| be.len(b) > 0) {
@@ -184,17 +191,19 @@ pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> 
     if let (Some(_), Some(_)) = (&trainer.ema, ema_updates) {
         for p in trainer.model.params() {
             match tensors.get(&format!("ema.{}", p.name)) {
-                Some((shape, _)) if *shape == p.shape => {}
-                _ => return Err(bad(format!("no tensor ema.{} of shape {:?}", p.name, p.shape))),
+                Some((shape, _)) if *shape == p.file_shape() => {}
+                _ => return Err(bad(format!("no tensor ema.{} of shape {:?}", p.name, p.file_shape()))),
             }
         }
     }
     let (loss_scale, good_steps) = (number(LOSS_SCALE_KEY)?, number(LOSS_SCALE_GOOD_STEPS_KEY)?);
+    // Shapes were checked above; from here on only the layout changes.
+    let memory = |p: &lockstep_nn::Param<B>, key: &str| p.layout.from_file(&p.shape, &tensors[key].1);
     for (p, (s1, s2)) in trainer.model.params_mut().into_iter().zip(trainer.optimizer.state.iter_mut()) {
-        p.value = be.upload(&tensors[&p.name].1);
+        p.value = be.upload(&memory(p, &p.name));
         for (slot, buf) in names.iter().zip([s1, s2]) {
             if be.len(buf) > 0 {
-                *buf = be.upload(&tensors[&format!("optim.{slot}.{}", p.name)].1);
+                *buf = be.upload(&memory(p, &format!("optim.{slot}.{}", p.name)));
             }
         }
     }
@@ -204,7 +213,7 @@ pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> 
     match (&mut trainer.ema, ema_updates) {
         (Some(ema), Some(updates)) => {
             for (p, v) in trainer.model.params().iter().zip(ema.shadow.iter_mut()) {
-                *v = be.upload(&tensors[&format!("ema.{}", p.name)].1);
+                *v = be.upload(&memory(p, &format!("ema.{}", p.name)));
             }
             ema.updates = updates as u64;
         }

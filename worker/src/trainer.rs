@@ -321,7 +321,7 @@ impl<B: Backend> Trainer<B> {
         }
         let n = targets.max(1) as f64;
         let classes = classes.map(|c| c.finish(self.prior_threshold));
-        Ok(Evaluation { loss: loss / n, accuracy: correct as f64 / n, classes })
+        Ok(Evaluation { loss: loss / n, accuracy: correct as f64 / n, targets, classes })
     }
 
     /// `evaluate` with the bias-corrected EMA weights swapped in (T23); the training
@@ -352,6 +352,8 @@ pub(crate) fn eval_chunk_len(data: &dyn Examples) -> usize {
 pub struct Evaluation {
     pub loss: f64,
     pub accuracy: f64,
+    /// Targets evaluated: examples, or predicted tokens of a language model.
+    pub targets: usize,
     pub classes: Option<ClassMetrics>,
 }
 

@@ -2,8 +2,8 @@ use super::{cached, ForwardCtx, Layer, Param};
 use crate::{shape_err, Result, Tensor};
 use lockstep_kernels::{Backend, Window};
 
-/// 2-D convolution on NHWC tensors (T6): stride, zero padding, groups. The weight is
-/// (OC, KH, KW, C/groups); each group is one GEMM over im2col rows, so a whole batch is a
+/// 2-D convolution on NHWC tensors (T6): stride, zero padding, groups. The weight is (OC, KH, KW, C/groups) in
+/// memory, PyTorch's (OC, C/groups, KH, KW) in files; each group is one GEMM over im2col rows, so a whole batch is a
 /// single (N·OH·OW, KH·KW·Cg) × (KH·KW·Cg, OC/groups) product.
 pub struct Conv2d<B: Backend> {
     name: String,
@@ -27,7 +27,10 @@ impl<B: Backend> Conv2d<B> {
             win,
             out_channels,
             groups,
-            weight: Param::new(be, format!("{name}.weight"), &[out_channels, win.kh, win.kw, cg], weight, true),
+            weight: Param {
+                layout: super::FileLayout::ChannelsFirst,
+                ..Param::new(be, format!("{name}.weight"), &[out_channels, win.kh, win.kw, cg], weight, true)
+            },
             bias: Param::new(be, format!("{name}.bias"), &[out_channels], &vec![0.0; out_channels], false),
             cols_cache: None,
             input_grad: true,

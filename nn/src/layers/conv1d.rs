@@ -4,7 +4,8 @@ use lockstep_kernels::{Backend, Window};
 
 /// 1-D convolution over sequences (N, L, C) (T6): a `Conv2d` on (N, 1, L', C) images,
 /// where the sequence is zero-padded to L' = L + 2·pad first (a 2-D window pads both
-/// axes, and a height-1 image must not be padded). The weight is (OC, 1, K, C/groups).
+/// axes, and a height-1 image must not be padded). The weight is (OC, 1, K, C/groups) in memory,
+/// PyTorch's (OC, C/groups, K) in files.
 pub struct Conv1d<B: Backend> {
     pub length: usize,
     pub channels: usize,
@@ -27,7 +28,9 @@ impl<B: Backend> Conv1d<B> {
         weight: &[f32],
     ) -> Self {
         let win = Window { h: 1, w: length + 2 * pad, c: channels, kh: 1, kw: kernel, stride, pad: 0 };
-        Self { length, channels, pad, conv: super::Conv2d::new(be, name, win, out_channels, groups, weight) }
+        let mut conv = super::Conv2d::new(be, name, win, out_channels, groups, weight);
+        conv.weight.layout = super::FileLayout::ChannelsFirst1d;
+        Self { length, channels, pad, conv }
     }
 
     pub fn out_length(&self) -> usize {

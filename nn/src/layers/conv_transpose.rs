@@ -9,7 +9,7 @@ use lockstep_kernels::{Backend, Window};
 /// so forward is that convolution's backward-data pass and vice versa:
 ///   forward:  cols = x·W (N·H·W, K·K·OC), y = col2im(cols) + b
 ///   backward: dcols = im2col(dy), dW += xᵀ·dcols, dx = dcols·Wᵀ
-/// The weight is (Cin, KH, KW, OC), i.e. PyTorch's (Cin, OC, KH, KW) with OC moved last.
+/// The weight is (Cin, KH, KW, OC) in memory, PyTorch's (Cin, OC, KH, KW) in files.
 pub struct ConvTranspose2d<B: Backend> {
     name: String,
     pub in_channels: usize,
@@ -48,13 +48,10 @@ impl<B: Backend> ConvTranspose2d<B> {
             name: name.to_string(),
             in_channels,
             out_win,
-            weight: Param::new(
-                be,
-                format!("{name}.weight"),
-                &[in_channels, kernel, kernel, out_channels],
-                weight,
-                true,
-            ),
+            weight: Param {
+                layout: super::FileLayout::ChannelsFirst,
+                ..Param::new(be, format!("{name}.weight"), &[in_channels, kernel, kernel, out_channels], weight, true)
+            },
             bias: Param::new(be, format!("{name}.bias"), &[out_channels], &vec![0.0; out_channels], false),
             input_cache: None,
             input_grad: true,

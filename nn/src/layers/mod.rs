@@ -9,6 +9,7 @@ mod conv1d;
 mod conv_transpose;
 mod dropout;
 mod embedding;
+mod layout;
 mod linear;
 mod lora;
 mod norm;
@@ -23,6 +24,7 @@ pub use conv1d::Conv1d;
 pub use conv_transpose::ConvTranspose2d;
 pub use dropout::Dropout;
 pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
+pub use layout::FileLayout;
 pub use linear::Linear;
 pub use lora::LoraLinear;
 pub use norm::{BatchNorm, LayerNorm};
@@ -43,6 +45,8 @@ pub struct Param<B: Backend> {
     pub decay: bool,
     /// Frozen parameters get no gradient, no optimizer state and no all-reduce traffic.
     pub trainable: bool,
+    /// Its layout in files (PyTorch's) where that differs from memory.
+    pub layout: FileLayout,
 }
 
 impl<B: Backend> Param<B> {
@@ -56,10 +60,29 @@ impl<B: Backend> Param<B> {
             grad: be.zeros(n),
             decay,
             trainable: true,
+            layout: FileLayout::Same,
         }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+    /// The shape this parameter has in files.
+    pub fn file_shape(&self) -> Vec<usize> {
+        self.layout.file_shape(&self.shape)
+    }
+    /// `values` of this parameter's shape (its value, gradient or optimizer state) as a
+    /// file tensor: (name-less) file shape and values in file order.
+    pub fn to_file(&self, values: &[f32]) -> (Vec<usize>, Vec<f32>) {
+        (self.file_shape(), self.layout.to_file(&self.shape, values))
+    }
+    /// A file tensor of this parameter, in memory order; `Err` names the shapes if the
+    /// file's differs.
+    pub fn from_file(&self, shape: &[usize], values: &[f32]) -> std::result::Result<Vec<f32>, String> {
+        let want = self.file_shape();
+        if shape != want.as_slice() || values.len() != self.numel() {
+            return Err(format!("{} has shape {shape:?} in the file, the model expects {want:?}", self.name));
+        }
+        Ok(self.layout.from_file(&self.shape, values))
     }
 }
 
