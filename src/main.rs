@@ -327,7 +327,8 @@ fn real_main() -> Result<()> {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_writer(std::io::stderr),
+                // Log lines and the progress bar take turns on the terminal.
+                .with_writer(|| lockstep_coordinator::run_writer::BelowBar(std::io::stderr())),
         )
         .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(|| log_tap::TapWriter))
         .init();
@@ -351,7 +352,7 @@ fn real_main() -> Result<()> {
                     let be = lockstep_kernels::cuda::CudaBackend::new(i)
                         .map_err(|e| anyhow::anyhow!("device cuda:{i} is not usable: {e}"))?;
                     tracing::info!("training on {}", lockstep_kernels::Backend::name(&be));
-                    train_single(be, &spec, &dir, progress, opts, trace.as_deref())
+                    lockstep_worker::device_task(|| train_single(be, &spec, &dir, progress, opts, trace.as_deref()))
                 }
             }
         }

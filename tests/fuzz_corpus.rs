@@ -29,4 +29,6 @@ fn fuzz_seed_corpus_replays_without_panics() {
     replay("job", lockstep_proto::fuzz::job);
     replay("idx", lockstep_nn::fuzz::idx);
     replay("checkpoint", lockstep_nn::fuzz::checkpoint);
+    replay("assign", lockstep_worker::fuzz::assign);
+    replay("pipe", lockstep_worker::fuzz::pipe);
 }

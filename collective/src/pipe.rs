@@ -27,7 +27,7 @@ pub trait PipeLink: RingLink {
 }
 
 /// Frame: sequence (u64), number of dims (u32), dims (u64 each), values (f32 LE).
-pub(crate) fn encode(seq: u64, shape: &[usize], values: &[f32]) -> Vec<u8> {
+pub fn encode(seq: u64, shape: &[usize], values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(12 + 8 * shape.len() + 4 * values.len());
     out.extend(seq.to_le_bytes());
     out.extend((shape.len() as u32).to_le_bytes());
@@ -45,6 +45,41 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 
 pub(crate) const MAX_DIMS: usize = 8;
 const MAX_VALUES: usize = 1 << 30;
+
+/// The fixed 12-byte start of a frame: its sequence number and number of dims (checked).
+pub(crate) fn parse_head(head: &[u8; 12], from: &str) -> Result<(u64, usize)> {
+    let seq = u64::from_le_bytes([head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7]]);
+    let dims = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
+    if dims > MAX_DIMS {
+        return Err(CollectiveError::Protocol(format!("{from} sent a tensor of {dims} dims")));
+    }
+    Ok((seq, dims))
+}
+
+/// The shape that follows the head: `dims` little-endian u64s.
+pub(crate) fn parse_shape(raw: &[u8]) -> Vec<usize> {
+    raw.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as usize).collect()
+}
+
+/// A whole frame held in memory, as the links read it from a stream: sequence `want_seq`,
+/// its header checked before anything of the claimed size is allocated. (The fuzz target
+/// `pipe` runs this on arbitrary bytes.)
+pub fn decode_frame(bytes: &[u8], want_seq: u64) -> Result<(Vec<usize>, Vec<f32>)> {
+    let short = || CollectiveError::Protocol(format!("a frame of {} bytes is cut short", bytes.len()));
+    let head: &[u8; 12] = bytes.get(..12).and_then(|h| h.try_into().ok()).ok_or_else(short)?;
+    let (seq, dims) = parse_head(head, "the peer")?;
+    let shape = parse_shape(bytes.get(12..12 + 8 * dims).ok_or_else(short)?);
+    let n = check_header(seq, want_seq, &shape, "the peer")?;
+    let body = &bytes[12 + 8 * dims..];
+    if body.len() != 4 * n {
+        return Err(CollectiveError::Protocol(format!(
+            "shape {shape:?} needs {} bytes, the frame has {}",
+            4 * n,
+            body.len()
+        )));
+    }
+    Ok((shape, f32s(body)))
+}
 
 pub(crate) fn check_header(seq: u64, want_seq: u64, shape: &[usize], from: &str) -> Result<usize> {
     let n: usize = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).unwrap_or(usize::MAX);
@@ -114,15 +149,10 @@ impl QuicPipe {
 async fn read_frame(recv: &mut RecvStream, want_seq: u64, from: &str) -> Result<(Vec<usize>, Vec<f32>)> {
     let mut head = [0u8; 12];
     recv.read_exact(&mut head).await.map_err(|e| link_err(format!("from {from}: {e}")))?;
-    let seq = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
-    let dims = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
-    if dims > MAX_DIMS {
-        return Err(CollectiveError::Protocol(format!("{from} sent a tensor of {dims} dims")));
-    }
+    let (seq, dims) = parse_head(&head, from)?;
     let mut raw = vec![0u8; 8 * dims];
     recv.read_exact(&mut raw).await.map_err(|e| link_err(format!("from {from}: {e}")))?;
-    let shape: Vec<usize> =
-        raw.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize).collect();
+    let shape = parse_shape(&raw);
     let n = check_header(seq, want_seq, &shape, from)?;
     // The header only claims a size: memory grows with the bytes that really arrive, so a
     // bad header costs at most one chunk before the stream ends.

@@ -13,6 +13,36 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> CoordError {
     move |source| CoordError::Io { what, source }
 }
 
+/// The progress bar on the screen, if any: log lines written to stderr while it is drawn
+/// go through [`BelowBar`], which takes the bar off the screen for the line and redraws it
+/// after, so the two never tear each other.
+static ACTIVE_BAR: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
+
+fn set_active_bar(bar: Option<ProgressBar>) {
+    if let Ok(mut active) = ACTIVE_BAR.lock() {
+        *active = bar;
+    }
+}
+
+/// A writer that writes to `sink` with the active progress bar suspended:
+/// `fmt::layer().with_writer(|| BelowBar(std::io::stderr()))` (tracing writes one event per
+/// `write_all`).
+pub struct BelowBar<W: Write>(pub W);
+
+impl<W: Write> Write for BelowBar<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let bar = ACTIVE_BAR.lock().ok().and_then(|b| b.clone());
+        match bar {
+            Some(bar) => bar.suspend(|| self.0.write_all(bytes)).map(|()| bytes.len()),
+            None => self.0.write(bytes),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Appends metrics lines and drives the progress bar.
 pub struct RunWriter {
     dir: PathBuf,
@@ -20,6 +50,12 @@ pub struct RunWriter {
     events: EventWriter,
     bar: ProgressBar,
     job_name: String,
+}
+
+impl Drop for RunWriter {
+    fn drop(&mut self) {
+        set_active_bar(None);
+    }
 }
 
 impl RunWriter {
@@ -45,6 +81,9 @@ impl RunWriter {
             ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
+        if progress {
+            set_active_bar(Some(bar.clone()));
+        }
         let events = EventWriter::create(dir)
             .map_err(io_err(format!("creating a TensorBoard event file in {}", dir.display())))?;
         Ok(Self {
@@ -172,5 +211,43 @@ impl RunWriter {
             dir.display()
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use indicatif::{InMemoryTerm, ProgressDrawTarget};
+
+    /// Records what the terminal showed at the moment each line was written.
+    struct ScreenAtWrite(InMemoryTerm, Vec<String>);
+
+    impl Write for ScreenAtWrite {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.1.push(self.0.contents());
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_lines_are_written_with_the_bar_off_the_screen() {
+        let term = InMemoryTerm::new(10, 100);
+        let bar = ProgressBar::with_draw_target(Some(100), ProgressDrawTarget::term_like(Box::new(term.clone())));
+        bar.set_style(ProgressStyle::with_template("{bar:20} {pos}/{len} steps").unwrap());
+        bar.set_position(40);
+        bar.tick();
+        assert!(term.contents().contains("40/100 steps"), "the bar is drawn: {:?}", term.contents());
+        set_active_bar(Some(bar.clone()));
+        let mut log = BelowBar(ScreenAtWrite(term.clone(), Vec::new()));
+        log.write_all(b"2026-12-01T00:00:00Z  INFO a log line\n").unwrap();
+        assert_eq!(log.0 .1, vec![String::new()], "the bar was on the screen while the line was written");
+        assert!(term.contents().contains("40/100 steps"), "the bar is back: {:?}", term.contents());
+        set_active_bar(None);
+        let mut plain = BelowBar(ScreenAtWrite(term.clone(), Vec::new()));
+        plain.write_all(b"no bar\n").unwrap();
+        assert_eq!(plain.0 .1.len(), 1);
     }
 }

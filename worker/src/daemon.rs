@@ -468,13 +468,12 @@ impl Node<'_> {
     }
 
     fn run_task(&self, session: &Session, assign: &Assign) -> Result<()> {
-        check_assign(assign)?;
+        let checked_spec = check_task(assign)?;
         let opts = self.opts;
         let (rank, world) = (assign.rank, assign.world);
         match &assign.task {
-            Task::Train { job_toml, threads, bucket_bytes, weights_path, checkpoint_dir, resume_path, trace } => {
-                let spec = JobSpec::parse(job_toml, std::path::Path::new("<assigned job>"), &[])
-                    .map_err(|e| WorkerError::Config(e.to_string()))?;
+            Task::Train { threads, bucket_bytes, weights_path, checkpoint_dir, resume_path, trace, .. } => {
+                let spec = checked_spec.ok_or_else(|| WorkerError::Config("a training task without a job".into()))?;
                 let threads = if *threads > 0 { *threads } else { opts.threads };
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -504,7 +503,7 @@ impl Node<'_> {
                     #[cfg(feature = "cuda")]
                     Device::Cuda(i) => {
                         let be = lockstep_kernels::cuda::CudaBackend::new(i).map_err(WorkerError::Device)?;
-                        train_on(be, job, comm, stage, session)
+                        crate::device_task(|| train_on(be, job, comm, stage, session))
                     }
                     #[cfg(not(feature = "cuda"))]
                     Device::Cuda(_) => Err(WorkerError::Device("this build has no CUDA support".into())),
@@ -525,11 +524,6 @@ impl Node<'_> {
                 Ok(())
             }
             Task::BenchAllReduce { sizes, iters, transport } => {
-                if let Some(&bytes) = sizes.iter().find(|&&b| b > MAX_BENCH_BYTES) {
-                    return Err(WorkerError::Config(format!(
-                        "bench all-reduce of {bytes} bytes: at most {MAX_BENCH_BYTES} a message"
-                    )));
-                }
                 let mut comm = self.build_comm(assign, *transport)?;
                 let results = sizes
                     .iter()
@@ -651,6 +645,29 @@ fn check_assign(assign: &Assign) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Everything about an `Assign` that can be checked before a connection is made or memory
+/// is taken: the rank and peer list, the job (returned, parsed), its pipeline placement,
+/// the benchmark sizes. The fuzz target `assign` runs it on arbitrary frames.
+pub fn check_task(assign: &Assign) -> Result<Option<JobSpec>> {
+    check_assign(assign)?;
+    match &assign.task {
+        Task::Train { job_toml, .. } => {
+            let spec = JobSpec::parse(job_toml, std::path::Path::new("<assigned job>"), &[])
+                .map_err(|e| WorkerError::Config(e.to_string()))?;
+            if spec.parallel.pipeline_stages > 1 {
+                PipelinePlace::of(assign, &spec)?;
+            }
+            Ok(Some(spec))
+        }
+        Task::BenchAllReduce { sizes, .. } => match sizes.iter().find(|&&b| b > MAX_BENCH_BYTES) {
+            Some(bytes) => Err(WorkerError::Config(format!(
+                "bench all-reduce of {bytes} bytes: at most {MAX_BENCH_BYTES} a message"
+            ))),
+            None => Ok(None),
+        },
+    }
 }
 
 /// What one training task needs besides the backend.

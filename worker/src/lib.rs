@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod early_stop;
 pub mod eval;
 pub mod finetune;
+pub mod fuzz;
 pub mod guards;
 pub mod lm;
 pub mod log_tap;
@@ -42,3 +43,32 @@ pub enum WorkerError {
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;
+
+/// Runs a task on a device backend, turning a panic of the backend (a CUDA allocation that
+/// failed: out of memory) into the task's `WorkerError::Device`, so the run fails with
+/// the reason and a daemon stays up for the next task.
+pub fn device_task<T, E: From<WorkerError>>(
+    task: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the device backend panicked");
+        Err(WorkerError::Device(reason.to_string()).into())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_backend_panic_becomes_the_task_error() {
+        let failed = super::device_task(|| -> super::Result<()> {
+            panic!("cuda:0 (H200): allocating 1000000000 floats failed: out of memory")
+        });
+        let err = failed.unwrap_err().to_string();
+        assert!(err.starts_with("device: cuda:0") && err.contains("out of memory"), "{err}");
+        assert_eq!(super::device_task(|| Ok::<_, super::WorkerError>(3)).unwrap(), 3);
+    }
+}

@@ -5,7 +5,7 @@
 
 use super::handshake;
 use super::segment::{futex_wait, futex_wake_all, has_exited, pidfd_open, Mapping};
-use crate::pipe::{check_header, encode, Neighbour, PipeLink, MAX_DIMS};
+use crate::pipe::{check_header, encode, parse_head, parse_shape, Neighbour, PipeLink};
 use crate::ring::RingLink;
 use crate::{CollectiveError, Result};
 use std::os::fd::OwnedFd;
@@ -207,22 +207,23 @@ impl ShmPipe {
 
     /// One frame from `fifo`: its shape and values, checked against sequence `seq`.
     fn read_frame(&self, fifo: &Fifo, peer: &Peer, seq: u64) -> Result<(Vec<usize>, Vec<f32>)> {
+        let from = format!("rank {}", peer.rank);
         let mut head = [0u8; 12];
         self.read_exact(fifo, peer, &mut head)?;
-        let got_seq = u64::from_le_bytes([head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7]]);
-        let dims = u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as usize;
-        if dims > MAX_DIMS {
-            return Err(CollectiveError::Protocol(format!("rank {} sent a tensor of {dims} dims", peer.rank)));
-        }
+        let (got_seq, dims) = parse_head(&head, &from)?;
         let mut raw = vec![0u8; 8 * dims];
         self.read_exact(fifo, peer, &mut raw)?;
-        let shape: Vec<usize> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as usize)
-            .collect();
-        let n = check_header(got_seq, seq, &shape, &format!("rank {}", peer.rank))?;
-        let mut values = vec![0.0f32; n];
-        self.read_exact(fifo, peer, bytemuck::cast_slice_mut(&mut values))?;
+        let shape = parse_shape(&raw);
+        let n = check_header(got_seq, seq, &shape, &from)?;
+        // The header only claims a size: memory grows with the bytes that really arrive.
+        const CHUNK_VALUES: usize = 1 << 18;
+        let mut values: Vec<f32> = Vec::with_capacity(n.min(CHUNK_VALUES));
+        let mut chunk = vec![0.0f32; n.min(CHUNK_VALUES)];
+        while values.len() < n {
+            let take = (n - values.len()).min(CHUNK_VALUES);
+            self.read_exact(fifo, peer, bytemuck::cast_slice_mut(&mut chunk[..take]))?;
+            values.extend_from_slice(&chunk[..take]);
+        }
         Ok((shape, values))
     }
 }

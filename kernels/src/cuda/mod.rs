@@ -158,8 +158,9 @@ impl Backend for CudaBackend {
         sync.map_err(|e| e.to_string())
     }
 
-    // Allocation failure has no buffer to return: like an out-of-memory on the host, it
-    // ends the process with the device and the size named.
+    // Allocation failure has no buffer to return: it unwinds with the device and the size
+    // named, and `lockstep_worker::device_task` turns that into the task's error (the
+    // process and the daemon go on).
     fn zeros(&self, len: usize) -> Self::Buf {
         match self.stream.alloc_zeros::<f32>(len) {
             Ok(b) => b,
@@ -172,8 +173,11 @@ impl Backend for CudaBackend {
             Err(e) => panic!("{}: uploading {} floats failed: {e}", self.name, data.len()),
         }
     }
+    // A failed copy is recorded for `check()` (which fails the step); until then the
+    // caller gets a buffer of the right length full of NaN, never a short one it would
+    // index past, nor plausible numbers.
     fn download(&self, buf: &Self::Buf) -> Vec<f32> {
-        self.record("download", self.stream.clone_dtoh(buf)).unwrap_or_default()
+        self.record("download", self.stream.clone_dtoh(buf)).unwrap_or_else(|| vec![f32::NAN; buf.len()])
     }
     fn len(&self, buf: &Self::Buf) -> usize {
         buf.len()
