@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bin, run, stderr, summary, temp_dir};
+use common::{bin, run, small_mnist, stderr, summary, temp_dir};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -160,4 +160,27 @@ fn a_pipeline_resumes_every_stage_from_its_checkpoint_bit_for_bit() {
         assert_eq!(a[&step].to_bits(), b[&step].to_bits(), "step {step}: {} vs {}", a[&step], b[&step]);
     }
     assert_eq!(summary(&full)["rank_weight_hashes"], summary(&resumed)["rank_weight_hashes"], "every stage's weights");
+}
+
+#[test]
+fn a_pipelined_classifier_reports_the_same_class_metrics() {
+    let root = temp_dir("pipeline-classes");
+    let run_mlp = |name: &str, workers: usize, stages: usize| {
+        let dir = root.join(name);
+        let out = run(bin()
+            .args(["local", "--quiet", "--workers", &workers.to_string(), "configs/mnist-mlp.toml", "--out"])
+            .arg(&dir)
+            .args(small_mnist(512, 1))
+            .args(["--set", &format!("parallel.pipeline_stages={stages}")]));
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        summary(&dir)
+    };
+    let plain = run_mlp("plain", 1, 1);
+    let piped = run_mlp("p2", 2, 2);
+    let confusion = &piped["test_metrics"]["confusion"];
+    assert!(confusion.is_array(), "the pipelined summary has the class metrics: {piped}");
+    assert_eq!(confusion, &plain["test_metrics"]["confusion"]);
+    assert_eq!(piped["test_accuracy"], plain["test_accuracy"]);
+    let macro_f1 = |s: &serde_json::Value| s["test_metrics"]["macro_f1"].as_f64().unwrap();
+    assert!((macro_f1(&piped) - macro_f1(&plain)).abs() < 1e-12);
 }

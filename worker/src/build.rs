@@ -1,19 +1,16 @@
 //! Job spec -> model, optimizer, schedule, data.
 
 use crate::{Result, WorkerError};
-use lockstep_kernels::Window;
 use lockstep_kernels::{Activation, Backend};
 use lockstep_nn::data::text::CharTokenizer;
 use lockstep_nn::data::{load_idx_split, Dataset, Examples, Normalization, Normalizer};
 use lockstep_nn::init::{kaiming_normal, xavier_uniform};
-use lockstep_nn::layers::{
-    Act, BatchNorm, Conv1d, Conv2d, ConvTranspose2d, Dropout, Flatten, LayerNorm, Linear, Pool2d, PoolKind,
-};
+use lockstep_nn::layers::{Act, Dropout, Linear};
 use lockstep_nn::optim::{OptimizerConfig, Rule};
 use lockstep_nn::schedule::{Decay, Schedule};
 use lockstep_nn::{Layer, Sequential};
 use lockstep_proto::job::{
-    ActivationKind, DatasetKind, InitKind, JobSpec, LayerSpec, ModelKind, Normalize, OptimizerKind, ScheduleKind,
+    ActivationKind, DatasetKind, InitKind, JobSpec, ModelKind, Normalize, OptimizerKind, ScheduleKind,
 };
 
 pub fn activation(spec: &JobSpec) -> Activation {
@@ -108,146 +105,7 @@ fn build_base_model<B: Backend>(
     }
 }
 
-/// A `sequential` model: shapes are inferred layer by layer; every layer's output shape,
-/// parameter count and receptive field (T6) are logged. The last layer must produce
-/// `classes` outputs.
-pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> Result<Sequential<B>> {
-    let mut shape = spec.model.input_shape.clone(); // per example: [H, W, C] or [F]
-    let (mut rf, mut jump) = (1usize, 1usize); // receptive field and input pixels per output step
-    let mut layers: Vec<Box<dyn Layer<B>>> = Vec::new();
-    let n_layers = spec.model.layers.len();
-    tracing::info!("{:<4} {:<12} {:>16} {:>10} {:>6}", "#", "layer", "output", "params", "rf");
-    for (i, layer) in spec.model.layers.iter().enumerate() {
-        let bad = |msg: String| WorkerError::Config(format!("model.layers[{i}] ({layer:?}): {msg}"));
-        let image = |shape: &[usize]| match shape {
-            [h, w, c] => Ok((*h, *w, *c)),
-            _ => Err(bad(format!("needs an image input [H, W, C], got {shape:?}"))),
-        };
-        let window = |shape: &[usize], kernel: usize, stride: usize, pad: usize| -> Result<Window> {
-            let (h, w, c) = image(shape)?;
-            if kernel == 0 || stride == 0 || kernel > h + 2 * pad || kernel > w + 2 * pad {
-                return Err(bad(format!("kernel {kernel} stride {stride} padding {pad} does not fit {h}x{w}")));
-            }
-            Ok(Window { h, w, c, kh: kernel, kw: kernel, stride, pad })
-        };
-        let name = format!("l{i}");
-        let built: Box<dyn Layer<B>> = match *layer {
-            LayerSpec::Conv2d { out_channels, kernel, stride, padding, groups } => {
-                let win = window(&shape, kernel, stride, padding)?;
-                if groups == 0 || win.c % groups != 0 || out_channels % groups != 0 || out_channels == 0 {
-                    return Err(bad(format!(
-                        "{} input and {out_channels} output channels must both divide into {groups} groups",
-                        win.c
-                    )));
-                }
-                let fan_in = kernel * kernel * win.c / groups;
-                let w = kaiming_normal(spec.seed, &format!("{name}.weight"), fan_in, out_channels);
-                rf += (kernel - 1) * jump;
-                jump *= stride;
-                shape = vec![win.out_h(), win.out_w(), out_channels];
-                Box::new(Conv2d::new(be, &name, win, out_channels, groups, &w))
-            }
-            LayerSpec::Conv1d { out_channels, kernel, stride, padding, groups } => {
-                let [length, c] = shape[..] else {
-                    return Err(bad(format!("needs a sequence input [L, C], got {shape:?}")));
-                };
-                if kernel == 0 || stride == 0 || kernel > length + 2 * padding {
-                    return Err(bad(format!(
-                        "kernel {kernel} stride {stride} padding {padding} does not fit length {length}"
-                    )));
-                }
-                if groups == 0 || c % groups != 0 || out_channels % groups != 0 || out_channels == 0 {
-                    return Err(bad(format!(
-                        "{c} input and {out_channels} output channels must both divide into {groups} groups"
-                    )));
-                }
-                let fan_in = kernel * c / groups;
-                let w = kaiming_normal(spec.seed, &format!("{name}.weight"), fan_in, out_channels);
-                let conv = Conv1d::new(be, &name, (length, c), out_channels, kernel, stride, padding, groups, &w);
-                rf += (kernel - 1) * jump;
-                jump *= stride;
-                shape = vec![conv.out_length(), out_channels];
-                Box::new(conv)
-            }
-            LayerSpec::ConvTranspose2d { out_channels, kernel, stride, padding } => {
-                let (h, w, c) = image(&shape)?;
-                let size = |s| ConvTranspose2d::<B>::output_size(s, kernel, stride, padding);
-                let (Some(oh), Some(ow)) = (size(h), size(w)) else {
-                    return Err(bad(format!(
-                        "kernel {kernel} stride {stride} padding {padding} gives an empty output"
-                    )));
-                };
-                if kernel == 0 || stride == 0 || out_channels == 0 {
-                    return Err(bad("kernel, stride and out_channels must be > 0".into()));
-                }
-                let weight = kaiming_normal(spec.seed, &format!("{name}.weight"), kernel * kernel * c, out_channels);
-                // An upsampling layer: the receptive field in input pixels shrinks by the stride.
-                jump = (jump / stride).max(1);
-                shape = vec![oh, ow, out_channels];
-                Box::new(ConvTranspose2d::new(be, &name, (h, w, c), out_channels, kernel, stride, padding, &weight))
-            }
-            LayerSpec::MaxPool2d { kernel, stride, padding } | LayerSpec::AvgPool2d { kernel, stride, padding } => {
-                let stride = stride.unwrap_or(kernel);
-                let win = window(&shape, kernel, stride, padding)?;
-                rf += (kernel - 1) * jump;
-                jump *= stride;
-                shape = vec![win.out_h(), win.out_w(), win.c];
-                let kind = if matches!(layer, LayerSpec::MaxPool2d { .. }) { PoolKind::Max } else { PoolKind::Average };
-                Box::new(Pool2d::new(&name, kind, win))
-            }
-            LayerSpec::Flatten => {
-                shape = vec![shape.iter().product()];
-                Box::new(Flatten::new(&name))
-            }
-            LayerSpec::Linear { out } => {
-                let [fan_in] = shape[..] else {
-                    return Err(bad(format!("needs a flat input [F], got {shape:?}: add a flatten layer")));
-                };
-                let is_output = i + 1 == n_layers;
-                let wname = format!("{name}.weight");
-                let w = if is_output {
-                    xavier_uniform(spec.seed, &wname, fan_in, out)
-                } else {
-                    kaiming_normal(spec.seed, &wname, fan_in, out)
-                };
-                shape = vec![out];
-                Box::new(Linear::new(be, &name, fan_in, out, &w))
-            }
-            LayerSpec::LayerNorm => Box::new(LayerNorm::new(be, &name, *shape.last().unwrap_or(&1))),
-            LayerSpec::BatchNorm => {
-                let mut bn = BatchNorm::new(be, &name, *shape.last().unwrap_or(&1));
-                bn.sync = spec.model.sync_batch_norm;
-                Box::new(bn)
-            }
-            LayerSpec::Dropout { p } => {
-                if !(0.0..1.0).contains(&p) {
-                    return Err(bad("p must be in [0, 1)".into()));
-                }
-                Box::new(Dropout::new(&name, p, i as u64))
-            }
-            LayerSpec::Relu => Box::new(Act::new(&name, Activation::Relu, shape.iter().product())),
-            LayerSpec::LeakyRelu => Box::new(Act::new(
-                &name,
-                Activation::LeakyRelu { slope: spec.model.leaky_slope },
-                shape.iter().product(),
-            )),
-            LayerSpec::Sigmoid => Box::new(Act::new(&name, Activation::Sigmoid, shape.iter().product())),
-            LayerSpec::Tanh => Box::new(Act::new(&name, Activation::Tanh, shape.iter().product())),
-            LayerSpec::Silu => Box::new(Act::new(&name, Activation::Swish { beta: 1.0 }, shape.iter().product())),
-            LayerSpec::Gelu => Box::new(Act::new(&name, Activation::Gelu, shape.iter().product())),
-        };
-        let params: usize = built.params().iter().map(|p| p.numel()).sum();
-        let kind = format!("{layer:?}").split([' ', '{']).next().unwrap_or("").to_string();
-        tracing::info!("{:<4} {:<12} {:>16} {:>10} {:>6}", i, kind, format!("{shape:?}"), params, rf);
-        layers.push(built);
-    }
-    if shape != [classes] {
-        return Err(WorkerError::Config(format!(
-            "model.layers: the last layer outputs {shape:?}; the data has {classes} classes"
-        )));
-    }
-    Ok(Sequential::new(layers))
-}
+pub use crate::sequential::build_sequential;
 
 pub fn optimizer_config(spec: &JobSpec) -> OptimizerConfig {
     let o = &spec.optim;

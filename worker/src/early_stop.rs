@@ -1,7 +1,8 @@
 //! Early stopping (T24): watch an evaluation metric, keep the best model (weights plus a
 //! small metadata file) and stop after `patience` evaluations without improvement.
 
-use crate::trainer::{Evaluation, Trainer};
+use crate::evaluation::Evaluation;
+use crate::trainer::Trainer;
 use crate::{model_file, Result, WorkerError};
 use lockstep_kernels::Backend;
 use lockstep_proto::metrics::BestRecord;

@@ -7,8 +7,10 @@ pub mod cost;
 pub mod daemon;
 pub mod early_stop;
 pub mod eval;
+pub mod evaluation;
 pub mod finetune;
 pub mod fuzz;
+mod grad_health;
 pub mod guards;
 pub mod lm;
 pub mod log_tap;
@@ -18,10 +20,12 @@ pub mod placement;
 pub mod reducer;
 pub mod run;
 pub mod sample;
+mod sequential;
 pub mod trace;
 pub mod train_state;
 pub mod trainer;
 
+pub use grad_health::grad_norm_ratio;
 pub use run::{run_training, ReducerFactory, RunEvent, RunOptions};
 pub use trainer::{GradReducer, NoReduce, StepStats, Trainer};
 

@@ -9,7 +9,8 @@
 //! made. GPipe holds all M inputs at its peak, 1F1B at most P − s: that is the difference the
 //! schedule makes, and `PipeReport::peak_stash_bytes` measures it.
 
-use crate::trainer::{Evaluation, GradReducer, StepStats, Trainer};
+use crate::evaluation::Evaluation;
+use crate::trainer::{GradReducer, StepStats, Trainer};
 use crate::{trace, Result, WorkerError};
 use lockstep_collective::pipe::{Neighbour, PipeLink};
 use lockstep_collective::{join_f64, ring_all_reduce, ring_broadcast, split_f64};
@@ -93,6 +94,39 @@ impl PipelineStage {
     fn last(&self) -> bool {
         self.stage + 1 == self.stages
     }
+
+    /// This stage's eval-mode forward of `rows` examples: the input from the batch (first
+    /// stage) or the previous stage, the output to the next stage or (last stage) returned.
+    pub(crate) fn stage_forward<B: Backend>(
+        &mut self,
+        trainer: &mut Trainer<B>,
+        rows: usize,
+        batch: &Batch,
+        ctx: &ForwardCtx,
+    ) -> Result<Option<Tensor<B>>> {
+        let x = if self.first() {
+            trainer.input(rows, &batch.x)
+        } else {
+            let (shape, values) = self.link.recv_tensor(Neighbour::Prev).map_err(link_err)?;
+            Tensor::from_slice(&trainer.be, &shape, &values)
+        };
+        let y = trainer.model.forward(&trainer.be, x, ctx)?;
+        if self.last() {
+            return Ok(Some(y));
+        }
+        let values = y.to_vec(&trainer.be);
+        self.link.send_tensor(Neighbour::Next, &y.shape, &values).map_err(link_err)?;
+        Ok(None)
+    }
+
+    /// The last stage's evaluation, sent around the stage ring: every stage returns it.
+    pub(crate) fn share_evaluation(&mut self, eval: Evaluation, classes: Option<usize>) -> Result<Evaluation> {
+        let mut shared = split_f64(&crate::evaluation::evaluation_to_f64s(&eval, classes));
+        ring_broadcast(self.link.as_mut(), self.stage, self.stages, &mut shared, self.stages - 1).map_err(link_err)?;
+        let mut values = vec![0.0; shared.len() / 2];
+        join_f64(&shared, &mut values);
+        Ok(crate::evaluation::evaluation_from_f64s(&values, classes))
+    }
 }
 
 fn link_err(e: lockstep_collective::CollectiveError) -> WorkerError {
@@ -103,6 +137,45 @@ fn link_err(e: lockstep_collective::CollectiveError) -> WorkerError {
 pub(crate) struct Votes {
     stop: bool,
     checkpoint: bool,
+}
+
+/// A step's reduced scalars (loss sum, targets), ‖g‖², exposed communication, loss scale
+/// and votes.
+struct ScheduleOutcome {
+    scalars: [f64; 2],
+    squared_norm: f64,
+    comm_wait_s: f64,
+    loss_scale: f32,
+    votes: Votes,
+}
+
+/// The micro-batches of one step in flight.
+struct InFlight<B: Backend> {
+    /// Stage inputs of micro-batches in flight, for the recompute before their backward.
+    stash: HashMap<usize, Tensor<B>>,
+    /// The micro-batch whose forward the layer caches hold, and (last stage) its dlogits.
+    caches_hold: Option<usize>,
+    last_dlogits: Option<(usize, Tensor<B>)>,
+    micro_loss: Vec<f64>,
+    targets: usize,
+    /// Seconds computing, not waiting.
+    busy: f64,
+    loss_scale: f32,
+}
+
+impl<B: Backend> InFlight<B> {
+    fn new(micro_batches: usize, loss_scale: f32) -> Self {
+        let micro_loss = vec![0.0; micro_batches];
+        Self {
+            stash: HashMap::new(),
+            caches_hold: None,
+            last_dlogits: None,
+            micro_loss,
+            targets: 0,
+            busy: 0.0,
+            loss_scale,
+        }
+    }
 }
 
 impl<B: Backend> Trainer<B> {
@@ -174,113 +247,139 @@ impl<B: Backend> Trainer<B> {
         let mut pipe = self.pipeline.take().ok_or_else(|| WorkerError::Config("not a pipeline stage".into()))?;
         let result = self.run_schedule(&mut pipe, data, local, reducer);
         self.pipeline = Some(pipe);
-        let (scalars, squared_norm, comm_wait_s, loss_scale, votes) = result?;
+        let ScheduleOutcome { scalars, squared_norm, comm_wait_s, loss_scale, votes } = result?;
         let mut stats = self.apply_update(scalars, squared_norm, comm_wait_s, loss_scale)?;
         stats.stop_requested = votes.stop;
         stats.checkpoint_requested = votes.checkpoint;
         Ok(stats)
     }
 
-    #[allow(clippy::type_complexity)]
+    /// The step's micro-batches through the schedule, then the stage's reduction.
     fn run_schedule(
         &mut self,
         pipe: &mut PipelineStage,
         data: &dyn Examples,
         local: &[u32],
         reducer: &mut dyn GradReducer<B>,
-    ) -> Result<([f64; 2], f64, f64, f32, Votes)> {
+    ) -> Result<ScheduleOutcome> {
         crate::trace::set_step(self.global_step);
         self.model.zero_grad(&self.be);
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let m = pipe.micro_batches;
         let micro: Vec<&[u32]> = (0..m).map(|i| rank_slice(local, i, m)).collect();
         let started = Instant::now();
-        let mut busy = 0.0;
-        // Stage inputs of micro-batches in flight, for the recompute before their backward.
-        let mut stash: HashMap<usize, Tensor<B>> = HashMap::new();
-        // The micro-batch whose forward the layer caches hold, and (last stage) its dlogits.
-        let mut caches_hold: Option<usize> = None;
-        let mut last_dlogits: Option<(usize, Tensor<B>)> = None;
-        let mut micro_loss = vec![0.0f64; m];
-        let mut targets = 0usize;
+        let mut st = InFlight::new(m, loss_scale);
         for op in schedule_ops(pipe.schedule, pipe.stage, pipe.stages, m) {
             match op {
-                Op::Forward(i) => {
-                    let batch = self.gather(data, micro[i]);
-                    targets += batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
-                    let x = if pipe.first() {
-                        self.input(micro[i].len(), &batch.x)
-                    } else {
-                        let (shape, values) = pipe.link.recv_tensor(Neighbour::Prev).map_err(link_err)?;
-                        Tensor::from_slice(&self.be, &shape, &values)
-                    };
-                    let t0 = Instant::now();
-                    let _span = trace::span_detail(SpanKind::Forward, i as u32);
-                    stash.insert(i, x.duplicate(&self.be));
-                    let (y, loss) = self.micro_forward(&batch, micro[i], x, pipe.last(), loss_scale)?;
-                    caches_hold = Some(i);
-                    if let Some(out) = loss {
-                        micro_loss[i] = out.loss_sum;
-                        last_dlogits = Some((i, out.grad));
-                        busy += t0.elapsed().as_secs_f64();
-                    } else {
-                        let values = y.to_vec(&self.be);
-                        busy += t0.elapsed().as_secs_f64();
-                        pipe.link.send_tensor(Neighbour::Next, &y.shape, &values).map_err(link_err)?;
-                    }
-                    let held: usize = stash.values().map(|t| t.numel() * 4).sum();
-                    pipe.report.peak_stash_bytes = pipe.report.peak_stash_bytes.max(held);
-                    pipe.report.peak_in_flight = pipe.report.peak_in_flight.max(stash.len());
-                }
-                Op::Backward(i) => {
-                    let received = if pipe.last() {
-                        None
-                    } else {
-                        let (shape, values) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
-                        let (_, loss) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
-                        join_f64(&loss, &mut micro_loss[i..=i]);
-                        Some(Tensor::from_slice(&self.be, &shape, &values))
-                    };
-                    let t0 = Instant::now();
-                    let _span = trace::span_detail(SpanKind::Backward, i as u32);
-                    let x =
-                        stash.remove(&i).ok_or_else(|| WorkerError::Config(format!("micro-batch {i} not stashed")))?;
-                    let kept_dlogits = last_dlogits.take().filter(|(j, _)| *j == i && caches_hold == Some(i));
-                    let dy = match (received, kept_dlogits) {
-                        (Some(dy), _) if caches_hold == Some(i) => dy,
-                        (_, Some((_, dlogits))) => dlogits,
-                        (received, None) => {
-                            // The layer caches hold another micro-batch: recompute this one's.
-                            let batch = self.gather(data, micro[i]);
-                            let (_, loss) = self.micro_forward(&batch, micro[i], x, pipe.last(), loss_scale)?;
-                            match (received, loss) {
-                                (Some(dy), _) => dy,
-                                (None, Some(out)) => out.grad,
-                                (None, None) => {
-                                    return Err(WorkerError::Config(format!(
-                                        "micro-batch {i}: no gradient to propagate"
-                                    )))
-                                }
-                            }
-                        }
-                    };
-                    let dx = self.model.backward(&self.be, dy)?;
-                    caches_hold = None;
-                    busy += t0.elapsed().as_secs_f64();
-                    if !pipe.first() {
-                        let values = dx.to_vec(&self.be);
-                        pipe.link.send_tensor(Neighbour::Prev, &dx.shape, &values).map_err(link_err)?;
-                        pipe.link.send_tensor(Neighbour::Prev, &[2], &split_f64(&[micro_loss[i]])).map_err(link_err)?;
+                Op::Forward(i) => self.forward_op(pipe, data, micro[i], i, &mut st)?,
+                Op::Backward(i) => self.backward_op(pipe, data, micro[i], i, &mut st)?,
+            }
+        }
+        pipe.report.busy_s += st.busy;
+        pipe.report.pipeline_s += started.elapsed().as_secs_f64();
+        self.reduce_stage(pipe, reducer, st.micro_loss.iter().sum(), st.targets, loss_scale)
+    }
+
+    /// Forward of micro-batch `i` (`ids`): its input from the data (first stage) or the
+    /// previous stage, stashed for the backward; its output to the next stage, or (last
+    /// stage) its loss and dlogits kept.
+    fn forward_op(
+        &mut self,
+        pipe: &mut PipelineStage,
+        data: &dyn Examples,
+        ids: &[u32],
+        i: usize,
+        st: &mut InFlight<B>,
+    ) -> Result<()> {
+        let batch = self.gather(data, ids);
+        st.targets += batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
+        let x = if pipe.first() {
+            self.input(ids.len(), &batch.x)
+        } else {
+            let (shape, values) = pipe.link.recv_tensor(Neighbour::Prev).map_err(link_err)?;
+            Tensor::from_slice(&self.be, &shape, &values)
+        };
+        let t0 = Instant::now();
+        let _span = trace::span_detail(SpanKind::Forward, i as u32);
+        st.stash.insert(i, x.duplicate(&self.be));
+        let (y, loss) = self.micro_forward(&batch, ids, x, pipe.last(), st.loss_scale)?;
+        st.caches_hold = Some(i);
+        if let Some(out) = loss {
+            st.micro_loss[i] = out.loss_sum;
+            st.last_dlogits = Some((i, out.grad));
+            st.busy += t0.elapsed().as_secs_f64();
+        } else {
+            let values = y.to_vec(&self.be);
+            st.busy += t0.elapsed().as_secs_f64();
+            pipe.link.send_tensor(Neighbour::Next, &y.shape, &values).map_err(link_err)?;
+        }
+        let held: usize = st.stash.values().map(|t| t.numel() * 4).sum();
+        pipe.report.peak_stash_bytes = pipe.report.peak_stash_bytes.max(held);
+        pipe.report.peak_in_flight = pipe.report.peak_in_flight.max(st.stash.len());
+        Ok(())
+    }
+
+    /// Backward of micro-batch `i`: dL/dy from the next stage (with its loss) or the kept
+    /// dlogits, the forward recomputed first if the layer caches hold another micro-batch;
+    /// dL/dx and the loss to the previous stage.
+    fn backward_op(
+        &mut self,
+        pipe: &mut PipelineStage,
+        data: &dyn Examples,
+        ids: &[u32],
+        i: usize,
+        st: &mut InFlight<B>,
+    ) -> Result<()> {
+        let received = if pipe.last() {
+            None
+        } else {
+            let (shape, values) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
+            let (_, loss) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
+            join_f64(&loss, &mut st.micro_loss[i..=i]);
+            Some(Tensor::from_slice(&self.be, &shape, &values))
+        };
+        let t0 = Instant::now();
+        let _span = trace::span_detail(SpanKind::Backward, i as u32);
+        let x = st.stash.remove(&i).ok_or_else(|| WorkerError::Config(format!("micro-batch {i} not stashed")))?;
+        let kept_dlogits = st.last_dlogits.take().filter(|(j, _)| *j == i && st.caches_hold == Some(i));
+        let dy = match (received, kept_dlogits) {
+            (Some(dy), _) if st.caches_hold == Some(i) => dy,
+            (_, Some((_, dlogits))) => dlogits,
+            (received, None) => {
+                // The layer caches hold another micro-batch: recompute this one's.
+                let batch = self.gather(data, ids);
+                let (_, loss) = self.micro_forward(&batch, ids, x, pipe.last(), st.loss_scale)?;
+                match (received, loss) {
+                    (Some(dy), _) => dy,
+                    (None, Some(out)) => out.grad,
+                    (None, None) => {
+                        return Err(WorkerError::Config(format!("micro-batch {i}: no gradient to propagate")))
                     }
                 }
             }
+        };
+        let dx = self.model.backward(&self.be, dy)?;
+        st.caches_hold = None;
+        st.busy += t0.elapsed().as_secs_f64();
+        if !pipe.first() {
+            let values = dx.to_vec(&self.be);
+            pipe.link.send_tensor(Neighbour::Prev, &dx.shape, &values).map_err(link_err)?;
+            pipe.link.send_tensor(Neighbour::Prev, &[2], &split_f64(&[st.micro_loss[i]])).map_err(link_err)?;
         }
-        pipe.report.busy_s += busy;
-        pipe.report.pipeline_s += started.elapsed().as_secs_f64();
-        // Data parallelism among this stage's replicas: the usual bucketed reducer.
-        let loss_sum: f64 = micro_loss.iter().sum();
-        // This rank's vote to stop after this step (preemption): summed over the stage's
-        // replicas with the loss, then around the stage ring with the norm.
+        Ok(())
+    }
+
+    /// Data parallelism among this stage's replicas (the usual bucketed reducer, with the
+    /// loss, target count and votes), then ‖g‖² and the votes summed around the stage ring.
+    fn reduce_stage(
+        &mut self,
+        pipe: &mut PipelineStage,
+        reducer: &mut dyn GradReducer<B>,
+        loss_sum: f64,
+        targets: usize,
+        loss_scale: f32,
+    ) -> Result<ScheduleOutcome> {
+        // This rank's vote to stop after this step (preemption) and to checkpoint.
         let stop_vote = if lockstep_proto::preempt::requested().is_some() { 1.0 } else { 0.0 };
         let checkpoint_vote = if self.checkpoint_wanted { 1.0 } else { 0.0 };
         reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote, checkpoint_vote]);
@@ -302,47 +401,7 @@ impl<B: Backend> Trainer<B> {
         join_f64(&squares, &mut totals);
         let [squared_norm, stop_votes, checkpoint_votes] = totals;
         let votes = Votes { stop: stop_votes > 0.5, checkpoint: checkpoint_votes > 0.5 };
-        Ok(([scalars[0], scalars[1]], squared_norm, comm_wait_s, loss_scale, votes))
-    }
-
-    /// Evaluation through the pipeline: the last stage computes the loss and accuracy and
-    /// sends the totals around the stage ring, so every stage returns the same numbers.
-    pub(crate) fn pipeline_evaluate(&mut self, data: &dyn Examples) -> Result<Evaluation> {
-        let mut pipe = self.pipeline.take().ok_or_else(|| WorkerError::Config("not a pipeline stage".into()))?;
-        let result = self.evaluate_stage(&mut pipe, data);
-        self.pipeline = Some(pipe);
-        result
-    }
-
-    fn evaluate_stage(&mut self, pipe: &mut PipelineStage, data: &dyn Examples) -> Result<Evaluation> {
-        let (mut loss, mut correct, mut targets) = (0.0f64, 0usize, 0usize);
-        let indices: Vec<u32> = (0..data.len() as u32).collect();
-        for chunk in indices.chunks(crate::trainer::eval_chunk_len(data)) {
-            let batch = data.gather(chunk);
-            let x = if pipe.first() {
-                self.input(chunk.len(), &batch.x)
-            } else {
-                let (shape, values) = pipe.link.recv_tensor(Neighbour::Prev).map_err(link_err)?;
-                Tensor::from_slice(&self.be, &shape, &values)
-            };
-            let ctx = self.micro_ctx(false, chunk, batch.seq_lens);
-            let y = self.model.forward(&self.be, x, &ctx)?;
-            if pipe.last() {
-                let out = softmax_cross_entropy(&self.be, &y, &batch.y, None, 1.0)?;
-                loss += out.loss_sum;
-                correct += out.correct;
-                targets += batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
-            } else {
-                let values = y.to_vec(&self.be);
-                pipe.link.send_tensor(Neighbour::Next, &y.shape, &values).map_err(link_err)?;
-            }
-        }
-        let mut totals = split_f64(&[loss, correct as f64, targets as f64]);
-        ring_broadcast(pipe.link.as_mut(), pipe.stage, pipe.stages, &mut totals, pipe.stages - 1).map_err(link_err)?;
-        let mut sums = [0.0; 3];
-        join_f64(&totals, &mut sums);
-        let n = sums[2].max(1.0);
-        Ok(Evaluation { loss: sums[0] / n, accuracy: sums[1] / n, targets: sums[2] as usize, classes: None })
+        Ok(ScheduleOutcome { scalars: [scalars[0], scalars[1]], squared_norm, comm_wait_s, loss_scale, votes })
     }
 }
 

@@ -3,20 +3,22 @@
 //! sends them to the coordinator.
 
 use crate::early_stop::{early_stopping, EarlyStop};
+use crate::evaluation::Evaluation;
+use crate::grad_health;
 use crate::guards::Alarm;
 use crate::pipeline::PipelineStage;
-use crate::trainer::{Evaluation, GradReducer, Skip, Trainer};
+use crate::trainer::{GradReducer, Skip, StepStats, Trainer};
 use crate::{build, train_state, Result};
 use crate::{cost, Result as WResult};
 use lockstep_kernels::Backend;
-use lockstep_nn::data::{rank_slice, EpochSampler, Remainder};
+use lockstep_nn::data::{rank_slice, EpochSampler, Examples, Remainder};
 use lockstep_nn::data::{BalancedOrder, Rebalance};
 use lockstep_nn::optim::sparsity;
 use lockstep_proto::job::Remainder as SpecRemainder;
 use lockstep_proto::metrics::StageReport;
 use lockstep_proto::toolbox::{BlowupAction, Dtype, Resample};
 use lockstep_proto::trace::SpanKind;
-use lockstep_proto::{EvalRecord, Histogram, JobSpec, LayerGradNorm, Summary, TrainRecord};
+use lockstep_proto::{EvalRecord, Histogram, JobSpec, Summary, TrainRecord};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -51,11 +53,6 @@ pub struct StepReport {
     pub weight_hash: u64,
     pub grad_histograms: Vec<(String, Histogram)>,
 }
-
-/// T33 bounds on the first/last layer gradient-norm ratio beyond which a warning is logged.
-const VANISHING_RATIO: f64 = 1e-3;
-const EXPLODING_RATIO: f64 = 1e3;
-const HISTOGRAM_BUCKETS: usize = 30;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -94,6 +91,8 @@ pub fn run_training<B: Backend>(
 
 /// `run_training` for one stage of a pipeline (T42) when `stage` is set: rank r is stage
 /// r mod P of data-parallel replica r div P; the reducer sums over the stage's replicas.
+/// Four phases: prepare (data, trainer, stage, reducer, resume), start, the epochs of
+/// steps with their hooks (guards, logging, checkpoints, evaluation), finish (summary).
 pub fn run_training_stage<B: Backend>(
     be: B,
     spec: &JobSpec,
@@ -102,29 +101,41 @@ pub fn run_training_stage<B: Backend>(
     make_reducer: ReducerFactory<'_, B>,
     on_event: &mut dyn FnMut(RunEvent) -> Result<()>,
 ) -> Result<(Summary, Trainer<B>)> {
+    let setup = prepare(be, spec, &opts, stage, make_reducer)?;
+    let mut run = Run::start(spec, opts, setup, on_event)?;
+    run.train_epochs()?;
+    run.finish()
+}
+
+/// What `prepare` sets up once.
+struct Setup<B: Backend> {
+    trainer: Trainer<B>,
+    reducer: Box<dyn GradReducer<B>>,
+    train: Box<dyn Examples>,
+    test: Box<dyn Examples>,
+    sampler: EpochSampler,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    /// The step the run resumed at (0 for a fresh run).
+    resumed_at: u64,
+    data_rank: usize,
+    data_world: usize,
+    /// This pipeline stage's layers (empty without a pipeline).
+    stage_layers: Vec<String>,
+    init_weight_hash: u64,
+}
+
+/// Loads the data, builds the trainer (every rank the whole model, so every rank checks the
+/// same initial hash), keeps this stage's layers, makes the reducer and restores `resume`.
+fn prepare<B: Backend>(
+    be: B,
+    spec: &JobSpec,
+    opts: &RunOptions,
+    stage: Option<PipelineStage>,
+    make_reducer: ReducerFactory<'_, B>,
+) -> Result<Setup<B>> {
     let build::LoadedData { train, test, vocab } = build::load_data(spec)?;
-    let balance = match (spec.data.resample, train.labels()) {
-        (Resample::None, _) => None,
-        (Resample::Oversample, Some(labels)) => {
-            Some(BalancedOrder::new(Rebalance::Oversample, labels, train.classes()))
-        }
-        (Resample::Undersample, Some(labels)) => {
-            Some(BalancedOrder::new(Rebalance::Undersample, labels, train.classes()))
-        }
-        (_, None) => {
-            return Err(crate::WorkerError::Config("data.resample needs labelled (idx) data".into()));
-        }
-    };
-    let sampler = EpochSampler {
-        len: train.len(),
-        global_batch: spec.train.batch_size,
-        seed: spec.seed,
-        remainder: match spec.data.remainder {
-            SpecRemainder::Drop => Remainder::Drop,
-            SpecRemainder::Pad => Remainder::Pad,
-        },
-        balance,
-    };
+    let sampler = epoch_sampler(spec, train.as_ref())?;
     let steps_per_epoch = sampler.steps_per_epoch() as u64;
     if steps_per_epoch == 0 {
         return Err(crate::WorkerError::Config(format!(
@@ -144,8 +155,6 @@ pub fn run_training_stage<B: Backend>(
         trainer.class_weights = class_weights(spec, &counts)?;
     }
     trainer.prior_threshold = build::prior_threshold(train.as_ref());
-    // Every rank builds the whole model first (so every rank checks the same initial hash),
-    // then a pipeline stage keeps its layers.
     let init_weight_hash = trainer.model.weight_hash(&trainer.be);
     if stages_of(spec) > 1 && (stage.is_none() || !opts.world.is_multiple_of(stages_of(spec))) {
         return Err(crate::WorkerError::Config(format!(
@@ -155,247 +164,408 @@ pub fn run_training_stage<B: Backend>(
             opts.world
         )));
     }
-    let (data_rank, data_world) = (opts.rank / stages_of(spec), opts.world / stages_of(spec));
-    let mut stage_layers = Vec::new();
-    let mut resume = opts.resume.clone();
-    if let Some(stage) = stage {
-        if let Some(path) = &resume {
-            // Every stage resumes the same step from its own checkpoint directory.
-            resume = Some(train_state::stage_checkpoint(path, stage.stage)?);
-        }
-        crate::pipeline::check_supported(&trainer.model)?;
-        let (placement, costs) =
-            crate::placement::place(&trainer.model, spec).map_err(|e| crate::WorkerError::Config(e.to_string()))?;
-        let range = placement.stages[stage.stage].clone();
-        stage_layers = costs[range.clone()].iter().map(|c| c.name.clone()).collect();
-        trainer.keep_stage(range, stage);
-    }
+    let (stage_layers, resume) = keep_stage(&mut trainer, spec, stage, opts.resume.clone())?;
     let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
-    let mut reducer = make_reducer(&sizes)?;
+    let reducer = make_reducer(&sizes)?;
     if let Some(path) = &resume {
         let step = train_state::restore_checkpoint(&mut trainer, path)?;
         tracing::info!("resumed from {} at step {step}", path.display());
     }
+    let (data_rank, data_world) = (opts.rank / stages_of(spec), opts.world / stages_of(spec));
     let resumed_at = trainer.global_step;
-    // The checkpoint written, if this rank writes one.
-    let checkpoint = |trainer: &Trainer<B>| -> Result<Option<PathBuf>> {
-        if let (0, Some(dir)) = (data_rank, &opts.checkpoint_dir) {
-            let _span = crate::trace::span(SpanKind::Checkpoint);
-            // Each stage's first replica checkpoints its stage: together they hold the model.
-            let dir = match &trainer.pipeline {
-                Some(p) => dir.join(format!("stage-{}", p.stage)),
-                None => dir.clone(),
-            };
-            let path = train_state::save_checkpoint(trainer, &dir, spec.train.keep_checkpoints)?;
-            tracing::info!("checkpoint {}", path.display());
-            return Ok(Some(path));
-        }
-        Ok(None)
-    };
-    let wire_bytes = match spec.precision.allreduce {
-        Dtype::Fp32 => 4,
-        Dtype::Bf16 | Dtype::Fp16 => 2,
-    };
-    let trainable_params = sizes.iter().flatten().sum::<usize>();
-    let allreduce_bytes_per_step = if data_world > 1 { trainable_params as u64 * wire_bytes } else { 0 };
-    let cost = cost::CostModel::new(&trainer, spec.train.peak_gflops, opts.rank == 0);
-    if opts.rank == 0 {
-        cost.log_start(trainable_params);
-        cost::warn_on_data_per_param(train.distinct_targets(), trainer.model.param_count(), vocab_kind(&trainer));
-    }
-    let mut early_stop = spec.train.early_stop.clone().map(EarlyStop::new);
-    let best_dir = opts.checkpoint_dir.as_ref().and_then(|d| d.parent()).map(|d| d.join("best"));
-    let best_dir = if trainer.pipeline.is_some() { None } else { best_dir };
-    let mut skips_in_row = 0usize;
-    // Wall-clock checkpoints: rank 0's clock asks, every rank takes part at the same step.
-    let checkpoint_period = std::time::Duration::from_secs_f64(spec.train.checkpoint_minutes * 60.0);
-    let mut last_checkpoint = Instant::now();
-    let mut skipped_steps = 0u64;
-    on_event(RunEvent::Start {
+    Ok(Setup {
+        trainer,
+        reducer,
+        train,
+        test,
+        sampler,
+        steps_per_epoch,
         total_steps,
-        params: trainer.model.param_count(),
-        flops_per_example: trainer.model.flops_per_example(),
+        resumed_at,
+        data_rank,
+        data_world,
+        stage_layers,
         init_weight_hash,
-    })?;
+    })
+}
 
-    let started = Instant::now();
-    let mut window_start = Instant::now();
-    let mut window_examples = 0usize;
-    let mut examples_total = 0usize;
-    let mut last_eval: Option<Evaluation> = None;
-    let mut evaluated_at = None;
-    let mut epoch = 0;
-    'epochs: for e in 0..spec.train.epochs as u64 {
-        if (e + 1) * steps_per_epoch <= resumed_at {
-            continue; // finished before the checkpoint
+/// The sampler of the training split: the global batches of each epoch, in order.
+fn epoch_sampler(spec: &JobSpec, train: &dyn Examples) -> Result<EpochSampler> {
+    let balance = match (spec.data.resample, train.labels()) {
+        (Resample::None, _) => None,
+        (Resample::Oversample, Some(labels)) => {
+            Some(BalancedOrder::new(Rebalance::Oversample, labels, train.classes()))
         }
-        epoch = e;
-        let order = sampler.epoch_order(epoch);
-        for s in 0..steps_per_epoch as usize {
-            if e * steps_per_epoch + (s as u64) < resumed_at {
-                continue; // the same global batches, in the same order, whatever the world size
+        (Resample::Undersample, Some(labels)) => {
+            Some(BalancedOrder::new(Rebalance::Undersample, labels, train.classes()))
+        }
+        (_, None) => {
+            return Err(crate::WorkerError::Config("data.resample needs labelled (idx) data".into()));
+        }
+    };
+    Ok(EpochSampler {
+        len: train.len(),
+        global_batch: spec.train.batch_size,
+        seed: spec.seed,
+        remainder: match spec.data.remainder {
+            SpecRemainder::Drop => Remainder::Drop,
+            SpecRemainder::Pad => Remainder::Pad,
+        },
+        balance,
+    })
+}
+
+/// A pipeline stage keeps its own layers (and resumes from its own checkpoint directory,
+/// at the same step as every stage). Returns the stage's layer names and the checkpoint
+/// to resume from.
+fn keep_stage<B: Backend>(
+    trainer: &mut Trainer<B>,
+    spec: &JobSpec,
+    stage: Option<PipelineStage>,
+    resume: Option<PathBuf>,
+) -> Result<(Vec<String>, Option<PathBuf>)> {
+    let Some(stage) = stage else { return Ok((Vec::new(), resume)) };
+    let resume = resume.map(|path| train_state::stage_checkpoint(&path, stage.stage)).transpose()?;
+    crate::pipeline::check_supported(&trainer.model)?;
+    let (placement, costs) =
+        crate::placement::place(&trainer.model, spec).map_err(|e| crate::WorkerError::Config(e.to_string()))?;
+    let range = placement.stages[stage.stage].clone();
+    let layers = costs[range.clone()].iter().map(|c| c.name.clone()).collect();
+    trainer.keep_stage(range, stage);
+    Ok((layers, resume))
+}
+
+/// Whether the step loop goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Go,
+    Stop,
+}
+
+/// What changes as the run goes.
+struct Progress {
+    epoch: u64,
+    started: Instant,
+    skips_in_row: usize,
+    skipped_steps: u64,
+    /// Examples since the last logged step, and when that was.
+    window_examples: usize,
+    window_start: Instant,
+    examples_total: usize,
+    last_checkpoint: Instant,
+    last_eval: Option<Evaluation>,
+    evaluated_at: Option<u64>,
+}
+
+/// A run between `prepare` and its summary.
+struct Run<'a, B: Backend> {
+    spec: &'a JobSpec,
+    opts: RunOptions,
+    s: Setup<B>,
+    cost: cost::CostModel,
+    early_stop: Option<EarlyStop>,
+    best_dir: Option<PathBuf>,
+    /// Wall-clock checkpoints: rank 0's clock asks, every rank takes part at the same step.
+    checkpoint_period: std::time::Duration,
+    p: Progress,
+    on_event: &'a mut dyn FnMut(RunEvent) -> Result<()>,
+}
+
+impl<'a, B: Backend> Run<'a, B> {
+    /// Logs the cost model (rank 0) and reports `RunEvent::Start`.
+    fn start(
+        spec: &'a JobSpec,
+        opts: RunOptions,
+        s: Setup<B>,
+        on_event: &'a mut dyn FnMut(RunEvent) -> Result<()>,
+    ) -> Result<Self> {
+        let trainer = &s.trainer;
+        let cost = cost::CostModel::new(trainer, spec.train.peak_gflops, opts.rank == 0);
+        if opts.rank == 0 {
+            cost.log_start(trainable_params(trainer));
+            cost::warn_on_data_per_param(s.train.distinct_targets(), trainer.model.param_count(), vocab_kind(trainer));
+        }
+        let best_dir = opts.checkpoint_dir.as_ref().and_then(|d| d.parent()).map(|d| d.join("best"));
+        let best_dir = if trainer.pipeline.is_some() { None } else { best_dir };
+        on_event(RunEvent::Start {
+            total_steps: s.total_steps,
+            params: trainer.model.param_count(),
+            flops_per_example: trainer.model.flops_per_example(),
+            init_weight_hash: s.init_weight_hash,
+        })?;
+        let now = Instant::now();
+        let p = Progress {
+            epoch: 0,
+            started: now,
+            skips_in_row: 0,
+            skipped_steps: 0,
+            window_examples: 0,
+            window_start: now,
+            examples_total: 0,
+            last_checkpoint: now,
+            last_eval: None,
+            evaluated_at: None,
+        };
+        Ok(Self {
+            spec,
+            opts,
+            s,
+            cost,
+            early_stop: spec.train.early_stop.clone().map(EarlyStop::new),
+            best_dir,
+            checkpoint_period: std::time::Duration::from_secs_f64(spec.train.checkpoint_minutes * 60.0),
+            p,
+            on_event,
+        })
+    }
+
+    /// The epochs, skipping the global batches done before a resume (the same batches in
+    /// the same order whatever the world size); evaluates at the end of each epoch.
+    fn train_epochs(&mut self) -> Result<()> {
+        let (steps_per_epoch, resumed_at) = (self.s.steps_per_epoch, self.s.resumed_at);
+        'epochs: for epoch in 0..self.spec.train.epochs as u64 {
+            if (epoch + 1) * steps_per_epoch <= resumed_at {
+                continue; // finished before the checkpoint
             }
-            if trainer.global_step >= total_steps {
-                break 'epochs;
-            }
-            let batch = sampler.global_batch(&order, s);
-            let local = rank_slice(&batch, data_rank, data_world);
-            let step_index = trainer.global_step;
-            let step_started = Instant::now();
-            trainer.checkpoint_wanted =
-                opts.rank == 0 && !checkpoint_period.is_zero() && last_checkpoint.elapsed() >= checkpoint_period;
-            let stats = trainer.step(train.as_ref(), local, reducer.as_mut()).map_err(|e| match e {
-                // Say where: which step a collective failed in (the bucket is in the message).
-                crate::WorkerError::Collective(m) => crate::WorkerError::Collective(format!("step {step_index}: {m}")),
-                other => other,
-            })?;
-            match &stats.skipped {
-                None => skips_in_row = 0,
-                Some(Skip::Overflow) => {
-                    skipped_steps += 1;
-                    tracing::info!(
-                        "step {step_index}: fp16 gradients overflowed; update skipped, loss scale now {}",
-                        trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale)
-                    );
+            self.p.epoch = epoch;
+            let order = self.s.sampler.epoch_order(epoch);
+            for s in 0..steps_per_epoch as usize {
+                if epoch * steps_per_epoch + (s as u64) < resumed_at {
+                    continue;
                 }
-                Some(Skip::Blowup(alarm)) => {
-                    skipped_steps += 1;
-                    skips_in_row += 1;
-                    let b = &spec.train.blowup;
-                    let diverged = matches!(alarm, Alarm::Divergence(_)) && b.action == BlowupAction::Stop;
-                    if diverged || skips_in_row > b.max_skips {
-                        // The weights are still those before the bad step: keep them.
-                        checkpoint(&trainer)?;
-                        let in_row = if skips_in_row > b.max_skips {
-                            format!(" ({skips_in_row} steps skipped in a row)")
-                        } else {
-                            String::new()
-                        };
-                        return Err(crate::WorkerError::Stopped(format!(
-                            "loss blow-up at step {step_index}: {}{in_row}",
-                            alarm.why()
-                        )));
-                    }
-                    tracing::warn!("step {step_index}: update skipped: {}", alarm.why());
-                }
-            }
-            window_examples += batch.len();
-            examples_total += batch.len();
-            let step = trainer.global_step;
-            let report = if step % spec.train.log_every as u64 == 0 || step == total_steps {
-                let rate = window_examples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
-                window_start = Instant::now();
-                window_examples = 0;
-                let (layer_grad_norms, grad_histograms) = layer_grad_stats(&trainer, stats.targets, opts.rank == 0);
-                warn_on_gradient_health(step, &layer_grad_norms);
-                let record = TrainRecord {
-                    step,
-                    epoch,
-                    loss: stats.loss,
-                    lr: stats.lr as f64,
-                    grad_norm: stats.grad_norm,
-                    examples_per_s: rate,
-                    layer_grad_norms,
-                };
-                Some(StepReport { record, weight_hash: trainer.model.weight_hash(&trainer.be), grad_histograms })
-            } else {
-                None
-            };
-            on_event(RunEvent::Step {
-                step,
-                loss: stats.loss,
-                examples: batch.len(),
-                step_s: step_started.elapsed().as_secs_f64(),
-                comm_wait_s: stats.comm_wait_s,
-                report,
-            })?;
-            if stats.stop_requested {
-                // Every rank saw the same vote: all stop after this step.
-                let written = checkpoint(&trainer)?;
-                let signal = lockstep_proto::preempt::requested().unwrap_or(lockstep_proto::preempt::SIGTERM);
-                tracing::warn!("stopping after step {step}: preempted (signal {signal})");
-                return Err(crate::WorkerError::Preempted {
-                    step,
-                    signal,
-                    checkpoint: written.map(|p| p.display().to_string()),
-                });
-            }
-            let every = spec.train.checkpoint_every as u64;
-            let on_schedule = every > 0 && step % every == 0;
-            if (on_schedule || stats.checkpoint_requested) && step < total_steps {
-                checkpoint(&trainer)?;
-                last_checkpoint = Instant::now();
-            }
-            if opts.stop_after.is_some_and(|stop| step >= stop) {
-                checkpoint(&trainer)?;
-                tracing::info!("stopping after step {step} (--stop-after)");
-                break 'epochs;
-            }
-            let eval_every = spec.train.eval_every as u64;
-            if eval_every > 0 && step % eval_every == 0 && step < total_steps {
-                last_eval = Some(evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?);
-                evaluated_at = Some(step);
-                if early_stopping(&trainer, &mut early_stop, last_eval.as_ref(), opts.rank, &best_dir)? {
+                if self.s.trainer.global_step >= self.s.total_steps || self.step(&order, s)? == Flow::Stop {
                     break 'epochs;
                 }
             }
-        }
-        if evaluated_at != Some(trainer.global_step) {
-            last_eval = Some(evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?);
-            evaluated_at = Some(trainer.global_step);
-            if early_stopping(&trainer, &mut early_stop, last_eval.as_ref(), opts.rank, &best_dir)? {
+            if self.p.evaluated_at != Some(self.s.trainer.global_step) && self.evaluate()? == Flow::Stop {
                 break 'epochs;
             }
         }
+        Ok(())
     }
-    if evaluated_at != Some(trainer.global_step) {
-        // max_steps ended the run inside an epoch.
-        last_eval = Some(evaluate_and_report(&mut trainer, test.as_ref(), epoch, on_event)?);
+
+    /// One step on batch `s` of the epoch `order`, then its hooks.
+    fn step(&mut self, order: &[u32], s: usize) -> Result<Flow> {
+        let batch = self.s.sampler.global_batch(order, s);
+        let local = rank_slice(&batch, self.s.data_rank, self.s.data_world);
+        let step_index = self.s.trainer.global_step;
+        let step_started = Instant::now();
+        let trainer = &mut self.s.trainer;
+        trainer.checkpoint_wanted = self.opts.rank == 0
+            && !self.checkpoint_period.is_zero()
+            && self.p.last_checkpoint.elapsed() >= self.checkpoint_period;
+        let stats = trainer.step(self.s.train.as_ref(), local, self.s.reducer.as_mut()).map_err(|e| match e {
+            // Say where: which step a collective failed in (the bucket is in the message).
+            crate::WorkerError::Collective(m) => crate::WorkerError::Collective(format!("step {step_index}: {m}")),
+            other => other,
+        })?;
+        self.on_skip(&stats, step_index)?;
+        self.p.window_examples += batch.len();
+        self.p.examples_total += batch.len();
+        let report = self.report(&stats);
+        (self.on_event)(RunEvent::Step {
+            step: self.s.trainer.global_step,
+            loss: stats.loss,
+            examples: batch.len(),
+            step_s: step_started.elapsed().as_secs_f64(),
+            comm_wait_s: stats.comm_wait_s,
+            report,
+        })?;
+        self.after_step(&stats)
     }
-    let (test_loss, test_accuracy) = last_eval.as_ref().map_or((f64::NAN, f64::NAN), |e| (e.loss, e.accuracy));
-    if trainer.global_step == total_steps || early_stop.as_ref().is_some_and(|e| e.stopped) {
-        checkpoint(&trainer)?;
+
+    /// A skipped update: counted, logged, and past the blow-up guard's limits the run stops
+    /// with the weights from before the bad step checkpointed.
+    fn on_skip(&mut self, stats: &StepStats, step_index: u64) -> Result<()> {
+        match &stats.skipped {
+            None => self.p.skips_in_row = 0,
+            Some(Skip::Overflow) => {
+                self.p.skipped_steps += 1;
+                tracing::info!(
+                    "step {step_index}: fp16 gradients overflowed; update skipped, loss scale now {}",
+                    self.s.trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale)
+                );
+            }
+            Some(Skip::Blowup(alarm)) => {
+                self.p.skipped_steps += 1;
+                self.p.skips_in_row += 1;
+                let (b, in_row) = (&self.spec.train.blowup, self.p.skips_in_row);
+                let diverged = matches!(alarm, Alarm::Divergence(_)) && b.action == BlowupAction::Stop;
+                if diverged || in_row > b.max_skips {
+                    self.checkpoint()?;
+                    let why = if in_row > b.max_skips {
+                        format!(" ({in_row} steps skipped in a row)")
+                    } else {
+                        String::new()
+                    };
+                    return Err(crate::WorkerError::Stopped(format!(
+                        "loss blow-up at step {step_index}: {}{why}",
+                        alarm.why()
+                    )));
+                }
+                tracing::warn!("step {step_index}: update skipped: {}", alarm.why());
+            }
+        }
+        Ok(())
     }
-    let wall_s = started.elapsed().as_secs_f64();
-    let examples_per_s = examples_total as f64 / wall_s.max(1e-9);
-    let summary = Summary {
-        name: spec.name.clone(),
-        world_size: opts.world,
-        steps: trainer.global_step,
-        wall_s,
-        examples_per_s,
-        params: trainer.model.param_count(),
-        flops_per_example: trainer.model.flops_per_example(),
-        test_loss,
-        test_accuracy,
-        weight_hash: format!("{:016x}", trainer.model.weight_hash(&trainer.be)),
-        sparsity: sparsity(&trainer.be, &trainer.model.params()),
-        rank_weight_hashes: Vec::new(),
-        allreduce_bytes_per_step,
-        trainable_params,
-        train_flops_per_example: cost.train_flops_per_example,
-        peak_gflops: cost.peak_gflops,
-        peak_source: cost.peak_source.clone(),
-        mfu: cost.mfu(examples_per_s, opts.world),
-        skipped_steps,
-        loss_scale: trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale as f64),
-        test_metrics: last_eval.and_then(|e| e.classes),
-        best: early_stop.and_then(|e| e.best_record()),
-        pipeline: trainer.pipeline.as_ref().map(|p| stage_report(p, opts.rank, data_rank, stage_layers, &trainer)),
-        pipeline_stages: Vec::new(),
-        collective: String::new(),
-    };
-    if opts.rank == 0 {
-        tracing::info!(
-            "{:.0} examples/s, {:.1} GFLOP/s achieved, MFU {:.1}% of {:.1} GFLOP/s ({})",
+
+    /// Every `log_every` steps (and the last): the metrics line, weight hash and gradient
+    /// statistics of this step.
+    fn report(&mut self, stats: &StepStats) -> Option<StepReport> {
+        let (trainer, step) = (&self.s.trainer, self.s.trainer.global_step);
+        if step % self.spec.train.log_every as u64 != 0 && step != self.s.total_steps {
+            return None;
+        }
+        let rate = self.p.window_examples as f64 / self.p.window_start.elapsed().as_secs_f64().max(1e-9);
+        self.p.window_start = Instant::now();
+        self.p.window_examples = 0;
+        let (layer_grad_norms, grad_histograms) =
+            grad_health::layer_grad_stats(trainer, stats.targets, self.opts.rank == 0);
+        grad_health::warn_on_gradient_health(step, &layer_grad_norms);
+        let record = TrainRecord {
+            step,
+            epoch: self.p.epoch,
+            loss: stats.loss,
+            lr: stats.lr as f64,
+            grad_norm: stats.grad_norm,
+            examples_per_s: rate,
+            layer_grad_norms,
+        };
+        Some(StepReport { record, weight_hash: trainer.model.weight_hash(&trainer.be), grad_histograms })
+    }
+
+    /// The hooks after a step: preemption, scheduled and requested checkpoints,
+    /// `--stop-after`, periodic evaluation (and early stopping).
+    fn after_step(&mut self, stats: &StepStats) -> Result<Flow> {
+        let (step, total_steps) = (self.s.trainer.global_step, self.s.total_steps);
+        if stats.stop_requested {
+            // Every rank saw the same vote: all stop after this step.
+            let written = self.checkpoint()?;
+            let signal = lockstep_proto::preempt::requested().unwrap_or(lockstep_proto::preempt::SIGTERM);
+            tracing::warn!("stopping after step {step}: preempted (signal {signal})");
+            let checkpoint = written.map(|p| p.display().to_string());
+            return Err(crate::WorkerError::Preempted { step, signal, checkpoint });
+        }
+        let every = self.spec.train.checkpoint_every as u64;
+        let on_schedule = every > 0 && step % every == 0;
+        if (on_schedule || stats.checkpoint_requested) && step < total_steps {
+            self.checkpoint()?;
+            self.p.last_checkpoint = Instant::now();
+        }
+        if self.opts.stop_after.is_some_and(|stop| step >= stop) {
+            self.checkpoint()?;
+            tracing::info!("stopping after step {step} (--stop-after)");
+            return Ok(Flow::Stop);
+        }
+        let eval_every = self.spec.train.eval_every as u64;
+        if eval_every > 0 && step % eval_every == 0 && step < total_steps {
+            return self.evaluate();
+        }
+        Ok(Flow::Go)
+    }
+
+    /// Evaluates on the test split, reports it, and asks early stopping whether to go on.
+    fn evaluate(&mut self) -> Result<Flow> {
+        let eval = evaluate_and_report(&mut self.s.trainer, self.s.test.as_ref(), self.p.epoch, self.on_event)?;
+        self.p.last_eval = Some(eval);
+        self.p.evaluated_at = Some(self.s.trainer.global_step);
+        let stop = early_stopping(
+            &self.s.trainer,
+            &mut self.early_stop,
+            self.p.last_eval.as_ref(),
+            self.opts.rank,
+            &self.best_dir,
+        )?;
+        Ok(if stop { Flow::Stop } else { Flow::Go })
+    }
+
+    /// The checkpoint written, if this rank writes one: each stage's first replica writes
+    /// its stage's (together they hold the model).
+    fn checkpoint(&self) -> Result<Option<PathBuf>> {
+        let (0, Some(dir)) = (self.s.data_rank, &self.opts.checkpoint_dir) else { return Ok(None) };
+        let _span = crate::trace::span(SpanKind::Checkpoint);
+        let trainer = &self.s.trainer;
+        let dir = match &trainer.pipeline {
+            Some(p) => dir.join(format!("stage-{}", p.stage)),
+            None => dir.clone(),
+        };
+        let path = train_state::save_checkpoint(trainer, &dir, self.spec.train.keep_checkpoints)?;
+        tracing::info!("checkpoint {}", path.display());
+        Ok(Some(path))
+    }
+
+    /// The last evaluation (if `max_steps` ended the run inside an epoch), the final
+    /// checkpoint and the summary.
+    fn finish(mut self) -> Result<(Summary, Trainer<B>)> {
+        if self.p.evaluated_at != Some(self.s.trainer.global_step) {
+            let eval = evaluate_and_report(&mut self.s.trainer, self.s.test.as_ref(), self.p.epoch, self.on_event)?;
+            self.p.last_eval = Some(eval);
+        }
+        if self.s.trainer.global_step == self.s.total_steps || self.early_stop.as_ref().is_some_and(|e| e.stopped) {
+            self.checkpoint()?;
+        }
+        let summary = self.summary();
+        if self.opts.rank == 0 {
+            tracing::info!(
+                "{:.0} examples/s, {:.1} GFLOP/s achieved, MFU {:.1}% of {:.1} GFLOP/s ({})",
+                summary.examples_per_s,
+                summary.examples_per_s * self.cost.train_flops_per_example as f64 / 1e9,
+                summary.mfu * 100.0,
+                self.cost.peak_gflops,
+                self.cost.peak_source
+            );
+        }
+        Ok((summary, self.s.trainer))
+    }
+
+    fn summary(&mut self) -> Summary {
+        let (trainer, opts, cost) = (&self.s.trainer, &self.opts, &self.cost);
+        let last_eval = self.p.last_eval.take();
+        let (test_loss, test_accuracy) = last_eval.as_ref().map_or((f64::NAN, f64::NAN), |e| (e.loss, e.accuracy));
+        let wall_s = self.p.started.elapsed().as_secs_f64();
+        let examples_per_s = self.p.examples_total as f64 / wall_s.max(1e-9);
+        let trainable_params = trainable_params(trainer);
+        let wire_bytes = match self.spec.precision.allreduce {
+            Dtype::Fp32 => 4,
+            Dtype::Bf16 | Dtype::Fp16 => 2,
+        };
+        let stage_layers = std::mem::take(&mut self.s.stage_layers);
+        Summary {
+            name: self.spec.name.clone(),
+            world_size: opts.world,
+            steps: trainer.global_step,
+            wall_s,
             examples_per_s,
-            examples_per_s * cost.train_flops_per_example as f64 / 1e9,
-            summary.mfu * 100.0,
-            cost.peak_gflops,
-            cost.peak_source
-        );
+            params: trainer.model.param_count(),
+            flops_per_example: trainer.model.flops_per_example(),
+            test_loss,
+            test_accuracy,
+            weight_hash: format!("{:016x}", trainer.model.weight_hash(&trainer.be)),
+            sparsity: sparsity(&trainer.be, &trainer.model.params()),
+            rank_weight_hashes: Vec::new(),
+            allreduce_bytes_per_step: if self.s.data_world > 1 { trainable_params as u64 * wire_bytes } else { 0 },
+            trainable_params,
+            train_flops_per_example: cost.train_flops_per_example,
+            peak_gflops: cost.peak_gflops,
+            peak_source: cost.peak_source.clone(),
+            mfu: cost.mfu(examples_per_s, opts.world),
+            skipped_steps: self.p.skipped_steps,
+            loss_scale: trainer.loss_scaler.as_ref().map_or(1.0, |s| s.scale as f64),
+            test_metrics: last_eval.and_then(|e| e.classes),
+            best: self.early_stop.take().and_then(|e| e.best_record()),
+            pipeline: trainer
+                .pipeline
+                .as_ref()
+                .map(|p| stage_report(p, opts.rank, self.s.data_rank, stage_layers, trainer)),
+            pipeline_stages: Vec::new(),
+            collective: String::new(),
+        }
     }
-    Ok((summary, trainer))
+}
+
+/// Parameters that train (frozen and LoRA-base parameters excluded).
+fn trainable_params<B: Backend>(trainer: &Trainer<B>) -> usize {
+    trainer.model.params().iter().filter(|p| p.trainable).map(|p| p.numel()).sum()
 }
 
 fn evaluate_and_report<B: Backend>(
@@ -418,70 +588,6 @@ fn evaluate_and_report<B: Backend>(
         ema,
     }))?;
     Ok(eval)
-}
-
-/// T33: each layer's gradient L2 norm (its parameters together, named by the parameter
-/// name up to the last dot) of the batch-mean gradient, and with `histograms` the
-/// distribution of its gradient values. The gradients hold sums over `targets`.
-fn layer_grad_stats<B: Backend>(
-    trainer: &Trainer<B>,
-    targets: f64,
-    histograms: bool,
-) -> (Vec<LayerGradNorm>, Vec<(String, Histogram)>) {
-    let mut layers: Vec<(String, Vec<f32>)> = Vec::new();
-    for p in trainer.model.params().into_iter().filter(|p| p.trainable) {
-        let layer = p.name.rsplit_once('.').map_or(p.name.as_str(), |(layer, _)| layer);
-        let grad: Vec<f32> = trainer.be.download(&p.grad).iter().map(|g| (*g as f64 / targets) as f32).collect();
-        match layers.last_mut() {
-            Some((name, values)) if name == layer => values.extend(grad),
-            _ => layers.push((layer.to_string(), grad)),
-        }
-    }
-    let norms = layers
-        .iter()
-        .map(|(layer, g)| LayerGradNorm {
-            layer: layer.clone(),
-            norm: g.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt(),
-        })
-        .collect();
-    let hists = if histograms {
-        layers.iter().map(|(layer, g)| (layer.clone(), Histogram::of(g, HISTOGRAM_BUCKETS))).collect()
-    } else {
-        Vec::new()
-    };
-    (norms, hists)
-}
-
-/// The first layer's gradient norm over the last layer's (T33), if both are non-zero.
-pub fn grad_norm_ratio(norms: &[LayerGradNorm]) -> Option<f64> {
-    let (first, last) = (norms.first()?.norm, norms.last()?.norm);
-    (norms.len() >= 2 && first.is_finite() && last > 0.0).then(|| first / last)
-}
-
-fn warn_on_gradient_health(step: u64, norms: &[LayerGradNorm]) {
-    let Some(ratio) = grad_norm_ratio(norms) else { return };
-    let (first, last) = (&norms[0], &norms[norms.len() - 1]);
-    if ratio < VANISHING_RATIO {
-        tracing::warn!(
-            "step {step}: vanishing gradients: {} has gradient norm {:.3e}, {:.1e} times the {:.3e} of {} \
-             (deep sigmoid/tanh stacks, bad init or no normalization are the usual causes)",
-            first.layer,
-            first.norm,
-            ratio,
-            last.norm,
-            last.layer
-        );
-    } else if ratio > EXPLODING_RATIO {
-        tracing::warn!(
-            "step {step}: exploding gradients: {} has gradient norm {:.3e}, {:.1e} times the {:.3e} of {} \
-             (lower optim.lr, set optim.clip_norm, or check the init)",
-            first.layer,
-            first.norm,
-            ratio,
-            last.norm,
-            last.layer
-        );
-    }
 }
 
 /// Loss weights (T28): explicit, balanced from the training split's class counts, or none.

@@ -15,7 +15,6 @@ use lockstep_nn::loss::softmax_cross_entropy;
 use lockstep_nn::optim::{clip_factor, grad_sum_squares, Optimizer};
 use lockstep_nn::schedule::Schedule;
 use lockstep_nn::{ForwardCtx, Param, Sequential, Tensor};
-use lockstep_proto::classification::{BinaryMetrics, ClassMetrics};
 use lockstep_proto::toolbox::Dtype;
 use lockstep_proto::trace::SpanKind;
 use lockstep_proto::JobSpec;
@@ -288,110 +287,5 @@ impl<B: Backend> Trainer<B> {
         }
         be.check().map_err(crate::WorkerError::Device)?;
         Ok(stats)
-    }
-
-    /// Mean loss and accuracy per target over `data` in eval mode (no dropout, no caches);
-    /// for classifiers also the confusion matrix and precision/recall/F1 (T32).
-    pub fn evaluate(&mut self, data: &dyn Examples) -> Result<Evaluation> {
-        if self.pipeline.is_some() {
-            return self.pipeline_evaluate(data);
-        }
-        let be = &self.be;
-        let (mut loss, mut correct, mut targets) = (0.0, 0usize, 0usize);
-        let mut classes = self.vocab.is_none().then(|| ClassCollector::new(data.classes()));
-        let indices: Vec<u32> = (0..data.len() as u32).collect();
-        for chunk in indices.chunks(eval_chunk_len(data)) {
-            let batch = data.gather(chunk);
-            let ctx = ForwardCtx {
-                train: false,
-                seed: self.spec.seed,
-                step: self.global_step,
-                seq_lens: batch.seq_lens,
-                ..Default::default()
-            };
-            let input = self.input(chunk.len(), &batch.x);
-            let logits = self.model.forward(be, input, &ctx)?;
-            let out = softmax_cross_entropy(be, &logits, &batch.y, None, 1.0)?;
-            if let Some(collector) = classes.as_mut() {
-                collector.add(&be.download(&logits.buf), &batch.y);
-            }
-            loss += out.loss_sum;
-            correct += out.correct;
-            targets += batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
-        }
-        let n = targets.max(1) as f64;
-        let classes = classes.map(|c| c.finish(self.prior_threshold));
-        Ok(Evaluation { loss: loss / n, accuracy: correct as f64 / n, targets, classes })
-    }
-
-    /// `evaluate` with the bias-corrected EMA weights swapped in (T23); the training
-    /// weights are put back afterwards.
-    pub fn evaluate_ema(&mut self, data: &dyn Examples) -> Result<Evaluation> {
-        let Some(ema) = &self.ema else { return self.evaluate(data) };
-        let averaged = ema.corrected(&self.be);
-        let mut saved = Vec::new();
-        for (p, avg) in self.model.params_mut().into_iter().zip(averaged) {
-            saved.push(std::mem::replace(&mut p.value, avg));
-        }
-        let result = self.evaluate(data);
-        for (p, value) in self.model.params_mut().into_iter().zip(saved) {
-            p.value = value;
-        }
-        result
-    }
-}
-
-/// Examples per evaluation chunk: about 64k input values, so memory stays bounded for
-/// images and sequences alike.
-pub(crate) fn eval_chunk_len(data: &dyn Examples) -> usize {
-    (65_536 / data.features().max(1)).clamp(1, 1000)
-}
-
-/// One evaluation's results.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Evaluation {
-    pub loss: f64,
-    pub accuracy: f64,
-    /// Targets evaluated: examples, or predicted tokens of a language model.
-    pub targets: usize,
-    pub classes: Option<ClassMetrics>,
-}
-
-/// Gathers argmax predictions (and p(class 1) for binary tasks) over an evaluation.
-struct ClassCollector {
-    confusion: Vec<Vec<u64>>,
-    positive_scores: Vec<f32>,
-    positive: Vec<bool>,
-}
-
-impl ClassCollector {
-    fn new(classes: usize) -> Self {
-        Self { confusion: vec![vec![0; classes]; classes], positive_scores: Vec::new(), positive: Vec::new() }
-    }
-
-    /// `logits` (rows, classes) row-major.
-    fn add(&mut self, logits: &[f32], targets: &[u32]) {
-        let k = self.confusion.len();
-        for (row, &t) in logits.chunks_exact(k).zip(targets) {
-            if t == IGNORE_TARGET {
-                continue;
-            }
-            let predicted = row.iter().enumerate().fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
-            self.confusion[t as usize][predicted] += 1;
-            if k == 2 {
-                // p(1) = σ(z1 − z0)
-                self.positive_scores.push(1.0 / (1.0 + (row[0] - row[1]).exp()));
-                self.positive.push(t == 1);
-            }
-        }
-    }
-
-    fn finish(self, prior_threshold: Option<f64>) -> ClassMetrics {
-        let mut metrics = ClassMetrics::from_confusion(self.confusion);
-        if !self.positive.is_empty() {
-            let prior = prior_threshold.unwrap_or(0.5);
-            metrics.binary = Some(BinaryMetrics::of(&self.positive_scores, &self.positive, prior));
-        }
-        metrics
     }
 }
