@@ -120,7 +120,7 @@ fn build_layer<B: Backend>(
 }
 
 fn check_groups(c: usize, out_channels: usize, groups: usize) -> std::result::Result<(), String> {
-    if groups == 0 || c % groups != 0 || out_channels % groups != 0 || out_channels == 0 {
+    if groups == 0 || !c.is_multiple_of(groups) || !out_channels.is_multiple_of(groups) || out_channels == 0 {
         return Err(format!("{c} input and {out_channels} output channels must both divide into {groups} groups"));
     }
     Ok(())
