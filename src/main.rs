@@ -67,6 +67,90 @@ impl JobArgs {
     }
 }
 
+#[derive(clap::Args)]
+struct CoordinatorArgs {
+    /// Continue a run (its directory or a checkpoint file readable by every worker).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Address to listen on (UDP), e.g. 0.0.0.0:7070.
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long, value_parser = parse_workers)]
+    workers: usize,
+    /// Host put in the join address (default: the listen IP).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Cluster token file (default: the LOCKSTEP_TOKEN variable, else generate one and
+    /// write it to RUN_DIR/token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 25.0)]
+    bucket_mb: f64,
+    /// Also write the join address to this file (atomically), for launchers whose workers
+    /// wait for it (`worker --join-file`). It is always written to RUN_DIR/join.
+    #[arg(long)]
+    join_file: Option<PathBuf>,
+    /// Write a Chrome-trace timeline of every rank to FILE.json.
+    #[arg(long, value_name = "FILE.json")]
+    trace: Option<PathBuf>,
+    #[command(flatten)]
+    job: JobArgs,
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    /// lockstep://HOST:PORT#<certificate sha256>, as printed by the coordinator. Without
+    /// it: --join-file, or MASTER_ADDR + MASTER_PORT + LOCKSTEP_FINGERPRINT.
+    #[arg(long, env = "LOCKSTEP_JOIN")]
+    join: Option<String>,
+    /// Wait for this file to hold the join address (written by `coordinator --join-file`).
+    #[arg(long, conflicts_with = "join")]
+    join_file: Option<PathBuf>,
+    /// The rank to take (a launcher's RANK); the coordinator refuses a duplicate.
+    #[arg(long, env = "RANK")]
+    rank: Option<usize>,
+    /// The world size launched (WORLD_SIZE); must match the coordinator's --workers.
+    #[arg(long, env = "WORLD_SIZE")]
+    world_size: Option<usize>,
+    /// This worker's index on its host (LOCAL_RANK); shown by `lockstep status`.
+    #[arg(long, env = "LOCAL_RANK")]
+    local_rank: Option<usize>,
+    /// Cluster token file (default: the LOCKSTEP_TOKEN variable).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Exit after the first task instead of waiting for the next.
+    #[arg(long)]
+    once: bool,
+    /// Local IP for the data-plane endpoint.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// IP announced to peers (default: the interface that reaches the coordinator).
+    #[arg(long)]
+    advertise: Option<IpAddr>,
+    /// Seconds a collective may wait for a peer before failing.
+    #[arg(long, default_value_t = 300)]
+    collective_timeout: u64,
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    /// The model file written by a run (runs/<name>/model.safetensors).
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    /// Characters to generate.
+    #[arg(long, default_value_t = 300)]
+    tokens: usize,
+    /// Softmax temperature; 0 picks the most likely character every time.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely characters only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train in this process (no network).
@@ -101,68 +185,9 @@ enum Command {
         job: JobArgs,
     },
     /// Wait for N workers to join, train the job on them, shut them down.
-    Coordinator {
-        /// Continue a run (its directory or a checkpoint file readable by every worker).
-        #[arg(long, value_name = "DIR")]
-        resume: Option<PathBuf>,
-        /// Address to listen on (UDP), e.g. 0.0.0.0:7070.
-        #[arg(long)]
-        listen: SocketAddr,
-        #[arg(long, value_parser = parse_workers)]
-        workers: usize,
-        /// Host put in the join address (default: the listen IP).
-        #[arg(long)]
-        advertise: Option<String>,
-        /// Cluster token file (default: the LOCKSTEP_TOKEN variable, else generate one and
-        /// write it to RUN_DIR/token).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        #[arg(long, default_value_t = 25.0)]
-        bucket_mb: f64,
-        /// Also write the join address to this file (atomically), for launchers whose workers
-        /// wait for it (`worker --join-file`). It is always written to RUN_DIR/join.
-        #[arg(long)]
-        join_file: Option<PathBuf>,
-        /// Write a Chrome-trace timeline of every rank to FILE.json.
-        #[arg(long, value_name = "FILE.json")]
-        trace: Option<PathBuf>,
-        #[command(flatten)]
-        job: JobArgs,
-    },
+    Coordinator(CoordinatorArgs),
     /// A worker daemon: joins a coordinator and runs what it is assigned.
-    Worker {
-        /// lockstep://HOST:PORT#<certificate sha256>, as printed by the coordinator. Without
-        /// it: --join-file, or MASTER_ADDR + MASTER_PORT + LOCKSTEP_FINGERPRINT.
-        #[arg(long, env = "LOCKSTEP_JOIN")]
-        join: Option<String>,
-        /// Wait for this file to hold the join address (written by `coordinator --join-file`).
-        #[arg(long, conflicts_with = "join")]
-        join_file: Option<PathBuf>,
-        /// The rank to take (a launcher's RANK); the coordinator refuses a duplicate.
-        #[arg(long, env = "RANK")]
-        rank: Option<usize>,
-        /// The world size launched (WORLD_SIZE); must match the coordinator's --workers.
-        #[arg(long, env = "WORLD_SIZE")]
-        world_size: Option<usize>,
-        /// This worker's index on its host (LOCAL_RANK); shown by `lockstep status`.
-        #[arg(long, env = "LOCAL_RANK")]
-        local_rank: Option<usize>,
-        /// Cluster token file (default: the LOCKSTEP_TOKEN variable).
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-        /// Exit after the first task instead of waiting for the next.
-        #[arg(long)]
-        once: bool,
-        /// Local IP for the data-plane endpoint.
-        #[arg(long, default_value = "0.0.0.0")]
-        bind: IpAddr,
-        /// IP announced to peers (default: the interface that reaches the coordinator).
-        #[arg(long)]
-        advertise: Option<IpAddr>,
-        /// Seconds a collective may wait for a peer before failing.
-        #[arg(long, default_value_t = 300)]
-        collective_timeout: u64,
-    },
+    Worker(WorkerArgs),
     /// The live state of a run: one row per rank (host, state, step, last heartbeat,
     /// examples/s, share of time in communication).
     Status {
@@ -188,23 +213,7 @@ enum Command {
         output: Option<PathBuf>,
     },
     /// Generate text from a trained language model (its model.safetensors).
-    Sample {
-        /// The model file written by a run (runs/<name>/model.safetensors).
-        checkpoint: PathBuf,
-        #[arg(long, default_value = "\n")]
-        prompt: String,
-        /// Characters to generate.
-        #[arg(long, default_value_t = 300)]
-        tokens: usize,
-        /// Softmax temperature; 0 picks the most likely character every time.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f32,
-        /// Sample among the k most likely characters only (0 = all).
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 1234)]
-        seed: u64,
-    },
+    Sample(SampleArgs),
     /// Evaluate a trained model on its dataset's test split, without training: loss and
     /// accuracy, per-class precision/recall/F1 and the confusion matrix (classifiers),
     /// perplexity (language models).
@@ -313,49 +322,13 @@ fn cores() -> usize {
 }
 
 fn real_main() -> Result<()> {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    // Two outputs under one RUST_LOG filter: stderr, and the tap that feeds the per-rank
-    // log files (RUN_DIR/logs/rank-R.log, RUN_DIR/coordinator.log).
     let cli = Cli::parse();
     // `eval` prints a report on stdout; its build log would only bury it.
-    let default_level = if matches!(cli.command, Command::Eval { .. }) { "warn" } else { "info" };
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
-        // Colour only for a person at a terminal: stderr that `local` or launch.sh sends to a
-        // log file must stay plain text.
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                // Log lines and the progress bar take turns on the terminal.
-                .with_writer(|| lockstep_coordinator::run_writer::BelowBar(std::io::stderr())),
-        )
-        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(|| log_tap::TapWriter))
-        .init();
+    init_logging(if matches!(cli.command, Command::Eval { .. }) { "warn" } else { "info" });
     lockstep_collective::tls::set_congestion(cli.congestion);
     let threads = cli.threads.unwrap_or_else(cores).max(1);
     match cli.command {
-        Command::Train { job, resume, stop_after, trace } => {
-            rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("building the thread pool")?;
-            let (spec, dir) = job.load()?;
-            log_to_file(&dir.join("logs").join("rank-0.log"))?;
-            if trace.is_some() {
-                lockstep_worker::trace::start();
-            }
-            let resume = resume.map(|r| cluster::resolve_checkpoint(&r)).transpose()?;
-            let opts =
-                RunOptions { checkpoint_dir: Some(dir.join("checkpoints")), resume, stop_after, ..Default::default() };
-            let progress = !job.quiet;
-            match spec.device() {
-                Device::Cpu => train_single(CpuBackend::new(threads), &spec, &dir, progress, opts, trace.as_deref()),
-                Device::Cuda(i) => {
-                    let be = lockstep_kernels::cuda::CudaBackend::new(i)
-                        .map_err(|e| anyhow::anyhow!("device cuda:{i} is not usable: {e}"))?;
-                    tracing::info!("training on {}", lockstep_kernels::Backend::name(&be));
-                    lockstep_worker::device_task(|| train_single(be, &spec, &dir, progress, opts, trace.as_deref()))
-                }
-            }
-        }
+        Command::Train { job, resume, stop_after, trace } => train(&job, resume, stop_after, trace, threads),
         Command::Local { workers, resume, bucket_mb, trace, job } => {
             let (spec, dir) = job.load()?;
             log_to_file(&dir.join("coordinator.log"))?;
@@ -372,91 +345,16 @@ fn real_main() -> Result<()> {
                 join_file: None,
             })
         }
-        Command::Coordinator { resume, listen, workers, advertise, token_file, bucket_mb, join_file, trace, job } => {
-            let (mut spec, dir) = job.load()?;
-            log_to_file(&dir.join("coordinator.log"))?;
-            cluster::absolutize_data_dir(&mut spec);
-            cluster::run_coordinator(cluster::CoordinatorRun {
-                spec,
-                resume,
-                listen,
-                advertise,
-                workers,
-                token_file: token_file.as_deref(),
-                dir: &dir,
-                threads_per_worker: cli.threads.unwrap_or(0),
-                bucket_bytes: (bucket_mb * (1 << 20) as f64) as u64,
-                progress: !job.quiet,
-                trace,
-                join_file,
-            })
-        }
-        Command::Worker {
-            join,
-            join_file,
-            rank,
-            world_size,
-            local_rank,
-            token_file,
-            once,
-            bind,
-            advertise,
-            collective_timeout,
-        } => {
-            let join = cluster::worker_join_address(join, join_file.as_deref())?;
-            let token = cluster::read_token(token_file.as_deref())?;
-            if let (Some(r), Some(w)) = (rank, world_size) {
-                if r >= w {
-                    anyhow::bail!("RANK={r} is not below WORLD_SIZE={w}");
-                }
-            }
-            let opts = DaemonOptions {
-                join,
-                launch_rank: rank,
-                launch_world_size: world_size,
-                local_rank,
-                token,
-                once,
-                threads,
-                bind,
-                advertise,
-                collective_timeout: Duration::from_secs(collective_timeout),
-            };
-            run_daemon(&opts).map_err(Into::into)
-        }
+        Command::Coordinator(args) => coordinator(args, cli.threads.unwrap_or(0)),
+        Command::Worker(args) => worker(args, threads),
         Command::MergeLora { model, output } => {
             let merged = lockstep_worker::finetune::merge_lora_file(&model, &output)
                 .with_context(|| format!("merging the LoRA adapters of {}", model.display()))?;
             println!("merged {} adapters ({}) into {}", merged.len(), merged.join(", "), output.display());
             Ok(())
         }
-        Command::Sample { checkpoint, prompt, tokens, temperature, top_k, seed } => {
-            if !(temperature >= 0.0 && temperature.is_finite()) {
-                anyhow::bail!("--temperature must be a finite number >= 0, got {temperature}");
-            }
-            let be = CpuBackend::new(threads);
-            let mut loaded = lockstep_worker::model_file::load_model(&be, &checkpoint)
-                .with_context(|| format!("loading {}", checkpoint.display()))?;
-            let opts = lockstep_worker::sample::SampleOptions { tokens, temperature, top_k, seed };
-            let mut stdout = std::io::stdout().lock();
-            write!(stdout, "{prompt}")?;
-            lockstep_worker::sample::generate(&be, &mut loaded, &prompt, &opts, &mut |c| {
-                let _ = write!(stdout, "{c}").and_then(|_| stdout.flush());
-            })?;
-            writeln!(stdout)?;
-            Ok(())
-        }
-        Command::Eval { model, config, data, json } => {
-            let config = config.map(|c| JobSpec::load(&c, &[])).transpose()?;
-            let data = lockstep_worker::eval::EvalData { config, dir: data };
-            let report = lockstep_worker::eval::evaluate_model_file(CpuBackend::new(threads), &model, &data)
-                .with_context(|| format!("evaluating {}", model.display()))?;
-            match json {
-                true => println!("{}", serde_json::to_string_pretty(&report)?),
-                false => print!("{}", report.to_table()),
-            }
-            Ok(())
-        }
+        Command::Sample(args) => sample(args, threads),
+        Command::Eval { model, config, data, json } => eval(&model, config, data, json, threads),
         Command::Bench { which } => bench::run(which, threads),
         Command::Status { coordinator, run_dir, token_file, json } => {
             cluster::print_status(coordinator, run_dir.as_deref(), token_file.as_deref(), json)
@@ -468,6 +366,139 @@ fn real_main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Two outputs under one RUST_LOG filter (default `level`): stderr, and the tap that feeds
+/// the per-rank log files (RUN_DIR/logs/rank-R.log, RUN_DIR/coordinator.log).
+fn init_logging(level: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| level.into()))
+        // Colour only for a person at a terminal: stderr that `local` or launch.sh sends to a
+        // log file must stay plain text.
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                // Log lines and the progress bar take turns on the terminal.
+                .with_writer(|| lockstep_coordinator::run_writer::BelowBar(std::io::stderr())),
+        )
+        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(|| log_tap::TapWriter))
+        .init();
+}
+
+/// `lockstep train`: this process, on the job's device.
+fn train(
+    job: &JobArgs,
+    resume: Option<PathBuf>,
+    stop_after: Option<u64>,
+    trace: Option<PathBuf>,
+    threads: usize,
+) -> Result<()> {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().context("building the thread pool")?;
+    let (spec, dir) = job.load()?;
+    log_to_file(&dir.join("logs").join("rank-0.log"))?;
+    if trace.is_some() {
+        lockstep_worker::trace::start();
+    }
+    let resume = resume.map(|r| cluster::resolve_checkpoint(&r)).transpose()?;
+    let opts = RunOptions { checkpoint_dir: Some(dir.join("checkpoints")), resume, stop_after, ..Default::default() };
+    let progress = !job.quiet;
+    match spec.device() {
+        Device::Cpu => train_single(CpuBackend::new(threads), &spec, &dir, progress, opts, trace.as_deref()),
+        Device::Cuda(i) => {
+            let be = lockstep_kernels::cuda::CudaBackend::new(i)
+                .map_err(|e| anyhow::anyhow!("device cuda:{i} is not usable: {e}"))?;
+            tracing::info!("training on {}", lockstep_kernels::Backend::name(&be));
+            lockstep_worker::device_task(|| train_single(be, &spec, &dir, progress, opts, trace.as_deref()))
+        }
+    }
+}
+
+fn coordinator(args: CoordinatorArgs, threads_per_worker: usize) -> Result<()> {
+    let CoordinatorArgs { resume, listen, workers, advertise, token_file, bucket_mb, join_file, trace, job } = args;
+    let (mut spec, dir) = job.load()?;
+    log_to_file(&dir.join("coordinator.log"))?;
+    cluster::absolutize_data_dir(&mut spec);
+    cluster::run_coordinator(cluster::CoordinatorRun {
+        spec,
+        resume,
+        listen,
+        advertise,
+        workers,
+        token_file: token_file.as_deref(),
+        dir: &dir,
+        threads_per_worker,
+        bucket_bytes: (bucket_mb * (1 << 20) as f64) as u64,
+        progress: !job.quiet,
+        trace,
+        join_file,
+    })
+}
+
+fn worker(args: WorkerArgs, threads: usize) -> Result<()> {
+    let WorkerArgs {
+        join,
+        join_file,
+        rank,
+        world_size,
+        local_rank,
+        token_file,
+        once,
+        bind,
+        advertise,
+        collective_timeout,
+    } = args;
+    let join = cluster::worker_join_address(join, join_file.as_deref())?;
+    let token = cluster::read_token(token_file.as_deref())?;
+    if let (Some(r), Some(w)) = (rank, world_size) {
+        if r >= w {
+            anyhow::bail!("RANK={r} is not below WORLD_SIZE={w}");
+        }
+    }
+    let opts = DaemonOptions {
+        join,
+        launch_rank: rank,
+        launch_world_size: world_size,
+        local_rank,
+        token,
+        once,
+        threads,
+        bind,
+        advertise,
+        collective_timeout: Duration::from_secs(collective_timeout),
+    };
+    run_daemon(&opts).map_err(Into::into)
+}
+
+fn sample(args: SampleArgs, threads: usize) -> Result<()> {
+    let SampleArgs { checkpoint, prompt, tokens, temperature, top_k, seed } = args;
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        anyhow::bail!("--temperature must be a finite number >= 0, got {temperature}");
+    }
+    let be = CpuBackend::new(threads);
+    let mut loaded = lockstep_worker::model_file::load_model(&be, &checkpoint)
+        .with_context(|| format!("loading {}", checkpoint.display()))?;
+    let opts = lockstep_worker::sample::SampleOptions { tokens, temperature, top_k, seed };
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{prompt}")?;
+    lockstep_worker::sample::generate(&be, &mut loaded, &prompt, &opts, &mut |c| {
+        let _ = write!(stdout, "{c}").and_then(|_| stdout.flush());
+    })?;
+    writeln!(stdout)?;
+    Ok(())
+}
+
+fn eval(model: &Path, config: Option<PathBuf>, data: Option<PathBuf>, json: bool, threads: usize) -> Result<()> {
+    let config = config.map(|c| JobSpec::load(&c, &[])).transpose()?;
+    let data = lockstep_worker::eval::EvalData { config, dir: data };
+    let report = lockstep_worker::eval::evaluate_model_file(CpuBackend::new(threads), model, &data)
+        .with_context(|| format!("evaluating {}", model.display()))?;
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(&report)?),
+        false => print!("{}", report.to_table()),
+    }
+    Ok(())
 }
 
 /// Appends this process's log lines to `path` (a per-rank or coordinator log file).
