@@ -530,11 +530,21 @@ async fn supervise_train(
     trace: Option<&std::path::Path>,
     stages: usize,
 ) -> Result<Summary> {
+    start_when_identical(group, writer).await?;
+    let mut reports = Reports::new(group.sends.len(), stages);
+    while reports.summaries.len() < reports.world {
+        let (rank, message) = group.next_or_preempt(&mut reports.told_to_stop).await?;
+        reports.take(group, writer, rank, message)?;
+    }
+    reports.into_summary(group, writer, trace)
+}
+
+/// Waits for every rank's Ready, checks that all built identical initial weights, and
+/// starts them.
+async fn start_when_identical(group: &mut Group, writer: &mut RunWriter) -> Result<()> {
     let job = writer.job_name().to_string();
-    let world = group.sends.len();
-    // 1. Identical initial weights on every rank, then start.
     let mut init = BTreeMap::new();
-    while init.len() < world {
+    while init.len() < group.sends.len() {
         match group.next().await? {
             (rank, ToCoordinator::Ready { init_weight_hash, total_steps, .. }) => {
                 if rank == 0 {
@@ -555,80 +565,121 @@ async fn supervise_train(
     tracing::info!(hash = format!("{first:016x}"), "all ranks hold identical initial weights");
     group.broadcast(&ToWorker::Start).await;
     group.status.set_state("training");
-    let mut spans: Vec<Vec<TraceSpan>> = vec![Vec::new(); world];
+    Ok(())
+}
 
-    // 2. Reports until every rank is done; weight hashes compared at every logged step.
-    let mut step_hashes: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
-    let mut summaries: BTreeMap<usize, Summary> = BTreeMap::new();
-    let (mut told_to_stop, mut preempted) = (false, BTreeMap::new());
-    while summaries.len() < world {
-        match group.next_or_preempt(&mut told_to_stop).await? {
-            (rank, ToCoordinator::Preempted { step, checkpoint, .. }) => {
+/// What the ranks report during a run, until every rank is done.
+struct Reports {
+    world: usize,
+    stages: usize,
+    spans: Vec<Vec<TraceSpan>>,
+    /// Weight hashes of a logged step, until every rank has sent its own.
+    step_hashes: BTreeMap<u64, Vec<(usize, u64)>>,
+    summaries: BTreeMap<usize, Summary>,
+    told_to_stop: bool,
+    preempted: BTreeMap<usize, (u64, Option<String>)>,
+}
+
+impl Reports {
+    fn new(world: usize, stages: usize) -> Self {
+        Self {
+            world,
+            stages,
+            spans: vec![Vec::new(); world],
+            step_hashes: BTreeMap::new(),
+            summaries: BTreeMap::new(),
+            told_to_stop: false,
+            preempted: BTreeMap::new(),
+        }
+    }
+
+    /// One message from `rank`: progress, metrics, logs, traces, its summary, or its stop.
+    fn take(&mut self, group: &mut Group, writer: &mut RunWriter, rank: usize, message: ToCoordinator) -> Result<()> {
+        match message {
+            ToCoordinator::Preempted { step, checkpoint, .. } => {
                 // Every rank stops after the same step; wait for all, so that the
                 // checkpoint is complete before the workers are shut down.
-                preempted.insert(rank, (step, checkpoint));
-                if preempted.len() == world {
-                    let checkpoint = preempted.values().find_map(|(_, c)| c.clone());
+                self.preempted.insert(rank, (step, checkpoint));
+                if self.preempted.len() == self.world {
+                    let checkpoint = self.preempted.values().find_map(|(_, c)| c.clone());
                     return Err(CoordError::Preempted { step, checkpoint });
                 }
             }
-            (rank, ToCoordinator::Progress { step, examples_per_s, comm_share, .. }) => {
+            ToCoordinator::Progress { step, examples_per_s, comm_share, .. } => {
                 group.status.progress(rank, step, examples_per_s, comm_share);
                 if rank == 0 {
                     writer.progress(step);
                 }
             }
-            (rank, ToCoordinator::Trace { spans: chunk, .. }) => spans[rank].extend(chunk),
-            (rank, ToCoordinator::Log { text, .. }) => writer.rank_log(rank, &text)?,
-            (rank, ToCoordinator::Step { record, weight_hash, grad_histograms, .. }) => {
+            ToCoordinator::Trace { spans, .. } => self.spans[rank].extend(spans),
+            ToCoordinator::Log { text, .. } => writer.rank_log(rank, &text)?,
+            ToCoordinator::Step { record, weight_hash, grad_histograms, .. } => {
                 let step = record.step;
                 group.status.progress(rank, step, f64::NAN, f64::NAN);
                 if rank == 0 {
                     writer.train(record, &grad_histograms)?;
                 }
-                let seen = step_hashes.entry(step).or_default();
-                seen.push((rank, weight_hash));
-                if seen.len() == world {
-                    for (r, h) in seen.iter() {
-                        if let Some((r0, h0)) = seen.iter().find(|(r0, _)| r0 % stages == r % stages) {
-                            if h != h0 {
-                                return Err(CoordError::Run(format!(
-                                    "ranks diverged at step {step}: rank {r} has weight hash {h:016x}, rank {r0} has {h0:016x}"
-                                )));
-                            }
-                        }
-                    }
-                    step_hashes.remove(&step);
+                self.compare_hashes(step, rank, weight_hash)?;
+            }
+            ToCoordinator::Eval { record, .. } if rank == 0 => writer.eval(record)?,
+            ToCoordinator::Eval { .. } => {}
+            ToCoordinator::Done { summary, .. } => {
+                group.status.set_rank_state(rank, "done");
+                self.summaries.insert(rank, summary);
+            }
+            other => return Err(unexpected(rank, &other)),
+        }
+        Ok(())
+    }
+
+    /// Once every rank has reported `step`: the replicas of each stage hold equal weights.
+    fn compare_hashes(&mut self, step: u64, rank: usize, weight_hash: u64) -> Result<()> {
+        let seen = self.step_hashes.entry(step).or_default();
+        seen.push((rank, weight_hash));
+        if seen.len() < self.world {
+            return Ok(());
+        }
+        for (r, h) in seen.iter() {
+            if let Some((r0, h0)) = seen.iter().find(|(r0, _)| r0 % self.stages == r % self.stages) {
+                if h != h0 {
+                    return Err(CoordError::Run(format!(
+                        "ranks diverged at step {step}: rank {r} has weight hash {h:016x}, rank {r0} has {h0:016x}"
+                    )));
                 }
             }
-            (0, ToCoordinator::Eval { record, .. }) => writer.eval(record)?,
-            (_, ToCoordinator::Eval { .. }) => {}
-            (rank, ToCoordinator::Done { summary, .. }) => {
-                group.status.set_rank_state(rank, "done");
-                summaries.insert(rank, summary);
-            }
-            (rank, other) => return Err(unexpected(rank, &other)),
         }
+        self.step_hashes.remove(&step);
+        Ok(())
     }
-    let hashes: Vec<String> = summaries.values().map(|s| s.weight_hash.clone()).collect();
-    if hashes.iter().enumerate().any(|(r, h)| *h != hashes[r % stages]) {
-        return Err(CoordError::Run(format!("final weights differ across the replicas of a stage: {hashes:?}")));
+
+    /// Rank 0's summary with every rank's final hash (equal within a stage) and the stage
+    /// reports; the trace of every rank written.
+    fn into_summary(
+        mut self,
+        group: &Group,
+        writer: &mut RunWriter,
+        trace: Option<&std::path::Path>,
+    ) -> Result<Summary> {
+        let hashes: Vec<String> = self.summaries.values().map(|s| s.weight_hash.clone()).collect();
+        if hashes.iter().enumerate().any(|(r, h)| *h != hashes[r % self.stages]) {
+            return Err(CoordError::Run(format!("final weights differ across the replicas of a stage: {hashes:?}")));
+        }
+        let pipeline_stages: Vec<_> = self.summaries.values().filter_map(|s| s.pipeline.clone()).collect();
+        if let Some(path) = trace {
+            let ranks: Vec<(usize, String, Vec<TraceSpan>)> =
+                self.spans.into_iter().enumerate().map(|(rank, s)| (rank, group.hosts[rank].clone(), s)).collect();
+            writer.write_trace(path, &ranks)?;
+        }
+        let mut summary = self.summaries.remove(&0).ok_or_else(|| CoordError::Run("no summary from rank 0".into()))?;
+        summary.world_size = self.world;
+        summary.rank_weight_hashes = hashes;
+        if !pipeline_stages.is_empty() {
+            // Rank 0 holds stage 0 only: the model is the sum of one replica's stages.
+            summary.params = pipeline_stages.iter().filter(|s| s.replica == 0).map(|s| s.params).sum();
+        }
+        summary.pipeline_stages = pipeline_stages;
+        Ok(summary)
     }
-    let pipeline_stages: Vec<_> = summaries.values().filter_map(|s| s.pipeline.clone()).collect();
-    if let Some(path) = trace {
-        let ranks: Vec<(usize, String, Vec<TraceSpan>)> =
-            spans.into_iter().enumerate().map(|(rank, s)| (rank, group.hosts[rank].clone(), s)).collect();
-        writer.write_trace(path, &ranks)?;
-    }
-    let mut summary = summaries.remove(&0).ok_or_else(|| CoordError::Run("no summary from rank 0".into()))?;
-    summary.world_size = world;
-    summary.rank_weight_hashes = hashes;
-    if !pipeline_stages.is_empty() {
-        // Rank 0 holds stage 0 only: the model is the sum of one replica's stages.
-        summary.params = pipeline_stages.iter().filter(|s| s.replica == 0).map(|s| s.params).sum();
-    }
-    summary.pipeline_stages = pipeline_stages;
-    Ok(summary)
 }
 
 /// `lockstep status`: connects to the coordinator at `join` (pinning its certificate), asks

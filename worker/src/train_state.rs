@@ -137,6 +137,39 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
+/// That `tensors` and `buffers` hold every parameter (in its file shape), optimizer state
+/// slot and buffer of `trainer`.
+fn check_state<B: Backend>(
+    trainer: &Trainer<B>,
+    tensors: &lockstep_nn::checkpoint::TensorMap,
+    buffers: &lockstep_nn::checkpoint::TensorMapF64,
+) -> std::result::Result<(), String> {
+    let names = state_names(trainer);
+    let be = &trainer.be;
+    for (p, (s1, s2)) in trainer.model.params().iter().zip(&trainer.optimizer.state) {
+        match tensors.get(&p.name) {
+            Some((shape, _)) if *shape == p.file_shape() => {}
+            Some((shape, _)) => return Err(format!("{} has shape {shape:?}, the model {:?}", p.name, p.file_shape())),
+            None => return Err(format!("no tensor {}", p.name)),
+        }
+        for (slot, buf) in names.iter().zip([s1, s2]).filter(|(_, b)| be.len(b) > 0) {
+            let key = format!("optim.{slot}.{}", p.name);
+            match tensors.get(&key) {
+                Some((_, v)) if v.len() == be.len(buf) => {}
+                Some((_, v)) => return Err(format!("{key} has {} values, expected {}", v.len(), be.len(buf))),
+                None => return Err(format!("no tensor {key}")),
+            }
+        }
+    }
+    for (name, values) in trainer.model.buffers() {
+        match buffers.get(&name) {
+            Some((_, v)) if v.len() == values.len() => {}
+            _ => return Err(format!("no buffer {name} of {} values", values.len())),
+        }
+    }
+    Ok(())
+}
+
 /// Restores parameters, optimizer state and buffers from `path` into `trainer` and sets
 /// its step. The checkpoint's model and optimizer must be the trainer's: anything else is
 /// an error naming what differs, before any state is touched.
@@ -161,29 +194,7 @@ pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> 
     let names = state_names(trainer);
     let be = &trainer.be;
     // Check everything first, then write: a bad file leaves the trainer untouched.
-    for (p, (s1, s2)) in trainer.model.params().iter().zip(&trainer.optimizer.state) {
-        match tensors.get(&p.name) {
-            Some((shape, _)) if *shape == p.file_shape() => {}
-            Some((shape, _)) => {
-                return Err(bad(format!("{} has shape {shape:?}, the model {:?}", p.name, p.file_shape())))
-            }
-            None => return Err(bad(format!("no tensor {}", p.name))),
-        }
-        for (slot, buf) in names.iter().zip([s1, s2]).filter(|(_, b)| be.len(b) > 0) {
-            let key = format!("optim.{slot}.{}", p.name);
-            match tensors.get(&key) {
-                Some((_, v)) if v.len() == be.len(buf) => {}
-                Some((_, v)) => return Err(bad(format!("{key} has {} values, expected {}", v.len(), be.len(buf)))),
-                None => return Err(bad(format!("no tensor {key}"))),
-            }
-        }
-    }
-    for (name, values) in trainer.model.buffers() {
-        match buffers.get(&name) {
-            Some((_, v)) if v.len() == values.len() => {}
-            _ => return Err(bad(format!("no buffer {name} of {} values", values.len()))),
-        }
-    }
+    check_state(trainer, &tensors, &buffers).map_err(bad)?;
     let number = |key: &str| -> Result<Option<f64>> {
         metadata.get(key).map(|v| v.parse::<f64>().map_err(|_| bad(format!("{key} is not a number")))).transpose()
     };
