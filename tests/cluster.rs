@@ -172,6 +172,7 @@ fn worker_pinning_another_fingerprint_refuses_to_connect() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("fingerprint mismatch") && err.contains(&flipped), "{err}");
+    assert!(err.contains(&format!("it presented {fp}")), "the typed error names what the coordinator presented: {err}");
     let _ = coord.kill();
 }
 

@@ -110,6 +110,20 @@ impl SignatureCheck {
 struct PinnedServer {
     fingerprint: String,
     signatures: SignatureCheck,
+    /// The fingerprint a server presented instead of the pinned one.
+    mismatch: PinMismatch,
+}
+
+/// Where a client configuration records that the server presented a certificate other
+/// than the pinned one: a typed answer to "was it the wrong peer?" after a failed connect.
+#[derive(Debug, Clone, Default)]
+pub struct PinMismatch(Arc<std::sync::Mutex<Option<String>>>);
+
+impl PinMismatch {
+    /// The fingerprint the server presented, if it was not the pinned one.
+    pub fn presented(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|g| g.clone())
+    }
 }
 
 impl ServerCertVerifier for PinnedServer {
@@ -125,6 +139,9 @@ impl ServerCertVerifier for PinnedServer {
         if got == self.fingerprint {
             Ok(ServerCertVerified::assertion())
         } else {
+            if let Ok(mut seen) = self.mismatch.0.lock() {
+                *seen = Some(got.clone());
+            }
             Err(rustls::Error::General(format!(
                 "certificate fingerprint mismatch: pinned {}, server presented {got}",
                 self.fingerprint
@@ -294,6 +311,12 @@ fn tls_err(e: impl std::fmt::Display) -> CollectiveError {
 
 /// Client side: pins the server's fingerprint and presents our own certificate.
 pub fn client_config(me: &Identity, server_fingerprint: &str) -> Result<ClientConfig> {
+    Ok(pinned_client_config(me, server_fingerprint)?.0)
+}
+
+/// `client_config`, with the record of a server that presented another certificate.
+pub fn pinned_client_config(me: &Identity, server_fingerprint: &str) -> Result<(ClientConfig, PinMismatch)> {
+    let mismatch = PinMismatch::default();
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -302,13 +325,14 @@ pub fn client_config(me: &Identity, server_fingerprint: &str) -> Result<ClientCo
         .with_custom_certificate_verifier(Arc::new(PinnedServer {
             fingerprint: server_fingerprint.to_ascii_lowercase(),
             signatures: SignatureCheck(provider),
+            mismatch: mismatch.clone(),
         }))
         .with_client_auth_cert(vec![me.cert.clone()], me.key())
         .map_err(tls_err)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut cfg = ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(tls_err)?));
     cfg.transport_config(transport());
-    Ok(cfg)
+    Ok((cfg, mismatch))
 }
 
 /// Server side. With `peers`, only clients whose fingerprint is in the set may connect

@@ -16,7 +16,7 @@ use lockstep_collective::quic::{LinkAbort, QuicLink};
 use lockstep_collective::shm::pipe::ShmPipe;
 use lockstep_collective::shm::{ShmComm, ShmGroupSpec};
 use lockstep_collective::tls::{
-    client_config, endpoint, parse_join_address, resolve, server_config, AllowedPeers, Identity,
+    endpoint, parse_join_address, pinned_client_config, resolve, server_config, AllowedPeers, Identity,
 };
 use lockstep_collective::topology::{Layout, Topology};
 use lockstep_collective::{Communicator, RingComm, WireFormat};
@@ -152,7 +152,9 @@ impl Node<'_> {
             let session = match self.rt.block_on(joining) {
                 Ok(s) => s,
                 // A refusal or a pinning failure will not fix itself: report it and stop.
-                Err(e @ (WorkerError::Stopped(_) | WorkerError::Config(_))) => return Err(e),
+                Err(e @ (WorkerError::Stopped(_) | WorkerError::Config(_) | WorkerError::PeerIdentity { .. })) => {
+                    return Err(e)
+                }
                 Err(e) if opts.once => return Err(e),
                 Err(e) => {
                     tracing::warn!("cannot join {}: {e}; retrying in 2 s", opts.join);
@@ -185,15 +187,18 @@ impl Node<'_> {
         data_addr: &str,
         active_link: &ActiveLink,
     ) -> Result<Session> {
-        let cfg = client_config(me, coord_fp).map_err(net("tls"))?;
-        let conn = ep.connect_with(cfg, coord, "lockstep").map_err(net("connect"))?.await.map_err(|e| {
-            let text = e.to_string();
-            if text.contains("fingerprint mismatch") {
-                WorkerError::Stopped(format!("refusing coordinator {coord}: {text}"))
-            } else {
-                WorkerError::Collective(format!("connecting to coordinator {coord}: {text}"))
-            }
-        })?;
+        let (cfg, mismatch) = pinned_client_config(me, coord_fp).map_err(net("tls"))?;
+        let conn =
+            ep.connect_with(cfg, coord, "lockstep").map_err(net("connect"))?.await.map_err(|e| {
+                match mismatch.presented() {
+                    Some(presented) => WorkerError::PeerIdentity {
+                        peer: format!("coordinator {coord}"),
+                        pinned: coord_fp.to_string(),
+                        presented,
+                    },
+                    None => WorkerError::Collective(format!("connecting to coordinator {coord}: {e}")),
+                }
+            })?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(net("control stream"))?;
         let hello = ToCoordinator::Hello {
             version: PROTOCOL_VERSION,

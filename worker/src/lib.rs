@@ -44,6 +44,10 @@ pub enum WorkerError {
     Preempted { step: u64, signal: i32, checkpoint: Option<String> },
     #[error("device: {0}")]
     Device(String),
+    /// A peer presented a certificate other than the one pinned: the wrong peer, or a
+    /// man in the middle. Never retried.
+    #[error("refusing {peer}: certificate fingerprint mismatch: pinned {pinned}, it presented {presented}")]
+    PeerIdentity { peer: String, pinned: String, presented: String },
 }
 
 pub type Result<T> = std::result::Result<T, WorkerError>;
