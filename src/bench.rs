@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use clap::Subcommand;
-use lockstep_kernels::{Backend, CpuBackend};
+use lockstep_kernels::{Backend, CpuBackend, Gemm};
 use lockstep_nn::data::{Dataset, Examples, TokenWindows};
 use lockstep_nn::rng::Stream;
 use lockstep_proto::job::Device;
@@ -249,9 +249,9 @@ fn time_raw_gemms<B: Backend>(be: &B, shapes: &[GemmShape], reps: usize) -> f64 
     let t = Instant::now();
     for _ in 0..reps {
         for (&(rows, i, o), (x, weight, y, dw, dx)) in shapes.iter().zip(bufs.iter_mut()) {
-            be.matmul(x, weight, y, rows, i, o, false, true, false); // y = x·Wᵀ
-            be.matmul(y, x, dw, o, rows, i, true, false, true); // dW = dyᵀ·x
-            be.matmul(y, weight, dx, rows, o, i, false, false, false); // dx = dy·W
+            be.matmul(x, weight, y, Gemm::nt(rows, i, o)); // y = x·Wᵀ
+            be.matmul(y, x, dw, Gemm::tn(o, rows, i).accumulate()); // dW = dyᵀ·x
+            be.matmul(y, weight, dx, Gemm::nn(rows, o, i)); // dx = dy·W
         }
     }
     let _ = be.check(); // waits for the device

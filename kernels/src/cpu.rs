@@ -2,7 +2,8 @@
 //! This is the reference implementation; keep it obvious.
 
 use crate::{
-    attention, norm, window, Activation, AttentionDims, Backend, MatmulPrecision, UpdateRule, Window, IGNORE_TARGET,
+    attention, norm, window, Activation, AttentionDims, Backend, Gemm, MatmulPrecision, UpdateRule, Window,
+    IGNORE_TARGET,
 };
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -142,18 +143,8 @@ impl Backend for CpuBackend {
         dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
     }
 
-    fn matmul(
-        &self,
-        a: &Vec<f32>,
-        b: &Vec<f32>,
-        c: &mut Vec<f32>,
-        m: usize,
-        k: usize,
-        n: usize,
-        trans_a: bool,
-        trans_b: bool,
-        accumulate: bool,
-    ) {
+    fn matmul(&self, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>, g: Gemm) {
+        let Gemm { m, k, n, trans_a, trans_b, accumulate } = g;
         assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul: buffer too small");
         // Strides of op(a) (m,k): row-major (k,1); stored transposed (k,m) -> (1,m).
         let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
@@ -178,7 +169,7 @@ impl Backend for CpuBackend {
             let b_half: Vec<f32> = b[..k * n].iter().map(|&x| p.round(x)).collect();
             let full = CpuBackend { precision: MatmulPrecision::Fp32, ..self.clone() };
             let mut product = vec![0.0f32; m * n];
-            full.matmul(&a_half, &b_half, &mut product, m, k, n, trans_a, trans_b, false);
+            full.matmul(&a_half, &b_half, &mut product, Gemm { accumulate: false, ..g });
             for (out, v) in c[..m * n].iter_mut().zip(product) {
                 *out = if accumulate { *out + p.round(v) } else { p.round(v) };
             }
@@ -660,12 +651,12 @@ mod tests {
             for tb in [false, true] {
                 let want = naive_matmul(&a, &b, m, k, n, ta, tb);
                 let mut c = vec![1.0; m * n];
-                be.matmul(&a, &b, &mut c, m, k, n, ta, tb, false);
+                be.matmul(&a, &b, &mut c, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: false });
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4, "ta={ta} tb={tb}: {x} vs {y}");
                 }
                 // accumulate adds onto what is there
-                be.matmul(&a, &b, &mut c, m, k, n, ta, tb, true);
+                be.matmul(&a, &b, &mut c, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: true });
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - 2.0 * y).abs() < 1e-3);
                 }
@@ -684,22 +675,22 @@ mod tests {
             let rb: Vec<f32> = b.iter().map(|&x| p.round(x)).collect();
             let want: Vec<f32> = naive_matmul(&ra, &rb, m, k, n, false, false).iter().map(|&x| p.round(x)).collect();
             let mut c = vec![0.0; m * n];
-            be.matmul(&a, &b, &mut c, m, k, n, false, false, false);
+            be.matmul(&a, &b, &mut c, Gemm::nn(m, k, n));
             assert_eq!(c, want, "{p:?}");
             assert_ne!(ra, a, "{p:?} really rounds the operands");
             // Accumulating: the rounded product is added to the fp32 values already there.
             let mut acc = vec![0.25; m * n];
-            be.matmul(&a, &b, &mut acc, m, k, n, false, false, true);
+            be.matmul(&a, &b, &mut acc, Gemm::nn(m, k, n).accumulate());
             for (x, w) in acc.iter().zip(&want) {
                 assert_eq!(*x, 0.25 + w);
             }
         }
         let fp16 = CpuBackend { precision: MatmulPrecision::Fp16, ..CpuBackend::new(1) };
         let mut c = vec![0.0; 1];
-        fp16.matmul(&vec![300.0], &vec![300.0], &mut c, 1, 1, 1, false, false, false);
+        fp16.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1));
         assert_eq!(c[0], f32::INFINITY, "90000 > 65504 overflows fp16");
         let bf16 = CpuBackend { precision: MatmulPrecision::Bf16, ..CpuBackend::new(1) };
-        bf16.matmul(&vec![300.0], &vec![300.0], &mut c, 1, 1, 1, false, false, false);
+        bf16.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1));
         assert_eq!(c[0], 90112.0, "bf16 keeps the range, 8 significant bits");
     }
 

@@ -52,6 +52,43 @@ pub enum UpdateRule {
     Adam { beta1: f32, beta2: f32, eps: f32, step: u64, decoupled_decay: f32 },
 }
 
+/// One matrix product c = op(a)·op(b) (+ c): op(a) is (m, k), op(b) is (k, n), c is
+/// (m, n), all row-major. `trans_a`: a is stored (k, m); `trans_b`: b is stored (n, k).
+/// Built by name: `Gemm::nt(rows, in, out)` is y = x·Wᵀ, `Gemm::tn(out, rows, in)
+/// .accumulate()` is dW += dyᵀ·x.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemm {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    /// Add to c instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Gemm {
+    /// a·b.
+    pub fn nn(m: usize, k: usize, n: usize) -> Self {
+        Self { m, k, n, trans_a: false, trans_b: false, accumulate: false }
+    }
+    /// a·bᵀ.
+    pub fn nt(m: usize, k: usize, n: usize) -> Self {
+        Self { trans_b: true, ..Self::nn(m, k, n) }
+    }
+    /// aᵀ·b.
+    pub fn tn(m: usize, k: usize, n: usize) -> Self {
+        Self { trans_a: true, ..Self::nn(m, k, n) }
+    }
+    /// c += the product.
+    pub fn accumulate(self) -> Self {
+        self.accumulate_if(true)
+    }
+    pub fn accumulate_if(self, accumulate: bool) -> Self {
+        Self { accumulate, ..self }
+    }
+}
+
 /// The ops every backend provides. `Buf` is a device buffer of `f32`.
 ///
 /// The trait is deliberately narrow: layers compose these ops; a new backend implements
@@ -87,21 +124,9 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     // ---- linear algebra ----
-    /// c = op(a)·op(b) (+ c if `accumulate`). op(a): (m,k), op(b): (k,n), c: (m,n).
-    /// `trans_a` means `a` is stored (k,m); `trans_b` means `b` is stored (n,k).
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(
-        &self,
-        a: &Self::Buf,
-        b: &Self::Buf,
-        c: &mut Self::Buf,
-        m: usize,
-        k: usize,
-        n: usize,
-        trans_a: bool,
-        trans_b: bool,
-        accumulate: bool,
-    );
+    /// c = op(a)·op(b) (+ c if `g.accumulate`), shaped by `g` (see [`Gemm`]); the operand
+    /// precision is the backend's (`set_matmul_precision`).
+    fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: Gemm);
     /// x (rows,cols) += bias (cols) broadcast over rows.
     fn add_row_vector(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize);
     /// out (cols) (+)= sum over rows of x (rows,cols). The bias gradient.

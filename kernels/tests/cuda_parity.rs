@@ -3,7 +3,7 @@
 #![cfg(feature = "cuda")]
 
 use lockstep_kernels::cuda::{available, CudaBackend};
-use lockstep_kernels::{Activation, Backend, CpuBackend, UpdateRule};
+use lockstep_kernels::{Activation, Backend, CpuBackend, Gemm, UpdateRule};
 
 /// fp32 tolerance: GEMMs and reductions sum in a different order than the CPU.
 const TOL: f32 = 1e-4;
@@ -49,8 +49,13 @@ fn every_op_matches_the_cpu_reference() {
             for acc in [false, true] {
                 let init = data(m * n, 3);
                 let (mut cc, mut gc) = (init.clone(), gpu.upload(&init));
-                cpu.matmul(&a, &b, &mut cc, m, k, n, ta, tb, acc);
-                gpu.matmul(&gpu.upload(&a), &gpu.upload(&b), &mut gc, m, k, n, ta, tb, acc);
+                cpu.matmul(&a, &b, &mut cc, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: acc });
+                gpu.matmul(
+                    &gpu.upload(&a),
+                    &gpu.upload(&b),
+                    &mut gc,
+                    Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: acc },
+                );
                 close(&format!("matmul ta={ta} tb={tb} acc={acc}"), &gpu.download(&gc), &cc);
             }
         }

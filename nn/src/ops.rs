@@ -2,7 +2,7 @@
 //! Shapes are checked here so a mismatch is a clear error, never a panic in a kernel.
 
 use crate::{shape_err, Result, Tensor};
-use lockstep_kernels::Backend;
+use lockstep_kernels::{Backend, Gemm};
 
 fn same_shape<B: Backend>(op: &'static str, a: &Tensor<B>, b: &Tensor<B>) -> Result<()> {
     if a.shape != b.shape {
@@ -45,7 +45,7 @@ pub fn matmul<B: Backend>(be: &B, a: &Tensor<B>, b: &Tensor<B>) -> Result<Tensor
     }
     let (m, k, n) = (a.shape[0], a.shape[1], b.shape[1]);
     let mut y = Tensor::zeros(be, &[m, n]);
-    be.matmul(&a.buf, &b.buf, &mut y.buf, m, k, n, false, false, false);
+    be.matmul(&a.buf, &b.buf, &mut y.buf, Gemm::nn(m, k, n));
     Ok(y)
 }
 
@@ -61,9 +61,9 @@ pub fn matmul_backward<B: Backend>(
         return shape_err("matmul_backward", format!("dy {:?}, expected [{m}, {n}]", dy.shape));
     }
     let mut da = Tensor::zeros(be, &[m, k]);
-    be.matmul(&dy.buf, &b.buf, &mut da.buf, m, n, k, false, true, false);
+    be.matmul(&dy.buf, &b.buf, &mut da.buf, Gemm::nt(m, n, k));
     let mut db = Tensor::zeros(be, &[k, n]);
-    be.matmul(&a.buf, &dy.buf, &mut db.buf, k, m, n, true, false, false);
+    be.matmul(&a.buf, &dy.buf, &mut db.buf, Gemm::tn(k, m, n));
     Ok((da, db))
 }
 

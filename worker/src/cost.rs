@@ -1,7 +1,7 @@
 //! Cost accounting (T34) and the data/parameter rule of thumb (T35).
 
 use crate::trainer::Trainer;
-use lockstep_kernels::Backend;
+use lockstep_kernels::{Backend, Gemm};
 use std::time::Instant;
 
 /// FLOPs of a training step per example and the peak they are measured against.
@@ -58,12 +58,12 @@ pub fn measure_matmul_gflops<B: Backend>(be: &B) -> f64 {
     let a = be.upload(&vec![0.5; n * n]);
     let b = be.upload(&vec![0.25; n * n]);
     let mut c = be.zeros(n * n);
-    be.matmul(&a, &b, &mut c, n, n, n, false, false, false);
+    be.matmul(&a, &b, &mut c, Gemm::nn(n, n, n));
     let _ = be.check();
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         let t = Instant::now();
-        be.matmul(&a, &b, &mut c, n, n, n, false, false, false);
+        be.matmul(&a, &b, &mut c, Gemm::nn(n, n, n));
         let _ = be.check();
         best = best.min(t.elapsed().as_secs_f64());
     }

@@ -198,18 +198,8 @@ impl Backend for CudaBackend {
         self.record("copy_range", self.stream.memcpy_dtod(&from, &mut to));
     }
 
-    fn matmul(
-        &self,
-        a: &Self::Buf,
-        b: &Self::Buf,
-        c: &mut Self::Buf,
-        m: usize,
-        k: usize,
-        n: usize,
-        trans_a: bool,
-        trans_b: bool,
-        accumulate: bool,
-    ) {
+    fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: crate::Gemm) {
+        let crate::Gemm { m, k, n, trans_a, trans_b, accumulate } = g;
         if m == 0 || n == 0 {
             return;
         }

@@ -1,6 +1,6 @@
 use super::{cached, ForwardCtx, Layer, Param};
 use crate::{shape_err, Result, Tensor};
-use lockstep_kernels::{Backend, Window};
+use lockstep_kernels::{Backend, Gemm, Window};
 
 /// 2-D convolution on NHWC tensors (T6): stride, zero padding, groups. The weight is (OC, KH, KW, C/groups) in
 /// memory, PyTorch's (OC, C/groups, KH, KW) in files; each group is one GEMM over im2col rows, so a whole batch is a
@@ -64,12 +64,12 @@ impl<B: Backend> Layer<B> for Conv2d<B> {
             let mut cols = be.zeros(m * kk); // (N·OH·OW, KH·KW·Cg)
             be.im2col(&x.buf, w, n, g * cg, cg, &mut cols);
             if self.groups == 1 {
-                be.matmul(&cols, &self.weight.value, &mut y.buf, m, kk, oc, false, true, false);
+                be.matmul(&cols, &self.weight.value, &mut y.buf, Gemm::nt(m, kk, oc));
             } else {
                 let mut w_g = be.zeros(ocg * kk);
                 be.copy_range(&self.weight.value, g * ocg * kk, &mut w_g, 0, ocg * kk);
                 let mut y_g = be.zeros(m * ocg);
-                be.matmul(&cols, &w_g, &mut y_g, m, kk, ocg, false, true, false);
+                be.matmul(&cols, &w_g, &mut y_g, Gemm::nt(m, kk, ocg));
                 be.copy_columns(&y_g, ocg, 0, &mut y.buf, oc, g * ocg, ocg, m, false);
             }
             all_cols.push(cols);
@@ -109,11 +109,11 @@ impl<B: Backend> Layer<B> for Conv2d<B> {
             if self.weight.trainable {
                 // dW_g += dy_gᵀ · cols
                 if self.groups == 1 {
-                    be.matmul(dy_g, cols, &mut self.weight.grad, oc, m, kk, true, false, true);
+                    be.matmul(dy_g, cols, &mut self.weight.grad, Gemm::tn(oc, m, kk).accumulate());
                 } else {
                     let mut dw_g = be.zeros(ocg * kk);
                     be.copy_range(&self.weight.grad, range, &mut dw_g, 0, ocg * kk);
-                    be.matmul(dy_g, cols, &mut dw_g, ocg, m, kk, true, false, true);
+                    be.matmul(dy_g, cols, &mut dw_g, Gemm::tn(ocg, m, kk).accumulate());
                     be.copy_range(&dw_g, 0, &mut self.weight.grad, range, ocg * kk);
                 }
             }
@@ -123,11 +123,11 @@ impl<B: Backend> Layer<B> for Conv2d<B> {
             // dcols = dy_g · W_g, scattered back onto the input channels of the group.
             let mut dcols = be.zeros(m * kk);
             if self.groups == 1 {
-                be.matmul(dy_g, &self.weight.value, &mut dcols, m, oc, kk, false, false, false);
+                be.matmul(dy_g, &self.weight.value, &mut dcols, Gemm::nn(m, oc, kk));
             } else {
                 let mut w_g = be.zeros(ocg * kk);
                 be.copy_range(&self.weight.value, range, &mut w_g, 0, ocg * kk);
-                be.matmul(dy_g, &w_g, &mut dcols, m, ocg, kk, false, false, false);
+                be.matmul(dy_g, &w_g, &mut dcols, Gemm::nn(m, ocg, kk));
             }
             be.col2im(&dcols, &w, n, g * cg, cg, &mut dx.buf);
         }

@@ -1,6 +1,6 @@
 use super::{cached, ForwardCtx, Layer, Param};
 use crate::{shape_err, Result, Tensor};
-use lockstep_kernels::{Backend, Window};
+use lockstep_kernels::{Backend, Gemm, Window};
 
 /// Transposed 2-D convolution on NHWC tensors (T8): the adjoint of a convolution, used to
 /// upsample. Input (N, H, W, Cin), output (N, OH, OW, OC) with OH = (H−1)·stride − 2·pad + k.
@@ -91,7 +91,7 @@ impl<B: Backend> Layer<B> for ConvTranspose2d<B> {
         let n = x.shape[0];
         let rows = n * ow.out_h() * ow.out_w();
         let mut cols = be.zeros(rows * self.taps()); // (N·H·W, KH·KW·OC) = x · W
-        be.matmul(&x.buf, &self.weight.value, &mut cols, rows, self.in_channels, self.taps(), false, false, false);
+        be.matmul(&x.buf, &self.weight.value, &mut cols, Gemm::nn(rows, self.in_channels, self.taps()));
         let mut y = Tensor::zeros(be, &[n, ow.h, ow.w, ow.c]); // (N, OH, OW, OC)
         be.col2im(&cols, &ow, n, 0, ow.c, &mut y.buf);
         be.add_row_vector(&mut y.buf, &self.bias.value, n * ow.h * ow.w, ow.c);
@@ -117,13 +117,13 @@ impl<B: Backend> Layer<B> for ConvTranspose2d<B> {
         let taps = self.taps();
         if self.weight.trainable {
             // dW (Cin, KH·KW·OC) += xᵀ (Cin, N·H·W) · dcols
-            be.matmul(&x.buf, &dcols, &mut self.weight.grad, self.in_channels, rows, taps, true, false, true);
+            be.matmul(&x.buf, &dcols, &mut self.weight.grad, Gemm::tn(self.in_channels, rows, taps).accumulate());
         }
         if !self.input_grad {
             return Ok(Tensor::zeros(be, &[0]));
         }
         let mut dx = Tensor::zeros(be, &x.shape); // (N·H·W, Cin) = dcols · Wᵀ
-        be.matmul(&dcols, &self.weight.value, &mut dx.buf, rows, taps, self.in_channels, false, true, false);
+        be.matmul(&dcols, &self.weight.value, &mut dx.buf, Gemm::nt(rows, taps, self.in_channels));
         Ok(dx)
     }
 

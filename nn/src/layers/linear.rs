@@ -1,6 +1,6 @@
 use super::{cached, ForwardCtx, Layer, Param};
 use crate::{shape_err, Result, Tensor};
-use lockstep_kernels::Backend;
+use lockstep_kernels::{Backend, Gemm};
 
 /// y = x·Wᵀ + b (T5). W is stored (out, in) as in PyTorch, so checkpoints map one to one.
 pub struct Linear<B: Backend> {
@@ -45,17 +45,7 @@ impl<B: Backend> Layer<B> for Linear<B> {
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap_or(&mut 0) = self.out_features;
         let mut y = Tensor::zeros(be, &shape); // (B, out)
-        be.matmul(
-            &x.buf,
-            &self.weight.value,
-            &mut y.buf,
-            rows,
-            self.in_features,
-            self.out_features,
-            false,
-            true,
-            false,
-        );
+        be.matmul(&x.buf, &self.weight.value, &mut y.buf, Gemm::nt(rows, self.in_features, self.out_features));
         be.add_row_vector(&mut y.buf, &self.bias.value, rows, self.out_features);
         if ctx.train {
             self.input_cache = Some(x);
@@ -72,7 +62,7 @@ impl<B: Backend> Layer<B> for Linear<B> {
         let (i, o) = (self.in_features, self.out_features);
         if self.weight.trainable {
             // dW (out,in) += dyᵀ (out,B) · x (B,in)
-            be.matmul(&dy.buf, &x.buf, &mut self.weight.grad, o, rows, i, true, false, true);
+            be.matmul(&dy.buf, &x.buf, &mut self.weight.grad, Gemm::tn(o, rows, i).accumulate());
         }
         if self.bias.trainable {
             be.sum_rows(&dy.buf, &mut self.bias.grad, rows, o, true); // db (out) += Σ_rows dy
@@ -81,7 +71,7 @@ impl<B: Backend> Layer<B> for Linear<B> {
             return Ok(Tensor::zeros(be, &[0]));
         }
         let mut dx = Tensor::zeros(be, &x.shape); // dx (B,in) = dy (B,out) · W (out,in)
-        be.matmul(&dy.buf, &self.weight.value, &mut dx.buf, rows, o, i, false, false, false);
+        be.matmul(&dy.buf, &self.weight.value, &mut dx.buf, Gemm::nn(rows, o, i));
         Ok(dx)
     }
 

@@ -1,6 +1,6 @@
 use super::{cached, ForwardCtx, Layer, Param};
 use crate::{shape_err, Result, Tensor};
-use lockstep_kernels::Backend;
+use lockstep_kernels::{Backend, Gemm};
 
 /// LoRA (T38): a frozen layer y = base(x) plus a trained low-rank branch,
 /// y = base(x) + (alpha/r)·(x·Aᵀ)·Bᵀ with A (r, in) and B (out, r). B starts at zero, so
@@ -66,9 +66,9 @@ impl<B: Backend> Layer<B> for LoraLinear<B> {
         }
         let (i, o, r) = (self.in_features, self.out_features, self.rank);
         let mut down = Tensor::zeros(be, &[rows, r]); // h (B, r) = x (B, in) · Aᵀ
-        be.matmul(&x.buf, &self.a.value, &mut down.buf, rows, i, r, false, true, false);
+        be.matmul(&x.buf, &self.a.value, &mut down.buf, Gemm::nt(rows, i, r));
         let mut up = Tensor::zeros(be, &[rows, o]); // (B, out) = h · Bᵀ
-        be.matmul(&down.buf, &self.b.value, &mut up.buf, rows, r, o, false, true, false);
+        be.matmul(&down.buf, &self.b.value, &mut up.buf, Gemm::nt(rows, r, o));
         let input = if ctx.train { Some(x.duplicate(be)) } else { None };
         let mut y = self.base.forward(be, x, ctx)?; // (B, out) = x·Wᵀ + b
         be.axpy(self.scaling, &up.buf, &mut y.buf);
@@ -87,15 +87,15 @@ impl<B: Backend> Layer<B> for LoraLinear<B> {
         let mut dy_scaled = dy.duplicate(be); // s·dy (B, out)
         be.scale(&mut dy_scaled.buf, self.scaling);
         // dB (out, r) += (s·dy)ᵀ · h
-        be.matmul(&dy_scaled.buf, &down.buf, &mut self.b.grad, o, rows, r, true, false, true);
+        be.matmul(&dy_scaled.buf, &down.buf, &mut self.b.grad, Gemm::tn(o, rows, r).accumulate());
         let mut d_down = Tensor::zeros(be, &[rows, r]); // dh (B, r) = s·dy · B
-        be.matmul(&dy_scaled.buf, &self.b.value, &mut d_down.buf, rows, o, r, false, false, false);
+        be.matmul(&dy_scaled.buf, &self.b.value, &mut d_down.buf, Gemm::nn(rows, o, r));
         // dA (r, in) += dhᵀ · x
-        be.matmul(&d_down.buf, &x.buf, &mut self.a.grad, r, rows, i, true, false, true);
+        be.matmul(&d_down.buf, &x.buf, &mut self.a.grad, Gemm::tn(r, rows, i).accumulate());
         let mut dx = self.base.backward(be, dy)?; // dy · W (frozen: no dW)
         if self.input_grad {
             // dx (B, in) += dh · A
-            be.matmul(&d_down.buf, &self.a.value, &mut dx.buf, rows, r, i, false, false, true);
+            be.matmul(&d_down.buf, &self.a.value, &mut dx.buf, Gemm::nn(rows, r, i).accumulate());
         }
         Ok(dx)
     }

@@ -1,6 +1,6 @@
 use super::{cached, ForwardCtx, Layer, Param};
 use crate::{shape_err, Result, Tensor};
-use lockstep_kernels::Backend;
+use lockstep_kernels::{Backend, Gemm};
 
 /// Which recurrent cell (T17).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +108,7 @@ impl<B: Backend> Layer<B> for Recurrent<B> {
         let (h, gh) = (self.hidden, self.cell.gates() * self.hidden);
         // xp (N·T, G·H) = x·W_ihᵀ + b_ih for every step at once.
         let mut xp = be.zeros(n * t * gh);
-        be.matmul(&x.buf, &self.weight_ih.value, &mut xp, n * t, i, gh, false, true, false);
+        be.matmul(&x.buf, &self.weight_ih.value, &mut xp, Gemm::nt(n * t, i, gh));
         be.add_row_vector(&mut xp, &self.bias_ih.value, n * t, gh);
         let mut y = Tensor::zeros(be, &[n, t, h]);
         let (mut h_prev, mut c_prev) = (be.zeros(n * h), be.zeros(n * h));
@@ -117,7 +117,7 @@ impl<B: Backend> Layer<B> for Recurrent<B> {
             let mut pre = be.zeros(n * gh); // xp at this step, (N, G·H)
             be.copy_columns(&xp, t * gh, step * gh, &mut pre, gh, 0, gh, n, false);
             let mut hp = be.zeros(n * gh); // h_{t−1}·W_hhᵀ + b_hh
-            be.matmul(&h_prev, &self.weight_hh.value, &mut hp, n, h, gh, false, true, false);
+            be.matmul(&h_prev, &self.weight_hh.value, &mut hp, Gemm::nt(n, h, gh));
             be.add_row_vector(&mut hp, &self.bias_hh.value, n, gh);
             let (mut gates, mut h_next) = (be.zeros(n * gh), be.zeros(n * h));
             // LSTM: the cell state c; GRU: hp, which its backward needs.
@@ -192,18 +192,23 @@ impl<B: Backend> Layer<B> for Recurrent<B> {
             }
             if self.weight_hh.trainable {
                 // dW_hh (G·H, H) += dhpᵀ (G·H, N) · h_prev (N, H)
-                be.matmul(&dhp, &cache.h_prev, &mut self.weight_hh.grad, gh, n, h, true, false, true);
+                be.matmul(&dhp, &cache.h_prev, &mut self.weight_hh.grad, Gemm::tn(gh, n, h).accumulate());
             }
             if self.bias_hh.trainable {
                 be.sum_rows(&dhp, &mut self.bias_hh.grad, n, gh, true);
             }
             // dh_prev (N, H) = dhp (N, G·H) · W_hh (G·H, H) [+ z⊙dh for the GRU]
-            be.matmul(&dhp, &self.weight_hh.value, &mut dh_direct, n, gh, h, false, false, self.cell == Cell::Gru);
+            be.matmul(
+                &dhp,
+                &self.weight_hh.value,
+                &mut dh_direct,
+                Gemm::nn(n, gh, h).accumulate_if(self.cell == Cell::Gru),
+            );
             dh_next = dh_direct;
         }
         if self.weight_ih.trainable {
             // dW_ih (G·H, In) += dxpᵀ (G·H, N·T) · x (N·T, In)
-            be.matmul(&dxp, &x.buf, &mut self.weight_ih.grad, gh, n * t, i, true, false, true);
+            be.matmul(&dxp, &x.buf, &mut self.weight_ih.grad, Gemm::tn(gh, n * t, i).accumulate());
         }
         if self.bias_ih.trainable {
             be.sum_rows(&dxp, &mut self.bias_ih.grad, n * t, gh, true);
@@ -212,7 +217,7 @@ impl<B: Backend> Layer<B> for Recurrent<B> {
             return Ok(Tensor::zeros(be, &[0]));
         }
         let mut dx = Tensor::zeros(be, &x.shape); // (N·T, In) = dxp · W_ih
-        be.matmul(&dxp, &self.weight_ih.value, &mut dx.buf, n * t, gh, i, false, false, false);
+        be.matmul(&dxp, &self.weight_ih.value, &mut dx.buf, Gemm::nn(n * t, gh, i));
         Ok(dx)
     }
 
