@@ -69,3 +69,33 @@ impl<B: Backend> Layer<B> for Act<B> {
         self.features as u64
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+    use crate::layers::Act;
+
+    use crate::ForwardCtx;
+    use lockstep_kernels::{Activation, CpuBackend};
+
+    #[test]
+    fn activation_gradients() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        for act in [
+            Activation::Sigmoid,
+            Activation::Tanh,
+            Activation::Relu,
+            Activation::LeakyRelu { slope: 0.1 },
+            Activation::Swish { beta: 1.0 },
+            Activation::Swish { beta: 1.7 },
+            Activation::Gelu,
+        ] {
+            check_layer(&be, &mut Act::new("act", act, 6), &[4, 6], &input(24), &ctx);
+        }
+        // Learnable beta: its gradient is checked as a parameter.
+        check_layer(&be, &mut Act::learnable_swish(&be, "swish", 0.8, 6), &[4, 6], &input(24), &ctx);
+    }
+}

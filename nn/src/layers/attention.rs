@@ -118,3 +118,80 @@ impl<B: Backend> Layer<B> for MultiHeadAttention<B> {
         self.qkv.flops_per_example() * t + self.out.flops_per_example() * t + 4 * t * t * d
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+    use crate::layers::{AttentionShape, MultiHeadAttention};
+
+    use crate::{ForwardCtx, Layer, Tensor};
+    use lockstep_kernels::CpuBackend;
+
+    fn attention(causal: bool) -> MultiHeadAttention<CpuBackend> {
+        let be = CpuBackend::new(1);
+        let w_qkv: Vec<f32> = (0..12 * 4).map(|i| ((i as f32) * 0.37).sin() * 0.6).collect();
+        let w_out: Vec<f32> = (0..4 * 4).map(|i| ((i as f32) * 0.53).cos() * 0.6).collect();
+        let shape = AttentionShape { dim: 4, heads: 2, causal, max_len: 8 };
+        let mut a = MultiHeadAttention::new(&be, "attn", shape, &w_qkv, &w_out);
+        a.qkv.bias.value = (0..12).map(|i| i as f32 * 0.05).collect();
+        a
+    }
+
+    #[test]
+    fn attention_gradients_causal_and_padded() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        check_layer(&be, &mut attention(false), &[2, 3, 4], &input(24), &ctx);
+        check_layer(&be, &mut attention(true), &[2, 3, 4], &input(24), &ctx);
+        let padded = ForwardCtx { train: true, seq_lens: vec![3, 2], ..Default::default() };
+        check_layer(&be, &mut attention(true), &[2, 3, 4], &input(24), &padded);
+    }
+
+    #[test]
+    fn causal_output_ignores_the_future() {
+        let be = CpuBackend::new(1);
+        let mut a = attention(true);
+        let x = input(5 * 4);
+        let y = a.forward(&be, Tensor::from_slice(&be, &[1, 5, 4], &x), &ForwardCtx::default()).unwrap();
+        for t in 0..5 {
+            // Change every token after t: outputs up to t are bitwise unchanged.
+            let mut x2 = x.clone();
+            x2[(t + 1) * 4..].iter_mut().for_each(|v| *v += 1.0);
+            let y2 = a.forward(&be, Tensor::from_slice(&be, &[1, 5, 4], &x2), &ForwardCtx::default()).unwrap();
+            assert_eq!(y.buf[..(t + 1) * 4], y2.buf[..(t + 1) * 4], "position {t} saw the future");
+            if t < 4 {
+                assert_ne!(y.buf[(t + 1) * 4..], y2.buf[(t + 1) * 4..]);
+            }
+        }
+    }
+
+    #[test]
+    fn padding_changes_neither_valid_outputs_nor_gradients() {
+        let be = CpuBackend::new(1);
+        let mut a = attention(false);
+        let ctx = ForwardCtx { train: true, seq_lens: vec![2], ..Default::default() };
+        let x = input(3 * 4);
+        let mut x_other = x.clone();
+        x_other[8..].iter_mut().for_each(|v| *v = -*v * 3.0); // a different pad token
+        let run = |a: &mut MultiHeadAttention<CpuBackend>, x: &[f32]| {
+            let y = a.forward(&be, Tensor::from_slice(&be, &[1, 3, 4], x), &ctx).unwrap();
+            for p in a.params_mut() {
+                p.grad.fill(0.0);
+            }
+            // The loss sees valid positions only: dy is zero at the padded position.
+            let mut dy = vec![1.0; 12];
+            dy[8..].fill(0.0);
+            let dx = a.backward(&be, Tensor::from_slice(&be, &[1, 3, 4], &dy)).unwrap();
+            let grads: Vec<Vec<f32>> = a.params().iter().map(|p| p.grad.clone()).collect();
+            (y.buf, dx.buf, grads)
+        };
+        let (y1, dx1, g1) = run(&mut a, &x);
+        let (y2, dx2, g2) = run(&mut a, &x_other);
+        assert_eq!(y1[..8], y2[..8], "valid outputs depend on padding");
+        assert_eq!(dx1[..8], dx2[..8], "valid input gradients depend on padding");
+        assert!(dx1[8..].iter().all(|&v| v == 0.0), "padded positions got a gradient: {:?}", &dx1[8..]);
+        assert_eq!(g1, g2, "parameter gradients depend on padding");
+    }
+}

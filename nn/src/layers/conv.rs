@@ -149,3 +149,41 @@ impl<B: Backend> Layer<B> for Conv2d<B> {
         outputs * (kk as u64 + kk as u64 - 1) + outputs
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+    use crate::layers::Conv2d;
+
+    use crate::{ForwardCtx, Layer, Tensor};
+    use lockstep_kernels::{CpuBackend, Window};
+
+    #[test]
+    fn conv2d_gradients_stride_padding_groups() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        for (stride, pad, groups, oc) in [(1, 0, 1, 3), (2, 1, 1, 2), (1, 1, 2, 4)] {
+            let win = Window { h: 5, w: 4, c: 2, kh: 3, kw: 2, stride, pad };
+            let n_w = oc * 3 * 2 * (2 / groups);
+            let w: Vec<f32> = (0..n_w).map(|i| ((i as f32) * 0.71).sin() * 0.5).collect();
+            let mut conv = Conv2d::new(&be, "conv", win, oc, groups, &w);
+            conv.bias.value = (0..oc).map(|i| i as f32 * 0.1).collect();
+            check_layer(&be, &mut conv, &[2, 5, 4, 2], &input(2 * 5 * 4 * 2), &ctx);
+        }
+    }
+
+    #[test]
+    fn conv2d_matches_a_direct_convolution() {
+        // 1 image 4x4x1, 3x3 kernel of ones, pad 1: each output is the sum of its neighbourhood.
+        let be = CpuBackend::new(1);
+        let win = Window { h: 4, w: 4, c: 1, kh: 3, kw: 3, stride: 1, pad: 1 };
+        let mut conv = Conv2d::new(&be, "conv", win, 1, 1, &[1.0; 9]);
+        let x: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let y = conv.forward(&be, Tensor::from_slice(&be, &[1, 4, 4, 1], &x), &ForwardCtx::default()).unwrap();
+        assert_eq!(y.shape, vec![1, 4, 4, 1]);
+        assert_eq!(y.buf[0], 0. + 1. + 4. + 5.);
+        assert_eq!(y.buf[5], (0..3).flat_map(|r| (0..3).map(move |c| (r * 4 + c) as f32)).sum::<f32>());
+    }
+}

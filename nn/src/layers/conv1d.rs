@@ -85,3 +85,31 @@ impl<B: Backend> Layer<B> for Conv1d<B> {
         self.conv.flops_per_example()
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+
+    use crate::layers::Conv1d;
+    use crate::{ForwardCtx, Layer, Tensor};
+    use lockstep_kernels::CpuBackend;
+
+    #[test]
+    fn conv1d_gradients_and_known_values() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        // (N=2, L=5, C=2) -> kernel 3, stride 2, pad 1, 2 groups: (2, 3, 4).
+        let w: Vec<f32> = (0..4 * 3).map(|i| ((i as f32) * 0.43).sin() * 0.5).collect();
+        let mut conv = Conv1d::new(&be, "c1", (5, 2), 4, 3, 2, 1, 2, &w);
+        assert_eq!(conv.out_length(), 3);
+        check_layer(&be, &mut conv, &[2, 5, 2], &input(20), &ctx);
+        // A moving sum: kernel [1, 1, 1], pad 1 over [1, 2, 3, 4] gives [3, 6, 9, 7].
+        let mut sum = Conv1d::new(&be, "sum", (4, 1), 1, 3, 1, 1, 1, &[1.0, 1.0, 1.0]);
+        let y =
+            sum.forward(&be, Tensor::from_slice(&be, &[1, 4, 1], &[1., 2., 3., 4.]), &ForwardCtx::default()).unwrap();
+        assert_eq!(y.shape, vec![1, 4, 1]);
+        assert_eq!(y.buf, vec![3., 6., 9., 7.]);
+    }
+}

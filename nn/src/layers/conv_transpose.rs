@@ -143,3 +143,40 @@ impl<B: Backend> Layer<B> for ConvTranspose2d<B> {
         pixels * 2 * (self.in_channels * self.taps()) as u64 + (ow.h * ow.w * ow.c) as u64
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+    use crate::layers::Conv2d;
+    use crate::layers::ConvTranspose2d;
+    use crate::{ForwardCtx, Layer, Tensor};
+    use lockstep_kernels::CpuBackend;
+
+    #[test]
+    fn transposed_conv_gradients_and_adjointness() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        // (N=2, 3x3, Cin=2) -> stride 2, kernel 3, pad 1: (2, 5x5, OC=3).
+        let w: Vec<f32> = (0..2 * 3 * 3 * 3).map(|i| ((i as f32) * 0.31).sin() * 0.5).collect();
+        let mut up = ConvTranspose2d::new(&be, "up", (3, 3, 2), 3, 3, 2, 1, &w);
+        assert_eq!((up.out_win.h, up.out_win.w), (5, 5));
+        assert_eq!(ConvTranspose2d::<CpuBackend>::output_size(3, 3, 2, 1), Some(5));
+        check_layer(&be, &mut up, &[2, 3, 3, 2], &input(36), &ctx);
+        // A transposed conv is the adjoint of the conv with the same weights:
+        // <convT(x), y> = <x, conv(y)> for the bias-free layers.
+        let conv_w: Vec<f32> = {
+            // conv weight (OC=2, KH, KW, Cg=3) from the transposed one (Cin=2, KH, KW, OC=3)
+            w.clone()
+        };
+        let mut conv = Conv2d::new(&be, "down", up.out_win, 2, 1, &conv_w);
+        let x = input(18); // (1, 3, 3, 2)
+        let y: Vec<f32> = (0..75).map(|i| ((i as f32) * 0.77).cos()).collect(); // (1, 5, 5, 3)
+        let t = up.forward(&be, Tensor::from_slice(&be, &[1, 3, 3, 2], &x), &ForwardCtx::default()).unwrap();
+        let c = conv.forward(&be, Tensor::from_slice(&be, &[1, 5, 5, 3], &y), &ForwardCtx::default()).unwrap();
+        let lhs: f64 = t.buf.iter().zip(&y).map(|(a, b)| (a * b) as f64).sum();
+        let rhs: f64 = x.iter().zip(&c.buf).map(|(a, b)| (a * b) as f64).sum();
+        assert!((lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+    }
+}

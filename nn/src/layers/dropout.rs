@@ -62,3 +62,64 @@ impl<B: Backend> Layer<B> for Dropout<B> {
         Ok(dx)
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+    use crate::layers::Dropout;
+
+    use crate::{ForwardCtx, Layer, Tensor};
+    use lockstep_kernels::CpuBackend;
+
+    #[test]
+    fn dropout_gradient_and_scaling() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, seed: 3, step: 5, example_ids: vec![10, 11, 12, 13], ..Default::default() };
+        check_layer(&be, &mut Dropout::new("drop", 0.3, 0), &[4, 6], &input(24), &ctx);
+
+        // Inverted scaling: kept units are x/(1−p), dropped are 0, the mean is preserved.
+        let mut drop = Dropout::new("drop", 0.25, 0);
+        let rows = 2000;
+        let ids: Vec<u64> = (0..rows as u64).collect();
+        let x = Tensor::from_slice(&be, &[rows, 50], &vec![1.0; rows * 50]);
+        let y = drop
+            .forward(
+                &be,
+                x.duplicate(&be),
+                &ForwardCtx { train: true, seed: 1, step: 0, example_ids: ids, ..Default::default() },
+            )
+            .unwrap();
+        assert!(y.buf.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        let kept = y.buf.iter().filter(|&&v| v > 0.0).count() as f64 / y.buf.len() as f64;
+        assert!((kept - 0.75).abs() < 0.01, "{kept}");
+        let mean = y.buf.iter().map(|&v| v as f64).sum::<f64>() / y.buf.len() as f64;
+        assert!((mean - 1.0).abs() < 0.015, "{mean}");
+        // Eval mode is the identity.
+        let y = drop.forward(&be, x.duplicate(&be), &ForwardCtx::default()).unwrap();
+        assert_eq!(y.buf, x.buf);
+        // The same example at the same step gets the same mask wherever it is in the batch.
+        let a = drop
+            .forward(
+                &be,
+                x.duplicate(&be),
+                &ForwardCtx { train: true, seed: 1, step: 0, example_ids: (0..2000).collect(), ..Default::default() },
+            )
+            .unwrap();
+        let b = drop
+            .forward(
+                &be,
+                x.duplicate(&be),
+                &ForwardCtx {
+                    train: true,
+                    seed: 1,
+                    step: 0,
+                    example_ids: (0..2000).rev().collect(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(a.buf[..50], b.buf[1999 * 50..]);
+    }
+}

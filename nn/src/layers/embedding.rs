@@ -158,3 +158,37 @@ impl<B: Backend> Layer<B> for PositionalEncoding<B> {
         self.learned.iter_mut().collect()
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, check_layer_step, test_input as input, H};
+    use crate::layers::{sinusoid_table, Embedding, PositionalEncoding};
+
+    use crate::{ForwardCtx, Layer, Tensor};
+    use lockstep_kernels::CpuBackend;
+
+    #[test]
+    fn embedding_and_positional_encoding_gradients() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        let table: Vec<f32> = (0..5 * 3).map(|i| (i as f32 * 0.3).sin()).collect();
+        let mut emb = Embedding::new(&be, "emb", 5, 3, &table);
+        // Repeated ids: their gradients must add up in the same row.
+        check_layer_step(&be, &mut emb, &[2, 3], &[0., 4., 4., 1., 0., 4.], &ctx, false, H);
+        let y = emb.forward(&be, Tensor::from_slice(&be, &[1, 2], &[2., 0.]), &ForwardCtx::default()).unwrap();
+        assert_eq!(y.shape, vec![1, 2, 3]);
+        assert_eq!(y.buf, [&table[6..9], &table[0..3]].concat());
+        assert!(emb.forward(&be, Tensor::from_slice(&be, &[1], &[5.]), &ctx).unwrap_err().to_string().contains("id 5"));
+
+        let init: Vec<f32> = (0..4 * 3).map(|i| (i as f32 * 0.9).cos() * 0.1).collect();
+        check_layer(&be, &mut PositionalEncoding::learned(&be, "pos", 4, 3, &init), &[2, 3, 3], &input(18), &ctx);
+        check_layer(&be, &mut PositionalEncoding::sinusoidal("pos", 4, 3), &[2, 3, 3], &input(18), &ctx);
+        // PE[t, 2i] = sin(t/10000^(2i/D)), PE[t, 2i+1] = cos(...): known values at D = 4.
+        let pe = sinusoid_table(3, 4);
+        assert_eq!(&pe[..4], &[0.0, 1.0, 0.0, 1.0]);
+        assert!((pe[4] - 1f32.sin()).abs() < 1e-7 && (pe[5] - 1f32.cos()).abs() < 1e-7);
+        assert!((pe[6] - 0.01f32.sin()).abs() < 1e-7 && (pe[7] - 0.01f32.cos()).abs() < 1e-7);
+    }
+}

@@ -89,3 +89,23 @@ impl<B: Backend> Layer<B> for Linear<B> {
         o * i + o * (i - 1) + o // matmul + bias add
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+    use crate::layers::Linear;
+
+    use crate::ForwardCtx;
+    use lockstep_kernels::CpuBackend;
+
+    #[test]
+    fn linear_gradients() {
+        let be = CpuBackend::new(1);
+        let w: Vec<f32> = (0..12).map(|i| ((i as f32) * 0.77).sin()).collect();
+        let mut layer = Linear::new(&be, "fc", 4, 3, &w);
+        layer.bias.value = vec![0.1, -0.2, 0.3];
+        check_layer(&be, &mut layer, &[5, 4], &input(20), &ForwardCtx { train: true, ..Default::default() });
+    }
+}

@@ -120,3 +120,51 @@ impl<B: Backend> Layer<B> for LoraLinear<B> {
         self.base.flops_per_example() + r * i + r * (i - 1) + o * r + o * (r - 1) + o
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+    use crate::layers::{Linear, LoraLinear};
+
+    use crate::{ForwardCtx, Layer, Tensor};
+    use lockstep_kernels::CpuBackend;
+
+    #[test]
+    fn lora_gradients_and_merge() {
+        let be = CpuBackend::new(1);
+        let (i, o, r) = (4, 3, 2);
+        let w: Vec<f32> = (0..12).map(|k| ((k as f32) * 0.77).sin()).collect();
+        let mut base = Linear::new(&be, "fc", i, o, &w);
+        base.bias.value = vec![0.1, -0.2, 0.3];
+        let a: Vec<f32> = (0..r * i).map(|k| ((k as f32) * 1.3).cos() * 0.5).collect();
+        let mut lora = LoraLinear::new(&be, Box::new(base), r, 4.0, &a).unwrap();
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        // B starts at zero: the adapted layer is exactly the base layer.
+        let y0 = lora.forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)), &ctx).unwrap().to_vec(&be);
+        let plain = Linear::new(&be, "fc", i, o, &w).forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)), &ctx);
+        let mut plain_y = plain.unwrap().to_vec(&be);
+        for (v, b) in plain_y.iter_mut().zip([0.1, -0.2, 0.3].iter().cycle()) {
+            *v += b;
+        }
+        assert_eq!(y0, plain_y);
+        lora.b.value = (0..o * r).map(|k| ((k as f32) * 0.41).sin()).collect();
+        check_layer(&be, &mut lora, &[5, i], &input(20), &ctx);
+        // Folding W + s·B·A gives the same outputs.
+        let y = lora.forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)), &ctx).unwrap().to_vec(&be);
+        let mut merged_w = w.clone();
+        for out in 0..o {
+            for inp in 0..i {
+                let ba: f32 = (0..r).map(|k| lora.b.value[out * r + k] * a[k * i + inp]).sum();
+                merged_w[out * i + inp] += lora.scaling * ba;
+            }
+        }
+        let mut merged = Linear::new(&be, "fc", i, o, &merged_w);
+        merged.bias.value = vec![0.1, -0.2, 0.3];
+        let ym = merged.forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)), &ctx).unwrap().to_vec(&be);
+        for (a, b) in y.iter().zip(&ym) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+}

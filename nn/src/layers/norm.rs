@@ -352,3 +352,47 @@ mod tests {
         }
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+    use crate::layers::{BatchNorm, LayerNorm};
+
+    use crate::{ForwardCtx, Layer, Tensor};
+    use lockstep_kernels::CpuBackend;
+
+    #[test]
+    fn layer_norm_and_batch_norm_gradients() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        let mut ln = LayerNorm::new(&be, "ln", 6);
+        ln.gamma.value = (0..6).map(|i| 0.5 + i as f32 * 0.2).collect();
+        ln.beta.value = (0..6).map(|i| i as f32 * 0.1).collect();
+        check_layer(&be, &mut ln, &[4, 6], &input(24), &ctx);
+        let mut bn = BatchNorm::new(&be, "bn", 3);
+        bn.gamma.value = vec![0.7, 1.3, -0.4];
+        bn.beta.value = vec![0.1, 0.0, -0.2];
+        check_layer(&be, &mut bn, &[2, 2, 2, 3], &input(24), &ctx);
+    }
+
+    #[test]
+    fn batch_norm_statistics_train_and_eval() {
+        let be = CpuBackend::new(1);
+        let mut bn = BatchNorm::new(&be, "bn", 2);
+        let x = Tensor::from_slice(&be, &[4, 2], &[1., 10., 2., 20., 3., 30., 4., 40.]);
+        let y = bn.forward(&be, x.duplicate(&be), &ForwardCtx { train: true, ..Default::default() }).unwrap();
+        // Column 0 is 1..4: mean 2.5, biased var 1.25.
+        assert!((y.buf[0] - (-1.5 / (1.25f32 + 1e-5).sqrt())).abs() < 1e-5);
+        let mean: f32 = y.buf.iter().step_by(2).sum::<f32>() / 4.0;
+        assert!(mean.abs() < 1e-6);
+        // Running stats move 10% toward the batch (unbiased variance 5/3 for column 0).
+        assert!((bn.running_mean[0] - 0.25).abs() < 1e-12);
+        assert!((bn.running_var[0] - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-12);
+        // Eval uses the running statistics.
+        let y = bn.forward(&be, x, &ForwardCtx::default()).unwrap();
+        let want = (1.0 - 0.25) / (bn.running_var[0] + 1e-5).sqrt();
+        assert!((y.buf[0] as f64 - want).abs() < 1e-5);
+    }
+}

@@ -100,3 +100,26 @@ impl<B: Backend> Layer<B> for Flatten {
         Ok(dy)
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+    use crate::layers::{Flatten, Pool2d, PoolKind};
+
+    use crate::ForwardCtx;
+    use lockstep_kernels::{CpuBackend, Window};
+
+    #[test]
+    fn pooling_and_flatten_gradients() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        let win = Window { h: 4, w: 4, c: 3, kh: 2, kw: 2, stride: 2, pad: 0 };
+        check_layer(&be, &mut Pool2d::new("max", PoolKind::Max, win), &[2, 4, 4, 3], &input(96), &ctx);
+        check_layer(&be, &mut Pool2d::new("avg", PoolKind::Average, win), &[2, 4, 4, 3], &input(96), &ctx);
+        let overlapping = Window { kh: 3, kw: 3, stride: 1, pad: 1, ..win };
+        check_layer(&be, &mut Pool2d::new("avg", PoolKind::Average, overlapping), &[2, 4, 4, 3], &input(96), &ctx);
+        check_layer(&be, &mut Flatten::new("flat"), &[2, 2, 2, 3], &input(24), &ctx);
+    }
+}

@@ -237,3 +237,56 @@ impl<B: Backend> Layer<B> for Recurrent<B> {
         self.max_len as u64 * (2 * g * h * (i + h) + 10 * g * h)
     }
 }
+
+/// Gradient checks against finite differences, and known values (the checker is
+/// `crate::gradcheck`).
+#[cfg(test)]
+mod gradient_tests {
+    use crate::gradcheck::{check_layer, test_input as input};
+
+    use crate::layers::{Cell, Recurrent};
+    use crate::{ForwardCtx, Layer, Tensor};
+    use lockstep_kernels::CpuBackend;
+
+    fn recurrent(cell: Cell) -> Recurrent<CpuBackend> {
+        let be = CpuBackend::new(1);
+        let g = cell.gates();
+        let w_ih: Vec<f32> = (0..g * 3 * 2).map(|i| ((i as f32) * 0.41).sin() * 0.7).collect();
+        let w_hh: Vec<f32> = (0..g * 3 * 3).map(|i| ((i as f32) * 0.23).cos() * 0.6).collect();
+        let mut r = Recurrent::new(&be, "rnn", cell, 2, 3, 4, &w_ih, &w_hh);
+        r.bias_hh.value = (0..g * 3).map(|i| (i as f32 * 0.7).sin() * 0.2).collect();
+        r
+    }
+
+    #[test]
+    fn lstm_and_gru_gradients_through_time() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        for cell in [Cell::Lstm, Cell::Gru] {
+            // (N=2, T=4, In=2): dx, dW_ih, dW_hh and both biases through four steps of BPTT.
+            check_layer(&be, &mut recurrent(cell), &[2, 4, 2], &input(16), &ctx);
+        }
+    }
+
+    #[test]
+    fn recurrent_outputs_are_causal_and_match_a_hand_step() {
+        let be = CpuBackend::new(1);
+        // One GRU step by hand: h = (1−z)·n with h_prev = 0.
+        let mut gru = Recurrent::new(&be, "gru", Cell::Gru, 1, 1, 2, &[0.5, -0.3, 0.8], &[0.2, 0.1, -0.4]);
+        let y = gru.forward(&be, Tensor::from_slice(&be, &[1, 2, 1], &[1.0, -2.0]), &ForwardCtx::default()).unwrap();
+        let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+        let (r, z) = (sig(0.5), sig(-0.3));
+        let n = (0.8 + r * 0.0f32).tanh();
+        assert!((y.buf[0] - (1.0 - z) * n).abs() < 1e-6, "{} vs {}", y.buf[0], (1.0 - z) * n);
+        for cell in [Cell::Lstm, Cell::Gru] {
+            let mut rnn = recurrent(cell);
+            let x = input(8);
+            let y = rnn.forward(&be, Tensor::from_slice(&be, &[1, 4, 2], &x), &ForwardCtx::default()).unwrap();
+            let mut later = x.clone();
+            later[4..].iter_mut().for_each(|v| *v += 1.0); // change steps 2 and 3
+            let y2 = rnn.forward(&be, Tensor::from_slice(&be, &[1, 4, 2], &later), &ForwardCtx::default()).unwrap();
+            assert_eq!(y.buf[..6], y2.buf[..6], "{cell:?}: steps 0-1 saw the future");
+            assert_ne!(y.buf[6..], y2.buf[6..]);
+        }
+    }
+}
