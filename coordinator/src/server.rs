@@ -4,6 +4,7 @@
 use crate::{CoordError, Result, RunWriter, StatusBoard};
 use lockstep_collective::tls::{endpoint, server_config, Identity};
 use lockstep_proto::toolbox::Transport;
+use lockstep_proto::topology::Topology;
 use lockstep_proto::trace::TraceSpan;
 use lockstep_proto::wire::{
     read_frame, tokens_equal, write_frame, AllReduceTiming, Assign, PeerInfo, Task, ToCoordinator, ToWorker,
@@ -640,7 +641,7 @@ impl Reports {
             return Ok(());
         }
         for (r, h) in seen.iter() {
-            if let Some((r0, h0)) = seen.iter().find(|(r0, _)| r0 % self.stages == r % self.stages) {
+            if let Some((r0, h0)) = seen.iter().find(|(r0, _)| Topology::same_stage(self.stages, *r0, *r)) {
                 if h != h0 {
                     return Err(CoordError::Run(format!(
                         "ranks diverged at step {step}: rank {r} has weight hash {h:016x}, rank {r0} has {h0:016x}"
@@ -661,7 +662,9 @@ impl Reports {
         trace: Option<&std::path::Path>,
     ) -> Result<Summary> {
         let hashes: Vec<String> = self.summaries.values().map(|s| s.weight_hash.clone()).collect();
-        if hashes.iter().enumerate().any(|(r, h)| *h != hashes[r % self.stages]) {
+        // Every rank's final hash against its stage's first replica's.
+        let first_replica = |r: usize| Topology::new(r, self.world, self.stages).map_or(0, |t| t.rank_of(t.stage(), 0));
+        if hashes.iter().enumerate().any(|(r, h)| *h != hashes[first_replica(r)]) {
             return Err(CoordError::Run(format!("final weights differ across the replicas of a stage: {hashes:?}")));
         }
         let pipeline_stages: Vec<_> = self.summaries.values().filter_map(|s| s.pipeline.clone()).collect();

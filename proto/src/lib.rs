@@ -7,6 +7,7 @@ pub mod job;
 pub mod metrics;
 pub mod preempt;
 pub mod toolbox;
+pub mod topology;
 pub mod trace;
 pub mod wire;
 

@@ -23,6 +23,7 @@ use lockstep_collective::{Communicator, RingComm, WireFormat};
 use lockstep_kernels::{Backend, CpuBackend};
 use lockstep_proto::job::Device;
 use lockstep_proto::toolbox::{Dtype, Transport};
+use lockstep_proto::topology::Topology as RankTopology;
 use lockstep_proto::wire::{
     read_frame, write_frame, AllReduceTiming, Assign, Task, ToCoordinator, ToWorker, PROTOCOL_VERSION,
 };
@@ -399,7 +400,7 @@ impl Node<'_> {
             }
             None => {
                 let secret = assign.group_secret.as_bytes();
-                let pipe = ShmPipe::connect(secret, assign.rank, place.pipe_next, place.pipe_prev, timeout)
+                let pipe = ShmPipe::connect(secret, assign.rank, place.at.pipe_next(), place.at.pipe_prev(), timeout)
                     .map_err(|e| WorkerError::Collective(e.to_string()))?;
                 abort = abort.with_shm_pipe(pipe.abort_handle());
                 Box::new(pipe)
@@ -408,11 +409,11 @@ impl Node<'_> {
         let comm: Option<Box<dyn Communicator>> = match quic_ring {
             Some(link) => {
                 abort = abort.with_connections(link.connections().to_vec());
-                Some(Box::new(RingComm { link, rank: place.replica, world: place.replicas }))
+                Some(Box::new(RingComm { link, rank: place.at.replica(), world: place.at.replicas() }))
             }
             None if place.ring_on_shm => {
-                let group = format!("stage{}", place.stage);
-                let local = self.shm_group(assign, &group, assign.rank, place.stage_ranks.clone())?;
+                let group = format!("stage{}", place.at.stage());
+                let local = self.shm_group(assign, &group, assign.rank, place.at.stage_ranks())?;
                 abort = abort.with_shm(local.abort_handle());
                 Some(Box::new(local))
             }
@@ -420,7 +421,8 @@ impl Node<'_> {
         };
         self.set_active(abort);
         self.set_topology(assign.rank, place.describe());
-        let (stage, replica, stages, replicas) = (place.stage, place.replica, place.stages, place.replicas);
+        let (stage, replica, stages, replicas) =
+            (place.at.stage(), place.at.replica(), place.at.stages, place.at.replicas());
         let (pipe_on_shm, ring_on_shm) = (place.pipe_on_shm, place.ring_on_shm);
         tracing::info!(stage, replica, stages, replicas, pipe_on_shm, ring_on_shm, "pipeline links up");
         let stage = PipelineStage {
@@ -441,15 +443,15 @@ impl Node<'_> {
         assign: &Assign,
         place: &PipelinePlace,
     ) -> Result<(Option<QuicPipe>, Option<QuicLink>)> {
-        let ring_via_quic = place.replicas > 1 && !place.ring_on_shm;
+        let ring_via_quic = place.at.replicas() > 1 && !place.ring_on_shm;
         let mut plan = MeshPlan { dial: Vec::new(), expect: Vec::new() };
         if !place.pipe_on_shm {
-            plan.dial.push((place.pipe_next, Channel::Pipe));
-            plan.expect.push((place.pipe_prev, Channel::Pipe));
+            plan.dial.push((place.at.pipe_next(), Channel::Pipe));
+            plan.expect.push((place.at.pipe_prev(), Channel::Pipe));
         }
         if ring_via_quic {
-            plan.dial.push((place.ring_next, Channel::Ring));
-            plan.expect.push((place.ring_prev, Channel::Ring));
+            plan.dial.push((place.at.ring_next(), Channel::Ring));
+            plan.expect.push((place.at.ring_prev(), Channel::Ring));
         }
         if plan.dial.is_empty() {
             return Ok((None, None));
@@ -568,69 +570,42 @@ fn time_all_reduce(comm: &mut Option<Box<dyn Communicator>>, bytes: u64, iters: 
     Ok(AllReduceTiming { bytes, median_s: times[times.len() / 2] })
 }
 
-/// Where a pipeline rank sits (T42): rank r is stage r mod P of replica r div P, and
-/// which of its links can use shared memory.
+/// Where a pipeline rank sits (its `Topology`) and which of its links can use shared memory.
 struct PipelinePlace {
-    stages: usize,
-    replicas: usize,
-    stage: usize,
-    replica: usize,
-    pipe_next: usize,
-    pipe_prev: usize,
-    ring_next: usize,
-    ring_prev: usize,
-    /// The ranks of this stage's data-parallel ring.
-    stage_ranks: Vec<usize>,
+    at: RankTopology,
     pipe_on_shm: bool,
     ring_on_shm: bool,
 }
 
 impl PipelinePlace {
     fn of(assign: &Assign, spec: &JobSpec) -> Result<Self> {
-        let stages = spec.parallel.pipeline_stages;
-        let (world, rank) = (assign.world, assign.rank);
-        if !world.is_multiple_of(stages) {
-            return Err(WorkerError::Config(format!("{world} workers do not divide into {stages} pipeline stages")));
-        }
-        let replicas = world / stages;
-        let (stage, replica) = (rank % stages, rank / stages);
+        let at =
+            RankTopology::new(assign.rank, assign.world, spec.parallel.pipeline_stages).map_err(WorkerError::Config)?;
         // Shared memory where every rank of the link's ring is on this host (the same
         // answer on each of them), QUIC otherwise.
         let transport = spec.collective.transport;
         let on_this_host = |ranks: &[usize]| {
-            transport != Transport::Quic && ranks.iter().all(|&r| assign.peers[r].host_id == assign.peers[rank].host_id)
+            let here = &assign.peers[at.rank].host_id;
+            transport != Transport::Quic && ranks.iter().all(|&r| assign.peers[r].host_id == *here)
         };
-        let stage_ranks: Vec<usize> = (0..replicas).map(|r| r * stages + stage).collect();
-        let pipe_on_shm = on_this_host(&(0..stages).map(|s| replica * stages + s).collect::<Vec<_>>());
-        let ring_on_shm = replicas > 1 && on_this_host(&stage_ranks);
-        if transport == Transport::Shm && !(pipe_on_shm && (replicas == 1 || ring_on_shm)) {
+        let pipe_on_shm = on_this_host(&at.replica_ranks());
+        let ring_on_shm = at.replicas() > 1 && on_this_host(&at.stage_ranks());
+        if transport == Transport::Shm && !(pipe_on_shm && (at.replicas() == 1 || ring_on_shm)) {
             return Err(WorkerError::Config(
                 "collective.transport = \"shm\" needs every rank of a pipeline on one host".into(),
             ));
         }
-        Ok(Self {
-            stages,
-            replicas,
-            stage,
-            replica,
-            pipe_next: replica * stages + (stage + 1) % stages,
-            pipe_prev: replica * stages + (stage + stages - 1) % stages,
-            ring_next: ((replica + 1) % replicas) * stages + stage,
-            ring_prev: ((replica + replicas - 1) % replicas) * stages + stage,
-            stage_ranks,
-            pipe_on_shm,
-            ring_on_shm,
-        })
+        Ok(Self { at, pipe_on_shm, ring_on_shm })
     }
 
     fn describe(&self) -> String {
         let kind = |shm: bool| if shm { "shm" } else { "quic" };
         format!(
             "pipeline: {} stages x {} replicas, stage links {}, stage rings {}",
-            self.stages,
-            self.replicas,
+            self.at.stages,
+            self.at.replicas(),
             kind(self.pipe_on_shm),
-            if self.replicas > 1 { kind(self.ring_on_shm) } else { "none" }
+            if self.at.replicas() > 1 { kind(self.ring_on_shm) } else { "none" }
         )
     }
 }

@@ -171,7 +171,9 @@ fn prepare<B: Backend>(
         let step = train_state::restore_checkpoint(&mut trainer, path)?;
         tracing::info!("resumed from {} at step {step}", path.display());
     }
-    let (data_rank, data_world) = (opts.rank / stages_of(spec), opts.world / stages_of(spec));
+    let at = lockstep_proto::topology::Topology::new(opts.rank, opts.world, stages_of(spec))
+        .map_err(crate::WorkerError::Config)?;
+    let (data_rank, data_world) = (at.replica(), at.replicas());
     let resumed_at = trainer.global_step;
     Ok(Setup {
         trainer,
