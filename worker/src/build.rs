@@ -160,6 +160,27 @@ pub fn load_data(spec: &JobSpec) -> Result<LoadedData> {
     })
 }
 
+/// Loss weights (T28): explicit, balanced from the training split's class counts, or none.
+pub fn class_weights(spec: &JobSpec, counts: &[usize]) -> Result<Option<Vec<f32>>> {
+    let t = &spec.train;
+    if !t.class_weights.is_empty() {
+        if t.class_weights.len() != counts.len() {
+            return Err(crate::WorkerError::Config(format!(
+                "train.class_weights has {} entries; the data has {} classes",
+                t.class_weights.len(),
+                counts.len()
+            )));
+        }
+        return Ok(Some(t.class_weights.clone()));
+    }
+    if t.balanced_class_weights {
+        let weights = lockstep_nn::data::balanced_class_weights(counts);
+        tracing::info!("class counts {counts:?}: balanced loss weights {weights:?}");
+        return Ok(Some(weights));
+    }
+    Ok(None)
+}
+
 /// Binary tasks: minority / (minority + majority) of the training labels (T28).
 pub fn prior_threshold(train: &dyn Examples) -> Option<f64> {
     let labels = train.labels()?;

@@ -92,9 +92,7 @@ pub fn evaluate_model_file<B: Backend>(be: B, path: &Path, data: &EvalData) -> R
             )));
         }
     }
-    let mut trainer = Trainer::new(be, &spec, train.features(), train.classes(), 1)?;
-    trainer.vocab = vocab;
-    trainer.prior_threshold = build::prior_threshold(train.as_ref());
+    let mut trainer = Trainer::for_data(be, &spec, train.as_ref(), vocab, 1)?;
     let misfit = |e: WorkerError| {
         WorkerError::Config(format!(
             "{e} (the model built for {} has {} input features and {} classes; a model trained on other data \

@@ -2,6 +2,7 @@
 //! happens through `RunEvent`s; the caller writes them (metrics.jsonl, progress bar) or
 //! sends them to the coordinator.
 
+use crate::cost;
 use crate::early_stop::{early_stopping, EarlyStop};
 use crate::evaluation::Evaluation;
 use crate::grad_health;
@@ -9,7 +10,6 @@ use crate::guards::Alarm;
 use crate::pipeline::PipelineStage;
 use crate::trainer::{GradReducer, Skip, StepStats, Trainer};
 use crate::{build, train_state, Result};
-use crate::{cost, Result as WResult};
 use lockstep_kernels::Backend;
 use lockstep_nn::data::{rank_slice, EpochSampler, Examples, Remainder};
 use lockstep_nn::data::{BalancedOrder, Rebalance};
@@ -148,13 +148,7 @@ fn prepare<B: Backend>(
     if spec.train.max_steps > 0 {
         total_steps = total_steps.min(spec.train.max_steps as u64);
     }
-    let mut trainer = Trainer::new(be, spec, train.features(), train.classes(), total_steps)?;
-    trainer.vocab = vocab;
-    if let Some(labels) = train.labels() {
-        let counts = lockstep_nn::data::class_counts(labels, train.classes());
-        trainer.class_weights = class_weights(spec, &counts)?;
-    }
-    trainer.prior_threshold = build::prior_threshold(train.as_ref());
+    let mut trainer = Trainer::for_data(be, spec, train.as_ref(), vocab, total_steps)?;
     let init_weight_hash = trainer.model.weight_hash(&trainer.be);
     if stages_of(spec) > 1 && (stage.is_none() || !opts.world.is_multiple_of(stages_of(spec))) {
         return Err(crate::WorkerError::Config(format!(
@@ -590,27 +584,6 @@ fn evaluate_and_report<B: Backend>(
         ema,
     }))?;
     Ok(eval)
-}
-
-/// Loss weights (T28): explicit, balanced from the training split's class counts, or none.
-fn class_weights(spec: &JobSpec, counts: &[usize]) -> WResult<Option<Vec<f32>>> {
-    let t = &spec.train;
-    if !t.class_weights.is_empty() {
-        if t.class_weights.len() != counts.len() {
-            return Err(crate::WorkerError::Config(format!(
-                "train.class_weights has {} entries; the data has {} classes",
-                t.class_weights.len(),
-                counts.len()
-            )));
-        }
-        return Ok(Some(t.class_weights.clone()));
-    }
-    if t.balanced_class_weights {
-        let weights = lockstep_nn::data::balanced_class_weights(counts);
-        tracing::info!("class counts {counts:?}: balanced loss weights {weights:?}");
-        return Ok(Some(weights));
-    }
-    Ok(None)
 }
 
 fn vocab_kind<B: Backend>(trainer: &Trainer<B>) -> &'static str {

@@ -161,6 +161,25 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
+    /// The trainer of a job's training split: the model sized by its features and classes,
+    /// its class weights and prior threshold (T28) from its labels, and the text's `vocab`.
+    pub fn for_data(
+        be: B,
+        spec: &JobSpec,
+        train: &dyn Examples,
+        vocab: Option<CharTokenizer>,
+        total_steps: u64,
+    ) -> Result<Self> {
+        let mut trainer = Self::new(be, spec, train.features(), train.classes(), total_steps)?;
+        if let Some(labels) = train.labels() {
+            let counts = lockstep_nn::data::class_counts(labels, train.classes());
+            trainer.class_weights = build::class_weights(spec, &counts)?;
+        }
+        trainer.prior_threshold = build::prior_threshold(train);
+        trainer.vocab = vocab;
+        Ok(trainer)
+    }
+
     /// The batch of `rows` examples as a tensor of shape [rows, input_shape...].
     pub(crate) fn input(&self, rows: usize, x: &[f32]) -> Tensor<B> {
         let mut shape = vec![rows];
