@@ -662,6 +662,9 @@ fn apply_overrides(text: &str, path: &Path, overrides: &[String]) -> Result<Stri
     if overrides.is_empty() {
         return Ok(text.to_string());
     }
+    // Malformed text is reported by the `toml` parser; toml_edit only ever sees valid TOML
+    // (its document builder can panic on some malformed files, see `guarded`).
+    toml::from_str::<toml::Table>(text).map_err(|e| JobError::Parse { path: path.into(), message: e.to_string() })?;
     let mut doc: toml_edit::DocumentMut = guarded(|| text.parse::<toml_edit::DocumentMut>())
         .ok_or_else(|| JobError::Parse { path: path.into(), message: PARSER_PANIC.into() })?
         .map_err(|e| JobError::Parse { path: path.into(), message: e.to_string() })?;
