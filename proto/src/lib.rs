@@ -9,6 +9,7 @@ pub mod preempt;
 pub mod toolbox;
 pub mod topology;
 pub mod trace;
+mod validate;
 pub mod wire;
 
 pub use job::{JobError, JobSpec};

@@ -717,8 +717,8 @@ fn train_on<B: Backend>(
     let (summary, trainer) = run_training_stage(be, spec, opts, stage, make_reducer, &mut on_event)?;
     match (&trainer.pipeline, weights_path) {
         // Each stage's first replica writes its stage's weights; the launcher merges them.
-        (Some(p), Some(path)) if rank < p.stages => {
-            save_model(&trainer, std::path::Path::new(&format!("{path}.stage-{}", p.stage)))?;
+        (Some(p), Some(path)) if rank < p.stages() => {
+            save_model(&trainer, std::path::Path::new(&format!("{path}.stage-{}", p.index())))?;
         }
         (None, Some(path)) if rank == 0 => save_model(&trainer, std::path::Path::new(path))?,
         _ => {}

@@ -10,15 +10,7 @@ use lockstep_nn::loss::softmax_cross_entropy;
 use lockstep_nn::{ForwardCtx, Tensor};
 use lockstep_proto::classification::{BinaryMetrics, ClassMetrics};
 
-/// One evaluation's results.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Evaluation {
-    pub loss: f64,
-    pub accuracy: f64,
-    /// Targets evaluated: examples, or predicted tokens of a language model.
-    pub targets: usize,
-    pub classes: Option<ClassMetrics>,
-}
+pub use crate::trainer::Evaluation;
 
 impl<B: Backend> Trainer<B> {
     /// Evaluates the model on all of `data`.
@@ -70,7 +62,7 @@ impl<B: Backend> Trainer<B> {
             let input = self.input(ids.len(), &batch.x);
             return Ok(Some(self.model.forward(&self.be, input, &ctx)?));
         };
-        let result = pipe.stage_forward(self, ids.len(), batch, &ctx);
+        let result = pipe.eval_forward(self, ids.len(), batch, &ctx);
         self.pipeline = Some(pipe);
         result
     }

@@ -54,7 +54,7 @@ pub fn add_lora<B: Backend>(be: &B, spec: &JobSpec, lora: &LoraSpec, model: &mut
 /// directory.
 fn read_initial_weights(path: &Path) -> Result<TensorMap> {
     let file = if path.is_dir() {
-        let newest = crate::train_state::list_checkpoints(path)?.pop();
+        let newest = crate::checkpoint_dir::list_checkpoints(path)?.pop();
         newest.map(|(_, p)| p).ok_or_else(|| {
             WorkerError::Config(format!("finetune.init_from: {} holds no step-*.safetensors", path.display()))
         })?

@@ -3,6 +3,7 @@
 //! many, with a gradient all-reduce between backward and the update).
 
 pub mod build;
+pub mod checkpoint_dir;
 pub mod cost;
 pub mod daemon;
 pub mod early_stop;

@@ -9,8 +9,7 @@
 //! made. GPipe holds all M inputs at its peak, 1F1B at most P − s: that is the difference the
 //! schedule makes, and `PipeReport::peak_stash_bytes` measures it.
 
-use crate::evaluation::Evaluation;
-use crate::trainer::{GradReducer, StepStats, Trainer};
+use crate::trainer::{Evaluation, GradReducer, Stage, StepStats, Trainer};
 use crate::{trace, Result, WorkerError};
 use lockstep_collective::pipe::{Neighbour, PipeLink};
 use lockstep_collective::{join_f64, ring_all_reduce, ring_broadcast, split_f64};
@@ -18,6 +17,7 @@ use lockstep_kernels::{Backend, IGNORE_TARGET};
 use lockstep_nn::data::{rank_slice, Batch, Examples};
 use lockstep_nn::loss::{softmax_cross_entropy, LossOutput};
 use lockstep_nn::{ForwardCtx, Tensor};
+use lockstep_proto::metrics::StageReport;
 use lockstep_proto::toolbox::PipeSchedule;
 use lockstep_proto::trace::SpanKind;
 use std::collections::HashMap;
@@ -94,10 +94,38 @@ impl PipelineStage {
     fn last(&self) -> bool {
         self.stage + 1 == self.stages
     }
+}
+
+impl<B: Backend> Stage<B> for PipelineStage {
+    fn index(&self) -> usize {
+        self.stage
+    }
+
+    fn stages(&self) -> usize {
+        self.stages
+    }
+
+    /// One training step of this stage: the micro-batches of `local` through the schedule,
+    /// then the data-parallel reduction among this stage's replicas, the global gradient
+    /// norm over all stages, and the update.
+    fn step(
+        &mut self,
+        trainer: &mut Trainer<B>,
+        data: &dyn Examples,
+        local: &[u32],
+        reducer: &mut dyn GradReducer<B>,
+    ) -> Result<StepStats> {
+        let outcome = trainer.run_schedule(self, data, local, reducer)?;
+        let ScheduleOutcome { scalars, squared_norm, comm_wait_s, loss_scale, votes } = outcome;
+        let mut stats = trainer.apply_update(scalars, squared_norm, comm_wait_s, loss_scale)?;
+        stats.stop_requested = votes.stop;
+        stats.checkpoint_requested = votes.checkpoint;
+        Ok(stats)
+    }
 
     /// This stage's eval-mode forward of `rows` examples: the input from the batch (first
     /// stage) or the previous stage, the output to the next stage or (last stage) returned.
-    pub(crate) fn stage_forward<B: Backend>(
+    fn eval_forward(
         &mut self,
         trainer: &mut Trainer<B>,
         rows: usize,
@@ -120,13 +148,42 @@ impl PipelineStage {
     }
 
     /// The last stage's evaluation, sent around the stage ring: every stage returns it.
-    pub(crate) fn share_evaluation(&mut self, eval: Evaluation, classes: Option<usize>) -> Result<Evaluation> {
+    fn share_evaluation(&mut self, eval: Evaluation, classes: Option<usize>) -> Result<Evaluation> {
         let mut shared = split_f64(&crate::evaluation::evaluation_to_f64s(&eval, classes));
         ring_broadcast(self.link.as_mut(), self.stage, self.stages, &mut shared, self.stages - 1).map_err(link_err)?;
         let mut values = vec![0.0; shared.len() / 2];
         join_f64(&shared, &mut values);
         Ok(crate::evaluation::evaluation_from_f64s(&values, classes))
     }
+
+    fn report(&self, rank: usize, replica: usize, layers: Vec<String>, params: usize) -> StageReport {
+        let r = &self.report;
+        StageReport {
+            rank,
+            stage: self.stage,
+            replica,
+            layers,
+            params,
+            schedule: format!("{:?}", self.schedule),
+            micro_batches: self.micro_batches,
+            busy_s: r.busy_s,
+            pipeline_s: r.pipeline_s,
+            bubble_fraction: if r.pipeline_s > 0.0 { 1.0 - r.busy_s / r.pipeline_s } else { 0.0 },
+            peak_stash_bytes: r.peak_stash_bytes,
+            peak_in_flight: r.peak_in_flight,
+            peak_rss_bytes: peak_rss_bytes(),
+        }
+    }
+}
+
+/// The process's peak resident set (VmHWM in /proc/self/status), 0 where unavailable.
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 fn link_err(e: lockstep_collective::CollectiveError) -> WorkerError {
@@ -196,7 +253,7 @@ impl<B: Backend> Trainer<B> {
         if let Some(ema) = &self.ema {
             self.ema = Some(crate::guards::Ema::new(&self.be, ema.decay, &self.model.params()));
         }
-        self.pipeline = Some(stage);
+        self.pipeline = Some(Box::new(stage));
     }
 
     /// Parameters before layer `layer` of the full model (before `keep_stage`).
@@ -233,25 +290,6 @@ impl<B: Backend> Trainer<B> {
             None
         };
         Ok((y, loss))
-    }
-
-    /// One training step of this stage: the micro-batches of `local` through the schedule,
-    /// then the data-parallel reduction among this stage's replicas, the global gradient
-    /// norm over all stages, and the update.
-    pub(crate) fn pipeline_step(
-        &mut self,
-        data: &dyn Examples,
-        local: &[u32],
-        reducer: &mut dyn GradReducer<B>,
-    ) -> Result<StepStats> {
-        let mut pipe = self.pipeline.take().ok_or_else(|| WorkerError::Config("not a pipeline stage".into()))?;
-        let result = self.run_schedule(&mut pipe, data, local, reducer);
-        self.pipeline = Some(pipe);
-        let ScheduleOutcome { scalars, squared_norm, comm_wait_s, loss_scale, votes } = result?;
-        let mut stats = self.apply_update(scalars, squared_norm, comm_wait_s, loss_scale)?;
-        stats.stop_requested = votes.stop;
-        stats.checkpoint_requested = votes.checkpoint;
-        Ok(stats)
     }
 
     /// The step's micro-batches through the schedule, then the stage's reduction.

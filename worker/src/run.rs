@@ -15,7 +15,6 @@ use lockstep_nn::data::{rank_slice, EpochSampler, Examples, Remainder};
 use lockstep_nn::data::{BalancedOrder, Rebalance};
 use lockstep_nn::optim::sparsity;
 use lockstep_proto::job::Remainder as SpecRemainder;
-use lockstep_proto::metrics::StageReport;
 use lockstep_proto::toolbox::{BlowupAction, Dtype, Resample};
 use lockstep_proto::trace::SpanKind;
 use lockstep_proto::{EvalRecord, Histogram, JobSpec, Summary, TrainRecord};
@@ -482,7 +481,7 @@ impl<'a, B: Backend> Run<'a, B> {
         let _span = crate::trace::span(SpanKind::Checkpoint);
         let trainer = &self.s.trainer;
         let dir = match &trainer.pipeline {
-            Some(p) => dir.join(format!("stage-{}", p.stage)),
+            Some(p) => dir.join(format!("stage-{}", p.index())),
             None => dir.clone(),
         };
         let path = train_state::save_checkpoint(trainer, &dir, self.spec.train.keep_checkpoints)?;
@@ -552,7 +551,7 @@ impl<'a, B: Backend> Run<'a, B> {
             pipeline: trainer
                 .pipeline
                 .as_ref()
-                .map(|p| stage_report(p, opts.rank, self.s.data_rank, stage_layers, trainer)),
+                .map(|p| p.report(opts.rank, self.s.data_rank, stage_layers, trainer.model.param_count())),
             pipeline_stages: Vec::new(),
             collective: String::new(),
         }
@@ -597,39 +596,4 @@ fn vocab_kind<B: Backend>(trainer: &Trainer<B>) -> &'static str {
 /// Pipeline stages of a job (1 without a pipeline).
 fn stages_of(spec: &JobSpec) -> usize {
     spec.parallel.pipeline_stages.max(1)
-}
-
-fn stage_report<B: Backend>(
-    p: &PipelineStage,
-    rank: usize,
-    replica: usize,
-    layers: Vec<String>,
-    trainer: &Trainer<B>,
-) -> StageReport {
-    let r = &p.report;
-    StageReport {
-        rank,
-        stage: p.stage,
-        replica,
-        layers,
-        params: trainer.model.param_count(),
-        schedule: format!("{:?}", p.schedule),
-        micro_batches: p.micro_batches,
-        busy_s: r.busy_s,
-        pipeline_s: r.pipeline_s,
-        bubble_fraction: if r.pipeline_s > 0.0 { 1.0 - r.busy_s / r.pipeline_s } else { 0.0 },
-        peak_stash_bytes: r.peak_stash_bytes,
-        peak_in_flight: r.peak_in_flight,
-        peak_rss_bytes: peak_rss_bytes(),
-    }
-}
-
-/// The process's peak resident set (VmHWM in /proc/self/status), 0 where unavailable.
-fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }

@@ -19,6 +19,9 @@ use lockstep_nn::checkpoint::{load_all, load_metadata, serialize, write_atomic};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::checkpoint_dir::file_name;
+pub use crate::checkpoint_dir::{checkpoint_path, list_checkpoints, stage_checkpoint};
+
 pub(crate) const STEP_KEY: &str = "lockstep.step";
 const OPTIMIZER_STEP_KEY: &str = "lockstep.optimizer_step";
 const JOB_KEY: &str = "lockstep.job";
@@ -34,26 +37,6 @@ fn state_names<B: Backend>(trainer: &Trainer<B>) -> [&'static str; 2] {
         Rule::Adam { .. } | Rule::AdamW { .. } => ["exp_avg", "exp_avg_sq"],
         _ => ["momentum_buffer", "unused"],
     }
-}
-
-fn file_name(step: u64) -> String {
-    format!("step-{step:08}.safetensors")
-}
-
-/// Where the checkpoint of `step` lives in `dir`.
-pub fn checkpoint_path(dir: &Path, step: u64) -> PathBuf {
-    dir.join(file_name(step))
-}
-
-/// A pipeline stage's checkpoint of the same step as `stage0_file` (which is in
-/// `checkpoints/stage-0/`): the same file name in `checkpoints/stage-<stage>/`.
-pub fn stage_checkpoint(stage0_file: &Path, stage: usize) -> Result<PathBuf> {
-    let bad =
-        || WorkerError::Config(format!("{}: not a file in a checkpoints/stage-0 directory", stage0_file.display()));
-    let name = stage0_file.file_name().ok_or_else(bad)?;
-    let stage_dir = stage0_file.parent().filter(|d| d.ends_with("stage-0")).ok_or_else(bad)?;
-    let checkpoints = stage_dir.parent().ok_or_else(bad)?;
-    Ok(checkpoints.join(format!("stage-{stage}")).join(name))
 }
 
 /// Writes the trainer's state to `dir/step-<global_step>.safetensors` and deletes all but
@@ -116,25 +99,6 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize
         std::fs::remove_file(old).map_err(io)?;
     }
     Ok(path)
-}
-
-/// Checkpoints in `dir`, oldest first, with their step.
-pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(WorkerError::Config(format!("reading {}: {e}", dir.display()))),
-    };
-    let mut found: Vec<(u64, PathBuf)> = entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let step = name.strip_prefix("step-")?.strip_suffix(".safetensors")?.parse().ok()?;
-            Some((step, e.path()))
-        })
-        .collect();
-    found.sort();
-    Ok(found)
 }
 
 /// That `tensors` and `buffers` hold every parameter (in its file shape), optimizer state

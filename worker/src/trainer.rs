@@ -15,6 +15,7 @@ use lockstep_nn::loss::softmax_cross_entropy;
 use lockstep_nn::optim::{clip_factor, grad_sum_squares, Optimizer};
 use lockstep_nn::schedule::Schedule;
 use lockstep_nn::{ForwardCtx, Param, Sequential, Tensor};
+use lockstep_proto::metrics::StageReport;
 use lockstep_proto::toolbox::Dtype;
 use lockstep_proto::trace::SpanKind;
 use lockstep_proto::JobSpec;
@@ -41,6 +42,45 @@ pub trait GradReducer<B: Backend> {
     fn stat_sync(&self) -> Option<StatSyncHandle> {
         None
     }
+}
+
+/// One stage of a pipeline (T42), implemented by `pipeline::PipelineStage`: a trainer that
+/// holds one runs its steps and evaluation forwards through it, without knowing how.
+pub trait Stage<B: Backend>: Send {
+    /// This stage's index and the pipeline's number of stages.
+    fn index(&self) -> usize;
+    fn stages(&self) -> usize;
+    /// A training step of this stage on the examples `local` of the global batch.
+    fn step(
+        &mut self,
+        trainer: &mut Trainer<B>,
+        data: &dyn Examples,
+        local: &[u32],
+        reducer: &mut dyn GradReducer<B>,
+    ) -> Result<StepStats>;
+    /// The eval-mode forward of `rows` examples through this stage: the logits on the last
+    /// stage, None on the others (they passed their output on).
+    fn eval_forward(
+        &mut self,
+        trainer: &mut Trainer<B>,
+        rows: usize,
+        batch: &lockstep_nn::data::Batch,
+        ctx: &ForwardCtx,
+    ) -> Result<Option<Tensor<B>>>;
+    /// The last stage's evaluation, the same on every stage.
+    fn share_evaluation(&mut self, eval: Evaluation, classes: Option<usize>) -> Result<Evaluation>;
+    /// This stage's report for the summary.
+    fn report(&self, rank: usize, replica: usize, layers: Vec<String>, params: usize) -> StageReport;
+}
+
+/// One evaluation's results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub accuracy: f64,
+    /// Targets evaluated: examples, or predicted tokens of a language model.
+    pub targets: usize,
+    pub classes: Option<lockstep_proto::classification::ClassMetrics>,
 }
 
 /// World size 1: nothing to reduce.
@@ -109,7 +149,7 @@ pub struct Trainer<B: Backend> {
     /// Binary tasks: minority/(minority+majority) of the training split (T28).
     pub prior_threshold: Option<f64>,
     /// This trainer is one stage of a pipeline (T42); the model holds its layers only.
-    pub pipeline: Option<crate::pipeline::PipelineStage>,
+    pub pipeline: Option<Box<dyn Stage<B>>>,
     /// This rank asks for a checkpoint after the next step (set by the step loop).
     pub checkpoint_wanted: bool,
 }
@@ -191,8 +231,10 @@ impl<B: Backend> Trainer<B> {
     /// batch. The loss is a mean over the global batch's targets (one per image, one per
     /// unpadded position of a sequence); their count is summed across ranks with the loss.
     pub fn step(&mut self, data: &dyn Examples, local: &[u32], reducer: &mut dyn GradReducer<B>) -> Result<StepStats> {
-        if self.pipeline.is_some() {
-            return self.pipeline_step(data, local, reducer);
+        if let Some(mut stage) = self.pipeline.take() {
+            let stats = stage.step(self, data, local, reducer);
+            self.pipeline = Some(stage);
+            return stats;
         }
         let be = &self.be;
         crate::trace::set_step(self.global_step);

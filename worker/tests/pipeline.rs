@@ -7,6 +7,7 @@ use lockstep_collective::WireFormat;
 use lockstep_kernels::CpuBackend;
 use lockstep_nn::data::{rank_slice, TokenWindows};
 use lockstep_nn::rng::Stream;
+use lockstep_proto::metrics::StageReport;
 use lockstep_proto::JobSpec;
 use lockstep_worker::pipeline::{PipeReport, PipelineStage};
 use lockstep_worker::placement::place;
@@ -69,7 +70,7 @@ fn unpipelined_losses() -> Vec<f64> {
 }
 
 /// Losses seen by every (stage, replica) of a P × D pipeline run, and each stage's report.
-fn pipelined_losses(stages: usize, replicas: usize, schedule: &str) -> Vec<(usize, usize, Vec<f64>, PipeReport)> {
+fn pipelined_losses(stages: usize, replicas: usize, schedule: &str) -> Vec<(usize, usize, Vec<f64>, StageReport)> {
     let data = data();
     let mut pipes: Vec<_> =
         (0..replicas).map(|_| thread_pipes(stages).into_iter().map(Some).collect::<Vec<_>>()).collect();
@@ -107,7 +108,7 @@ fn pipelined_losses(stages: usize, replicas: usize, schedule: &str) -> Vec<(usiz
                     .collect();
                 let eval = t.evaluate(data.as_ref()).unwrap();
                 assert!(eval.loss.is_finite() && eval.accuracy > 0.0);
-                (s, d, losses, t.pipeline.take().unwrap().report)
+                (s, d, losses, t.pipeline.take().unwrap().report(0, d, Vec::new(), 0))
             }));
         }
     }
