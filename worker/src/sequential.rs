@@ -20,7 +20,7 @@ pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> R
         let last = i + 1 == spec.model.layers.len();
         let built = build_layer(be, spec, &mut at, (i, layer, last)).map_err(bad)?;
         let params: usize = built.params().iter().map(|p| p.numel()).sum();
-        let kind = format!("{layer:?}").split([' ', '{']).next().unwrap_or("").to_string();
+        let kind: String = format!("{layer:?}").chars().take_while(|c| c.is_alphanumeric()).collect();
         tracing::info!("{:<4} {:<12} {:>16} {:>10} {:>6}", i, kind, format!("{:?}", at.shape), params, at.rf);
         layers.push(built);
     }
