@@ -214,7 +214,7 @@ fn bench_model<B: Backend>(
             trainer.step(data, &batches[s % 8], &mut NoReduce)?;
         }
         step_secs.push(t.elapsed().as_secs_f64() / (steps / rounds) as f64);
-        gemm_secs.push(time_raw_gemms(&trainer.be, shapes, steps / rounds));
+        gemm_secs.push(time_raw_gemms(&trainer.be, shapes, steps / rounds)?);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -236,25 +236,25 @@ fn bench_model<B: Backend>(
 }
 
 /// Seconds per step for exactly the GEMM calls of one training step of `shapes`.
-fn time_raw_gemms<B: Backend>(be: &B, shapes: &[GemmShape], reps: usize) -> f64 {
+fn time_raw_gemms<B: Backend>(be: &B, shapes: &[GemmShape], reps: usize) -> anyhow::Result<f64> {
     let mut bufs: Vec<_> = shapes
         .iter()
         .map(|&(rows, i, o)| {
-            let x = be.upload(&vec![0.5f32; rows * i]);
-            let weight = be.upload(&vec![0.25f32; o * i]);
-            (x, weight, be.zeros(rows * o), be.zeros(o * i), be.zeros(rows * i))
+            let x = be.upload(&vec![0.5f32; rows * i])?;
+            let weight = be.upload(&vec![0.25f32; o * i])?;
+            Ok((x, weight, be.zeros(rows * o)?, be.zeros(o * i)?, be.zeros(rows * i)?))
         })
-        .collect();
-    let _ = be.check(); // the device is idle before timing starts
+        .collect::<anyhow::Result<_>>()?;
+    be.check()?; // the device is idle before timing starts
     let t = Instant::now();
     for _ in 0..reps {
         for (&(rows, i, o), (x, weight, y, dw, dx)) in shapes.iter().zip(bufs.iter_mut()) {
-            be.matmul(x, weight, y, Gemm::nt(rows, i, o)); // y = x·Wᵀ
-            be.matmul(y, x, dw, Gemm::tn(o, rows, i).accumulate()); // dW = dyᵀ·x
-            be.matmul(y, weight, dx, Gemm::nn(rows, o, i)); // dx = dy·W
+            be.matmul(x, weight, y, Gemm::nt(rows, i, o))?; // y = x·Wᵀ
+            be.matmul(y, x, dw, Gemm::tn(o, rows, i).accumulate())?; // dW = dyᵀ·x
+            be.matmul(y, weight, dx, Gemm::nn(rows, o, i))?; // dx = dy·W
         }
     }
-    let _ = be.check(); // waits for the device
+    be.check()?; // waits for the device
     std::hint::black_box(&bufs);
-    t.elapsed().as_secs_f64() / reps as f64
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
 }

@@ -2,8 +2,8 @@
 //! This is the reference implementation; keep it obvious.
 
 use crate::{
-    attention, norm, window, Activation, AttentionDims, Backend, Gemm, MatmulPrecision, UpdateRule, Window,
-    IGNORE_TARGET,
+    attention, need_len, norm, recurrent, window, Activation, AttentionDims, Backend, Gemm, MatmulPrecision, Result,
+    UpdateRule, Window, IGNORE_TARGET,
 };
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -121,42 +121,51 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", self.threads)
     }
 
-    fn zeros(&self, len: usize) -> Vec<f32> {
-        vec![0.0; len]
-    }
-    fn upload(&self, data: &[f32]) -> Vec<f32> {
-        data.to_vec()
-    }
-    fn download(&self, buf: &Vec<f32>) -> Vec<f32> {
-        buf.clone()
-    }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
     }
-    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) {
-        dst.copy_from_slice(src);
-    }
-    fn fill(&self, buf: &mut Vec<f32>, value: f32) {
-        buf.fill(value);
-    }
-    fn copy_range(&self, src: &Vec<f32>, src_off: usize, dst: &mut Vec<f32>, dst_off: usize, len: usize) {
-        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+    fn check(&self) -> Result<()> {
+        Ok(()) // every op has finished when it returns
     }
 
-    fn matmul(&self, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>, g: Gemm) {
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+    fn fill(&self, buf: &mut Vec<f32>, value: f32) -> Result<()> {
+        buf.fill(value);
+        Ok(())
+    }
+    fn copy_range(&self, src: &Vec<f32>, src_off: usize, dst: &mut Vec<f32>, dst_off: usize, len: usize) -> Result<()> {
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+        Ok(())
+    }
+
+    fn matmul(&self, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>, g: Gemm) -> Result<()> {
         let Gemm { m, k, n, trans_a, trans_b, accumulate } = g;
-        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "matmul: buffer too small");
+        need_len("matmul", "a", a.len(), m * k)?;
+        need_len("matmul", "b", b.len(), k * n)?;
+        need_len("matmul", "c", c.len(), m * n)?;
         // Strides of op(a) (m,k): row-major (k,1); stored transposed (k,m) -> (1,m).
         let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
         let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
         if m == 0 || n == 0 {
-            return;
+            return Ok(());
         }
         if k == 0 {
             if !accumulate {
                 c[..m * n].fill(0.0);
             }
-            return;
+            return Ok(());
         }
         if self.precision != MatmulPrecision::Fp32 {
             // Mixed precision (T25) as tensor cores do it: operands rounded to bf16/fp16,
@@ -169,13 +178,13 @@ impl Backend for CpuBackend {
             let b_half: Vec<f32> = b[..k * n].iter().map(|&x| p.round(x)).collect();
             let full = CpuBackend { precision: MatmulPrecision::Fp32, ..self.clone() };
             let mut product = vec![0.0f32; m * n];
-            full.matmul(&a_half, &b_half, &mut product, Gemm { accumulate: false, ..g });
+            full.matmul(&a_half, &b_half, &mut product, Gemm { accumulate: false, ..g })?;
             for (out, v) in c[..m * n].iter_mut().zip(product) {
                 *out = if accumulate { *out + p.round(v) } else { p.round(v) };
             }
-            return;
+            return Ok(());
         }
-        // SAFETY: the asserts above bound every index gemm touches by the strides given.
+        // SAFETY: the length checks above bound every index gemm touches by the strides given.
         unsafe {
             gemm::gemm(
                 m,
@@ -199,22 +208,24 @@ impl Backend for CpuBackend {
                 self.parallelism(m, k, n),
             );
         }
+        Ok(())
     }
 
-    fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<(), String> {
+    fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
         self.precision = precision;
         Ok(())
     }
 
-    fn add_row_vector(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) {
+    fn add_row_vector(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) -> Result<()> {
         for row in x[..rows * cols].chunks_exact_mut(cols) {
             for (v, b) in row.iter_mut().zip(bias) {
                 *v += b;
             }
         }
+        Ok(())
     }
 
-    fn sum_rows(&self, x: &Vec<f32>, out: &mut Vec<f32>, rows: usize, cols: usize, accumulate: bool) {
+    fn sum_rows(&self, x: &Vec<f32>, out: &mut Vec<f32>, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
         if !accumulate {
             out[..cols].fill(0.0);
         }
@@ -223,9 +234,10 @@ impl Backend for CpuBackend {
                 *o += v;
             }
         }
+        Ok(())
     }
 
-    fn activation_forward(&self, act: Activation, x: &Vec<f32>, y: &mut Vec<f32>) {
+    fn activation_forward(&self, act: Activation, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
         // GELU gets its own loop so it vectorizes (a `match` per element does not).
         fn map(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
             y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
@@ -238,6 +250,7 @@ impl Backend for CpuBackend {
             Activation::Gelu => map(x, y, gelu),
             other => map(x, y, move |v| act_forward(other, v)),
         }
+        Ok(())
     }
 
     fn activation_backward(
@@ -247,7 +260,7 @@ impl Backend for CpuBackend {
         dy: &Vec<f32>,
         dx: &mut Vec<f32>,
         accumulate: bool,
-    ) -> f32 {
+    ) -> Result<f32> {
         if act == Activation::Gelu {
             // Its own vectorizable loop, as in forward; GELU has no dbeta.
             dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((dx, x), dy)| {
@@ -256,7 +269,7 @@ impl Backend for CpuBackend {
                     *dx = if accumulate { *dx + d } else { d };
                 }
             });
-            return 0.0;
+            return Ok(0.0);
         }
         // Partial dbeta sums per chunk, added in chunk order: deterministic.
         let partial: Vec<f64> = dx
@@ -277,33 +290,37 @@ impl Backend for CpuBackend {
                 dbeta
             })
             .collect();
-        partial.iter().sum::<f64>() as f32
+        Ok(partial.iter().sum::<f64>() as f32)
     }
 
-    fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) {
+    fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
         for (y, x) in y.iter_mut().zip(x) {
             *y += alpha * x;
         }
+        Ok(())
     }
-    fn scale(&self, x: &mut Vec<f32>, alpha: f32) {
+    fn scale(&self, x: &mut Vec<f32>, alpha: f32) -> Result<()> {
         x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= alpha));
+        Ok(())
     }
-    fn mul(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) {
+    fn mul(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
             *o = a * b;
         }
+        Ok(())
     }
-    fn mul_acc(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) {
+    fn mul_acc(&self, a: &Vec<f32>, b: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
         for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
             *o += a * b;
         }
+        Ok(())
     }
-    fn sum_squares(&self, x: &Vec<f32>) -> f64 {
+    fn sum_squares(&self, x: &Vec<f32>) -> Result<f64> {
         let partial: Vec<f64> =
             x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).collect();
-        partial.iter().sum()
+        Ok(partial.iter().sum())
     }
-    fn add_sign(&self, alpha: f32, src: &Vec<f32>, dst: &mut Vec<f32>) {
+    fn add_sign(&self, alpha: f32, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
         for (d, &s) in dst.iter_mut().zip(src) {
             if s > 0.0 {
                 *d += alpha;
@@ -311,6 +328,7 @@ impl Backend for CpuBackend {
                 *d -= alpha;
             }
         }
+        Ok(())
     }
 
     fn softmax_cross_entropy(
@@ -322,7 +340,7 @@ impl Backend for CpuBackend {
         rows: usize,
         classes: usize,
         grad_scale: f32,
-    ) -> (f64, usize) {
+    ) -> Result<(f64, usize)> {
         let mut loss = 0.0f64;
         let mut correct = 0;
         for (i, (row, drow)) in logits[..rows * classes]
@@ -356,10 +374,10 @@ impl Backend for CpuBackend {
                 correct += 1;
             }
         }
-        (loss, correct)
+        Ok((loss, correct))
     }
 
-    fn softmax(&self, logits: &Vec<f32>, probs: &mut Vec<f32>, rows: usize, classes: usize) {
+    fn softmax(&self, logits: &Vec<f32>, probs: &mut Vec<f32>, rows: usize, classes: usize) -> Result<()> {
         for (row, prow) in
             logits[..rows * classes].chunks_exact(classes).zip(probs[..rows * classes].chunks_exact_mut(classes))
         {
@@ -373,27 +391,37 @@ impl Backend for CpuBackend {
                 *p /= sum;
             }
         }
+        Ok(())
     }
 
     // Sliding-window ops run one image per task: images never share output elements, so
     // the result is the same whatever the thread count.
-    fn im2col(&self, x: &Vec<f32>, win: &Window, n: usize, c0: usize, cg: usize, cols: &mut Vec<f32>) {
+    fn im2col(&self, x: &Vec<f32>, win: &Window, n: usize, c0: usize, cg: usize, cols: &mut Vec<f32>) -> Result<()> {
         let per_image_out = win.out_h() * win.out_w() * win.kh * win.kw * cg;
         let per_image_in = win.h * win.w * win.c;
         cols.resize(n * per_image_out, 0.0);
         cols.par_chunks_mut(per_image_out.max(1))
             .zip(x.par_chunks(per_image_in.max(1)))
             .for_each(|(out, img)| window::im2col(img, win, 1, c0, cg, out));
+        Ok(())
     }
-    fn col2im(&self, dcols: &Vec<f32>, win: &Window, n: usize, c0: usize, cg: usize, dx: &mut Vec<f32>) {
+    fn col2im(&self, dcols: &Vec<f32>, win: &Window, n: usize, c0: usize, cg: usize, dx: &mut Vec<f32>) -> Result<()> {
         let per_image_cols = win.out_h() * win.out_w() * win.kh * win.kw * cg;
         let per_image_in = win.h * win.w * win.c;
         debug_assert_eq!(dx.len(), n * per_image_in, "col2im: dx does not hold n images");
         dx.par_chunks_mut(per_image_in.max(1))
             .zip(dcols.par_chunks(per_image_cols.max(1)))
             .for_each(|(img, cols)| window::col2im(cols, win, 1, c0, cg, img));
+        Ok(())
     }
-    fn max_pool_forward(&self, x: &Vec<f32>, win: &Window, n: usize, y: &mut Vec<f32>, argmax: &mut Vec<f32>) {
+    fn max_pool_forward(
+        &self,
+        x: &Vec<f32>,
+        win: &Window,
+        n: usize,
+        y: &mut Vec<f32>,
+        argmax: &mut Vec<f32>,
+    ) -> Result<()> {
         let per_out = win.out_h() * win.out_w() * win.c;
         let per_in = win.h * win.w * win.c;
         let mut idx = vec![0u32; n * per_out];
@@ -408,21 +436,25 @@ impl Backend for CpuBackend {
                 idx.iter_mut().for_each(|j| *j += (i * per_in) as u32);
             });
         *argmax = idx.into_iter().map(f32::from_bits).collect();
+        Ok(())
     }
-    fn max_pool_backward(&self, dy: &Vec<f32>, argmax: &Vec<f32>, dx: &mut Vec<f32>) {
+    fn max_pool_backward(&self, dy: &Vec<f32>, argmax: &Vec<f32>, dx: &mut Vec<f32>) -> Result<()> {
         for (&g, &i) in dy.iter().zip(argmax) {
             let i = i.to_bits();
             if i != u32::MAX {
                 dx[i as usize] += g;
             }
         }
+        Ok(())
     }
-    fn avg_pool_forward(&self, x: &Vec<f32>, win: &Window, n: usize, y: &mut Vec<f32>) {
+    fn avg_pool_forward(&self, x: &Vec<f32>, win: &Window, n: usize, y: &mut Vec<f32>) -> Result<()> {
         y.resize(n * win.out_h() * win.out_w() * win.c, 0.0);
         window::avg_pool_forward(x, win, n, y);
+        Ok(())
     }
-    fn avg_pool_backward(&self, dy: &Vec<f32>, win: &Window, n: usize, dx: &mut Vec<f32>) {
+    fn avg_pool_backward(&self, dy: &Vec<f32>, win: &Window, n: usize, dx: &mut Vec<f32>) -> Result<()> {
         window::avg_pool_backward(dy, win, n, dx);
+        Ok(())
     }
     fn copy_columns(
         &self,
@@ -435,8 +467,9 @@ impl Backend for CpuBackend {
         k: usize,
         rows: usize,
         accumulate: bool,
-    ) {
+    ) -> Result<()> {
         window::copy_columns(src, src_w, s0, dst, dst_w, d0, k, rows, accumulate);
+        Ok(())
     }
 
     fn layer_norm_forward(
@@ -450,11 +483,12 @@ impl Backend for CpuBackend {
         y: &mut Vec<f32>,
         xhat: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
-    ) {
+    ) -> Result<()> {
         y.resize(rows * cols, 0.0);
         xhat.resize(rows * cols, 0.0);
         rstd.resize(rows, 0.0);
         norm::layer_norm_forward(x, gamma, beta, rows, cols, eps, y, xhat, rstd);
+        Ok(())
     }
     fn layer_norm_backward(
         &self,
@@ -467,12 +501,13 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         dgamma: &mut Vec<f32>,
         dbeta: &mut Vec<f32>,
-    ) {
+    ) -> Result<()> {
         dx.resize(rows * cols, 0.0);
         norm::layer_norm_backward(dy, xhat, rstd, gamma, rows, cols, dx, dgamma, dbeta);
+        Ok(())
     }
-    fn column_stats(&self, x: &Vec<f32>, rows: usize, cols: usize) -> (Vec<f64>, Vec<f64>) {
-        norm::column_stats(x, rows, cols)
+    fn column_stats(&self, x: &Vec<f32>, rows: usize, cols: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+        Ok(norm::column_stats(x, rows, cols))
     }
     fn batch_norm_apply(
         &self,
@@ -486,10 +521,11 @@ impl Backend for CpuBackend {
         eps: f32,
         y: &mut Vec<f32>,
         xhat: &mut Vec<f32>,
-    ) {
+    ) -> Result<()> {
         y.resize(rows * cols, 0.0);
         xhat.resize(rows * cols, 0.0);
         norm::batch_norm_apply(x, mean, var, gamma, beta, rows, cols, eps, y, xhat);
+        Ok(())
     }
     fn batch_norm_backward_sums(
         &self,
@@ -500,8 +536,8 @@ impl Backend for CpuBackend {
         cols: usize,
         dgamma: &mut Vec<f32>,
         dbeta: &mut Vec<f32>,
-    ) -> (Vec<f64>, Vec<f64>) {
-        norm::batch_norm_backward_sums(dy, xhat, gamma, rows, cols, dgamma, dbeta)
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        Ok(norm::batch_norm_backward_sums(dy, xhat, gamma, rows, cols, dgamma, dbeta))
     }
     fn batch_norm_backward_dx(
         &self,
@@ -514,14 +550,16 @@ impl Backend for CpuBackend {
         cols: usize,
         eps: f32,
         dx: &mut Vec<f32>,
-    ) {
+    ) -> Result<()> {
         dx.resize(rows * cols, 0.0);
         norm::batch_norm_backward_dx(dy, xhat, var, gamma, means.0, means.1, rows, cols, eps, dx);
+        Ok(())
     }
 
-    fn softmax_backward(&self, p: &Vec<f32>, dp: &Vec<f32>, ds: &mut Vec<f32>, rows: usize, cols: usize) {
+    fn softmax_backward(&self, p: &Vec<f32>, dp: &Vec<f32>, ds: &mut Vec<f32>, rows: usize, cols: usize) -> Result<()> {
         ds.resize(rows * cols, 0.0);
         softmax_backward_rows(p, dp, ds, rows, cols);
+        Ok(())
     }
 
     // One example per task: examples never share output elements.
@@ -532,7 +570,7 @@ impl Backend for CpuBackend {
         probs: &mut Vec<f32>,
         dims: &AttentionDims,
         lens: &[usize],
-    ) {
+    ) -> Result<()> {
         let (nq, no, np) = dims.per_example();
         out.resize(lens.len() * no, 0.0);
         probs.resize(lens.len() * np, 0.0);
@@ -541,6 +579,7 @@ impl Backend for CpuBackend {
             .zip(qkv.par_chunks(nq))
             .zip(lens.par_iter())
             .for_each(|(((o, p), q), &len)| attention::attention_forward(q, o, p, dims, len));
+        Ok(())
     }
 
     fn attention_backward(
@@ -551,7 +590,7 @@ impl Backend for CpuBackend {
         dqkv: &mut Vec<f32>,
         dims: &AttentionDims,
         lens: &[usize],
-    ) {
+    ) -> Result<()> {
         let (nq, no, np) = dims.per_example();
         dqkv.resize(lens.len() * nq, 0.0);
         dqkv.par_chunks_mut(nq)
@@ -560,20 +599,84 @@ impl Backend for CpuBackend {
             .zip(dout.par_chunks(no))
             .zip(lens.par_iter())
             .for_each(|((((dq, q), p), d_o), &len)| attention::attention_backward(q, p, d_o, dq, dims, len));
+        Ok(())
     }
 
-    fn embedding_forward(&self, table: &Vec<f32>, ids: &[u32], dim: usize, out: &mut Vec<f32>) {
+    fn lstm_forward(
+        &self,
+        pre: &Vec<f32>,
+        c_prev: &Vec<f32>,
+        gates: &mut Vec<f32>,
+        c: &mut Vec<f32>,
+        h: &mut Vec<f32>,
+        hidden: usize,
+    ) -> Result<()> {
+        gates.resize(pre.len(), 0.0);
+        c.resize(c_prev.len(), 0.0);
+        h.resize(c_prev.len(), 0.0);
+        recurrent::lstm_forward(pre, c_prev, gates, c, h, hidden);
+        Ok(())
+    }
+    fn lstm_backward(
+        &self,
+        gates: &Vec<f32>,
+        c_prev: &Vec<f32>,
+        c: &Vec<f32>,
+        dh: &Vec<f32>,
+        dc: &mut Vec<f32>,
+        dpre: &mut Vec<f32>,
+        hidden: usize,
+    ) -> Result<()> {
+        dpre.resize(gates.len(), 0.0);
+        recurrent::lstm_backward(gates, c_prev, c, dh, dc, dpre, hidden);
+        Ok(())
+    }
+    fn gru_forward(
+        &self,
+        xp: &Vec<f32>,
+        hp: &Vec<f32>,
+        h_prev: &Vec<f32>,
+        gates: &mut Vec<f32>,
+        h: &mut Vec<f32>,
+        hidden: usize,
+    ) -> Result<()> {
+        gates.resize(xp.len(), 0.0);
+        h.resize(h_prev.len(), 0.0);
+        recurrent::gru_forward(xp, hp, h_prev, gates, h, hidden);
+        Ok(())
+    }
+    fn gru_backward(
+        &self,
+        gates: &Vec<f32>,
+        hp: &Vec<f32>,
+        h_prev: &Vec<f32>,
+        dh: &Vec<f32>,
+        dxp: &mut Vec<f32>,
+        dhp: &mut Vec<f32>,
+        dh_prev: &mut Vec<f32>,
+        hidden: usize,
+    ) -> Result<()> {
+        dxp.resize(gates.len(), 0.0);
+        dhp.resize(gates.len(), 0.0);
+        dh_prev.resize(dh.len(), 0.0);
+        recurrent::gru_backward(gates, hp, h_prev, dh, dxp, dhp, dh_prev, hidden);
+        Ok(())
+    }
+
+    fn embedding_forward(&self, table: &Vec<f32>, ids: &[u32], dim: usize, out: &mut Vec<f32>) -> Result<()> {
         out.resize(ids.len() * dim, 0.0);
         for (row, &id) in out.chunks_exact_mut(dim).zip(ids) {
             row.copy_from_slice(&table[id as usize * dim..(id as usize + 1) * dim]);
         }
+        Ok(())
     }
-    fn embedding_backward(&self, dy: &Vec<f32>, ids: &[u32], dim: usize, dtable: &mut Vec<f32>) {
+    fn embedding_backward(&self, dy: &Vec<f32>, ids: &[u32], dim: usize, dtable: &mut Vec<f32>) -> Result<()> {
         for (row, &id) in dy.chunks_exact(dim).zip(ids) {
             for (t, g) in dtable[id as usize * dim..(id as usize + 1) * dim].iter_mut().zip(row) {
                 *t += g;
             }
         }
+        Ok(())
     }
 
     fn optimizer_step(
@@ -585,7 +688,7 @@ impl Backend for CpuBackend {
         grad: &Vec<f32>,
         state1: &mut Vec<f32>,
         state2: &mut Vec<f32>,
-    ) {
+    ) -> Result<()> {
         let params = param.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK));
         match rule {
             UpdateRule::Sgd => params.for_each(|(w, g)| {
@@ -618,6 +721,7 @@ impl Backend for CpuBackend {
                 )
             }
         }
+        Ok(())
     }
 }
 
@@ -651,17 +755,28 @@ mod tests {
             for tb in [false, true] {
                 let want = naive_matmul(&a, &b, m, k, n, ta, tb);
                 let mut c = vec![1.0; m * n];
-                be.matmul(&a, &b, &mut c, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: false });
+                be.matmul(&a, &b, &mut c, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: false }).unwrap();
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4, "ta={ta} tb={tb}: {x} vs {y}");
                 }
                 // accumulate adds onto what is there
-                be.matmul(&a, &b, &mut c, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: true });
+                be.matmul(&a, &b, &mut c, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: true }).unwrap();
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - 2.0 * y).abs() < 1e-3);
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_matmul_on_short_buffers_is_a_shape_error_naming_the_operand() {
+        let be = CpuBackend::new(1);
+        let mut c = vec![0.0; 6];
+        let err = be.matmul(&vec![1.0; 5], &vec![1.0; 12], &mut c, Gemm::nn(2, 3, 4)).unwrap_err();
+        assert_eq!(err.to_string(), "matmul: a holds 5 values, the shape needs 6");
+        let err = be.matmul(&vec![1.0; 6], &vec![1.0; 12], &mut c, Gemm::nn(2, 3, 4)).unwrap_err();
+        assert_eq!(err.to_string(), "matmul: c holds 6 values, the shape needs 8");
+        assert_eq!(c, vec![0.0; 6], "nothing written");
     }
 
     #[test]
@@ -675,22 +790,22 @@ mod tests {
             let rb: Vec<f32> = b.iter().map(|&x| p.round(x)).collect();
             let want: Vec<f32> = naive_matmul(&ra, &rb, m, k, n, false, false).iter().map(|&x| p.round(x)).collect();
             let mut c = vec![0.0; m * n];
-            be.matmul(&a, &b, &mut c, Gemm::nn(m, k, n));
+            be.matmul(&a, &b, &mut c, Gemm::nn(m, k, n)).unwrap();
             assert_eq!(c, want, "{p:?}");
             assert_ne!(ra, a, "{p:?} really rounds the operands");
             // Accumulating: the rounded product is added to the fp32 values already there.
             let mut acc = vec![0.25; m * n];
-            be.matmul(&a, &b, &mut acc, Gemm::nn(m, k, n).accumulate());
+            be.matmul(&a, &b, &mut acc, Gemm::nn(m, k, n).accumulate()).unwrap();
             for (x, w) in acc.iter().zip(&want) {
                 assert_eq!(*x, 0.25 + w);
             }
         }
         let fp16 = CpuBackend { precision: MatmulPrecision::Fp16, ..CpuBackend::new(1) };
         let mut c = vec![0.0; 1];
-        fp16.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1));
+        fp16.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1)).unwrap();
         assert_eq!(c[0], f32::INFINITY, "90000 > 65504 overflows fp16");
         let bf16 = CpuBackend { precision: MatmulPrecision::Bf16, ..CpuBackend::new(1) };
-        bf16.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1));
+        bf16.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1)).unwrap();
         assert_eq!(c[0], 90112.0, "bf16 keeps the range, 8 significant bits");
     }
 
@@ -700,7 +815,7 @@ mod tests {
         // Huge logits would overflow exp() without max-subtraction. Values are exact in f32.
         let logits = vec![1000.0, 1000.0, 1001.0, 0.0, 0.0, 0.0];
         let mut d = vec![0.0; 6];
-        let (loss, correct) = be.softmax_cross_entropy(&logits, &[2, 0], None, &mut d, 2, 3, 1.0);
+        let (loss, correct) = be.softmax_cross_entropy(&logits, &[2, 0], None, &mut d, 2, 3, 1.0).unwrap();
         // row 0: p = (1/e, 1/e, 1)/(1 + 2/e), target 2 -> ln(1 + 2/e); row 1: uniform -> ln 3
         let e = std::f64::consts::E;
         let want = (1.0 + 2.0 / e).ln() + 3f64.ln();

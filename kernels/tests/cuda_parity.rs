@@ -3,7 +3,7 @@
 #![cfg(feature = "cuda")]
 
 use lockstep_kernels::cuda::{available, CudaBackend};
-use lockstep_kernels::{Activation, Backend, CpuBackend, Gemm, UpdateRule};
+use lockstep_kernels::{Activation, Backend, CpuBackend, Gemm, KernelError, UpdateRule};
 
 /// fp32 tolerance: GEMMs and reductions sum in a different order than the CPU.
 const TOL: f32 = 1e-4;
@@ -48,15 +48,16 @@ fn every_op_matches_the_cpu_reference() {
         for tb in [false, true] {
             for acc in [false, true] {
                 let init = data(m * n, 3);
-                let (mut cc, mut gc) = (init.clone(), gpu.upload(&init));
-                cpu.matmul(&a, &b, &mut cc, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: acc });
+                let (mut cc, mut gc) = (init.clone(), gpu.upload(&init).unwrap());
+                cpu.matmul(&a, &b, &mut cc, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: acc }).unwrap();
                 gpu.matmul(
-                    &gpu.upload(&a),
-                    &gpu.upload(&b),
+                    &gpu.upload(&a).unwrap(),
+                    &gpu.upload(&b).unwrap(),
                     &mut gc,
                     Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: acc },
-                );
-                close(&format!("matmul ta={ta} tb={tb} acc={acc}"), &gpu.download(&gc), &cc);
+                )
+                .unwrap();
+                close(&format!("matmul ta={ta} tb={tb} acc={acc}"), &gpu.download(&gc).unwrap(), &cc);
             }
         }
     }
@@ -64,16 +65,16 @@ fn every_op_matches_the_cpu_reference() {
     let (rows, cols) = (37, 300);
     let x = data(rows * cols, 4);
     let bias = data(cols, 5);
-    let (mut cx, mut gx) = (x.clone(), gpu.upload(&x));
-    cpu.add_row_vector(&mut cx, &bias, rows, cols);
-    gpu.add_row_vector(&mut gx, &gpu.upload(&bias), rows, cols);
-    close("add_row_vector", &gpu.download(&gx), &cx);
+    let (mut cx, mut gx) = (x.clone(), gpu.upload(&x).unwrap());
+    cpu.add_row_vector(&mut cx, &bias, rows, cols).unwrap();
+    gpu.add_row_vector(&mut gx, &gpu.upload(&bias).unwrap(), rows, cols).unwrap();
+    close("add_row_vector", &gpu.download(&gx).unwrap(), &cx);
 
     for acc in [false, true] {
-        let (mut co, mut go) = (bias.clone(), gpu.upload(&bias));
-        cpu.sum_rows(&x, &mut co, rows, cols, acc);
-        gpu.sum_rows(&gpu.upload(&x), &mut go, rows, cols, acc);
-        close("sum_rows", &gpu.download(&go), &co);
+        let (mut co, mut go) = (bias.clone(), gpu.upload(&bias).unwrap());
+        cpu.sum_rows(&x, &mut co, rows, cols, acc).unwrap();
+        gpu.sum_rows(&gpu.upload(&x).unwrap(), &mut go, rows, cols, acc).unwrap();
+        close("sum_rows", &gpu.download(&go).unwrap(), &co);
     }
 
     let dy = data(rows * cols, 6);
@@ -86,41 +87,42 @@ fn every_op_matches_the_cpu_reference() {
         Activation::Swish { beta: 1.3 },
         Activation::Gelu,
     ] {
-        let (mut cy, mut gy) = (vec![0.0; x.len()], gpu.zeros(x.len()));
-        cpu.activation_forward(act, &x, &mut cy);
-        gpu.activation_forward(act, &gpu.upload(&x), &mut gy);
-        close(&format!("{act:?} forward"), &gpu.download(&gy), &cy);
-        let (mut cdx, mut gdx) = (vec![0.0; x.len()], gpu.zeros(x.len()));
-        let cb = cpu.activation_backward(act, &x, &dy, &mut cdx, false);
-        let gb = gpu.activation_backward(act, &gpu.upload(&x), &gpu.upload(&dy), &mut gdx, false);
-        close(&format!("{act:?} backward"), &gpu.download(&gdx), &cdx);
+        let (mut cy, mut gy) = (vec![0.0; x.len()], gpu.zeros(x.len()).unwrap());
+        cpu.activation_forward(act, &x, &mut cy).unwrap();
+        gpu.activation_forward(act, &gpu.upload(&x).unwrap(), &mut gy).unwrap();
+        close(&format!("{act:?} forward"), &gpu.download(&gy).unwrap(), &cy);
+        let (mut cdx, mut gdx) = (vec![0.0; x.len()], gpu.zeros(x.len()).unwrap());
+        let cb = cpu.activation_backward(act, &x, &dy, &mut cdx, false).unwrap();
+        let gb =
+            gpu.activation_backward(act, &gpu.upload(&x).unwrap(), &gpu.upload(&dy).unwrap(), &mut gdx, false).unwrap();
+        close(&format!("{act:?} backward"), &gpu.download(&gdx).unwrap(), &cdx);
         close(&format!("{act:?} dbeta"), &[gb], &[cb]);
     }
 
-    let (mut cy, mut gy) = (dy.clone(), gpu.upload(&dy));
-    cpu.axpy(0.7, &x, &mut cy);
-    gpu.axpy(0.7, &gpu.upload(&x), &mut gy);
-    close("axpy", &gpu.download(&gy), &cy);
-    cpu.scale(&mut cy, -1.5);
-    gpu.scale(&mut gy, -1.5);
-    close("scale", &gpu.download(&gy), &cy);
-    cpu.mul_acc(&x, &dy, &mut cy);
-    gpu.mul_acc(&gpu.upload(&x), &gpu.upload(&dy), &mut gy);
-    close("mul_acc", &gpu.download(&gy), &cy);
-    cpu.mul(&x, &dy, &mut cy);
-    gpu.mul(&gpu.upload(&x), &gpu.upload(&dy), &mut gy);
-    close("mul", &gpu.download(&gy), &cy);
-    cpu.add_sign(0.25, &x, &mut cy);
-    gpu.add_sign(0.25, &gpu.upload(&x), &mut gy);
-    close("add_sign", &gpu.download(&gy), &cy);
-    let (cs, gs) = (cpu.sum_squares(&x), gpu.sum_squares(&gpu.upload(&x)));
+    let (mut cy, mut gy) = (dy.clone(), gpu.upload(&dy).unwrap());
+    cpu.axpy(0.7, &x, &mut cy).unwrap();
+    gpu.axpy(0.7, &gpu.upload(&x).unwrap(), &mut gy).unwrap();
+    close("axpy", &gpu.download(&gy).unwrap(), &cy);
+    cpu.scale(&mut cy, -1.5).unwrap();
+    gpu.scale(&mut gy, -1.5).unwrap();
+    close("scale", &gpu.download(&gy).unwrap(), &cy);
+    cpu.mul_acc(&x, &dy, &mut cy).unwrap();
+    gpu.mul_acc(&gpu.upload(&x).unwrap(), &gpu.upload(&dy).unwrap(), &mut gy).unwrap();
+    close("mul_acc", &gpu.download(&gy).unwrap(), &cy);
+    cpu.mul(&x, &dy, &mut cy).unwrap();
+    gpu.mul(&gpu.upload(&x).unwrap(), &gpu.upload(&dy).unwrap(), &mut gy).unwrap();
+    close("mul", &gpu.download(&gy).unwrap(), &cy);
+    cpu.add_sign(0.25, &x, &mut cy).unwrap();
+    gpu.add_sign(0.25, &gpu.upload(&x).unwrap(), &mut gy).unwrap();
+    close("add_sign", &gpu.download(&gy).unwrap(), &cy);
+    let (cs, gs) = (cpu.sum_squares(&x).unwrap(), gpu.sum_squares(&gpu.upload(&x).unwrap()).unwrap());
     assert!((cs - gs).abs() <= 1e-9 * cs, "sum_squares: {gs} vs {cs}");
-    let mut g_fill = gpu.zeros(5);
-    gpu.fill(&mut g_fill, 2.5);
-    assert_eq!(gpu.download(&g_fill), vec![2.5; 5]);
-    let mut g_dst = gpu.zeros(10);
-    gpu.copy_range(&gpu.upload(&x), 3, &mut g_dst, 2, 5);
-    assert_eq!(gpu.download(&g_dst)[2..7], x[3..8]);
+    let mut g_fill = gpu.zeros(5).unwrap();
+    gpu.fill(&mut g_fill, 2.5).unwrap();
+    assert_eq!(gpu.download(&g_fill).unwrap(), vec![2.5; 5]);
+    let mut g_dst = gpu.zeros(10).unwrap();
+    gpu.copy_range(&gpu.upload(&x).unwrap(), 3, &mut g_dst, 2, 5).unwrap();
+    assert_eq!(gpu.download(&g_dst).unwrap()[2..7], x[3..8]);
 
     // Softmax cross-entropy (with and without class weights) and softmax.
     let classes = 10;
@@ -128,17 +130,18 @@ fn every_op_matches_the_cpu_reference() {
     let targets: Vec<u32> = (0..rows as u32).map(|i| i % classes as u32).collect();
     let weights: Vec<f32> = (0..classes).map(|c| 0.5 + c as f32 * 0.1).collect();
     for w in [None, Some(&weights[..])] {
-        let (mut cd, mut gd) = (vec![0.0; logits.len()], gpu.zeros(logits.len()));
-        let (cl, cc) = cpu.softmax_cross_entropy(&logits, &targets, w, &mut cd, rows, classes, 0.5);
-        let (gl, gc) = gpu.softmax_cross_entropy(&gpu.upload(&logits), &targets, w, &mut gd, rows, classes, 0.5);
+        let (mut cd, mut gd) = (vec![0.0; logits.len()], gpu.zeros(logits.len()).unwrap());
+        let (cl, cc) = cpu.softmax_cross_entropy(&logits, &targets, w, &mut cd, rows, classes, 0.5).unwrap();
+        let (gl, gc) =
+            gpu.softmax_cross_entropy(&gpu.upload(&logits).unwrap(), &targets, w, &mut gd, rows, classes, 0.5).unwrap();
         assert!((cl - gl).abs() <= 1e-4 * cl.abs().max(1.0), "softmax CE loss: {gl} vs {cl}");
         assert_eq!(cc, gc, "softmax CE correct count");
-        close("softmax CE grad", &gpu.download(&gd), &cd);
+        close("softmax CE grad", &gpu.download(&gd).unwrap(), &cd);
     }
-    let (mut cp, mut gp) = (vec![0.0; logits.len()], gpu.zeros(logits.len()));
-    cpu.softmax(&logits, &mut cp, rows, classes);
-    gpu.softmax(&gpu.upload(&logits), &mut gp, rows, classes);
-    close("softmax", &gpu.download(&gp), &cp);
+    let (mut cp, mut gp) = (vec![0.0; logits.len()], gpu.zeros(logits.len()).unwrap());
+    cpu.softmax(&logits, &mut cp, rows, classes).unwrap();
+    gpu.softmax(&gpu.upload(&logits).unwrap(), &mut gp, rows, classes).unwrap();
+    close("softmax", &gpu.download(&gp).unwrap(), &cp);
 
     // Optimizer updates, three steps each.
     let w0 = data(1000, 8);
@@ -150,8 +153,8 @@ fn every_op_matches_the_cpu_reference() {
         UpdateRule::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8, step: 1, decoupled_decay: 0.01 },
     ] {
         let (mut cw, mut cs1, mut cs2) = (w0.clone(), vec![0.0; 1000], vec![0.0; 1000]);
-        let (mut gw, mut gs1, mut gs2) = (gpu.upload(&w0), gpu.zeros(1000), gpu.zeros(1000));
-        let gg = gpu.upload(&g);
+        let (mut gw, mut gs1, mut gs2) = (gpu.upload(&w0).unwrap(), gpu.zeros(1000).unwrap(), gpu.zeros(1000).unwrap());
+        let gg = gpu.upload(&g).unwrap();
         for step in 1..=3 {
             let rule = match rule {
                 UpdateRule::Adam { beta1, beta2, eps, decoupled_decay, .. } => {
@@ -159,10 +162,19 @@ fn every_op_matches_the_cpu_reference() {
                 }
                 r => r,
             };
-            cpu.optimizer_step(rule, 0.01, 0.5, &mut cw, &g, &mut cs1, &mut cs2);
-            gpu.optimizer_step(rule, 0.01, 0.5, &mut gw, &gg, &mut gs1, &mut gs2);
+            cpu.optimizer_step(rule, 0.01, 0.5, &mut cw, &g, &mut cs1, &mut cs2).unwrap();
+            gpu.optimizer_step(rule, 0.01, 0.5, &mut gw, &gg, &mut gs1, &mut gs2).unwrap();
         }
-        close(&format!("{rule:?}"), &gpu.download(&gw), &cw);
+        close(&format!("{rule:?}"), &gpu.download(&gw).unwrap(), &cw);
     }
-    gpu.check().expect("no device error recorded");
+    gpu.check().expect("no device fault");
+}
+
+#[test]
+fn an_op_without_a_kernel_says_so_by_name() {
+    let Some(gpu) = device() else { return };
+    let (x, mut y) = (gpu.upload(&[1.0; 8]).unwrap(), gpu.zeros(8).unwrap());
+    let err = gpu.embedding_forward(&x, &[0, 1], 4, &mut y).unwrap_err();
+    assert!(matches!(err, KernelError::Unsupported { op: "embedding_forward", .. }), "{err}");
+    assert!(err.to_string().starts_with("embedding_forward is not supported on the cuda:0"), "{err}");
 }

@@ -28,14 +28,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// One tensor of a file: its name, shape and values (row-major, in the file's layout).
+pub type FileTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Serialises named f32 tensors to safetensors bytes.
-pub fn to_safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Result<Vec<u8>> {
+pub fn to_safetensors(tensors: &[FileTensor]) -> Result<Vec<u8>> {
     to_safetensors_with_metadata(tensors, None)
 }
 
 /// The same with string metadata in the header (`__metadata__`), e.g. the job and vocabulary.
 pub fn to_safetensors_with_metadata(
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[FileTensor],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
     serialize(tensors, &[], metadata)
@@ -43,7 +46,7 @@ pub fn to_safetensors_with_metadata(
 
 /// f32 tensors, f64 tensors (exact state such as running statistics) and metadata.
 pub fn serialize(
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    tensors: &[FileTensor],
     tensors_f64: &[(String, Vec<usize>, Vec<f64>)],
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
@@ -78,16 +81,16 @@ pub fn save_weights<B: Backend>(
     metadata: Option<HashMap<String, String>>,
     path: &Path,
 ) -> Result<()> {
-    write_atomic(path, &to_safetensors_with_metadata(&file_tensors(be, params), metadata)?)
+    write_atomic(path, &to_safetensors_with_metadata(&file_tensors(be, params)?, metadata)?)
 }
 
 /// Every parameter's value as a file tensor (PyTorch's layout): (name, shape, values).
-pub fn file_tensors<B: Backend>(be: &B, params: &[&Param<B>]) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn file_tensors<B: Backend>(be: &B, params: &[&Param<B>]) -> Result<Vec<FileTensor>> {
     params
         .iter()
         .map(|p| {
-            let (shape, values) = p.to_file(&be.download(&p.value));
-            (p.name.clone(), shape, values)
+            let (shape, values) = p.to_file(&be.download(&p.value)?);
+            Ok((p.name.clone(), shape, values))
         })
         .collect()
 }
@@ -114,7 +117,7 @@ pub fn load_into<B: Backend>(be: &B, params: &mut [&mut Param<B>], tensors: &Ten
     for p in params.iter_mut() {
         let bad = |message: String| NnError::Data { path: path.to_path_buf(), offset: 0, message };
         let (shape, values) = tensors.get(&p.name).ok_or_else(|| bad(format!("no tensor {}", p.name)))?;
-        p.value = be.upload(&p.from_file(shape, values).map_err(bad)?);
+        p.value = be.upload(&p.from_file(shape, values).map_err(bad)?)?;
     }
     Ok(())
 }
@@ -198,8 +201,8 @@ mod tests {
         let be = CpuBackend::new(1);
         let dir = std::env::temp_dir().join(format!("lockstep-ckpt-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let a = Param::new(&be, "fc0.weight", &[2, 3], &[1., 2., 3., 4., 5., 6.], true);
-        let b = Param::new(&be, "fc0.bias", &[2], &[-1., 0.5], false);
+        let a = Param::new(&be, "fc0.weight", &[2, 3], &[1., 2., 3., 4., 5., 6.], true).unwrap();
+        let b = Param::new(&be, "fc0.bias", &[2], &[-1., 0.5], false).unwrap();
         let path = dir.join("model.safetensors");
         save_weights(&be, &[&a, &b], None, &path).unwrap();
         let t = load_tensors(&path).unwrap();

@@ -37,14 +37,14 @@ pub fn check_input_gradient<B: Backend>(
     x: &[f32],
     f: impl Fn(&B, &Tensor<B>) -> Result<(f64, Tensor<B>)>,
 ) {
-    let input = Tensor::from_slice(be, shape, x);
+    let input = Tensor::from_slice(be, shape, x).unwrap();
     let (_, grad) = f(be, &input).expect("forward");
-    let grad = grad.to_vec(be);
+    let grad = grad.to_vec(be).unwrap();
     for i in 0..x.len() {
         let numeric = five_point(H, |d| {
             let mut xd = x.to_vec();
             xd[i] += d;
-            f(be, &Tensor::from_slice(be, shape, &xd)).expect("forward").0
+            f(be, &Tensor::from_slice(be, shape, &xd).unwrap()).expect("forward").0
         });
         let e = rel_err(grad[i] as f64, numeric);
         assert!(e < F32_REL_TOL, "dL/dx[{i}]: analytic {} numeric {numeric} rel err {e:.2e}", grad[i]);
@@ -69,16 +69,16 @@ pub fn check_layer_step<B: Backend>(
     check_input: bool,
     h: f32,
 ) {
-    let input = Tensor::from_slice(be, shape, x);
+    let input = Tensor::from_slice(be, shape, x).unwrap();
     let y = layer.forward(be, input, ctx).expect("forward");
     let r = projection(y.numel());
     for p in layer.params_mut() {
-        be.fill(&mut p.grad, 0.0);
+        be.fill(&mut p.grad, 0.0).unwrap();
     }
-    let dx = layer.backward(be, Tensor::from_slice(be, &y.shape, &r)).expect("backward").to_vec(be);
+    let dx = layer.backward(be, Tensor::from_slice(be, &y.shape, &r).unwrap()).expect("backward").to_vec(be).unwrap();
     let eval = |layer: &mut dyn Layer<B>, x: &[f32]| -> f64 {
-        let y = layer.forward(be, Tensor::from_slice(be, shape, x), ctx).expect("forward");
-        project(&y.to_vec(be), &r)
+        let y = layer.forward(be, Tensor::from_slice(be, shape, x).unwrap(), ctx).expect("forward");
+        project(&y.to_vec(be).unwrap(), &r)
     };
     for i in (0..x.len()).filter(|_| check_input) {
         let numeric = five_point(h, |d| {
@@ -93,7 +93,7 @@ pub fn check_layer_step<B: Backend>(
     for pi in 0..n_params {
         let (name, analytic, value, trainable) = {
             let p = &layer.params()[pi];
-            (p.name.clone(), be.download(&p.grad), be.download(&p.value), p.trainable)
+            (p.name.clone(), be.download(&p.grad).unwrap(), be.download(&p.value).unwrap(), p.trainable)
         };
         if !trainable {
             assert!(analytic.iter().all(|&g| g == 0.0), "{name} is frozen but got a gradient");
@@ -103,10 +103,10 @@ pub fn check_layer_step<B: Backend>(
             let numeric = five_point(h, |d| {
                 let mut v = value.clone();
                 v[i] += d;
-                layer.params_mut()[pi].value = be.upload(&v);
+                layer.params_mut()[pi].value = be.upload(&v).unwrap();
                 eval(layer, x)
             });
-            layer.params_mut()[pi].value = be.upload(&value);
+            layer.params_mut()[pi].value = be.upload(&value).unwrap();
             let e = rel_err(analytic[i] as f64, numeric);
             assert!(e < F32_REL_TOL, "{name}[{i}]: analytic {} numeric {numeric} rel err {e:.2e}", analytic[i]);
         }

@@ -31,6 +31,9 @@ pub enum NnError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Invalid(String),
+    /// A backend op failed (a device error, an op the backend has no kernel for).
+    #[error(transparent)]
+    Kernel(#[from] lockstep_kernels::KernelError),
 }
 
 pub type Result<T> = std::result::Result<T, NnError>;

@@ -33,9 +33,9 @@ pub fn softmax_cross_entropy<B: Backend>(
     if class_weights.is_some_and(|w| w.len() != classes) {
         return shape_err("softmax_cross_entropy", format!("class weights need {classes} entries"));
     }
-    let mut grad = Tensor::zeros(be, &logits.shape);
+    let mut grad = Tensor::zeros(be, &logits.shape)?;
     let (loss_sum, correct) =
-        be.softmax_cross_entropy(&logits.buf, targets, class_weights, &mut grad.buf, rows, classes, grad_scale);
+        be.softmax_cross_entropy(&logits.buf, targets, class_weights, &mut grad.buf, rows, classes, grad_scale)?;
     Ok(LossOutput { loss_sum, correct, grad })
 }
 
@@ -44,10 +44,10 @@ pub fn mse<B: Backend>(be: &B, output: &Tensor<B>, target: &Tensor<B>, grad_scal
     if output.shape != target.shape {
         return shape_err("mse", format!("output {:?} vs target {:?}", output.shape, target.shape));
     }
-    let mut grad = output.duplicate(be);
-    be.axpy(-1.0, &target.buf, &mut grad.buf); // o − y
-    let loss_sum = 0.5 * be.sum_squares(&grad.buf);
-    be.scale(&mut grad.buf, grad_scale);
+    let mut grad = output.duplicate(be)?;
+    be.axpy(-1.0, &target.buf, &mut grad.buf)?; // o − y
+    let loss_sum = 0.5 * be.sum_squares(&grad.buf)?;
+    be.scale(&mut grad.buf, grad_scale)?;
     Ok(LossOutput { loss_sum, correct: 0, grad })
 }
 
@@ -65,7 +65,7 @@ pub fn bce_with_logits<B: Backend>(
         return shape_err("bce_with_logits", format!("{} logits, {} targets", logits.numel(), targets.len()));
     }
     let [neg_w, pos_w] = class_weights.unwrap_or([1.0, 1.0]);
-    let z = logits.to_vec(be);
+    let z = logits.to_vec(be)?;
     let mut grad = Vec::with_capacity(z.len());
     let mut loss_sum = 0.0f64;
     let mut correct = 0;
@@ -79,7 +79,7 @@ pub fn bce_with_logits<B: Backend>(
             correct += 1;
         }
     }
-    Ok(LossOutput { loss_sum, correct, grad: Tensor::from_slice(be, &logits.shape, &grad) })
+    Ok(LossOutput { loss_sum, correct, grad: Tensor::from_slice(be, &logits.shape, &grad)? })
 }
 
 #[cfg(test)]
@@ -107,13 +107,13 @@ mod tests {
     #[test]
     fn mse_gradient_and_value() {
         let be = CpuBackend::new(1);
-        let target = Tensor::from_slice(&be, &[3, 5], &(0..15).map(|i| i as f32 * 0.1).collect::<Vec<_>>());
+        let target = Tensor::from_slice(&be, &[3, 5], &(0..15).map(|i| i as f32 * 0.1).collect::<Vec<_>>()).unwrap();
         check_input_gradient(&be, &[3, 5], &logits(), |be, x| {
             let out = mse(be, x, &target, 1.0)?;
             Ok((out.loss_sum, out.grad))
         });
-        let o = Tensor::from_slice(&be, &[2], &[1.0, 3.0]);
-        let y = Tensor::from_slice(&be, &[2], &[0.0, 1.0]);
+        let o = Tensor::from_slice(&be, &[2], &[1.0, 3.0]).unwrap();
+        let y = Tensor::from_slice(&be, &[2], &[0.0, 1.0]).unwrap();
         assert_eq!(mse(&be, &o, &y, 1.0).unwrap().loss_sum, 0.5 * (1.0 + 4.0));
     }
 
@@ -128,7 +128,7 @@ mod tests {
             });
         }
         // z = 0 -> ln 2 whatever y; a huge logit stays finite.
-        let z = Tensor::from_slice(&be, &[3], &[0.0, 500.0, -500.0]);
+        let z = Tensor::from_slice(&be, &[3], &[0.0, 500.0, -500.0]).unwrap();
         let out = bce_with_logits(&be, &z, &[1.0, 0.0, 0.0], None, 1.0).unwrap();
         assert!((out.loss_sum - (2f64.ln() + 500.0)).abs() < 1e-4, "{}", out.loss_sum);
     }
@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn bad_targets_are_errors() {
         let be = CpuBackend::new(1);
-        let z = Tensor::from_slice(&be, &[3, 5], &logits());
+        let z = Tensor::from_slice(&be, &[3, 5], &logits()).unwrap();
         assert!(softmax_cross_entropy(&be, &z, &[0, 1], None, 1.0).is_err());
         assert!(softmax_cross_entropy(&be, &z, &[0, 1, 9], None, 1.0).unwrap_err().to_string().contains("target 9"));
     }

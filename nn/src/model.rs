@@ -84,23 +84,24 @@ impl<B: Backend> Sequential<B> {
         self.layers.iter().map(|l| l.flops_per_example()).sum()
     }
 
-    pub fn zero_grad(&mut self, be: &B) {
+    pub fn zero_grad(&mut self, be: &B) -> Result<()> {
         for p in self.params_mut() {
-            be.fill(&mut p.grad, 0.0);
+            be.fill(&mut p.grad, 0.0)?;
         }
+        Ok(())
     }
 
     /// FNV-1a over every parameter's bits, in order: equal hashes = bitwise-equal weights.
-    pub fn weight_hash(&self, be: &B) -> u64 {
+    pub fn weight_hash(&self, be: &B) -> Result<u64> {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for p in self.params() {
-            for v in be.download(&p.value) {
+            for v in be.download(&p.value)? {
                 for b in v.to_bits().to_le_bytes() {
                     h ^= b as u64;
                     h = h.wrapping_mul(0x0100_0000_01b3);
                 }
             }
         }
-        h
+        Ok(h)
     }
 }

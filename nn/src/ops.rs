@@ -14,16 +14,16 @@ fn same_shape<B: Backend>(op: &'static str, a: &Tensor<B>, b: &Tensor<B>) -> Res
 /// y = a + b (same shape). Backward: da = dy, db = dy.
 pub fn add<B: Backend>(be: &B, a: &Tensor<B>, b: &Tensor<B>) -> Result<Tensor<B>> {
     same_shape("add", a, b)?;
-    let mut y = a.duplicate(be);
-    be.axpy(1.0, &b.buf, &mut y.buf);
+    let mut y = a.duplicate(be)?;
+    be.axpy(1.0, &b.buf, &mut y.buf)?;
     Ok(y)
 }
 
 /// y = a ⊙ b (same shape).
 pub fn hadamard<B: Backend>(be: &B, a: &Tensor<B>, b: &Tensor<B>) -> Result<Tensor<B>> {
     same_shape("hadamard", a, b)?;
-    let mut y = Tensor::zeros(be, &a.shape);
-    be.mul(&a.buf, &b.buf, &mut y.buf);
+    let mut y = Tensor::zeros(be, &a.shape)?;
+    be.mul(&a.buf, &b.buf, &mut y.buf)?;
     Ok(y)
 }
 
@@ -44,8 +44,8 @@ pub fn matmul<B: Backend>(be: &B, a: &Tensor<B>, b: &Tensor<B>) -> Result<Tensor
         return shape_err("matmul", format!("{:?} · {:?}: need (m,k)·(k,n)", a.shape, b.shape));
     }
     let (m, k, n) = (a.shape[0], a.shape[1], b.shape[1]);
-    let mut y = Tensor::zeros(be, &[m, n]);
-    be.matmul(&a.buf, &b.buf, &mut y.buf, Gemm::nn(m, k, n));
+    let mut y = Tensor::zeros(be, &[m, n])?;
+    be.matmul(&a.buf, &b.buf, &mut y.buf, Gemm::nn(m, k, n))?;
     Ok(y)
 }
 
@@ -60,10 +60,10 @@ pub fn matmul_backward<B: Backend>(
     if dy.shape != [m, n] {
         return shape_err("matmul_backward", format!("dy {:?}, expected [{m}, {n}]", dy.shape));
     }
-    let mut da = Tensor::zeros(be, &[m, k]);
-    be.matmul(&dy.buf, &b.buf, &mut da.buf, Gemm::nt(m, n, k));
-    let mut db = Tensor::zeros(be, &[k, n]);
-    be.matmul(&a.buf, &dy.buf, &mut db.buf, Gemm::tn(k, m, n));
+    let mut da = Tensor::zeros(be, &[m, k])?;
+    be.matmul(&dy.buf, &b.buf, &mut da.buf, Gemm::nt(m, n, k))?;
+    let mut db = Tensor::zeros(be, &[k, n])?;
+    be.matmul(&a.buf, &dy.buf, &mut db.buf, Gemm::tn(k, m, n))?;
     Ok((da, db))
 }
 
@@ -93,12 +93,12 @@ pub fn concat<B: Backend>(be: &B, parts: &[&Tensor<B>], axis: usize) -> Result<T
     let mut shape = first.shape.clone();
     shape[axis] = parts.iter().map(|p| p.shape[axis]).sum();
     let (outer, total, inner) = split_at(&shape, axis);
-    let mut y = Tensor::zeros(be, &shape);
+    let mut y = Tensor::zeros(be, &shape)?;
     let mut offset = 0;
     for p in parts {
         let width = p.shape[axis] * inner;
         for o in 0..outer {
-            be.copy_range(&p.buf, o * width, &mut y.buf, o * total * inner + offset, width);
+            be.copy_range(&p.buf, o * width, &mut y.buf, o * total * inner + offset, width)?;
         }
         offset += width;
     }
@@ -121,9 +121,9 @@ pub fn concat_backward<B: Backend>(
     for &size in part_sizes {
         let mut shape = dy.shape.clone();
         shape[axis] = size;
-        let mut g = Tensor::zeros(be, &shape);
+        let mut g = Tensor::zeros(be, &shape)?;
         for o in 0..outer {
-            be.copy_range(&dy.buf, o * total * inner + offset, &mut g.buf, o * size * inner, size * inner);
+            be.copy_range(&dy.buf, o * total * inner + offset, &mut g.buf, o * size * inner, size * inner)?;
         }
         offset += size * inner;
         grads.push(g);
@@ -146,9 +146,9 @@ pub fn stack<B: Backend>(be: &B, parts: &[&Tensor<B>], axis: usize) -> Result<Te
         .map(|p| {
             let mut shape = p.shape.clone();
             shape.insert(axis, 1);
-            Tensor { shape, buf: p.duplicate(be).buf }
+            Ok(Tensor { shape, buf: p.duplicate(be)?.buf })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     concat(be, &views.iter().collect::<Vec<_>>(), axis)
 }
 
@@ -158,7 +158,7 @@ mod tests {
     use lockstep_kernels::CpuBackend;
 
     fn t(shape: &[usize], data: &[f32]) -> Tensor<CpuBackend> {
-        Tensor::from_slice(&CpuBackend::new(1), shape, data)
+        Tensor::from_slice(&CpuBackend::new(1), shape, data).unwrap()
     }
 
     #[test]
@@ -212,14 +212,14 @@ mod tests {
         };
         let h = 1e-3;
         for i in 0..12 {
-            let (mut ap, mut am) = (a.duplicate(&be), a.duplicate(&be));
+            let (mut ap, mut am) = (a.duplicate(&be).unwrap(), a.duplicate(&be).unwrap());
             ap.buf[i] += h;
             am.buf[i] -= h;
             let num = (loss(&ap, &b) - loss(&am, &b)) / (2.0 * h as f64);
             assert!((num - da.buf[i] as f64).abs() < 1e-3, "da[{i}] {num} vs {}", da.buf[i]);
         }
         for i in 0..8 {
-            let (mut bp, mut bm) = (b.duplicate(&be), b.duplicate(&be));
+            let (mut bp, mut bm) = (b.duplicate(&be).unwrap(), b.duplicate(&be).unwrap());
             bp.buf[i] += h;
             bm.buf[i] -= h;
             let num = (loss(&a, &bp) - loss(&a, &bm)) / (2.0 * h as f64);

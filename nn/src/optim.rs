@@ -5,7 +5,7 @@
 //! gradients → the update rule. Biases and norm parameters are excluded from decay unless
 //! asked for.
 
-use crate::Param;
+use crate::{Param, Result};
 use lockstep_kernels::{Backend, UpdateRule};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,29 +53,29 @@ pub struct Optimizer<B: Backend> {
 }
 
 impl<B: Backend> Optimizer<B> {
-    pub fn new(be: &B, config: OptimizerConfig, params: &[&Param<B>]) -> Self {
+    pub fn new(be: &B, config: OptimizerConfig, params: &[&Param<B>]) -> Result<Self> {
         let state = params
             .iter()
             .map(|p| {
                 let n = if p.trainable { p.numel() } else { 0 };
-                match config.rule {
-                    Rule::Sgd => (be.zeros(0), be.zeros(0)),
-                    Rule::Momentum { .. } | Rule::Nesterov { .. } => (be.zeros(n), be.zeros(0)),
-                    Rule::Adam { .. } | Rule::AdamW { .. } => (be.zeros(n), be.zeros(n)),
-                }
+                Ok(match config.rule {
+                    Rule::Sgd => (be.zeros(0)?, be.zeros(0)?),
+                    Rule::Momentum { .. } | Rule::Nesterov { .. } => (be.zeros(n)?, be.zeros(0)?),
+                    Rule::Adam { .. } | Rule::AdamW { .. } => (be.zeros(n)?, be.zeros(n)?),
+                })
             })
-            .collect();
-        Self { config, state, step: 0, lr_scale: Vec::new() }
+            .collect::<Result<_>>()?;
+        Ok(Self { config, state, step: 0, lr_scale: Vec::new() })
     }
 
     /// Applies one update with learning rate `lr` to every trainable parameter.
-    pub fn step(&mut self, be: &B, params: &mut [&mut Param<B>], lr: f32) {
-        self.step_scaled(be, params, lr, 1.0);
+    pub fn step(&mut self, be: &B, params: &mut [&mut Param<B>], lr: f32) -> Result<()> {
+        self.step_scaled(be, params, lr, 1.0)
     }
 
     /// As `step`, with the gradients taken as `grad_scale·grad` (batch mean and clipping
     /// folded into the update instead of a separate pass).
-    pub fn step_scaled(&mut self, be: &B, params: &mut [&mut Param<B>], lr: f32, grad_scale: f32) {
+    pub fn step_scaled(&mut self, be: &B, params: &mut [&mut Param<B>], lr: f32, grad_scale: f32) -> Result<()> {
         self.step += 1;
         let OptimizerConfig { rule, l1, l2, decay_biases } = self.config;
         for (index, (p, (s1, s2))) in params.iter_mut().zip(self.state.iter_mut()).enumerate() {
@@ -86,12 +86,14 @@ impl<B: Backend> Optimizer<B> {
             let decays = p.decay || decay_biases;
             // Penalties are added to the scaled gradient, hence divided by the scale here.
             if decays && l2 > 0.0 {
-                be.axpy(l2 / grad_scale, &p.value, &mut p.grad);
+                be.axpy(l2 / grad_scale, &p.value, &mut p.grad)?;
             }
-            let before_l1 = (decays && l1 > 0.0).then(|| {
-                be.add_sign(l1 / grad_scale, &p.value, &mut p.grad);
-                be.download(&p.value)
-            });
+            let before_l1 = if decays && l1 > 0.0 {
+                be.add_sign(l1 / grad_scale, &p.value, &mut p.grad)?;
+                Some(be.download(&p.value)?)
+            } else {
+                None
+            };
             let update = match rule {
                 Rule::Sgd => UpdateRule::Sgd,
                 Rule::Momentum { mu } => UpdateRule::Momentum { mu, nesterov: false },
@@ -107,29 +109,34 @@ impl<B: Backend> Optimizer<B> {
                     decoupled_decay: if decays { weight_decay } else { 0.0 },
                 },
             };
-            be.optimizer_step(update, lr, grad_scale, &mut p.value, &p.grad, s1, s2);
+            be.optimizer_step(update, lr, grad_scale, &mut p.value, &p.grad, s1, s2)?;
             if let Some(before) = before_l1 {
-                let mut after = be.download(&p.value);
+                let mut after = be.download(&p.value)?;
                 for (a, b) in after.iter_mut().zip(&before) {
                     if *a * *b < 0.0 {
                         *a = 0.0;
                     }
                 }
-                p.value = be.upload(&after);
+                p.value = be.upload(&after)?;
             }
         }
+        Ok(())
     }
 }
 
 /// ‖g‖₂ over all trainable parameters, accumulated in f64.
-pub fn global_grad_norm<B: Backend>(be: &B, params: &[&mut Param<B>]) -> f64 {
-    grad_sum_squares(be, params).sqrt()
+pub fn global_grad_norm<B: Backend>(be: &B, params: &[&mut Param<B>]) -> Result<f64> {
+    Ok(grad_sum_squares(be, params)?.sqrt())
 }
 
 /// ‖g‖₂² over all trainable parameters, accumulated in f64 (sums of squares add up across
 /// pipeline stages; norms do not).
-pub fn grad_sum_squares<B: Backend>(be: &B, params: &[&mut Param<B>]) -> f64 {
-    params.iter().filter(|p| p.trainable).map(|p| be.sum_squares(&p.grad)).sum()
+pub fn grad_sum_squares<B: Backend>(be: &B, params: &[&mut Param<B>]) -> Result<f64> {
+    let mut total = 0.0;
+    for p in params.iter().filter(|p| p.trainable) {
+        total += be.sum_squares(&p.grad)?;
+    }
+    Ok(total)
 }
 
 /// The factor that clips a gradient of norm `norm` to at most `max_norm` (1 if it is
@@ -143,30 +150,26 @@ pub fn clip_factor(norm: f64, max_norm: f32) -> f64 {
 }
 
 /// Scales all gradients by c/‖g‖ when ‖g‖ > c. Returns the norm before clipping.
-pub fn clip_grad_norm<B: Backend>(be: &B, params: &mut [&mut Param<B>], max_norm: f32) -> f64 {
-    let norm = global_grad_norm(be, params);
+pub fn clip_grad_norm<B: Backend>(be: &B, params: &mut [&mut Param<B>], max_norm: f32) -> Result<f64> {
+    let norm = global_grad_norm(be, params)?;
     let factor = clip_factor(norm, max_norm);
     if factor != 1.0 {
         for p in params.iter_mut().filter(|p| p.trainable) {
-            be.scale(&mut p.grad, factor as f32);
+            be.scale(&mut p.grad, factor as f32)?;
         }
     }
-    norm
+    Ok(norm)
 }
 
 /// Fraction of decay-eligible weights that are exactly zero (the L1 sparsity report).
-pub fn sparsity<B: Backend>(be: &B, params: &[&Param<B>]) -> f64 {
+pub fn sparsity<B: Backend>(be: &B, params: &[&Param<B>]) -> Result<f64> {
     let (mut zeros, mut total) = (0usize, 0usize);
     for p in params.iter().filter(|p| p.decay) {
-        let v = be.download(&p.value);
+        let v = be.download(&p.value)?;
         zeros += v.iter().filter(|&&x| x == 0.0).count();
         total += v.len();
     }
-    if total == 0 {
-        0.0
-    } else {
-        zeros as f64 / total as f64
-    }
+    Ok(if total == 0 { 0.0 } else { zeros as f64 / total as f64 })
 }
 
 #[cfg(test)]
@@ -175,7 +178,7 @@ mod tests {
     use lockstep_kernels::CpuBackend;
 
     fn param(be: &CpuBackend, w: &[f32], g: &[f32], decay: bool) -> Param<CpuBackend> {
-        let mut p = Param::new(be, "w", &[w.len()], w, decay);
+        let mut p = Param::new(be, "w", &[w.len()], w, decay).unwrap();
         p.grad = g.to_vec();
         p
     }
@@ -183,10 +186,10 @@ mod tests {
     fn run(rule: Rule, l1: f32, l2: f32, w: &[f32], grads: &[&[f32]], lr: f32) -> Vec<f32> {
         let be = CpuBackend::new(1);
         let mut p = param(&be, w, grads[0], true);
-        let mut opt = Optimizer::new(&be, OptimizerConfig { rule, l1, l2, decay_biases: false }, &[&p]);
+        let mut opt = Optimizer::new(&be, OptimizerConfig { rule, l1, l2, decay_biases: false }, &[&p]).unwrap();
         for g in grads {
             p.grad = g.to_vec();
-            opt.step(&be, &mut [&mut p], lr);
+            opt.step(&be, &mut [&mut p], lr).unwrap();
         }
         p.value
     }
@@ -223,8 +226,9 @@ mod tests {
         close(&run(rule, 0.0, 0.0, &[2.0], &[&[1.0]], 0.01), &[1.988], 1e-6);
         let be = CpuBackend::new(1);
         let mut bias = param(&be, &[2.0], &[1.0], false);
-        let mut opt = Optimizer::new(&be, OptimizerConfig { rule, l1: 0.0, l2: 0.0, decay_biases: false }, &[&bias]);
-        opt.step(&be, &mut [&mut bias], 0.01);
+        let mut opt =
+            Optimizer::new(&be, OptimizerConfig { rule, l1: 0.0, l2: 0.0, decay_biases: false }, &[&bias]).unwrap();
+        opt.step(&be, &mut [&mut bias], 0.01).unwrap();
         close(&bias.value, &[1.99], 1e-6);
     }
 
@@ -242,7 +246,7 @@ mod tests {
         close(&w, &[0.49, 0.0, -0.29], 1e-6);
         let be = CpuBackend::new(1);
         let p = param(&be, &w, &[0.0; 3], true);
-        assert!((sparsity(&be, &[&p]) - 1.0 / 3.0).abs() < 1e-12);
+        assert!((sparsity(&be, &[&p]).unwrap() - 1.0 / 3.0).abs() < 1e-12);
         // Many steps of pure L1 zero every weight and keep them there.
         let w = run(Rule::Sgd, 0.1, 0.0, &[0.05, -0.07], &vec![&[0.0f32, 0.0][..]; 20], 0.1);
         assert_eq!(w, vec![0.0, 0.0]);
@@ -253,12 +257,12 @@ mod tests {
         let be = CpuBackend::new(1);
         let mut a = param(&be, &[0.0; 2], &[3.0, 0.0], true);
         let mut b = param(&be, &[0.0; 1], &[4.0], false);
-        let norm = clip_grad_norm(&be, &mut [&mut a, &mut b], 1.0);
+        let norm = clip_grad_norm(&be, &mut [&mut a, &mut b], 1.0).unwrap();
         assert!((norm - 5.0).abs() < 1e-12);
         close(&a.grad, &[0.6, 0.0], 1e-7);
         close(&b.grad, &[0.8], 1e-7);
         // Under the bound nothing changes.
-        let norm = clip_grad_norm(&be, &mut [&mut a, &mut b], 2.0);
+        let norm = clip_grad_norm(&be, &mut [&mut a, &mut b], 2.0).unwrap();
         assert!((norm - 1.0).abs() < 1e-6);
         close(&b.grad, &[0.8], 1e-7);
     }
@@ -274,9 +278,9 @@ mod tests {
             let cfg = OptimizerConfig { rule, l1: 0.01, l2: 0.02, decay_biases: false };
             let mut a = param(&be, &[0.3, -0.2, 0.0005], &[4.0, 2.0, -1.0], true);
             let mut b = param(&be, &[0.3, -0.2, 0.0005], &[1.0, 0.5, -0.25], true);
-            let (mut oa, mut ob) = (Optimizer::new(&be, cfg, &[&a]), Optimizer::new(&be, cfg, &[&b]));
-            oa.step_scaled(&be, &mut [&mut a], 0.1, 0.25);
-            ob.step(&be, &mut [&mut b], 0.1);
+            let (mut oa, mut ob) = (Optimizer::new(&be, cfg, &[&a]).unwrap(), Optimizer::new(&be, cfg, &[&b]).unwrap());
+            oa.step_scaled(&be, &mut [&mut a], 0.1, 0.25).unwrap();
+            ob.step(&be, &mut [&mut b], 0.1).unwrap();
             close(&a.value, &b.value, 1e-6);
         }
     }
@@ -295,9 +299,10 @@ mod tests {
                 decay_biases: false,
             },
             &[&p],
-        );
+        )
+        .unwrap();
         assert!(opt.state[0].0.is_empty() && opt.state[0].1.is_empty());
-        opt.step(&be, &mut [&mut p], 0.1);
+        opt.step(&be, &mut [&mut p], 0.1).unwrap();
         assert_eq!(p.value, vec![1.0, 2.0]);
     }
 }

@@ -1,5 +1,6 @@
 //! A tensor is a backend buffer plus a row-major shape.
 
+use crate::{shape_err, Result};
 use lockstep_kernels::Backend;
 
 pub struct Tensor<B: Backend> {
@@ -14,27 +15,24 @@ impl<B: Backend> std::fmt::Debug for Tensor<B> {
 }
 
 impl<B: Backend> Tensor<B> {
-    pub fn zeros(be: &B, shape: &[usize]) -> Self {
-        Self { shape: shape.to_vec(), buf: be.zeros(shape.iter().product()) }
+    pub fn zeros(be: &B, shape: &[usize]) -> Result<Self> {
+        Ok(Self { shape: shape.to_vec(), buf: be.zeros(shape.iter().product())? })
     }
 
-    /// Panics if `data` does not fill `shape`: callers build both from the same source.
-    pub fn from_slice(be: &B, shape: &[usize], data: &[f32]) -> Self {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "Tensor::from_slice: shape {shape:?} vs {} values",
-            data.len()
-        );
-        Self { shape: shape.to_vec(), buf: be.upload(data) }
+    /// `data` uploaded as a tensor of `shape`, which it must fill exactly.
+    pub fn from_slice(be: &B, shape: &[usize], data: &[f32]) -> Result<Self> {
+        if shape.iter().product::<usize>() != data.len() {
+            return shape_err("Tensor::from_slice", format!("shape {shape:?} vs {} values", data.len()));
+        }
+        Ok(Self { shape: shape.to_vec(), buf: be.upload(data)? })
     }
 
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
 
-    pub fn to_vec(&self, be: &B) -> Vec<f32> {
-        be.download(&self.buf)
+    pub fn to_vec(&self, be: &B) -> Result<Vec<f32>> {
+        Ok(be.download(&self.buf)?)
     }
 
     /// Rows and columns when viewed as a matrix (all leading dims, last dim).
@@ -43,9 +41,9 @@ impl<B: Backend> Tensor<B> {
         (self.numel() / cols.max(1), cols)
     }
 
-    pub fn duplicate(&self, be: &B) -> Self {
-        let mut buf = be.zeros(self.numel());
-        be.copy(&self.buf, &mut buf);
-        Self { shape: self.shape.clone(), buf }
+    pub fn duplicate(&self, be: &B) -> Result<Self> {
+        let mut buf = be.zeros(self.numel())?;
+        be.copy(&self.buf, &mut buf)?;
+        Ok(Self { shape: self.shape.clone(), buf })
     }
 }

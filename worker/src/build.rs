@@ -29,7 +29,7 @@ pub fn activation(spec: &JobSpec) -> Activation {
 /// The MLP of the spec: [Linear → activation → dropout?]* → Linear (logits).
 /// Init (T18) `auto`: Kaiming normal before ReLU-family activations, Xavier uniform before
 /// sigmoid/tanh and for the output layer.
-pub fn build_mlp<B: Backend>(be: &B, spec: &JobSpec, features: usize, classes: usize) -> Sequential<B> {
+pub fn build_mlp<B: Backend>(be: &B, spec: &JobSpec, features: usize, classes: usize) -> Result<Sequential<B>> {
     let act = activation(spec);
     let saturating = matches!(spec.model.activation, ActivationKind::Sigmoid | ActivationKind::Tanh);
     let mut widths = vec![features];
@@ -52,11 +52,11 @@ pub fn build_mlp<B: Backend>(be: &B, spec: &JobSpec, features: usize, classes: u
         } else {
             xavier_uniform(spec.seed, &wname, fan_in, fan_out)
         };
-        layers.push(Box::new(Linear::new(be, &name, fan_in, fan_out, &w)));
+        layers.push(Box::new(Linear::new(be, &name, fan_in, fan_out, &w)?));
         if !is_output {
             let act_name = format!("act{i}");
             if spec.model.activation == ActivationKind::Swish && spec.model.swish_learnable_beta {
-                layers.push(Box::new(Act::learnable_swish(be, &act_name, spec.model.swish_beta, fan_out)));
+                layers.push(Box::new(Act::learnable_swish(be, &act_name, spec.model.swish_beta, fan_out)?));
             } else {
                 layers.push(Box::new(Act::new(&act_name, act, fan_out)));
             }
@@ -65,7 +65,7 @@ pub fn build_mlp<B: Backend>(be: &B, spec: &JobSpec, features: usize, classes: u
             }
         }
     }
-    Sequential::new(layers)
+    Ok(Sequential::new(layers))
 }
 
 /// The model of the spec and the shape of one input example.
@@ -89,9 +89,9 @@ fn build_base_model<B: Backend>(
     classes: usize,
 ) -> Result<(Sequential<B>, Vec<usize>)> {
     match spec.model.kind {
-        ModelKind::Mlp => Ok((build_mlp(be, spec, features, classes), vec![features])),
-        ModelKind::Gpt => Ok((crate::lm::build_gpt(be, spec, classes), vec![spec.model.context])),
-        ModelKind::Rnn => Ok((crate::lm::build_rnn(be, spec, classes), vec![spec.model.context])),
+        ModelKind::Mlp => Ok((build_mlp(be, spec, features, classes)?, vec![features])),
+        ModelKind::Gpt => Ok((crate::lm::build_gpt(be, spec, classes)?, vec![spec.model.context])),
+        ModelKind::Rnn => Ok((crate::lm::build_rnn(be, spec, classes)?, vec![spec.model.context])),
         ModelKind::Sequential => {
             let shape = &spec.model.input_shape;
             if shape.iter().product::<usize>() != features {

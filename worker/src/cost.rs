@@ -1,6 +1,7 @@
 //! Cost accounting (T34) and the data/parameter rule of thumb (T35).
 
 use crate::trainer::Trainer;
+use crate::Result;
 use lockstep_kernels::{Backend, Gemm};
 use std::time::Instant;
 
@@ -20,16 +21,16 @@ const PEAK_N: usize = 512;
 impl CostModel {
     /// The peak is `stated_peak_gflops`, or measured here when `measure` is set (only the
     /// rank that reports does: the others would measure a CPU it shares with them).
-    pub fn new<B: Backend>(trainer: &Trainer<B>, stated_peak_gflops: f64, measure: bool) -> Self {
+    pub fn new<B: Backend>(trainer: &Trainer<B>, stated_peak_gflops: f64, measure: bool) -> Result<Self> {
         let forward = trainer.model.flops_per_example();
         let (peak_gflops, peak_source) = if stated_peak_gflops > 0.0 {
             (stated_peak_gflops, "stated in train.peak_gflops".to_string())
         } else if measure {
-            (measure_matmul_gflops(&trainer.be), format!("measured: best of 5 {PEAK_N}³ matmuls on this backend"))
+            (measure_matmul_gflops(&trainer.be)?, format!("measured: best of 5 {PEAK_N}³ matmuls on this backend"))
         } else {
             (0.0, "not measured on this rank".to_string())
         };
-        Self { forward_flops_per_example: forward, train_flops_per_example: 3 * forward, peak_gflops, peak_source }
+        Ok(Self { forward_flops_per_example: forward, train_flops_per_example: 3 * forward, peak_gflops, peak_source })
     }
 
     pub fn log_start(&self, trainable_params: usize) {
@@ -53,21 +54,21 @@ impl CostModel {
 }
 
 /// Sustained GFLOP/s of an n³ matmul (2n³ FLOPs), best of 5 after a warm-up.
-pub fn measure_matmul_gflops<B: Backend>(be: &B) -> f64 {
+pub fn measure_matmul_gflops<B: Backend>(be: &B) -> Result<f64> {
     let n = PEAK_N;
-    let a = be.upload(&vec![0.5; n * n]);
-    let b = be.upload(&vec![0.25; n * n]);
-    let mut c = be.zeros(n * n);
-    be.matmul(&a, &b, &mut c, Gemm::nn(n, n, n));
-    let _ = be.check();
+    let a = be.upload(&vec![0.5; n * n])?;
+    let b = be.upload(&vec![0.25; n * n])?;
+    let mut c = be.zeros(n * n)?;
+    be.matmul(&a, &b, &mut c, Gemm::nn(n, n, n))?;
+    be.check()?;
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         let t = Instant::now();
-        be.matmul(&a, &b, &mut c, Gemm::nn(n, n, n));
-        let _ = be.check();
+        be.matmul(&a, &b, &mut c, Gemm::nn(n, n, n))?;
+        be.check()?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    2.0 * (n * n * n) as f64 / best.max(1e-9) / 1e9
+    Ok(2.0 * (n * n * n) as f64 / best.max(1e-9) / 1e9)
 }
 
 /// The T35 rule of thumb: fewer than this many training examples (tokens) per parameter

@@ -35,7 +35,7 @@ impl<B: Backend> Trainer<B> {
     /// weights are put back afterwards.
     pub fn evaluate_ema(&mut self, data: &dyn Examples) -> Result<Evaluation> {
         let Some(ema) = &self.ema else { return self.evaluate(data) };
-        let averaged = ema.corrected(&self.be);
+        let averaged = ema.corrected(&self.be)?;
         let mut saved = Vec::new();
         for (p, avg) in self.model.params_mut().into_iter().zip(averaged) {
             saved.push(std::mem::replace(&mut p.value, avg));
@@ -59,7 +59,7 @@ impl<B: Backend> Trainer<B> {
             ..Default::default()
         };
         let Some(mut pipe) = self.pipeline.take() else {
-            let input = self.input(ids.len(), &batch.x);
+            let input = self.input(ids.len(), &batch.x)?;
             return Ok(Some(self.model.forward(&self.be, input, &ctx)?));
         };
         let result = pipe.eval_forward(self, ids.len(), batch, &ctx);
@@ -90,7 +90,7 @@ impl Tally {
     fn add<B: Backend>(&mut self, be: &B, logits: &Tensor<B>, targets: &[u32]) -> Result<()> {
         let out = softmax_cross_entropy(be, logits, targets, None, 1.0)?;
         if let Some(collector) = self.classes.as_mut() {
-            collector.add(&be.download(&logits.buf), targets);
+            collector.add(&be.download(&logits.buf)?, targets);
         }
         self.loss += out.loss_sum;
         self.correct += out.correct;

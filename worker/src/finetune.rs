@@ -96,7 +96,7 @@ pub fn prepare<B: Backend>(be: &B, spec: &JobSpec, model: &mut Sequential<B>) ->
                     if in_head { " (set finetune.replace_head to re-initialise the output layer)" } else { "" }
                 )));
             }
-            p.value = be.upload(&p.layout.from_file(&p.shape, values));
+            p.value = be.upload(&p.layout.from_file(&p.shape, values))?;
             loaded += 1;
         }
         tracing::info!("fine-tuning from {}: {loaded} tensors loaded, fresh: {fresh:?}", path.display());

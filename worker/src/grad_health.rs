@@ -1,9 +1,12 @@
 //! T33: per-layer gradient norms and histograms of a logged step, and the warnings for
 //! vanishing or exploding gradients.
 
-use crate::Trainer;
+use crate::{Result, Trainer};
 use lockstep_kernels::Backend;
 use lockstep_proto::{Histogram, LayerGradNorm};
+
+/// A layer's name and the histogram of its gradient values.
+pub(crate) type LayerHistogram = (String, Histogram);
 
 /// T33 bounds on the first/last layer gradient-norm ratio beyond which a warning is logged.
 const VANISHING_RATIO: f64 = 1e-3;
@@ -17,11 +20,11 @@ pub(crate) fn layer_grad_stats<B: Backend>(
     trainer: &Trainer<B>,
     targets: f64,
     histograms: bool,
-) -> (Vec<LayerGradNorm>, Vec<(String, Histogram)>) {
+) -> Result<(Vec<LayerGradNorm>, Vec<LayerHistogram>)> {
     let mut layers: Vec<(String, Vec<f32>)> = Vec::new();
     for p in trainer.model.params().into_iter().filter(|p| p.trainable) {
         let layer = p.name.rsplit_once('.').map_or(p.name.as_str(), |(layer, _)| layer);
-        let grad: Vec<f32> = trainer.be.download(&p.grad).iter().map(|g| (*g as f64 / targets) as f32).collect();
+        let grad: Vec<f32> = trainer.be.download(&p.grad)?.iter().map(|g| (*g as f64 / targets) as f32).collect();
         match layers.last_mut() {
             Some((name, values)) if name == layer => values.extend(grad),
             _ => layers.push((layer.to_string(), grad)),
@@ -39,7 +42,7 @@ pub(crate) fn layer_grad_stats<B: Backend>(
     } else {
         Vec::new()
     };
-    (norms, hists)
+    Ok((norms, hists))
 }
 
 /// The first layer's gradient norm over the last layer's (T33), if both are non-zero.

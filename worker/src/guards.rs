@@ -1,6 +1,7 @@
 //! Step guards: dynamic loss scaling for fp16 (T25), loss blow-up detection (T36) and the
 //! EMA of the weights (T23). Each sees only all-reduced values, so every rank decides alike.
 
+use crate::Result;
 use lockstep_kernels::Backend;
 use lockstep_nn::Param;
 use lockstep_proto::toolbox::BlowupSpec;
@@ -181,30 +182,32 @@ pub struct Ema<B: Backend> {
 }
 
 impl<B: Backend> Ema<B> {
-    pub fn new(be: &B, decay: f64, params: &[&Param<B>]) -> Self {
-        Self { decay, updates: 0, shadow: params.iter().map(|p| be.zeros(p.numel())).collect() }
+    pub fn new(be: &B, decay: f64, params: &[&Param<B>]) -> Result<Self> {
+        let shadow = params.iter().map(|p| be.zeros(p.numel())).collect::<std::result::Result<_, _>>()?;
+        Ok(Self { decay, updates: 0, shadow })
     }
 
-    pub fn update(&mut self, be: &B, params: &[&mut Param<B>]) {
+    pub fn update(&mut self, be: &B, params: &[&mut Param<B>]) -> Result<()> {
         for (v, p) in self.shadow.iter_mut().zip(params) {
-            be.scale(v, self.decay as f32);
-            be.axpy((1.0 - self.decay) as f32, &p.value, v);
+            be.scale(v, self.decay as f32)?;
+            be.axpy((1.0 - self.decay) as f32, &p.value, v)?;
         }
         self.updates += 1;
+        Ok(())
     }
 
     /// The bias-corrected averages, v_t / (1 − β^t), in parameter order.
-    pub fn corrected(&self, be: &B) -> Vec<B::Buf> {
+    pub fn corrected(&self, be: &B) -> Result<Vec<B::Buf>> {
         let correction = 1.0 - self.decay.powi(self.updates.min(i32::MAX as u64) as i32);
         self.shadow
             .iter()
             .map(|v| {
-                let mut out = be.zeros(be.len(v));
-                be.copy(v, &mut out);
+                let mut out = be.zeros(be.len(v))?;
+                be.copy(v, &mut out)?;
                 if correction > 0.0 {
-                    be.scale(&mut out, (1.0 / correction) as f32);
+                    be.scale(&mut out, (1.0 / correction) as f32)?;
                 }
-                out
+                Ok(out)
             })
             .collect()
     }
@@ -300,15 +303,15 @@ mod tests {
     #[test]
     fn ema_matches_the_closed_form_with_bias_correction() {
         let be = CpuBackend::new(1);
-        let mut p = Param::new(&be, "w", &[2], &[0.0, 0.0], true);
-        let mut ema = Ema::new(&be, 0.9, &[&p]);
+        let mut p = Param::new(&be, "w", &[2], &[0.0, 0.0], true).unwrap();
+        let mut ema = Ema::new(&be, 0.9, &[&p]).unwrap();
         let thetas = [[1.0f32, -2.0], [3.0, 0.5], [2.0, 4.0]];
         for t in &thetas {
             p.value = t.to_vec();
-            ema.update(&be, &[&mut p]);
+            ema.update(&be, &[&mut p]).unwrap();
         }
         // v3 = 0.1·(0.81·θ1 + 0.9·θ2 + θ3); corrected by 1/(1 − 0.9³).
-        let corrected = ema.corrected(&be);
+        let corrected = ema.corrected(&be).unwrap();
         for (i, &got) in corrected[0].iter().enumerate() {
             let v = 0.1 * (0.81 * thetas[0][i] as f64 + 0.9 * thetas[1][i] as f64 + thetas[2][i] as f64);
             let want = v / (1.0 - 0.9f64.powi(3));
@@ -316,11 +319,11 @@ mod tests {
             assert!((got - want).abs() < 1e-5, "{got} vs {want}");
         }
         // Constant weights: the corrected EMA is those weights from the first step on.
-        let mut c = Param::new(&be, "c", &[1], &[5.0], true);
-        let mut ema = Ema::new(&be, 0.999, &[&c]);
+        let mut c = Param::new(&be, "c", &[1], &[5.0], true).unwrap();
+        let mut ema = Ema::new(&be, 0.999, &[&c]).unwrap();
         for _ in 0..3 {
-            ema.update(&be, &[&mut c]);
-            assert!((ema.corrected(&be)[0][0] - 5.0).abs() < 1e-4);
+            ema.update(&be, &[&mut c]).unwrap();
+            assert!((ema.corrected(&be).unwrap()[0][0] - 5.0).abs() < 1e-4);
         }
     }
 }

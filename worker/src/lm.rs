@@ -63,7 +63,7 @@ pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, CharToke
 
 /// Decoder-only transformer: tok_emb + pos_emb → dropout → blocks h0..h{L-1} → ln_f → head.
 /// Input (N, T) token ids, output (N, T, vocab) logits.
-pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Sequential<B> {
+pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Result<Sequential<B>> {
     let m = &spec.model;
     let (d, seed) = (m.dim, spec.seed);
     // Residual projections are scaled so the residual stream's variance does not grow with depth.
@@ -75,7 +75,7 @@ pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Sequential
         vocab,
         d,
         &normal(seed, "tok_emb.weight", vocab * d, INIT_STD),
-    )));
+    )?));
     layers.push(Box::new(match m.positional {
         PositionalKind::Learned => PositionalEncoding::learned(
             be,
@@ -83,7 +83,7 @@ pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Sequential
             m.context,
             d,
             &normal(seed, "pos_emb.weight", m.context * d, INIT_STD),
-        ),
+        )?,
         PositionalKind::Sinusoidal => PositionalEncoding::sinusoidal("pos_emb", m.context, d),
     }));
     if m.dropout > 0.0 {
@@ -100,18 +100,18 @@ pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Sequential
         let (qkv, attn_out) = (w("attn.qkv", 3 * d * d, INIT_STD), w("attn.out", d * d, residual_std));
         let (fc1, fc2) = (w("fc1", 4 * d * d, INIT_STD), w("fc2", 4 * d * d, residual_std));
         let weights = BlockWeights { qkv: &qkv, attn_out: &attn_out, fc1: &fc1, fc2: &fc2 };
-        layers.push(Box::new(TransformerBlock::new(be, &name, shape, order, weights)));
+        layers.push(Box::new(TransformerBlock::new(be, &name, shape, order, weights)?));
     }
     if order == NormOrder::PreLn {
-        layers.push(Box::new(LayerNorm::new(be, "ln_f", d))); // post-LN blocks already end normalised
+        layers.push(Box::new(LayerNorm::new(be, "ln_f", d)?)); // post-LN blocks already end normalised
     }
-    layers.push(Box::new(Linear::new(be, "head", d, vocab, &normal(seed, "head.weight", vocab * d, INIT_STD))));
-    Sequential::new(layers)
+    layers.push(Box::new(Linear::new(be, "head", d, vocab, &normal(seed, "head.weight", vocab * d, INIT_STD))?));
+    Ok(Sequential::new(layers))
 }
 
 /// Recurrent language model: tok_emb → `blocks` LSTM/GRU layers rnn0.. (dropout between)
 /// → head. Input (N, T) token ids, output (N, T, vocab) logits.
-pub fn build_rnn<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Sequential<B> {
+pub fn build_rnn<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Result<Sequential<B>> {
     let m = &spec.model;
     let (d, seed) = (m.dim, spec.seed);
     let cell = match m.cell {
@@ -120,18 +120,18 @@ pub fn build_rnn<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Sequential
     };
     let gh = cell.gates() * d;
     let mut layers: Vec<Box<dyn Layer<B>>> = Vec::new();
-    layers.push(Box::new(Embedding::new(be, "tok_emb", vocab, d, &normal(seed, "tok_emb.weight", vocab * d, 1.0))));
+    layers.push(Box::new(Embedding::new(be, "tok_emb", vocab, d, &normal(seed, "tok_emb.weight", vocab * d, 1.0))?));
     for i in 0..m.blocks {
         let name = format!("rnn{i}");
         let w_ih = xavier_uniform(seed, &format!("{name}.weight_ih"), d, gh);
         let w_hh = xavier_uniform(seed, &format!("{name}.weight_hh"), d, gh);
-        layers.push(Box::new(Recurrent::new(be, &name, cell, d, d, m.context, &w_ih, &w_hh)));
+        layers.push(Box::new(Recurrent::new(be, &name, cell, d, d, m.context, &w_ih, &w_hh)?));
         if m.dropout > 0.0 {
             layers.push(Box::new(Dropout::new(&format!("drop{i}"), m.dropout, i as u64 + 1)));
         }
     }
-    layers.push(Box::new(Linear::new(be, "head", d, vocab, &xavier_uniform(seed, "head.weight", d, vocab))));
-    Sequential::new(layers)
+    layers.push(Box::new(Linear::new(be, "head", d, vocab, &xavier_uniform(seed, "head.weight", d, vocab))?));
+    Ok(Sequential::new(layers))
 }
 
 #[cfg(test)]
@@ -147,7 +147,7 @@ mod tests {
              [data]\nkind = 'text'\ndir = '.'\n[train]\nepochs = 1\nbatch_size = 2\n[optim]\nkind = 'adamw'\nlr = 0.01\n"
         );
         let spec = JobSpec::parse(&job, std::path::Path::new("t.toml"), &[]).unwrap();
-        build_gpt(be, &spec, 7)
+        build_gpt(be, &spec, 7).unwrap()
     }
 
     #[test]
@@ -157,7 +157,7 @@ mod tests {
             let mut gpt = tiny_gpt(&be, order);
             let tokens = [3., 1., 4., 1., 5., 6.];
             let logits = |gpt: &mut Sequential<CpuBackend>, x: &[f32]| {
-                gpt.forward(&be, Tensor::from_slice(&be, &[1, 6], x), &ForwardCtx::default()).unwrap().buf
+                gpt.forward(&be, Tensor::from_slice(&be, &[1, 6], x).unwrap(), &ForwardCtx::default()).unwrap().buf
             };
             let base = logits(&mut gpt, &tokens);
             for t in 0..5 {
@@ -179,8 +179,8 @@ mod tests {
         let run = |gpt: &mut Sequential<CpuBackend>, pad: f32| {
             let x = [3., 1., 4., 1., 5., 6., 0., 5., 2., pad, pad, pad];
             let ctx = ForwardCtx { train: true, seq_lens: vec![6, 3], example_ids: vec![0, 1], ..Default::default() };
-            gpt.zero_grad(&be);
-            let logits = gpt.forward(&be, Tensor::from_slice(&be, &[2, 6], &x), &ctx).unwrap();
+            gpt.zero_grad(&be).unwrap();
+            let logits = gpt.forward(&be, Tensor::from_slice(&be, &[2, 6], &x).unwrap(), &ctx).unwrap();
             let out = softmax_cross_entropy(&be, &logits, &targets, None, 1.0).unwrap();
             gpt.backward(&be, out.grad).unwrap();
             let grads: Vec<Vec<f32>> = gpt.params().iter().map(|p| p.grad.clone()).collect();

@@ -24,8 +24,10 @@ pub fn save_model<B: Backend>(trainer: &Trainer<B>, path: &Path) -> Result<()> {
     }
     let params = trainer.model.params();
     let values: Vec<Vec<f32>> = match (&trainer.ema, trainer.spec.train.eval_ema) {
-        (Some(ema), true) => ema.corrected(be).iter().map(|v| be.download(v)).collect(),
-        _ => params.iter().map(|p| be.download(&p.value)).collect(),
+        (Some(ema), true) => {
+            ema.corrected(be)?.iter().map(|v| be.download(v)).collect::<std::result::Result<_, _>>()?
+        }
+        _ => params.iter().map(|p| be.download(&p.value)).collect::<std::result::Result<_, _>>()?,
     };
     let tensors: Vec<_> = params
         .iter()

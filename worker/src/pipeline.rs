@@ -133,16 +133,16 @@ impl<B: Backend> Stage<B> for PipelineStage {
         ctx: &ForwardCtx,
     ) -> Result<Option<Tensor<B>>> {
         let x = if self.first() {
-            trainer.input(rows, &batch.x)
+            trainer.input(rows, &batch.x)?
         } else {
             let (shape, values) = self.link.recv_tensor(Neighbour::Prev).map_err(link_err)?;
-            Tensor::from_slice(&trainer.be, &shape, &values)
+            Tensor::from_slice(&trainer.be, &shape, &values)?
         };
         let y = trainer.model.forward(&trainer.be, x, ctx)?;
         if self.last() {
             return Ok(Some(y));
         }
-        let values = y.to_vec(&trainer.be);
+        let values = y.to_vec(&trainer.be)?;
         self.link.send_tensor(Neighbour::Next, &y.shape, &values).map_err(link_err)?;
         Ok(None)
     }
@@ -238,7 +238,7 @@ impl<B: Backend> InFlight<B> {
 impl<B: Backend> Trainer<B> {
     /// Keeps only the layers `layers` of the full model: this trainer becomes one stage.
     /// The optimizer and EMA state are rebuilt for the remaining parameters.
-    pub fn keep_stage(&mut self, layers: Range<usize>, stage: PipelineStage) {
+    pub fn keep_stage(&mut self, layers: Range<usize>, stage: PipelineStage) -> Result<()> {
         let offset = self.param_offset(layers.start);
         let all = std::mem::take(&mut self.model.layers);
         self.model.layers = all.into_iter().skip(layers.start).take(layers.len()).collect();
@@ -248,12 +248,13 @@ impl<B: Backend> Trainer<B> {
         }
         let lr_scale = std::mem::take(&mut self.optimizer.lr_scale);
         let kept: Vec<f32> = lr_scale.into_iter().skip(offset).collect();
-        self.optimizer = lockstep_nn::optim::Optimizer::new(&self.be, self.optimizer.config, &self.model.params());
+        self.optimizer = lockstep_nn::optim::Optimizer::new(&self.be, self.optimizer.config, &self.model.params())?;
         self.optimizer.lr_scale = kept;
         if let Some(ema) = &self.ema {
-            self.ema = Some(crate::guards::Ema::new(&self.be, ema.decay, &self.model.params()));
+            self.ema = Some(crate::guards::Ema::new(&self.be, ema.decay, &self.model.params())?);
         }
         self.pipeline = Some(Box::new(stage));
+        Ok(())
     }
 
     /// Parameters before layer `layer` of the full model (before `keep_stage`).
@@ -301,7 +302,7 @@ impl<B: Backend> Trainer<B> {
         reducer: &mut dyn GradReducer<B>,
     ) -> Result<ScheduleOutcome> {
         crate::trace::set_step(self.global_step);
-        self.model.zero_grad(&self.be);
+        self.model.zero_grad(&self.be)?;
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         let m = pipe.micro_batches;
         let micro: Vec<&[u32]> = (0..m).map(|i| rank_slice(local, i, m)).collect();
@@ -332,14 +333,14 @@ impl<B: Backend> Trainer<B> {
         let batch = self.gather(data, ids);
         st.targets += batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
         let x = if pipe.first() {
-            self.input(ids.len(), &batch.x)
+            self.input(ids.len(), &batch.x)?
         } else {
             let (shape, values) = pipe.link.recv_tensor(Neighbour::Prev).map_err(link_err)?;
-            Tensor::from_slice(&self.be, &shape, &values)
+            Tensor::from_slice(&self.be, &shape, &values)?
         };
         let t0 = Instant::now();
         let _span = trace::span_detail(SpanKind::Forward, i as u32);
-        st.stash.insert(i, x.duplicate(&self.be));
+        st.stash.insert(i, x.duplicate(&self.be)?);
         let (y, loss) = self.micro_forward(&batch, ids, x, pipe.last(), st.loss_scale)?;
         st.caches_hold = Some(i);
         if let Some(out) = loss {
@@ -347,7 +348,7 @@ impl<B: Backend> Trainer<B> {
             st.last_dlogits = Some((i, out.grad));
             st.busy += t0.elapsed().as_secs_f64();
         } else {
-            let values = y.to_vec(&self.be);
+            let values = y.to_vec(&self.be)?;
             st.busy += t0.elapsed().as_secs_f64();
             pipe.link.send_tensor(Neighbour::Next, &y.shape, &values).map_err(link_err)?;
         }
@@ -374,7 +375,7 @@ impl<B: Backend> Trainer<B> {
             let (shape, values) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
             let (_, loss) = pipe.link.recv_tensor(Neighbour::Next).map_err(link_err)?;
             join_f64(&loss, &mut st.micro_loss[i..=i]);
-            Some(Tensor::from_slice(&self.be, &shape, &values))
+            Some(Tensor::from_slice(&self.be, &shape, &values)?)
         };
         let t0 = Instant::now();
         let _span = trace::span_detail(SpanKind::Backward, i as u32);
@@ -400,7 +401,7 @@ impl<B: Backend> Trainer<B> {
         st.caches_hold = None;
         st.busy += t0.elapsed().as_secs_f64();
         if !pipe.first() {
-            let values = dx.to_vec(&self.be);
+            let values = dx.to_vec(&self.be)?;
             pipe.link.send_tensor(Neighbour::Prev, &dx.shape, &values).map_err(link_err)?;
             pipe.link.send_tensor(Neighbour::Prev, &[2], &split_f64(&[st.micro_loss[i]])).map_err(link_err)?;
         }
@@ -432,7 +433,7 @@ impl<B: Backend> Trainer<B> {
         let comm_wait_s = waiting.0.elapsed().as_secs_f64();
         drop(waiting);
         // ‖g‖² of the whole model: this stage's share summed around the stage ring.
-        let local_squares = lockstep_nn::optim::grad_sum_squares(&self.be, &params);
+        let local_squares = lockstep_nn::optim::grad_sum_squares(&self.be, &params)?;
         let mut squares = split_f64(&[local_squares, scalars[2], scalars[3]]);
         ring_all_reduce(pipe.link.as_mut(), pipe.stage, pipe.stages, &mut squares).map_err(link_err)?;
         let mut totals = [0.0; 3];

@@ -208,7 +208,7 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
             let Some(Some(b)) = self.bucket_of.get(first_index + j).copied() else { continue };
             let bucket = &mut self.buckets[b];
             let slot = bucket.slots.iter().find(|s| s.param == first_index + j).expect("planned slot");
-            let grad = be.download(&p.grad);
+            let grad = be.download(&p.grad)?;
             bucket.data[slot.offset..slot.offset + slot.len].copy_from_slice(&grad);
             bucket.pending -= 1;
         }
@@ -246,7 +246,7 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
                 data.truncate(grads);
             }
             for slot in &self.buckets[id].slots {
-                params[slot.param].grad = be.upload(&data[slot.offset..slot.offset + slot.len]);
+                params[slot.param].grad = be.upload(&data[slot.offset..slot.offset + slot.len])?;
             }
             self.buckets[id].data = data;
         }

@@ -148,7 +148,7 @@ fn prepare<B: Backend>(
         total_steps = total_steps.min(spec.train.max_steps as u64);
     }
     let mut trainer = Trainer::for_data(be, spec, train.as_ref(), vocab, total_steps)?;
-    let init_weight_hash = trainer.model.weight_hash(&trainer.be);
+    let init_weight_hash = trainer.model.weight_hash(&trainer.be)?;
     if stages_of(spec) > 1 && (stage.is_none() || !opts.world.is_multiple_of(stages_of(spec))) {
         return Err(crate::WorkerError::Config(format!(
             "parallel.pipeline_stages = {} needs a multiple of that many workers (got {}): run it with \
@@ -226,7 +226,7 @@ fn keep_stage<B: Backend>(
         crate::placement::place(&trainer.model, spec).map_err(|e| crate::WorkerError::Config(e.to_string()))?;
     let range = placement.stages[stage.stage].clone();
     let layers = costs[range.clone()].iter().map(|c| c.name.clone()).collect();
-    trainer.keep_stage(range, stage);
+    trainer.keep_stage(range, stage)?;
     Ok((layers, resume))
 }
 
@@ -275,7 +275,7 @@ impl<'a, B: Backend> Run<'a, B> {
         on_event: &'a mut dyn FnMut(RunEvent) -> Result<()>,
     ) -> Result<Self> {
         let trainer = &s.trainer;
-        let cost = cost::CostModel::new(trainer, spec.train.peak_gflops, opts.rank == 0);
+        let cost = cost::CostModel::new(trainer, spec.train.peak_gflops, opts.rank == 0)?;
         if opts.rank == 0 {
             cost.log_start(trainable_params(trainer));
             cost::warn_on_data_per_param(s.train.distinct_targets(), trainer.model.param_count(), vocab_kind(trainer));
@@ -357,7 +357,7 @@ impl<'a, B: Backend> Run<'a, B> {
         self.on_skip(&stats, step_index)?;
         self.p.window_examples += batch.len();
         self.p.examples_total += batch.len();
-        let report = self.report(&stats);
+        let report = self.report(&stats)?;
         (self.on_event)(RunEvent::Step {
             step: self.s.trainer.global_step,
             loss: stats.loss,
@@ -406,16 +406,16 @@ impl<'a, B: Backend> Run<'a, B> {
 
     /// Every `log_every` steps (and the last): the metrics line, weight hash and gradient
     /// statistics of this step.
-    fn report(&mut self, stats: &StepStats) -> Option<StepReport> {
+    fn report(&mut self, stats: &StepStats) -> Result<Option<StepReport>> {
         let (trainer, step) = (&self.s.trainer, self.s.trainer.global_step);
         if step % self.spec.train.log_every as u64 != 0 && step != self.s.total_steps {
-            return None;
+            return Ok(None);
         }
         let rate = self.p.window_examples as f64 / self.p.window_start.elapsed().as_secs_f64().max(1e-9);
         self.p.window_start = Instant::now();
         self.p.window_examples = 0;
         let (layer_grad_norms, grad_histograms) =
-            grad_health::layer_grad_stats(trainer, stats.targets, self.opts.rank == 0);
+            grad_health::layer_grad_stats(trainer, stats.targets, self.opts.rank == 0)?;
         grad_health::warn_on_gradient_health(step, &layer_grad_norms);
         let record = TrainRecord {
             step,
@@ -426,7 +426,7 @@ impl<'a, B: Backend> Run<'a, B> {
             examples_per_s: rate,
             layer_grad_norms,
         };
-        Some(StepReport { record, weight_hash: trainer.model.weight_hash(&trainer.be), grad_histograms })
+        Ok(Some(StepReport { record, weight_hash: trainer.model.weight_hash(&trainer.be)?, grad_histograms }))
     }
 
     /// The hooks after a step: preemption, scheduled and requested checkpoints,
@@ -499,7 +499,7 @@ impl<'a, B: Backend> Run<'a, B> {
         if self.s.trainer.global_step == self.s.total_steps || self.early_stop.as_ref().is_some_and(|e| e.stopped) {
             self.checkpoint()?;
         }
-        let summary = self.summary();
+        let summary = self.summary()?;
         if self.opts.rank == 0 {
             tracing::info!(
                 "{:.0} examples/s, {:.1} GFLOP/s achieved, MFU {:.1}% of {:.1} GFLOP/s ({})",
@@ -513,7 +513,7 @@ impl<'a, B: Backend> Run<'a, B> {
         Ok((summary, self.s.trainer))
     }
 
-    fn summary(&mut self) -> Summary {
+    fn summary(&mut self) -> Result<Summary> {
         let (trainer, opts, cost) = (&self.s.trainer, &self.opts, &self.cost);
         let last_eval = self.p.last_eval.take();
         let (test_loss, test_accuracy) = last_eval.as_ref().map_or((f64::NAN, f64::NAN), |e| (e.loss, e.accuracy));
@@ -525,7 +525,7 @@ impl<'a, B: Backend> Run<'a, B> {
             Dtype::Bf16 | Dtype::Fp16 => 2,
         };
         let stage_layers = std::mem::take(&mut self.s.stage_layers);
-        Summary {
+        Ok(Summary {
             name: self.spec.name.clone(),
             world_size: opts.world,
             steps: trainer.global_step,
@@ -535,8 +535,8 @@ impl<'a, B: Backend> Run<'a, B> {
             flops_per_example: trainer.model.flops_per_example(),
             test_loss,
             test_accuracy,
-            weight_hash: format!("{:016x}", trainer.model.weight_hash(&trainer.be)),
-            sparsity: sparsity(&trainer.be, &trainer.model.params()),
+            weight_hash: format!("{:016x}", trainer.model.weight_hash(&trainer.be)?),
+            sparsity: sparsity(&trainer.be, &trainer.model.params())?,
             rank_weight_hashes: Vec::new(),
             allreduce_bytes_per_step: if self.s.data_world > 1 { trainable_params as u64 * wire_bytes } else { 0 },
             trainable_params,
@@ -554,7 +554,7 @@ impl<'a, B: Backend> Run<'a, B> {
                 .map(|p| p.report(opts.rank, self.s.data_rank, stage_layers, trainer.model.param_count())),
             pipeline_stages: Vec::new(),
             collective: String::new(),
-        }
+        })
     }
 }
 

@@ -59,8 +59,8 @@ pub fn generate<B: Backend>(
     for position in 0..opts.tokens {
         let window = &ids[ids.len().saturating_sub(context)..]; // the last `context` tokens
         let x: Vec<f32> = window.iter().map(|&i| i as f32).collect();
-        let logits = loaded.model.forward(be, Tensor::from_slice(be, &[1, window.len()], &x), &ctx)?;
-        let logits = logits.to_vec(be);
+        let logits = loaded.model.forward(be, Tensor::from_slice(be, &[1, window.len()], &x)?, &ctx)?;
+        let logits = logits.to_vec(be)?;
         let last = &logits[(window.len() - 1) * classes..window.len() * classes];
         let mut stream = Stream::new(opts.seed, "sample", &[position as u64]);
         let next = pick(last, opts, &mut stream);

@@ -16,7 +16,10 @@ pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> R
     let mut layers: Vec<Box<dyn Layer<B>>> = Vec::new();
     tracing::info!("{:<4} {:<12} {:>16} {:>10} {:>6}", "#", "layer", "output", "params", "rf");
     for (i, layer) in spec.model.layers.iter().enumerate() {
-        let bad = |msg: String| WorkerError::Config(format!("model.layers[{i}] ({layer:?}): {msg}"));
+        let bad = |e: LayerError| match e {
+            LayerError::Spec(msg) => WorkerError::Config(format!("model.layers[{i}] ({layer:?}): {msg}")),
+            LayerError::Backend(e) => WorkerError::Nn(e),
+        };
         let last = i + 1 == spec.model.layers.len();
         let built = build_layer(be, spec, &mut at, (i, layer, last)).map_err(bad)?;
         let params: usize = built.params().iter().map(|p| p.numel()).sum();
@@ -68,7 +71,33 @@ impl Cursor {
     }
 }
 
-type Built<B> = std::result::Result<Box<dyn Layer<B>>, String>;
+/// Why a layer of the list could not be built: its spec does not fit where it stands, or
+/// the backend failed to hold its parameters.
+#[derive(Debug)]
+enum LayerError {
+    Spec(String),
+    Backend(lockstep_nn::NnError),
+}
+
+impl From<String> for LayerError {
+    fn from(msg: String) -> Self {
+        Self::Spec(msg)
+    }
+}
+
+impl From<&str> for LayerError {
+    fn from(msg: &str) -> Self {
+        Self::Spec(msg.to_string())
+    }
+}
+
+impl From<lockstep_nn::NnError> for LayerError {
+    fn from(e: lockstep_nn::NnError) -> Self {
+        Self::Backend(e)
+    }
+}
+
+type Built<B> = std::result::Result<Box<dyn Layer<B>>, LayerError>;
 
 /// Layer `i` (`last` if it is the output layer), named `l{i}`, moving the cursor past it.
 fn build_layer<B: Backend>(
@@ -102,9 +131,9 @@ fn build_layer<B: Backend>(
             Ok(Box::new(Flatten::new(&name)))
         }
         LayerSpec::Linear { out } => linear(be, spec, at, &name, out, last),
-        LayerSpec::LayerNorm => Ok(Box::new(LayerNorm::new(be, &name, *at.shape.last().unwrap_or(&1)))),
+        LayerSpec::LayerNorm => Ok(Box::new(LayerNorm::new(be, &name, *at.shape.last().unwrap_or(&1))?)),
         LayerSpec::BatchNorm => {
-            let mut bn = BatchNorm::new(be, &name, *at.shape.last().unwrap_or(&1));
+            let mut bn = BatchNorm::new(be, &name, *at.shape.last().unwrap_or(&1))?;
             bn.sync = spec.model.sync_batch_norm;
             Ok(Box::new(bn))
         }
@@ -139,7 +168,7 @@ fn conv2d<B: Backend>(
     let w = kaiming_normal(spec.seed, &format!("{name}.weight"), kernel * kernel * win.c / groups, oc);
     at.strided(kernel, stride);
     at.shape = vec![win.out_h(), win.out_w(), oc];
-    Ok(Box::new(Conv2d::new(be, name, win, oc, groups, &w)))
+    Ok(Box::new(Conv2d::new(be, name, win, oc, groups, &w)?))
 }
 
 /// Over sequences [L, C]: `[out_channels, kernel, stride, padding, groups]`.
@@ -151,14 +180,14 @@ fn conv1d<B: Backend>(
     [oc, kernel, stride, padding, groups]: [usize; 5],
 ) -> Built<B> {
     let [length, c] = at.shape[..] else {
-        return Err(format!("needs a sequence input [L, C], got {:?}", at.shape));
+        return Err(format!("needs a sequence input [L, C], got {:?}", at.shape).into());
     };
     if kernel == 0 || stride == 0 || kernel > length + 2 * padding {
-        return Err(format!("kernel {kernel} stride {stride} padding {padding} does not fit length {length}"));
+        return Err(format!("kernel {kernel} stride {stride} padding {padding} does not fit length {length}").into());
     }
     check_groups(c, oc, groups)?;
     let w = kaiming_normal(spec.seed, &format!("{name}.weight"), kernel * c / groups, oc);
-    let conv = Conv1d::new(be, name, (length, c), oc, kernel, stride, padding, groups, &w);
+    let conv = Conv1d::new(be, name, (length, c), oc, kernel, stride, padding, groups, &w)?;
     at.strided(kernel, stride);
     at.shape = vec![conv.out_length(), oc];
     Ok(Box::new(conv))
@@ -175,7 +204,7 @@ fn conv_transpose2d<B: Backend>(
     let (h, w, c) = at.image()?;
     let size = |s| ConvTranspose2d::<B>::output_size(s, kernel, stride, padding);
     let (Some(oh), Some(ow)) = (size(h), size(w)) else {
-        return Err(format!("kernel {kernel} stride {stride} padding {padding} gives an empty output"));
+        return Err(format!("kernel {kernel} stride {stride} padding {padding} gives an empty output").into());
     };
     if kernel == 0 || stride == 0 || oc == 0 {
         return Err("kernel, stride and out_channels must be > 0".into());
@@ -184,13 +213,13 @@ fn conv_transpose2d<B: Backend>(
     // The receptive field in input pixels shrinks by the stride.
     at.jump = (at.jump / stride).max(1);
     at.shape = vec![oh, ow, oc];
-    Ok(Box::new(ConvTranspose2d::new(be, name, (h, w, c), oc, kernel, stride, padding, &weight)))
+    Ok(Box::new(ConvTranspose2d::new(be, name, (h, w, c), oc, kernel, stride, padding, &weight)?))
 }
 
 /// Kaiming-normal init, Xavier-uniform for the output layer.
 fn linear<B: Backend>(be: &B, spec: &JobSpec, at: &mut Cursor, name: &str, out: usize, is_output: bool) -> Built<B> {
     let [fan_in] = at.shape[..] else {
-        return Err(format!("needs a flat input [F], got {:?}: add a flatten layer", at.shape));
+        return Err(format!("needs a flat input [F], got {:?}: add a flatten layer", at.shape).into());
     };
     let wname = format!("{name}.weight");
     let w = if is_output {
@@ -199,5 +228,5 @@ fn linear<B: Backend>(be: &B, spec: &JobSpec, at: &mut Cursor, name: &str, out: 
         kaiming_normal(spec.seed, &wname, fan_in, out)
     };
     at.shape = vec![out];
-    Ok(Box::new(Linear::new(be, name, fan_in, out, &w)))
+    Ok(Box::new(Linear::new(be, name, fan_in, out, &w)?))
 }

@@ -15,7 +15,7 @@
 
 use crate::{Result, Trainer, WorkerError};
 use lockstep_kernels::Backend;
-use lockstep_nn::checkpoint::{load_all, load_metadata, serialize, write_atomic};
+use lockstep_nn::checkpoint::{load_all, load_metadata, serialize, write_atomic, FileTensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -48,16 +48,16 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize
     let params = trainer.model.params();
     // PyTorch's layout (conv weights channels-first), for the optimizer state too.
     let file_tensor = |name: String, p: &lockstep_nn::Param<B>, buf: &B::Buf| {
-        let (shape, values) = p.to_file(&be.download(buf));
-        (name, shape, values)
+        let (shape, values) = p.to_file(&be.download(buf)?);
+        Ok::<_, WorkerError>((name, shape, values))
     };
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
-        params.iter().map(|p| file_tensor(p.name.clone(), p, &p.value)).collect();
+    let mut tensors: Vec<FileTensor> =
+        params.iter().map(|p| file_tensor(p.name.clone(), p, &p.value)).collect::<Result<_>>()?;
     let names = state_names(trainer);
     for (p, (s1, s2)) in params.iter().zip(&trainer.optimizer.state) {
         for (slot, buf) in names.iter().zip([s1, s2]) {
             if be.len(buf) == p.numel() {
-                tensors.push(file_tensor(format!("optim.{slot}.{}", p.name), p, buf));
+                tensors.push(file_tensor(format!("optim.{slot}.{}", p.name), p, buf)?);
             }
         }
     }
@@ -73,7 +73,7 @@ pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize
     }
     if let Some(ema) = &trainer.ema {
         for (p, v) in params.iter().zip(&ema.shadow) {
-            tensors.push(file_tensor(format!("ema.{}", p.name), p, v));
+            tensors.push(file_tensor(format!("ema.{}", p.name), p, v)?);
         }
         metadata.insert(EMA_UPDATES_KEY.to_string(), ema.updates.to_string());
     }
@@ -175,10 +175,10 @@ pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> 
     // Shapes were checked above; from here on only the layout changes.
     let memory = |p: &lockstep_nn::Param<B>, key: &str| p.layout.from_file(&p.shape, &tensors[key].1);
     for (p, (s1, s2)) in trainer.model.params_mut().into_iter().zip(trainer.optimizer.state.iter_mut()) {
-        p.value = be.upload(&memory(p, &p.name));
+        p.value = be.upload(&memory(p, &p.name))?;
         for (slot, buf) in names.iter().zip([s1, s2]) {
             if be.len(buf) > 0 {
-                *buf = be.upload(&memory(p, &format!("optim.{slot}.{}", p.name)));
+                *buf = be.upload(&memory(p, &format!("optim.{slot}.{}", p.name)))?;
             }
         }
     }
@@ -188,7 +188,7 @@ pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> 
     match (&mut trainer.ema, ema_updates) {
         (Some(ema), Some(updates)) => {
             for (p, v) in trainer.model.params().iter().zip(ema.shadow.iter_mut()) {
-                *v = be.upload(&memory(p, &format!("ema.{}", p.name)));
+                *v = be.upload(&memory(p, &format!("ema.{}", p.name)))?;
             }
             ema.updates = updates as u64;
         }

@@ -165,12 +165,13 @@ impl<B: Backend> Trainer<B> {
             .map_err(|e| crate::WorkerError::Config(format!("precision.compute: {e}")))?;
         let (mut model, input_shape) = build::build_model(&be, spec, features, classes)?;
         let lr_scale = crate::finetune::prepare(&be, spec, &mut model)?;
-        let mut optimizer = Optimizer::new(&be, build::optimizer_config(spec), &model.params());
+        let mut optimizer = Optimizer::new(&be, build::optimizer_config(spec), &model.params())?;
         optimizer.lr_scale = lr_scale;
         let schedule = build::schedule(spec, total_steps);
         let p = &spec.precision;
         let loss_scaler = p.scaling().then(|| LossScaler::new(p.loss_scale, p.growth_interval));
-        let ema = (spec.train.ema_decay > 0.0).then(|| Ema::new(&be, spec.train.ema_decay, &model.params()));
+        let ema =
+            (spec.train.ema_decay > 0.0).then(|| Ema::new(&be, spec.train.ema_decay, &model.params())).transpose()?;
         let a = &spec.data.augment;
         let augment = match (a.enabled(), input_shape.as_slice()) {
             (false, _) => None,
@@ -221,10 +222,10 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// The batch of `rows` examples as a tensor of shape [rows, input_shape...].
-    pub(crate) fn input(&self, rows: usize, x: &[f32]) -> Tensor<B> {
+    pub(crate) fn input(&self, rows: usize, x: &[f32]) -> Result<Tensor<B>> {
         let mut shape = vec![rows];
         shape.extend(&self.input_shape);
-        Tensor::from_slice(&self.be, &shape, x)
+        Ok(Tensor::from_slice(&self.be, &shape, x)?)
     }
 
     /// Forward, backward, reduce, clip, update on this rank's `local` examples of a global
@@ -238,7 +239,7 @@ impl<B: Backend> Trainer<B> {
         }
         let be = &self.be;
         crate::trace::set_step(self.global_step);
-        self.model.zero_grad(be);
+        self.model.zero_grad(be)?;
         let (mut loss_sum, mut targets) = (0.0, 0usize);
         // This rank's votes (to stop: preemption; to checkpoint: rank 0's clock), summed
         // with the loss so that every rank acts on the same step.
@@ -256,7 +257,7 @@ impl<B: Backend> Trainer<B> {
                 seq_lens: batch.seq_lens,
                 stat_sync: reducer.stat_sync(),
             };
-            let input = self.input(local.len(), &batch.x); // (B, F), (B, H, W, C) or (B, T)
+            let input = self.input(local.len(), &batch.x)?; // (B, F), (B, H, W, C) or (B, T)
             let forward = trace::span(SpanKind::Forward);
             let logits = self.model.forward(be, input, &ctx)?; // (B, classes) or (B, T, vocab)
                                                                // The loss gradient carries the loss scale (T25); the update divides it out.
@@ -280,7 +281,7 @@ impl<B: Backend> Trainer<B> {
         reducer.finish_grads(be, &mut params, &mut scalars)?;
         let comm_wait_s = waiting.0.elapsed().as_secs_f64();
         drop(waiting);
-        let squared_norm = grad_sum_squares(be, &params);
+        let squared_norm = grad_sum_squares(be, &params)?;
         drop(params);
         let mut stats = self.apply_update([scalars[0], scalars[1]], squared_norm, comm_wait_s, loss_scale)?;
         // The votes are summed like the loss: all ranks see the same total.
@@ -342,11 +343,11 @@ impl<B: Backend> Trainer<B> {
             return Ok(stats);
         }
         let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / unscale;
-        self.optimizer.step_scaled(be, &mut params, lr, scale as f32);
+        self.optimizer.step_scaled(be, &mut params, lr, scale as f32)?;
         if let Some(ema) = &mut self.ema {
-            ema.update(be, &params);
+            ema.update(be, &params)?;
         }
-        be.check().map_err(crate::WorkerError::Device)?;
+        be.check()?;
         Ok(stats)
     }
 }

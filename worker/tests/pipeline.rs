@@ -93,7 +93,7 @@ fn pipelined_losses(stages: usize, replicas: usize, schedule: &str) -> Vec<(usiz
                     link: Box::new(link),
                     report: PipeReport::default(),
                 };
-                t.keep_stage(placement.stages[s].clone(), stage);
+                t.keep_stage(placement.stages[s].clone(), stage).unwrap();
                 let sizes: Vec<Option<usize>> = t.model.params().iter().map(|p| Some(p.numel())).collect();
                 let mut reducer: Box<dyn GradReducer<CpuBackend>> = if replicas > 1 {
                     Box::new(BucketReducer::new(Box::new(comm), &sizes, 1 << 20, WireFormat::F32))

@@ -77,9 +77,9 @@ fn forward_backward(
     y: &[u32],
 ) -> (f64, Vec<f32>) {
     let ctx = ForwardCtx { train: true, ..Default::default() };
-    model.zero_grad(be);
-    let logits = model.forward(be, Tensor::from_slice(be, input.0, input.1), &ctx).expect("forward");
-    let values = be.download(&logits.buf);
+    model.zero_grad(be).unwrap();
+    let logits = model.forward(be, Tensor::from_slice(be, input.0, input.1).unwrap(), &ctx).expect("forward");
+    let values = be.download(&logits.buf).unwrap();
     let out = softmax_cross_entropy(be, &logits, y, None, 1.0 / y.len() as f32).expect("loss");
     model.backward(be, out.grad).expect("backward");
     (out.loss_sum / y.len() as f64, values)
@@ -108,29 +108,29 @@ fn check_model(key: &'static str) -> f64 {
     // Every gradient, in PyTorch's layout.
     for p in model.params() {
         let (_, want) = r.get(&format!("grad.{}", p.name));
-        let got = p.to_file(&be.download(&p.grad)).1;
+        let got = p.to_file(&be.download(&p.grad).unwrap()).1;
         worst = worst.max(check(&format!("grad {}", p.name), &got, want, GRAD_TOL));
     }
     // One AdamW step on PyTorch's gradients: the optimizer alone.
-    let mut optimizer = Optimizer::new(&be, build::optimizer_config(&spec), &model.params());
+    let mut optimizer = Optimizer::new(&be, build::optimizer_config(&spec), &model.params()).unwrap();
     for p in model.params_mut() {
         let (shape, values) = r.get(&format!("grad.{}", p.name));
         p.grad = p.from_file(shape, values).unwrap();
     }
-    optimizer.step(&be, &mut model.params_mut(), spec.optim.lr);
+    optimizer.step(&be, &mut model.params_mut(), spec.optim.lr).unwrap();
     for p in model.params() {
         let (_, want) = r.get(&format!("after.{}", p.name));
-        let got = p.to_file(&be.download(&p.value)).1;
+        let got = p.to_file(&be.download(&p.value).unwrap()).1;
         worst = worst.max(check(&format!("after step {}", p.name), &got, want, STEP_TOL));
     }
     // Three steps from the start on lockstep's own gradients: the losses follow PyTorch's.
     let (mut model, _) = self::model(&be, &r, &spec);
-    let mut optimizer = Optimizer::new(&be, build::optimizer_config(&spec), &model.params());
+    let mut optimizer = Optimizer::new(&be, build::optimizer_config(&spec), &model.params()).unwrap();
     let mut losses = Vec::new();
     for _ in 0..3 {
         let (loss, _) = forward_backward(&be, &mut model, input, &y);
         losses.push(loss as f32);
-        optimizer.step(&be, &mut model.params_mut(), spec.optim.lr);
+        optimizer.step(&be, &mut model.params_mut(), spec.optim.lr).unwrap();
     }
     worst = worst.max(check("losses of 3 steps", &losses, &r.get("losses").1, LOSS_TOL));
     eprintln!("{key}: largest relative error {worst:.2e}");

@@ -3,21 +3,22 @@
 //! `dynamic-loading`, so this compiles and the binary runs without CUDA; `available()`
 //! checks for a usable device first (cudarc panics when the libraries are missing).
 //!
-//! The `Backend` ops are infallible, like the CPU's. A driver error is recorded instead
-//! (the first one sticks, as in CUDA itself) and `check()` reports it; the trainer calls
-//! `check()` after every step.
+//! Every op returns the driver's error for its launch or copy at once; a fault inside a
+//! kernel surfaces at the next synchronisation (`check()`, which the trainer calls after
+//! every step, or a download). Ops this backend has no kernel for answer
+//! `KernelError::Unsupported` with their name: nothing goes through the host silently.
 
-use crate::{Activation, Backend, UpdateRule};
+use crate::{Activation, AttentionDims, Backend, KernelError, MatmulPrecision, Result, UpdateRule, Window};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 const KERNELS_CU: &str = include_str!("kernels.cu");
 const BLOCK: u32 = 256;
 
 /// Why CUDA cannot be used here, or Ok with the device's name.
-pub fn available(ordinal: usize) -> Result<String, String> {
+pub fn available(ordinal: usize) -> std::result::Result<String, String> {
     let probe = std::panic::catch_unwind(|| {
         // SAFETY: only asks the dynamic loader whether the driver library can be opened.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -58,8 +59,6 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     k: Kernels,
-    /// The first driver error of any op since the last `check()`.
-    error: Mutex<Option<String>>,
 }
 
 // SAFETY: the cuBLAS handle is only used through &self methods that enqueue on the one
@@ -85,7 +84,7 @@ fn act_code(act: Activation) -> (i32, f32) {
 
 impl CudaBackend {
     /// Opens device `ordinal`, compiles the kernels for its architecture and sets up cuBLAS.
-    pub fn new(ordinal: usize) -> Result<Self, String> {
+    pub fn new(ordinal: usize) -> std::result::Result<Self, String> {
         let name = available(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| e.to_string())?;
         let (major, minor) = ctx.compute_capability().map_err(|e| e.to_string())?;
@@ -114,31 +113,42 @@ impl CudaBackend {
         };
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e}"))?;
-        Ok(Self {
-            ordinal,
-            name: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
-            stream,
-            blas,
-            k,
-            error: Mutex::new(None),
-        })
+        Ok(Self { ordinal, name: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"), stream, blas, k })
     }
 
-    fn record<T, E: std::fmt::Display>(&self, what: &str, r: Result<T, E>) -> Option<T> {
-        match r {
-            Ok(v) => Some(v),
-            Err(e) => {
-                if let Ok(mut slot) = self.error.lock() {
-                    slot.get_or_insert_with(|| format!("{what}: {e}"));
-                }
-                None
-            }
-        }
+    /// The driver's error `e` of op `op`, with the device named.
+    fn device_err<E: std::error::Error + Send + Sync + 'static>(&self, op: &'static str, e: E) -> KernelError {
+        KernelError::Device { op, device: self.name.clone(), source: Box::new(e) }
+    }
+
+    fn unsupported(&self, op: &'static str) -> KernelError {
+        KernelError::Unsupported { op, backend: self.name.clone() }
     }
 
     /// Sum of per-block f64 partials, added on the host in block order (deterministic).
-    fn sum_partials(&self, partial: &CudaSlice<f64>) -> f64 {
-        self.record("reading partial sums", self.stream.clone_dtoh(partial)).map_or(0.0, |v| v.iter().sum())
+    fn sum_partials(&self, op: &'static str, partial: &CudaSlice<f64>) -> Result<f64> {
+        Ok(self.stream.clone_dtoh(partial).map_err(|e| self.device_err(op, e))?.iter().sum())
+    }
+
+    /// out (+)= a ⊙ b.
+    fn mul_into(
+        &self,
+        op: &'static str,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (n, acc) = (out.len() as i32, accumulate as i32);
+        let mut l = self.stream.launch_builder(&self.k.mul);
+        l.arg(a).arg(b).arg(out).arg(&n).arg(&acc);
+        // SAFETY: element-wise over n.
+        unsafe { l.launch(grid(n as usize)) }.map(drop).map_err(|e| self.device_err(op, e))
+    }
+
+    /// A buffer of `len` f64 zeros for per-block partial sums.
+    fn partials(&self, op: &'static str, len: usize) -> Result<CudaSlice<f64>> {
+        self.stream.alloc_zeros::<f64>(len).map_err(|e| self.device_err(op, e))
     }
 }
 
@@ -148,60 +158,63 @@ impl Backend for CudaBackend {
     fn name(&self) -> String {
         self.name.clone()
     }
-
-    fn check(&self) -> Result<(), String> {
-        let sync = self.stream.synchronize();
-        let mut slot = self.error.lock().map_err(|_| "error slot poisoned".to_string())?;
-        if let Some(e) = slot.take() {
-            return Err(e);
-        }
-        sync.map_err(|e| e.to_string())
-    }
-
-    // Allocation failure has no buffer to return: it unwinds with the device and the size
-    // named, and `lockstep_worker::device_task` turns that into the task's error (the
-    // process and the daemon go on).
-    fn zeros(&self, len: usize) -> Self::Buf {
-        match self.stream.alloc_zeros::<f32>(len) {
-            Ok(b) => b,
-            Err(e) => panic!("{}: allocating {len} floats failed: {e}", self.name),
-        }
-    }
-    fn upload(&self, data: &[f32]) -> Self::Buf {
-        match self.stream.clone_htod(data) {
-            Ok(b) => b,
-            Err(e) => panic!("{}: uploading {} floats failed: {e}", self.name, data.len()),
-        }
-    }
-    // A failed copy is recorded for `check()` (which fails the step); until then the
-    // caller gets a buffer of the right length full of NaN, never a short one it would
-    // index past, nor plausible numbers.
-    fn download(&self, buf: &Self::Buf) -> Vec<f32> {
-        self.record("download", self.stream.clone_dtoh(buf)).unwrap_or_else(|| vec![f32::NAN; buf.len()])
-    }
     fn len(&self, buf: &Self::Buf) -> usize {
         buf.len()
     }
-    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) {
-        self.record("copy", self.stream.memcpy_dtod(src, dst));
+
+    fn check(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| self.device_err("synchronize", e))
     }
-    fn fill(&self, buf: &mut Self::Buf, value: f32) {
+
+    fn zeros(&self, len: usize) -> Result<Self::Buf> {
+        self.stream.alloc_zeros::<f32>(len).map_err(|e| self.device_err("zeros", e))
+    }
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf> {
+        self.stream.clone_htod(data).map_err(|e| self.device_err("upload", e))
+    }
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(buf).map_err(|e| self.device_err("download", e))
+    }
+    fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()> {
+        self.stream.memcpy_dtod(src, dst).map_err(|e| self.device_err("copy", e))
+    }
+    fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()> {
         let n = buf.len() as i32;
         let mut b = self.stream.launch_builder(&self.k.fill);
         b.arg(buf).arg(&value).arg(&n);
         // SAFETY: arguments match the kernel's signature; n bounds every access.
-        self.record("fill", unsafe { b.launch(grid(n as usize)) });
+        unsafe { b.launch(grid(n as usize)) }.map(drop).map_err(|e| self.device_err("fill", e))
     }
-    fn copy_range(&self, src: &Self::Buf, src_off: usize, dst: &mut Self::Buf, dst_off: usize, len: usize) {
+    fn copy_range(
+        &self,
+        src: &Self::Buf,
+        src_off: usize,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        len: usize,
+    ) -> Result<()> {
+        crate::need_len("copy_range", "src", src.len(), src_off + len)?;
+        crate::need_len("copy_range", "dst", dst.len(), dst_off + len)?;
         let from = src.slice(src_off..src_off + len);
         let mut to = dst.slice_mut(dst_off..dst_off + len);
-        self.record("copy_range", self.stream.memcpy_dtod(&from, &mut to));
+        self.stream.memcpy_dtod(&from, &mut to).map_err(|e| self.device_err("copy_range", e))
     }
 
-    fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: crate::Gemm) {
+    fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
+        match precision {
+            MatmulPrecision::Fp32 => Ok(()),
+            MatmulPrecision::Bf16 => Err(self.unsupported("matmul in bf16")),
+            MatmulPrecision::Fp16 => Err(self.unsupported("matmul in fp16")),
+        }
+    }
+
+    fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: crate::Gemm) -> Result<()> {
         let crate::Gemm { m, k, n, trans_a, trans_b, accumulate } = g;
+        crate::need_len("matmul", "a", a.len(), m * k)?;
+        crate::need_len("matmul", "b", b.len(), k * n)?;
+        crate::need_len("matmul", "c", c.len(), m * n)?;
         if m == 0 || n == 0 {
-            return;
+            return Ok(());
         }
         // Row-major C (m,n) = op(A)·op(B) is column-major Cᵀ (n,m) = op(B)ᵀ·op(A)ᵀ.
         let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
@@ -217,33 +230,33 @@ impl Backend for CudaBackend {
             beta: if accumulate { 1.0 } else { 0.0 },
             ldc: n as i32,
         };
-        // SAFETY: the leading dimensions and sizes describe buffers of at least m·k, k·n, m·n.
-        self.record("cublasSgemm", unsafe { self.blas.gemm(cfg, b, a, c) });
+        // SAFETY: the lengths checked above cover m·k, k·n and m·n values.
+        unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| self.device_err("matmul (cublasSgemm)", e))
     }
 
-    fn add_row_vector(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize) {
+    fn add_row_vector(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize) -> Result<()> {
         let (r, c) = (rows as i32, cols as i32);
         let mut l = self.stream.launch_builder(&self.k.add_row_vector);
         l.arg(x).arg(bias).arg(&r).arg(&c);
         // SAFETY: x holds rows·cols values and bias cols.
-        self.record("add_row_vector", unsafe { l.launch(grid(rows * cols)) });
+        unsafe { l.launch(grid(rows * cols)) }.map(drop).map_err(|e| self.device_err("add_row_vector", e))
     }
 
-    fn sum_rows(&self, x: &Self::Buf, out: &mut Self::Buf, rows: usize, cols: usize, accumulate: bool) {
+    fn sum_rows(&self, x: &Self::Buf, out: &mut Self::Buf, rows: usize, cols: usize, accumulate: bool) -> Result<()> {
         let (r, c, acc) = (rows as i32, cols as i32, accumulate as i32);
         let mut l = self.stream.launch_builder(&self.k.sum_rows);
         l.arg(x).arg(out).arg(&r).arg(&c).arg(&acc);
         // SAFETY: one thread per column, bounded by cols.
-        self.record("sum_rows", unsafe { l.launch(grid(cols)) });
+        unsafe { l.launch(grid(cols)) }.map(drop).map_err(|e| self.device_err("sum_rows", e))
     }
 
-    fn activation_forward(&self, act: Activation, x: &Self::Buf, y: &mut Self::Buf) {
+    fn activation_forward(&self, act: Activation, x: &Self::Buf, y: &mut Self::Buf) -> Result<()> {
         let (code, p) = act_code(act);
         let n = x.len() as i32;
         let mut l = self.stream.launch_builder(&self.k.act_forward);
         l.arg(&code).arg(&p).arg(x).arg(y).arg(&n);
         // SAFETY: element-wise over n.
-        self.record("act_forward", unsafe { l.launch(grid(n as usize)) });
+        unsafe { l.launch(grid(n as usize)) }.map(drop).map_err(|e| self.device_err("activation_forward", e))
     }
 
     fn activation_backward(
@@ -253,67 +266,57 @@ impl Backend for CudaBackend {
         dy: &Self::Buf,
         dx: &mut Self::Buf,
         accumulate: bool,
-    ) -> f32 {
+    ) -> Result<f32> {
+        const OP: &str = "activation_backward";
         let (code, p) = act_code(act);
         let n = x.len() as i32;
         let cfg = grid(n as usize);
-        let Some(mut partial) = self.record("alloc", self.stream.alloc_zeros::<f64>(cfg.grid_dim.0 as usize)) else {
-            return 0.0;
-        };
+        let mut partial = self.partials(OP, cfg.grid_dim.0 as usize)?;
         let acc = accumulate as i32;
         let mut l = self.stream.launch_builder(&self.k.act_backward);
         l.arg(&code).arg(&p).arg(x).arg(dy).arg(dx).arg(&n).arg(&acc).arg(&mut partial);
         // SAFETY: element-wise over n; one partial per block.
-        self.record("act_backward", unsafe { l.launch(cfg) });
-        self.sum_partials(&partial) as f32
+        unsafe { l.launch(cfg) }.map_err(|e| self.device_err(OP, e))?;
+        Ok(self.sum_partials(OP, &partial)? as f32)
     }
 
-    fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf) {
+    fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()> {
         let n = y.len() as i32;
         let mut l = self.stream.launch_builder(&self.k.axpy);
         l.arg(&alpha).arg(x).arg(y).arg(&n);
         // SAFETY: element-wise over n.
-        self.record("axpy", unsafe { l.launch(grid(n as usize)) });
+        unsafe { l.launch(grid(n as usize)) }.map(drop).map_err(|e| self.device_err("axpy", e))
     }
-    fn scale(&self, x: &mut Self::Buf, alpha: f32) {
+    fn scale(&self, x: &mut Self::Buf, alpha: f32) -> Result<()> {
         let n = x.len() as i32;
         let mut l = self.stream.launch_builder(&self.k.scale);
         l.arg(x).arg(&alpha).arg(&n);
         // SAFETY: element-wise over n.
-        self.record("scale", unsafe { l.launch(grid(n as usize)) });
+        unsafe { l.launch(grid(n as usize)) }.map(drop).map_err(|e| self.device_err("scale", e))
     }
-    fn mul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf) {
-        let (n, acc) = (out.len() as i32, 0i32);
-        let mut l = self.stream.launch_builder(&self.k.mul);
-        l.arg(a).arg(b).arg(out).arg(&n).arg(&acc);
-        // SAFETY: element-wise over n.
-        self.record("mul", unsafe { l.launch(grid(n as usize)) });
+    fn mul(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf) -> Result<()> {
+        self.mul_into("mul", a, b, out, false)
     }
-    fn mul_acc(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf) {
-        let (n, acc) = (out.len() as i32, 1i32);
-        let mut l = self.stream.launch_builder(&self.k.mul);
-        l.arg(a).arg(b).arg(out).arg(&n).arg(&acc);
-        // SAFETY: element-wise over n.
-        self.record("mul_acc", unsafe { l.launch(grid(n as usize)) });
+    fn mul_acc(&self, a: &Self::Buf, b: &Self::Buf, out: &mut Self::Buf) -> Result<()> {
+        self.mul_into("mul_acc", a, b, out, true)
     }
-    fn sum_squares(&self, x: &Self::Buf) -> f64 {
+    fn sum_squares(&self, x: &Self::Buf) -> Result<f64> {
+        const OP: &str = "sum_squares";
         let n = x.len() as i32;
         let cfg = grid(n as usize);
-        let Some(mut partial) = self.record("alloc", self.stream.alloc_zeros::<f64>(cfg.grid_dim.0 as usize)) else {
-            return 0.0;
-        };
+        let mut partial = self.partials(OP, cfg.grid_dim.0 as usize)?;
         let mut l = self.stream.launch_builder(&self.k.sum_squares);
         l.arg(x).arg(&n).arg(&mut partial);
         // SAFETY: one partial per block.
-        self.record("sum_squares", unsafe { l.launch(cfg) });
-        self.sum_partials(&partial)
+        unsafe { l.launch(cfg) }.map_err(|e| self.device_err(OP, e))?;
+        self.sum_partials(OP, &partial)
     }
-    fn add_sign(&self, alpha: f32, src: &Self::Buf, dst: &mut Self::Buf) {
+    fn add_sign(&self, alpha: f32, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()> {
         let n = dst.len() as i32;
         let mut l = self.stream.launch_builder(&self.k.add_sign);
         l.arg(&alpha).arg(src).arg(dst).arg(&n);
         // SAFETY: element-wise over n.
-        self.record("add_sign", unsafe { l.launch(grid(n as usize)) });
+        unsafe { l.launch(grid(n as usize)) }.map(drop).map_err(|e| self.device_err("add_sign", e))
     }
 
     fn softmax_cross_entropy(
@@ -325,19 +328,16 @@ impl Backend for CudaBackend {
         rows: usize,
         classes: usize,
         grad_scale: f32,
-    ) -> (f64, usize) {
+    ) -> Result<(f64, usize)> {
+        const OP: &str = "softmax_cross_entropy";
         if rows == 0 {
-            return (0.0, 0);
+            return Ok((0.0, 0));
         }
-        let Some(t) = self.record("upload targets", self.stream.clone_htod(targets)) else { return (f64::NAN, 0) };
-        let weights = class_weights.unwrap_or(&[0.0]);
-        let Some(w) = self.record("upload class weights", self.stream.clone_htod(weights)) else {
-            return (f64::NAN, 0);
-        };
-        let Some(mut loss) = self.record("alloc", self.stream.alloc_zeros::<f64>(rows)) else { return (f64::NAN, 0) };
-        let Some(mut correct) = self.record("alloc", self.stream.alloc_zeros::<i32>(rows)) else {
-            return (f64::NAN, 0);
-        };
+        let dev = |e| self.device_err(OP, e);
+        let t = self.stream.clone_htod(targets).map_err(dev)?;
+        let w = self.stream.clone_htod(class_weights.unwrap_or(&[0.0])).map_err(dev)?;
+        let mut loss = self.partials(OP, rows)?;
+        let mut correct = self.stream.alloc_zeros::<i32>(rows).map_err(dev)?;
         let (has_w, c) = (class_weights.is_some() as i32, classes as i32);
         let mut l = self.stream.launch_builder(&self.k.softmax_cross_entropy);
         l.arg(logits)
@@ -351,22 +351,21 @@ impl Backend for CudaBackend {
             .arg(&grad_scale);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one block per row; each block reads `classes` logits of its row.
-        self.record("softmax_cross_entropy", unsafe { l.launch(cfg) });
-        let loss = self.record("read loss", self.stream.clone_dtoh(&loss)).unwrap_or_default();
-        let correct = self.record("read correct", self.stream.clone_dtoh(&correct)).unwrap_or_default();
-        (loss.iter().sum(), correct.iter().filter(|&&c| c != 0).count())
+        unsafe { l.launch(cfg) }.map_err(dev)?;
+        let correct = self.stream.clone_dtoh(&correct).map_err(dev)?;
+        Ok((self.sum_partials(OP, &loss)?, correct.iter().filter(|&&c| c != 0).count()))
     }
 
-    fn softmax(&self, logits: &Self::Buf, probs: &mut Self::Buf, rows: usize, classes: usize) {
+    fn softmax(&self, logits: &Self::Buf, probs: &mut Self::Buf, rows: usize, classes: usize) -> Result<()> {
         if rows == 0 {
-            return;
+            return Ok(());
         }
         let c = classes as i32;
         let mut l = self.stream.launch_builder(&self.k.softmax);
         l.arg(logits).arg(probs).arg(&c);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one block per row.
-        self.record("softmax", unsafe { l.launch(cfg) });
+        unsafe { l.launch(cfg) }.map(drop).map_err(|e| self.device_err("softmax", e))
     }
 
     fn optimizer_step(
@@ -378,7 +377,7 @@ impl Backend for CudaBackend {
         grad: &Self::Buf,
         state1: &mut Self::Buf,
         state2: &mut Self::Buf,
-    ) {
+    ) -> Result<()> {
         let n = param.len() as i32;
         let cfg = grid(n as usize);
         let launched = match rule {
@@ -416,6 +415,197 @@ impl Backend for CudaBackend {
                 unsafe { l.launch(cfg) }
             }
         };
-        self.record("optimizer_step", launched);
+        launched.map(drop).map_err(|e| self.device_err("optimizer_step", e))
+    }
+
+    // ---- ops without a CUDA kernel yet: each says so by name ----
+
+    fn softmax_backward(&self, _: &Self::Buf, _: &Self::Buf, _: &mut Self::Buf, _: usize, _: usize) -> Result<()> {
+        Err(self.unsupported("softmax_backward"))
+    }
+    fn im2col(&self, _: &Self::Buf, _: &Window, _: usize, _: usize, _: usize, _: &mut Self::Buf) -> Result<()> {
+        Err(self.unsupported("im2col"))
+    }
+    fn col2im(&self, _: &Self::Buf, _: &Window, _: usize, _: usize, _: usize, _: &mut Self::Buf) -> Result<()> {
+        Err(self.unsupported("col2im"))
+    }
+    fn max_pool_forward(
+        &self,
+        _: &Self::Buf,
+        _: &Window,
+        _: usize,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+    ) -> Result<()> {
+        Err(self.unsupported("max_pool_forward"))
+    }
+    fn max_pool_backward(&self, _: &Self::Buf, _: &Self::Buf, _: &mut Self::Buf) -> Result<()> {
+        Err(self.unsupported("max_pool_backward"))
+    }
+    fn avg_pool_forward(&self, _: &Self::Buf, _: &Window, _: usize, _: &mut Self::Buf) -> Result<()> {
+        Err(self.unsupported("avg_pool_forward"))
+    }
+    fn avg_pool_backward(&self, _: &Self::Buf, _: &Window, _: usize, _: &mut Self::Buf) -> Result<()> {
+        Err(self.unsupported("avg_pool_backward"))
+    }
+    fn copy_columns(
+        &self,
+        _: &Self::Buf,
+        _: usize,
+        _: usize,
+        _: &mut Self::Buf,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: bool,
+    ) -> Result<()> {
+        Err(self.unsupported("copy_columns"))
+    }
+    fn layer_norm_forward(
+        &self,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: usize,
+        _: usize,
+        _: f32,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+    ) -> Result<()> {
+        Err(self.unsupported("layer_norm_forward"))
+    }
+    fn layer_norm_backward(
+        &self,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: usize,
+        _: usize,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+    ) -> Result<()> {
+        Err(self.unsupported("layer_norm_backward"))
+    }
+    fn column_stats(&self, _: &Self::Buf, _: usize, _: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+        Err(self.unsupported("column_stats"))
+    }
+    fn batch_norm_apply(
+        &self,
+        _: &Self::Buf,
+        _: &[f64],
+        _: &[f64],
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: usize,
+        _: usize,
+        _: f32,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+    ) -> Result<()> {
+        Err(self.unsupported("batch_norm_apply"))
+    }
+    fn batch_norm_backward_sums(
+        &self,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: usize,
+        _: usize,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        Err(self.unsupported("batch_norm_backward_sums"))
+    }
+    fn batch_norm_backward_dx(
+        &self,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &[f64],
+        _: &Self::Buf,
+        _: (&[f64], &[f64]),
+        _: usize,
+        _: usize,
+        _: f32,
+        _: &mut Self::Buf,
+    ) -> Result<()> {
+        Err(self.unsupported("batch_norm_backward_dx"))
+    }
+    fn attention_forward(
+        &self,
+        _: &Self::Buf,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+        _: &AttentionDims,
+        _: &[usize],
+    ) -> Result<()> {
+        Err(self.unsupported("attention_forward"))
+    }
+    fn attention_backward(
+        &self,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &mut Self::Buf,
+        _: &AttentionDims,
+        _: &[usize],
+    ) -> Result<()> {
+        Err(self.unsupported("attention_backward"))
+    }
+    fn lstm_forward(
+        &self,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+        _: usize,
+    ) -> Result<()> {
+        Err(self.unsupported("lstm_forward"))
+    }
+    fn lstm_backward(
+        &self,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+        _: usize,
+    ) -> Result<()> {
+        Err(self.unsupported("lstm_backward"))
+    }
+    fn gru_forward(
+        &self,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+        _: usize,
+    ) -> Result<()> {
+        Err(self.unsupported("gru_forward"))
+    }
+    fn gru_backward(
+        &self,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &Self::Buf,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+        _: &mut Self::Buf,
+        _: usize,
+    ) -> Result<()> {
+        Err(self.unsupported("gru_backward"))
+    }
+    fn embedding_forward(&self, _: &Self::Buf, _: &[u32], _: usize, _: &mut Self::Buf) -> Result<()> {
+        Err(self.unsupported("embedding_forward"))
+    }
+    fn embedding_backward(&self, _: &Self::Buf, _: &[u32], _: usize, _: &mut Self::Buf) -> Result<()> {
+        Err(self.unsupported("embedding_backward"))
     }
 }

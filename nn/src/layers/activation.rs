@@ -19,17 +19,17 @@ impl<B: Backend> Act<B> {
     }
 
     /// Swish x·sigmoid(beta·x) with beta trained.
-    pub fn learnable_swish(be: &B, name: &str, beta: f32, features: usize) -> Self {
+    pub fn learnable_swish(be: &B, name: &str, beta: f32, features: usize) -> Result<Self> {
         let mut act = Self::new(name, Activation::Swish { beta }, features);
-        act.beta = Some(Param::new(be, format!("{name}.beta"), &[1], &[beta], false));
-        act
+        act.beta = Some(Param::new(be, format!("{name}.beta"), &[1], &[beta], false)?);
+        Ok(act)
     }
 
-    fn current(&self, be: &B) -> Activation {
-        match &self.beta {
-            Some(p) => Activation::Swish { beta: be.download(&p.value)[0] },
+    fn current(&self, be: &B) -> Result<Activation> {
+        Ok(match &self.beta {
+            Some(p) => Activation::Swish { beta: be.download(&p.value)?[0] },
             None => self.activation,
-        }
+        })
     }
 }
 
@@ -39,8 +39,8 @@ impl<B: Backend> Layer<B> for Act<B> {
     }
 
     fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
-        let mut y = Tensor::zeros(be, &x.shape);
-        be.activation_forward(self.current(be), &x.buf, &mut y.buf);
+        let mut y = Tensor::zeros(be, &x.shape)?;
+        be.activation_forward(self.current(be)?, &x.buf, &mut y.buf)?;
         if ctx.train {
             self.input_cache = Some(x);
         }
@@ -49,12 +49,12 @@ impl<B: Backend> Layer<B> for Act<B> {
 
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
         let x = cached(&mut self.input_cache, &self.name)?;
-        let act = self.current(be);
-        let mut dx = Tensor::zeros(be, &x.shape);
-        let dbeta = be.activation_backward(act, &x.buf, &dy.buf, &mut dx.buf, false);
+        let act = self.current(be)?;
+        let mut dx = Tensor::zeros(be, &x.shape)?;
+        let dbeta = be.activation_backward(act, &x.buf, &dy.buf, &mut dx.buf, false)?;
         if let Some(p) = self.beta.as_mut().filter(|p| p.trainable) {
-            let g = be.download(&p.grad)[0] + dbeta;
-            p.grad = be.upload(&[g]);
+            let g = be.download(&p.grad)?[0] + dbeta;
+            p.grad = be.upload(&[g])?;
         }
         Ok(dx)
     }
@@ -96,6 +96,6 @@ mod gradient_tests {
             check_layer(&be, &mut Act::new("act", act, 6), &[4, 6], &input(24), &ctx);
         }
         // Learnable beta: its gradient is checked as a parameter.
-        check_layer(&be, &mut Act::learnable_swish(&be, "swish", 0.8, 6), &[4, 6], &input(24), &ctx);
+        check_layer(&be, &mut Act::learnable_swish(&be, "swish", 0.8, 6).unwrap(), &[4, 6], &input(24), &ctx);
     }
 }

@@ -41,18 +41,18 @@ pub struct AttentionShape {
 
 impl<B: Backend> MultiHeadAttention<B> {
     /// `w_qkv` is (3D, D), `w_out` (D, D), both row-major as in `Linear`.
-    pub fn new(be: &B, name: &str, shape: AttentionShape, w_qkv: &[f32], w_out: &[f32]) -> Self {
+    pub fn new(be: &B, name: &str, shape: AttentionShape, w_qkv: &[f32], w_out: &[f32]) -> Result<Self> {
         let AttentionShape { dim, heads, causal, max_len } = shape;
-        Self {
+        Ok(Self {
             name: name.to_string(),
             dim,
             heads,
             causal,
             max_len,
-            qkv: Linear::new(be, &format!("{name}.qkv"), dim, 3 * dim, w_qkv),
-            out: Linear::new(be, &format!("{name}.out"), dim, dim, w_out),
+            qkv: Linear::new(be, &format!("{name}.qkv"), dim, 3 * dim, w_qkv)?,
+            out: Linear::new(be, &format!("{name}.out"), dim, dim, w_out)?,
             cache: None,
-        }
+        })
     }
 }
 
@@ -84,9 +84,9 @@ impl<B: Backend> Layer<B> for MultiHeadAttention<B> {
         let lens: Vec<usize> =
             if ctx.seq_lens.is_empty() { vec![t; n] } else { ctx.seq_lens.iter().map(|&l| l.min(t)).collect() };
         let qkv = self.qkv.forward(be, x, ctx)?; // (N, T, 3D)
-        let mut o = Tensor::zeros(be, &[n, t, d]); // heads concatenated
-        let mut probs = be.zeros(n * self.heads * t * t); // (N, H, T, T)
-        be.attention_forward(&qkv.buf, &mut o.buf, &mut probs, &dims, &lens);
+        let mut o = Tensor::zeros(be, &[n, t, d])?; // heads concatenated
+        let mut probs = be.zeros(n * self.heads * t * t)?; // (N, H, T, T)
+        be.attention_forward(&qkv.buf, &mut o.buf, &mut probs, &dims, &lens)?;
         if ctx.train {
             self.cache = Some(AttentionCache { dims, lens, qkv: qkv.buf, probs });
         }
@@ -96,8 +96,8 @@ impl<B: Backend> Layer<B> for MultiHeadAttention<B> {
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
         let AttentionCache { dims, lens, qkv, probs } = cached(&mut self.cache, &self.name)?;
         let d_o = self.out.backward(be, dy)?; // (N, T, D)
-        let mut d_qkv = Tensor::zeros(be, &[lens.len(), dims.t, 3 * self.dim]);
-        be.attention_backward(&qkv, &probs, &d_o.buf, &mut d_qkv.buf, &dims, &lens);
+        let mut d_qkv = Tensor::zeros(be, &[lens.len(), dims.t, 3 * self.dim])?;
+        be.attention_backward(&qkv, &probs, &d_o.buf, &mut d_qkv.buf, &dims, &lens)?;
         self.qkv.backward(be, d_qkv)
     }
 
@@ -134,7 +134,7 @@ mod gradient_tests {
         let w_qkv: Vec<f32> = (0..12 * 4).map(|i| ((i as f32) * 0.37).sin() * 0.6).collect();
         let w_out: Vec<f32> = (0..4 * 4).map(|i| ((i as f32) * 0.53).cos() * 0.6).collect();
         let shape = AttentionShape { dim: 4, heads: 2, causal, max_len: 8 };
-        let mut a = MultiHeadAttention::new(&be, "attn", shape, &w_qkv, &w_out);
+        let mut a = MultiHeadAttention::new(&be, "attn", shape, &w_qkv, &w_out).unwrap();
         a.qkv.bias.value = (0..12).map(|i| i as f32 * 0.05).collect();
         a
     }
@@ -154,12 +154,12 @@ mod gradient_tests {
         let be = CpuBackend::new(1);
         let mut a = attention(true);
         let x = input(5 * 4);
-        let y = a.forward(&be, Tensor::from_slice(&be, &[1, 5, 4], &x), &ForwardCtx::default()).unwrap();
+        let y = a.forward(&be, Tensor::from_slice(&be, &[1, 5, 4], &x).unwrap(), &ForwardCtx::default()).unwrap();
         for t in 0..5 {
             // Change every token after t: outputs up to t are bitwise unchanged.
             let mut x2 = x.clone();
             x2[(t + 1) * 4..].iter_mut().for_each(|v| *v += 1.0);
-            let y2 = a.forward(&be, Tensor::from_slice(&be, &[1, 5, 4], &x2), &ForwardCtx::default()).unwrap();
+            let y2 = a.forward(&be, Tensor::from_slice(&be, &[1, 5, 4], &x2).unwrap(), &ForwardCtx::default()).unwrap();
             assert_eq!(y.buf[..(t + 1) * 4], y2.buf[..(t + 1) * 4], "position {t} saw the future");
             if t < 4 {
                 assert_ne!(y.buf[(t + 1) * 4..], y2.buf[(t + 1) * 4..]);
@@ -176,14 +176,14 @@ mod gradient_tests {
         let mut x_other = x.clone();
         x_other[8..].iter_mut().for_each(|v| *v = -*v * 3.0); // a different pad token
         let run = |a: &mut MultiHeadAttention<CpuBackend>, x: &[f32]| {
-            let y = a.forward(&be, Tensor::from_slice(&be, &[1, 3, 4], x), &ctx).unwrap();
+            let y = a.forward(&be, Tensor::from_slice(&be, &[1, 3, 4], x).unwrap(), &ctx).unwrap();
             for p in a.params_mut() {
                 p.grad.fill(0.0);
             }
             // The loss sees valid positions only: dy is zero at the padded position.
             let mut dy = vec![1.0; 12];
             dy[8..].fill(0.0);
-            let dx = a.backward(&be, Tensor::from_slice(&be, &[1, 3, 4], &dy)).unwrap();
+            let dx = a.backward(&be, Tensor::from_slice(&be, &[1, 3, 4], &dy).unwrap()).unwrap();
             let grads: Vec<Vec<f32>> = a.params().iter().map(|p| p.grad.clone()).collect();
             (y.buf, dx.buf, grads)
         };

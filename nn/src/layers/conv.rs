@@ -20,21 +20,21 @@ pub struct Conv2d<B: Backend> {
 impl<B: Backend> Conv2d<B> {
     /// `win` describes the input image (h, w, c) and the kernel; `weight` has
     /// OC·KH·KW·(C/groups) values.
-    pub fn new(be: &B, name: &str, win: Window, out_channels: usize, groups: usize, weight: &[f32]) -> Self {
+    pub fn new(be: &B, name: &str, win: Window, out_channels: usize, groups: usize, weight: &[f32]) -> Result<Self> {
         let cg = win.c / groups;
-        Self {
+        Ok(Self {
             name: name.to_string(),
             win,
             out_channels,
             groups,
             weight: Param {
                 layout: super::FileLayout::ChannelsFirst,
-                ..Param::new(be, format!("{name}.weight"), &[out_channels, win.kh, win.kw, cg], weight, true)
+                ..Param::new(be, format!("{name}.weight"), &[out_channels, win.kh, win.kw, cg], weight, true)?
             },
-            bias: Param::new(be, format!("{name}.bias"), &[out_channels], &vec![0.0; out_channels], false),
+            bias: Param::new(be, format!("{name}.bias"), &[out_channels], &vec![0.0; out_channels], false)?,
             cols_cache: None,
             input_grad: true,
-        }
+        })
     }
 
     pub fn output_shape(&self, n: usize) -> [usize; 4] {
@@ -58,23 +58,23 @@ impl<B: Backend> Layer<B> for Conv2d<B> {
         let (cg, kk, ocg) = self.dims();
         let m = n * w.out_h() * w.out_w();
         let oc = self.out_channels;
-        let mut y = Tensor::zeros(be, &self.output_shape(n)); // (N, OH, OW, OC)
+        let mut y = Tensor::zeros(be, &self.output_shape(n))?; // (N, OH, OW, OC)
         let mut all_cols = Vec::with_capacity(self.groups);
         for g in 0..self.groups {
-            let mut cols = be.zeros(m * kk); // (N·OH·OW, KH·KW·Cg)
-            be.im2col(&x.buf, w, n, g * cg, cg, &mut cols);
+            let mut cols = be.zeros(m * kk)?; // (N·OH·OW, KH·KW·Cg)
+            be.im2col(&x.buf, w, n, g * cg, cg, &mut cols)?;
             if self.groups == 1 {
-                be.matmul(&cols, &self.weight.value, &mut y.buf, Gemm::nt(m, kk, oc));
+                be.matmul(&cols, &self.weight.value, &mut y.buf, Gemm::nt(m, kk, oc))?;
             } else {
-                let mut w_g = be.zeros(ocg * kk);
-                be.copy_range(&self.weight.value, g * ocg * kk, &mut w_g, 0, ocg * kk);
-                let mut y_g = be.zeros(m * ocg);
-                be.matmul(&cols, &w_g, &mut y_g, Gemm::nt(m, kk, ocg));
-                be.copy_columns(&y_g, ocg, 0, &mut y.buf, oc, g * ocg, ocg, m, false);
+                let mut w_g = be.zeros(ocg * kk)?;
+                be.copy_range(&self.weight.value, g * ocg * kk, &mut w_g, 0, ocg * kk)?;
+                let mut y_g = be.zeros(m * ocg)?;
+                be.matmul(&cols, &w_g, &mut y_g, Gemm::nt(m, kk, ocg))?;
+                be.copy_columns(&y_g, ocg, 0, &mut y.buf, oc, g * ocg, ocg, m, false)?;
             }
             all_cols.push(cols);
         }
-        be.add_row_vector(&mut y.buf, &self.bias.value, m, oc);
+        be.add_row_vector(&mut y.buf, &self.bias.value, m, oc)?;
         if ctx.train {
             self.cols_cache = Some((n, all_cols));
         }
@@ -91,45 +91,45 @@ impl<B: Backend> Layer<B> for Conv2d<B> {
             return shape_err("Conv2d::backward", format!("{}: dy {:?}", self.name, dy.shape));
         }
         if self.bias.trainable {
-            be.sum_rows(&dy.buf, &mut self.bias.grad, m, oc, true);
+            be.sum_rows(&dy.buf, &mut self.bias.grad, m, oc, true)?;
         }
         let dx_shape = if self.input_grad { vec![n, w.h, w.w, w.c] } else { vec![0] };
-        let mut dx = Tensor::zeros(be, &dx_shape);
+        let mut dx = Tensor::zeros(be, &dx_shape)?;
         for (g, cols) in all_cols.iter().enumerate() {
             // This group's slice of dy (N·OH·OW, OC/groups) and of W (OC/groups, KH·KW·Cg).
             let range = g * ocg * kk;
             let dy_g = if self.groups == 1 {
                 None
             } else {
-                let mut dy_g = be.zeros(m * ocg);
-                be.copy_columns(&dy.buf, oc, g * ocg, &mut dy_g, ocg, 0, ocg, m, false);
+                let mut dy_g = be.zeros(m * ocg)?;
+                be.copy_columns(&dy.buf, oc, g * ocg, &mut dy_g, ocg, 0, ocg, m, false)?;
                 Some(dy_g)
             };
             let dy_g = dy_g.as_ref().unwrap_or(&dy.buf);
             if self.weight.trainable {
                 // dW_g += dy_gᵀ · cols
                 if self.groups == 1 {
-                    be.matmul(dy_g, cols, &mut self.weight.grad, Gemm::tn(oc, m, kk).accumulate());
+                    be.matmul(dy_g, cols, &mut self.weight.grad, Gemm::tn(oc, m, kk).accumulate())?;
                 } else {
-                    let mut dw_g = be.zeros(ocg * kk);
-                    be.copy_range(&self.weight.grad, range, &mut dw_g, 0, ocg * kk);
-                    be.matmul(dy_g, cols, &mut dw_g, Gemm::tn(ocg, m, kk).accumulate());
-                    be.copy_range(&dw_g, 0, &mut self.weight.grad, range, ocg * kk);
+                    let mut dw_g = be.zeros(ocg * kk)?;
+                    be.copy_range(&self.weight.grad, range, &mut dw_g, 0, ocg * kk)?;
+                    be.matmul(dy_g, cols, &mut dw_g, Gemm::tn(ocg, m, kk).accumulate())?;
+                    be.copy_range(&dw_g, 0, &mut self.weight.grad, range, ocg * kk)?;
                 }
             }
             if !self.input_grad {
                 continue;
             }
             // dcols = dy_g · W_g, scattered back onto the input channels of the group.
-            let mut dcols = be.zeros(m * kk);
+            let mut dcols = be.zeros(m * kk)?;
             if self.groups == 1 {
-                be.matmul(dy_g, &self.weight.value, &mut dcols, Gemm::nn(m, oc, kk));
+                be.matmul(dy_g, &self.weight.value, &mut dcols, Gemm::nn(m, oc, kk))?;
             } else {
-                let mut w_g = be.zeros(ocg * kk);
-                be.copy_range(&self.weight.value, range, &mut w_g, 0, ocg * kk);
-                be.matmul(dy_g, &w_g, &mut dcols, Gemm::nn(m, ocg, kk));
+                let mut w_g = be.zeros(ocg * kk)?;
+                be.copy_range(&self.weight.value, range, &mut w_g, 0, ocg * kk)?;
+                be.matmul(dy_g, &w_g, &mut dcols, Gemm::nn(m, ocg, kk))?;
             }
-            be.col2im(&dcols, &w, n, g * cg, cg, &mut dx.buf);
+            be.col2im(&dcols, &w, n, g * cg, cg, &mut dx.buf)?;
         }
         Ok(dx)
     }
@@ -168,7 +168,7 @@ mod gradient_tests {
             let win = Window { h: 5, w: 4, c: 2, kh: 3, kw: 2, stride, pad };
             let n_w = oc * 3 * 2 * (2 / groups);
             let w: Vec<f32> = (0..n_w).map(|i| ((i as f32) * 0.71).sin() * 0.5).collect();
-            let mut conv = Conv2d::new(&be, "conv", win, oc, groups, &w);
+            let mut conv = Conv2d::new(&be, "conv", win, oc, groups, &w).unwrap();
             conv.bias.value = (0..oc).map(|i| i as f32 * 0.1).collect();
             check_layer(&be, &mut conv, &[2, 5, 4, 2], &input(2 * 5 * 4 * 2), &ctx);
         }
@@ -179,9 +179,9 @@ mod gradient_tests {
         // 1 image 4x4x1, 3x3 kernel of ones, pad 1: each output is the sum of its neighbourhood.
         let be = CpuBackend::new(1);
         let win = Window { h: 4, w: 4, c: 1, kh: 3, kw: 3, stride: 1, pad: 1 };
-        let mut conv = Conv2d::new(&be, "conv", win, 1, 1, &[1.0; 9]);
+        let mut conv = Conv2d::new(&be, "conv", win, 1, 1, &[1.0; 9]).unwrap();
         let x: Vec<f32> = (0..16).map(|v| v as f32).collect();
-        let y = conv.forward(&be, Tensor::from_slice(&be, &[1, 4, 4, 1], &x), &ForwardCtx::default()).unwrap();
+        let y = conv.forward(&be, Tensor::from_slice(&be, &[1, 4, 4, 1], &x).unwrap(), &ForwardCtx::default()).unwrap();
         assert_eq!(y.shape, vec![1, 4, 4, 1]);
         assert_eq!(y.buf[0], 0. + 1. + 4. + 5.);
         assert_eq!(y.buf[5], (0..3).flat_map(|r| (0..3).map(move |c| (r * 4 + c) as f32)).sum::<f32>());

@@ -26,11 +26,11 @@ impl<B: Backend> Conv1d<B> {
         pad: usize,
         groups: usize,
         weight: &[f32],
-    ) -> Self {
+    ) -> Result<Self> {
         let win = Window { h: 1, w: length + 2 * pad, c: channels, kh: 1, kw: kernel, stride, pad: 0 };
-        let mut conv = super::Conv2d::new(be, name, win, out_channels, groups, weight);
+        let mut conv = super::Conv2d::new(be, name, win, out_channels, groups, weight)?;
         conv.weight.layout = super::FileLayout::ChannelsFirst1d;
-        Self { length, channels, pad, conv }
+        Ok(Self { length, channels, pad, conv })
     }
 
     pub fn out_length(&self) -> usize {
@@ -52,8 +52,8 @@ impl<B: Backend> Layer<B> for Conv1d<B> {
         }
         let n = x.shape[0];
         let (row, padded_row) = (self.length * self.channels, self.conv.win.w * self.channels);
-        let mut padded = Tensor::zeros(be, &[n, 1, self.conv.win.w, self.channels]);
-        be.copy_columns(&x.buf, row, 0, &mut padded.buf, padded_row, self.pad * self.channels, row, n, false);
+        let mut padded = Tensor::zeros(be, &[n, 1, self.conv.win.w, self.channels])?;
+        be.copy_columns(&x.buf, row, 0, &mut padded.buf, padded_row, self.pad * self.channels, row, n, false)?;
         let y = self.conv.forward(be, padded, ctx)?; // (N, 1, L_out, OC)
         let shape = vec![n, self.out_length(), self.conv.out_channels];
         Ok(Tensor { shape, buf: y.buf })
@@ -67,8 +67,8 @@ impl<B: Backend> Layer<B> for Conv1d<B> {
             return Ok(d_padded); // the first layer: no input gradient
         }
         let (row, padded_row) = (self.length * self.channels, self.conv.win.w * self.channels);
-        let mut dx = Tensor::zeros(be, &[n, self.length, self.channels]);
-        be.copy_columns(&d_padded.buf, padded_row, self.pad * self.channels, &mut dx.buf, row, 0, row, n, false);
+        let mut dx = Tensor::zeros(be, &[n, self.length, self.channels])?;
+        be.copy_columns(&d_padded.buf, padded_row, self.pad * self.channels, &mut dx.buf, row, 0, row, n, false)?;
         Ok(dx)
     }
 
@@ -102,13 +102,14 @@ mod gradient_tests {
         let ctx = ForwardCtx { train: true, ..Default::default() };
         // (N=2, L=5, C=2) -> kernel 3, stride 2, pad 1, 2 groups: (2, 3, 4).
         let w: Vec<f32> = (0..4 * 3).map(|i| ((i as f32) * 0.43).sin() * 0.5).collect();
-        let mut conv = Conv1d::new(&be, "c1", (5, 2), 4, 3, 2, 1, 2, &w);
+        let mut conv = Conv1d::new(&be, "c1", (5, 2), 4, 3, 2, 1, 2, &w).unwrap();
         assert_eq!(conv.out_length(), 3);
         check_layer(&be, &mut conv, &[2, 5, 2], &input(20), &ctx);
         // A moving sum: kernel [1, 1, 1], pad 1 over [1, 2, 3, 4] gives [3, 6, 9, 7].
-        let mut sum = Conv1d::new(&be, "sum", (4, 1), 1, 3, 1, 1, 1, &[1.0, 1.0, 1.0]);
-        let y =
-            sum.forward(&be, Tensor::from_slice(&be, &[1, 4, 1], &[1., 2., 3., 4.]), &ForwardCtx::default()).unwrap();
+        let mut sum = Conv1d::new(&be, "sum", (4, 1), 1, 3, 1, 1, 1, &[1.0, 1.0, 1.0]).unwrap();
+        let y = sum
+            .forward(&be, Tensor::from_slice(&be, &[1, 4, 1], &[1., 2., 3., 4.]).unwrap(), &ForwardCtx::default())
+            .unwrap();
         assert_eq!(y.shape, vec![1, 4, 1]);
         assert_eq!(y.buf, vec![3., 6., 9., 7.]);
     }

@@ -34,7 +34,7 @@ impl<B: Backend> ConvTranspose2d<B> {
         stride: usize,
         pad: usize,
         weight: &[f32],
-    ) -> Self {
+    ) -> Result<Self> {
         let out_win = Window {
             h: (h - 1) * stride + kernel - 2 * pad,
             w: (w - 1) * stride + kernel - 2 * pad,
@@ -44,18 +44,18 @@ impl<B: Backend> ConvTranspose2d<B> {
             stride,
             pad,
         };
-        Self {
+        Ok(Self {
             name: name.to_string(),
             in_channels,
             out_win,
             weight: Param {
                 layout: super::FileLayout::ChannelsFirst,
-                ..Param::new(be, format!("{name}.weight"), &[in_channels, kernel, kernel, out_channels], weight, true)
+                ..Param::new(be, format!("{name}.weight"), &[in_channels, kernel, kernel, out_channels], weight, true)?
             },
-            bias: Param::new(be, format!("{name}.bias"), &[out_channels], &vec![0.0; out_channels], false),
+            bias: Param::new(be, format!("{name}.bias"), &[out_channels], &vec![0.0; out_channels], false)?,
             input_cache: None,
             input_grad: true,
-        }
+        })
     }
 
     /// Output size of a transposed convolution, or None when it would be empty.
@@ -90,11 +90,11 @@ impl<B: Backend> Layer<B> for ConvTranspose2d<B> {
         }
         let n = x.shape[0];
         let rows = n * ow.out_h() * ow.out_w();
-        let mut cols = be.zeros(rows * self.taps()); // (N·H·W, KH·KW·OC) = x · W
-        be.matmul(&x.buf, &self.weight.value, &mut cols, Gemm::nn(rows, self.in_channels, self.taps()));
-        let mut y = Tensor::zeros(be, &[n, ow.h, ow.w, ow.c]); // (N, OH, OW, OC)
-        be.col2im(&cols, &ow, n, 0, ow.c, &mut y.buf);
-        be.add_row_vector(&mut y.buf, &self.bias.value, n * ow.h * ow.w, ow.c);
+        let mut cols = be.zeros(rows * self.taps())?; // (N·H·W, KH·KW·OC) = x · W
+        be.matmul(&x.buf, &self.weight.value, &mut cols, Gemm::nn(rows, self.in_channels, self.taps()))?;
+        let mut y = Tensor::zeros(be, &[n, ow.h, ow.w, ow.c])?; // (N, OH, OW, OC)
+        be.col2im(&cols, &ow, n, 0, ow.c, &mut y.buf)?;
+        be.add_row_vector(&mut y.buf, &self.bias.value, n * ow.h * ow.w, ow.c)?;
         if ctx.train {
             self.input_cache = Some(x);
         }
@@ -110,20 +110,20 @@ impl<B: Backend> Layer<B> for ConvTranspose2d<B> {
         }
         let rows = n * ow.out_h() * ow.out_w();
         if self.bias.trainable {
-            be.sum_rows(&dy.buf, &mut self.bias.grad, n * ow.h * ow.w, ow.c, true);
+            be.sum_rows(&dy.buf, &mut self.bias.grad, n * ow.h * ow.w, ow.c, true)?;
         }
-        let mut dcols = be.zeros(rows * self.taps()); // (N·H·W, KH·KW·OC)
-        be.im2col(&dy.buf, &ow, n, 0, ow.c, &mut dcols);
+        let mut dcols = be.zeros(rows * self.taps())?; // (N·H·W, KH·KW·OC)
+        be.im2col(&dy.buf, &ow, n, 0, ow.c, &mut dcols)?;
         let taps = self.taps();
         if self.weight.trainable {
             // dW (Cin, KH·KW·OC) += xᵀ (Cin, N·H·W) · dcols
-            be.matmul(&x.buf, &dcols, &mut self.weight.grad, Gemm::tn(self.in_channels, rows, taps).accumulate());
+            be.matmul(&x.buf, &dcols, &mut self.weight.grad, Gemm::tn(self.in_channels, rows, taps).accumulate())?;
         }
         if !self.input_grad {
-            return Ok(Tensor::zeros(be, &[0]));
+            return Tensor::zeros(be, &[0]);
         }
-        let mut dx = Tensor::zeros(be, &x.shape); // (N·H·W, Cin) = dcols · Wᵀ
-        be.matmul(&dcols, &self.weight.value, &mut dx.buf, Gemm::nt(rows, taps, self.in_channels));
+        let mut dx = Tensor::zeros(be, &x.shape)?; // (N·H·W, Cin) = dcols · Wᵀ
+        be.matmul(&dcols, &self.weight.value, &mut dx.buf, Gemm::nt(rows, taps, self.in_channels))?;
         Ok(dx)
     }
 
@@ -160,7 +160,7 @@ mod gradient_tests {
         let ctx = ForwardCtx { train: true, ..Default::default() };
         // (N=2, 3x3, Cin=2) -> stride 2, kernel 3, pad 1: (2, 5x5, OC=3).
         let w: Vec<f32> = (0..2 * 3 * 3 * 3).map(|i| ((i as f32) * 0.31).sin() * 0.5).collect();
-        let mut up = ConvTranspose2d::new(&be, "up", (3, 3, 2), 3, 3, 2, 1, &w);
+        let mut up = ConvTranspose2d::new(&be, "up", (3, 3, 2), 3, 3, 2, 1, &w).unwrap();
         assert_eq!((up.out_win.h, up.out_win.w), (5, 5));
         assert_eq!(ConvTranspose2d::<CpuBackend>::output_size(3, 3, 2, 1), Some(5));
         check_layer(&be, &mut up, &[2, 3, 3, 2], &input(36), &ctx);
@@ -170,11 +170,11 @@ mod gradient_tests {
             // conv weight (OC=2, KH, KW, Cg=3) from the transposed one (Cin=2, KH, KW, OC=3)
             w.clone()
         };
-        let mut conv = Conv2d::new(&be, "down", up.out_win, 2, 1, &conv_w);
+        let mut conv = Conv2d::new(&be, "down", up.out_win, 2, 1, &conv_w).unwrap();
         let x = input(18); // (1, 3, 3, 2)
         let y: Vec<f32> = (0..75).map(|i| ((i as f32) * 0.77).cos()).collect(); // (1, 5, 5, 3)
-        let t = up.forward(&be, Tensor::from_slice(&be, &[1, 3, 3, 2], &x), &ForwardCtx::default()).unwrap();
-        let c = conv.forward(&be, Tensor::from_slice(&be, &[1, 5, 5, 3], &y), &ForwardCtx::default()).unwrap();
+        let t = up.forward(&be, Tensor::from_slice(&be, &[1, 3, 3, 2], &x).unwrap(), &ForwardCtx::default()).unwrap();
+        let c = conv.forward(&be, Tensor::from_slice(&be, &[1, 5, 5, 3], &y).unwrap(), &ForwardCtx::default()).unwrap();
         let lhs: f64 = t.buf.iter().zip(&y).map(|(a, b)| (a * b) as f64).sum();
         let rhs: f64 = x.iter().zip(&c.buf).map(|(a, b)| (a * b) as f64).sum();
         assert!((lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0), "{lhs} vs {rhs}");

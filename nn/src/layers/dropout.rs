@@ -45,9 +45,9 @@ impl<B: Backend> Layer<B> for Dropout<B> {
             let mut stream = Stream::new(ctx.seed, "dropout", &[self.layer_id, ctx.step, example]);
             mask.extend((0..cols).map(|_| if stream.uniform() >= self.p { keep_scale } else { 0.0 }));
         }
-        let mask = Tensor::from_slice(be, &x.shape, &mask);
-        let mut y = Tensor::zeros(be, &x.shape);
-        be.mul(&x.buf, &mask.buf, &mut y.buf);
+        let mask = Tensor::from_slice(be, &x.shape, &mask)?;
+        let mut y = Tensor::zeros(be, &x.shape)?;
+        be.mul(&x.buf, &mask.buf, &mut y.buf)?;
         self.mask_cache = Some(mask);
         Ok(y)
     }
@@ -57,8 +57,8 @@ impl<B: Backend> Layer<B> for Dropout<B> {
             return Ok(dy);
         }
         let mask = cached(&mut self.mask_cache, &self.name)?;
-        let mut dx = Tensor::zeros(be, &dy.shape);
-        be.mul(&dy.buf, &mask.buf, &mut dx.buf);
+        let mut dx = Tensor::zeros(be, &dy.shape)?;
+        be.mul(&dy.buf, &mask.buf, &mut dx.buf)?;
         Ok(dx)
     }
 }
@@ -83,11 +83,11 @@ mod gradient_tests {
         let mut drop = Dropout::new("drop", 0.25, 0);
         let rows = 2000;
         let ids: Vec<u64> = (0..rows as u64).collect();
-        let x = Tensor::from_slice(&be, &[rows, 50], &vec![1.0; rows * 50]);
+        let x = Tensor::from_slice(&be, &[rows, 50], &vec![1.0; rows * 50]).unwrap();
         let y = drop
             .forward(
                 &be,
-                x.duplicate(&be),
+                x.duplicate(&be).unwrap(),
                 &ForwardCtx { train: true, seed: 1, step: 0, example_ids: ids, ..Default::default() },
             )
             .unwrap();
@@ -97,20 +97,20 @@ mod gradient_tests {
         let mean = y.buf.iter().map(|&v| v as f64).sum::<f64>() / y.buf.len() as f64;
         assert!((mean - 1.0).abs() < 0.015, "{mean}");
         // Eval mode is the identity.
-        let y = drop.forward(&be, x.duplicate(&be), &ForwardCtx::default()).unwrap();
+        let y = drop.forward(&be, x.duplicate(&be).unwrap(), &ForwardCtx::default()).unwrap();
         assert_eq!(y.buf, x.buf);
         // The same example at the same step gets the same mask wherever it is in the batch.
         let a = drop
             .forward(
                 &be,
-                x.duplicate(&be),
+                x.duplicate(&be).unwrap(),
                 &ForwardCtx { train: true, seed: 1, step: 0, example_ids: (0..2000).collect(), ..Default::default() },
             )
             .unwrap();
         let b = drop
             .forward(
                 &be,
-                x.duplicate(&be),
+                x.duplicate(&be).unwrap(),
                 &ForwardCtx {
                     train: true,
                     seed: 1,

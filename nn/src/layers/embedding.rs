@@ -15,14 +15,14 @@ pub struct Embedding<B: Backend> {
 }
 
 impl<B: Backend> Embedding<B> {
-    pub fn new(be: &B, name: &str, vocab: usize, dim: usize, table: &[f32]) -> Self {
-        Self {
+    pub fn new(be: &B, name: &str, vocab: usize, dim: usize, table: &[f32]) -> Result<Self> {
+        Ok(Self {
             name: name.to_string(),
             vocab,
             dim,
-            table: Param::new(be, format!("{name}.weight"), &[vocab, dim], table, false),
+            table: Param::new(be, format!("{name}.weight"), &[vocab, dim], table, false)?,
             ids_cache: None,
-        }
+        })
     }
 }
 
@@ -31,7 +31,7 @@ impl<B: Backend> Layer<B> for Embedding<B> {
         &self.name
     }
     fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
-        let raw = x.to_vec(be);
+        let raw = x.to_vec(be)?;
         let mut ids = Vec::with_capacity(raw.len());
         for (i, &v) in raw.iter().enumerate() {
             if v < 0.0 || v.fract() != 0.0 || v as usize >= self.vocab {
@@ -44,8 +44,8 @@ impl<B: Backend> Layer<B> for Embedding<B> {
         }
         let mut shape = x.shape.clone();
         shape.push(self.dim);
-        let mut y = Tensor::zeros(be, &shape); // (..., dim)
-        be.embedding_forward(&self.table.value, &ids, self.dim, &mut y.buf);
+        let mut y = Tensor::zeros(be, &shape)?; // (..., dim)
+        be.embedding_forward(&self.table.value, &ids, self.dim, &mut y.buf)?;
         if ctx.train {
             self.ids_cache = Some((ids, x.shape));
         }
@@ -54,9 +54,9 @@ impl<B: Backend> Layer<B> for Embedding<B> {
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
         let (ids, shape) = cached(&mut self.ids_cache, &self.name)?;
         if self.table.trainable {
-            be.embedding_backward(&dy.buf, &ids, self.dim, &mut self.table.grad);
+            be.embedding_backward(&dy.buf, &ids, self.dim, &mut self.table.grad)?;
         }
-        Ok(Tensor::zeros(be, &shape))
+        Tensor::zeros(be, &shape)
     }
     fn params(&self) -> Vec<&Param<B>> {
         vec![&self.table]
@@ -103,9 +103,9 @@ impl<B: Backend> PositionalEncoding<B> {
             shape_cache: None,
         }
     }
-    pub fn learned(be: &B, name: &str, max_len: usize, dim: usize, init: &[f32]) -> Self {
-        let p = Param::new(be, format!("{name}.weight"), &[max_len, dim], init, false);
-        Self { name: name.to_string(), max_len, dim, learned: Some(p), sinusoid: Vec::new(), shape_cache: None }
+    pub fn learned(be: &B, name: &str, max_len: usize, dim: usize, init: &[f32]) -> Result<Self> {
+        let p = Param::new(be, format!("{name}.weight"), &[max_len, dim], init, false)?;
+        Ok(Self { name: name.to_string(), max_len, dim, learned: Some(p), sinusoid: Vec::new(), shape_cache: None })
     }
 }
 
@@ -127,12 +127,12 @@ impl<B: Backend> Layer<B> for PositionalEncoding<B> {
             );
         }
         // x viewed as (N, T·D) plus the first T rows of the table broadcast over N.
-        let mut code = be.zeros(t * d);
+        let mut code = be.zeros(t * d)?;
         match &self.learned {
-            Some(p) => be.copy_range(&p.value, 0, &mut code, 0, t * d),
-            None => code = be.upload(&self.sinusoid[..t * d]),
+            Some(p) => be.copy_range(&p.value, 0, &mut code, 0, t * d)?,
+            None => code = be.upload(&self.sinusoid[..t * d])?,
         }
-        be.add_row_vector(&mut x.buf, &code, n, t * d);
+        be.add_row_vector(&mut x.buf, &code, n, t * d)?;
         if ctx.train {
             self.shape_cache = Some((n, t));
         }
@@ -142,12 +142,12 @@ impl<B: Backend> Layer<B> for PositionalEncoding<B> {
         let (n, t) = cached(&mut self.shape_cache, &self.name)?;
         let d = self.dim;
         if let Some(p) = self.learned.as_mut().filter(|p| p.trainable) {
-            let mut sum = be.zeros(t * d);
-            be.sum_rows(&dy.buf, &mut sum, n, t * d, false); // dP[:T] += Σ_n dy
-            let mut grad_t = be.zeros(t * d);
-            be.copy_range(&p.grad, 0, &mut grad_t, 0, t * d);
-            be.axpy(1.0, &sum, &mut grad_t);
-            be.copy_range(&grad_t, 0, &mut p.grad, 0, t * d);
+            let mut sum = be.zeros(t * d)?;
+            be.sum_rows(&dy.buf, &mut sum, n, t * d, false)?; // dP[:T] += Σ_n dy
+            let mut grad_t = be.zeros(t * d)?;
+            be.copy_range(&p.grad, 0, &mut grad_t, 0, t * d)?;
+            be.axpy(1.0, &sum, &mut grad_t)?;
+            be.copy_range(&grad_t, 0, &mut p.grad, 0, t * d)?;
         }
         Ok(dy)
     }
@@ -174,16 +174,26 @@ mod gradient_tests {
         let be = CpuBackend::new(1);
         let ctx = ForwardCtx { train: true, ..Default::default() };
         let table: Vec<f32> = (0..5 * 3).map(|i| (i as f32 * 0.3).sin()).collect();
-        let mut emb = Embedding::new(&be, "emb", 5, 3, &table);
+        let mut emb = Embedding::new(&be, "emb", 5, 3, &table).unwrap();
         // Repeated ids: their gradients must add up in the same row.
         check_layer_step(&be, &mut emb, &[2, 3], &[0., 4., 4., 1., 0., 4.], &ctx, false, H);
-        let y = emb.forward(&be, Tensor::from_slice(&be, &[1, 2], &[2., 0.]), &ForwardCtx::default()).unwrap();
+        let y = emb.forward(&be, Tensor::from_slice(&be, &[1, 2], &[2., 0.]).unwrap(), &ForwardCtx::default()).unwrap();
         assert_eq!(y.shape, vec![1, 2, 3]);
         assert_eq!(y.buf, [&table[6..9], &table[0..3]].concat());
-        assert!(emb.forward(&be, Tensor::from_slice(&be, &[1], &[5.]), &ctx).unwrap_err().to_string().contains("id 5"));
+        assert!(emb
+            .forward(&be, Tensor::from_slice(&be, &[1], &[5.]).unwrap(), &ctx)
+            .unwrap_err()
+            .to_string()
+            .contains("id 5"));
 
         let init: Vec<f32> = (0..4 * 3).map(|i| (i as f32 * 0.9).cos() * 0.1).collect();
-        check_layer(&be, &mut PositionalEncoding::learned(&be, "pos", 4, 3, &init), &[2, 3, 3], &input(18), &ctx);
+        check_layer(
+            &be,
+            &mut PositionalEncoding::learned(&be, "pos", 4, 3, &init).unwrap(),
+            &[2, 3, 3],
+            &input(18),
+            &ctx,
+        );
         check_layer(&be, &mut PositionalEncoding::sinusoidal("pos", 4, 3), &[2, 3, 3], &input(18), &ctx);
         // PE[t, 2i] = sin(t/10000^(2i/D)), PE[t, 2i+1] = cos(...): known values at D = 4.
         let pe = sinusoid_table(3, 4);

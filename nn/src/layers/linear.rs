@@ -16,16 +16,16 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// `weight` is (out, in) row-major; the bias starts at zero.
-    pub fn new(be: &B, name: &str, in_features: usize, out_features: usize, weight: &[f32]) -> Self {
-        Self {
+    pub fn new(be: &B, name: &str, in_features: usize, out_features: usize, weight: &[f32]) -> Result<Self> {
+        Ok(Self {
             name: name.to_string(),
             in_features,
             out_features,
-            weight: Param::new(be, format!("{name}.weight"), &[out_features, in_features], weight, true),
-            bias: Param::new(be, format!("{name}.bias"), &[out_features], &vec![0.0; out_features], false),
+            weight: Param::new(be, format!("{name}.weight"), &[out_features, in_features], weight, true)?,
+            bias: Param::new(be, format!("{name}.bias"), &[out_features], &vec![0.0; out_features], false)?,
             input_cache: None,
             input_grad: true,
-        }
+        })
     }
 }
 
@@ -44,9 +44,9 @@ impl<B: Backend> Layer<B> for Linear<B> {
         }
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap_or(&mut 0) = self.out_features;
-        let mut y = Tensor::zeros(be, &shape); // (B, out)
-        be.matmul(&x.buf, &self.weight.value, &mut y.buf, Gemm::nt(rows, self.in_features, self.out_features));
-        be.add_row_vector(&mut y.buf, &self.bias.value, rows, self.out_features);
+        let mut y = Tensor::zeros(be, &shape)?; // (B, out)
+        be.matmul(&x.buf, &self.weight.value, &mut y.buf, Gemm::nt(rows, self.in_features, self.out_features))?;
+        be.add_row_vector(&mut y.buf, &self.bias.value, rows, self.out_features)?;
         if ctx.train {
             self.input_cache = Some(x);
         }
@@ -62,16 +62,16 @@ impl<B: Backend> Layer<B> for Linear<B> {
         let (i, o) = (self.in_features, self.out_features);
         if self.weight.trainable {
             // dW (out,in) += dyᵀ (out,B) · x (B,in)
-            be.matmul(&dy.buf, &x.buf, &mut self.weight.grad, Gemm::tn(o, rows, i).accumulate());
+            be.matmul(&dy.buf, &x.buf, &mut self.weight.grad, Gemm::tn(o, rows, i).accumulate())?;
         }
         if self.bias.trainable {
-            be.sum_rows(&dy.buf, &mut self.bias.grad, rows, o, true); // db (out) += Σ_rows dy
+            be.sum_rows(&dy.buf, &mut self.bias.grad, rows, o, true)?; // db (out) += Σ_rows dy
         }
         if !self.input_grad {
-            return Ok(Tensor::zeros(be, &[0]));
+            return Tensor::zeros(be, &[0]);
         }
-        let mut dx = Tensor::zeros(be, &x.shape); // dx (B,in) = dy (B,out) · W (out,in)
-        be.matmul(&dy.buf, &self.weight.value, &mut dx.buf, Gemm::nn(rows, o, i));
+        let mut dx = Tensor::zeros(be, &x.shape)?; // dx (B,in) = dy (B,out) · W (out,in)
+        be.matmul(&dy.buf, &self.weight.value, &mut dx.buf, Gemm::nn(rows, o, i))?;
         Ok(dx)
     }
 
@@ -104,7 +104,7 @@ mod gradient_tests {
     fn linear_gradients() {
         let be = CpuBackend::new(1);
         let w: Vec<f32> = (0..12).map(|i| ((i as f32) * 0.77).sin()).collect();
-        let mut layer = Linear::new(&be, "fc", 4, 3, &w);
+        let mut layer = Linear::new(&be, "fc", 4, 3, &w).unwrap();
         layer.bias.value = vec![0.1, -0.2, 0.3];
         check_layer(&be, &mut layer, &[5, 4], &input(20), &ForwardCtx { train: true, ..Default::default() });
     }

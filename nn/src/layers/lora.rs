@@ -39,8 +39,8 @@ impl<B: Backend> LoraLinear<B> {
             p.trainable = false;
         }
         Ok(Self {
-            a: Param::new(be, format!("{name}.lora_a"), &[rank, in_features], a_init, false),
-            b: Param::new(be, format!("{name}.lora_b"), &[out_features, rank], &vec![0.0; out_features * rank], false),
+            a: Param::new(be, format!("{name}.lora_a"), &[rank, in_features], a_init, false)?,
+            b: Param::new(be, format!("{name}.lora_b"), &[out_features, rank], &vec![0.0; out_features * rank], false)?,
             name,
             base,
             in_features,
@@ -65,13 +65,13 @@ impl<B: Backend> Layer<B> for LoraLinear<B> {
             return shape_err("LoraLinear::forward", format!("{}: input {:?}", self.name, x.shape));
         }
         let (i, o, r) = (self.in_features, self.out_features, self.rank);
-        let mut down = Tensor::zeros(be, &[rows, r]); // h (B, r) = x (B, in) · Aᵀ
-        be.matmul(&x.buf, &self.a.value, &mut down.buf, Gemm::nt(rows, i, r));
-        let mut up = Tensor::zeros(be, &[rows, o]); // (B, out) = h · Bᵀ
-        be.matmul(&down.buf, &self.b.value, &mut up.buf, Gemm::nt(rows, r, o));
-        let input = if ctx.train { Some(x.duplicate(be)) } else { None };
+        let mut down = Tensor::zeros(be, &[rows, r])?; // h (B, r) = x (B, in) · Aᵀ
+        be.matmul(&x.buf, &self.a.value, &mut down.buf, Gemm::nt(rows, i, r))?;
+        let mut up = Tensor::zeros(be, &[rows, o])?; // (B, out) = h · Bᵀ
+        be.matmul(&down.buf, &self.b.value, &mut up.buf, Gemm::nt(rows, r, o))?;
+        let input = if ctx.train { Some(x.duplicate(be)?) } else { None };
         let mut y = self.base.forward(be, x, ctx)?; // (B, out) = x·Wᵀ + b
-        be.axpy(self.scaling, &up.buf, &mut y.buf);
+        be.axpy(self.scaling, &up.buf, &mut y.buf)?;
         if ctx.train {
             self.input_cache = input;
             self.down_cache = Some(down);
@@ -84,18 +84,18 @@ impl<B: Backend> Layer<B> for LoraLinear<B> {
         let down = cached(&mut self.down_cache, &self.name)?; // (B, r)
         let (rows, _) = x.rows_cols();
         let (i, o, r) = (self.in_features, self.out_features, self.rank);
-        let mut dy_scaled = dy.duplicate(be); // s·dy (B, out)
-        be.scale(&mut dy_scaled.buf, self.scaling);
+        let mut dy_scaled = dy.duplicate(be)?; // s·dy (B, out)
+        be.scale(&mut dy_scaled.buf, self.scaling)?;
         // dB (out, r) += (s·dy)ᵀ · h
-        be.matmul(&dy_scaled.buf, &down.buf, &mut self.b.grad, Gemm::tn(o, rows, r).accumulate());
-        let mut d_down = Tensor::zeros(be, &[rows, r]); // dh (B, r) = s·dy · B
-        be.matmul(&dy_scaled.buf, &self.b.value, &mut d_down.buf, Gemm::nn(rows, o, r));
+        be.matmul(&dy_scaled.buf, &down.buf, &mut self.b.grad, Gemm::tn(o, rows, r).accumulate())?;
+        let mut d_down = Tensor::zeros(be, &[rows, r])?; // dh (B, r) = s·dy · B
+        be.matmul(&dy_scaled.buf, &self.b.value, &mut d_down.buf, Gemm::nn(rows, o, r))?;
         // dA (r, in) += dhᵀ · x
-        be.matmul(&d_down.buf, &x.buf, &mut self.a.grad, Gemm::tn(r, rows, i).accumulate());
+        be.matmul(&d_down.buf, &x.buf, &mut self.a.grad, Gemm::tn(r, rows, i).accumulate())?;
         let mut dx = self.base.backward(be, dy)?; // dy · W (frozen: no dW)
         if self.input_grad {
             // dx (B, in) += dh · A
-            be.matmul(&d_down.buf, &self.a.value, &mut dx.buf, Gemm::nn(rows, r, i).accumulate());
+            be.matmul(&d_down.buf, &self.a.value, &mut dx.buf, Gemm::nn(rows, r, i).accumulate())?;
         }
         Ok(dx)
     }
@@ -136,15 +136,23 @@ mod gradient_tests {
         let be = CpuBackend::new(1);
         let (i, o, r) = (4, 3, 2);
         let w: Vec<f32> = (0..12).map(|k| ((k as f32) * 0.77).sin()).collect();
-        let mut base = Linear::new(&be, "fc", i, o, &w);
+        let mut base = Linear::new(&be, "fc", i, o, &w).unwrap();
         base.bias.value = vec![0.1, -0.2, 0.3];
         let a: Vec<f32> = (0..r * i).map(|k| ((k as f32) * 1.3).cos() * 0.5).collect();
         let mut lora = LoraLinear::new(&be, Box::new(base), r, 4.0, &a).unwrap();
         let ctx = ForwardCtx { train: true, ..Default::default() };
         // B starts at zero: the adapted layer is exactly the base layer.
-        let y0 = lora.forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)), &ctx).unwrap().to_vec(&be);
-        let plain = Linear::new(&be, "fc", i, o, &w).forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)), &ctx);
-        let mut plain_y = plain.unwrap().to_vec(&be);
+        let y0 = lora
+            .forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)).unwrap(), &ctx)
+            .unwrap()
+            .to_vec(&be)
+            .unwrap();
+        let plain = Linear::new(&be, "fc", i, o, &w).unwrap().forward(
+            &be,
+            Tensor::from_slice(&be, &[5, i], &input(20)).unwrap(),
+            &ctx,
+        );
+        let mut plain_y = plain.unwrap().to_vec(&be).unwrap();
         for (v, b) in plain_y.iter_mut().zip([0.1, -0.2, 0.3].iter().cycle()) {
             *v += b;
         }
@@ -152,7 +160,11 @@ mod gradient_tests {
         lora.b.value = (0..o * r).map(|k| ((k as f32) * 0.41).sin()).collect();
         check_layer(&be, &mut lora, &[5, i], &input(20), &ctx);
         // Folding W + s·B·A gives the same outputs.
-        let y = lora.forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)), &ctx).unwrap().to_vec(&be);
+        let y = lora
+            .forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)).unwrap(), &ctx)
+            .unwrap()
+            .to_vec(&be)
+            .unwrap();
         let mut merged_w = w.clone();
         for out in 0..o {
             for inp in 0..i {
@@ -160,9 +172,13 @@ mod gradient_tests {
                 merged_w[out * i + inp] += lora.scaling * ba;
             }
         }
-        let mut merged = Linear::new(&be, "fc", i, o, &merged_w);
+        let mut merged = Linear::new(&be, "fc", i, o, &merged_w).unwrap();
         merged.bias.value = vec![0.1, -0.2, 0.3];
-        let ym = merged.forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)), &ctx).unwrap().to_vec(&be);
+        let ym = merged
+            .forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)).unwrap(), &ctx)
+            .unwrap()
+            .to_vec(&be)
+            .unwrap();
         for (a, b) in y.iter().zip(&ym) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }

@@ -50,18 +50,21 @@ pub struct Param<B: Backend> {
 }
 
 impl<B: Backend> Param<B> {
-    pub fn new(be: &B, name: impl Into<String>, shape: &[usize], value: &[f32], decay: bool) -> Self {
+    pub fn new(be: &B, name: impl Into<String>, shape: &[usize], value: &[f32], decay: bool) -> Result<Self> {
         let n: usize = shape.iter().product();
-        assert_eq!(n, value.len(), "Param::new: shape/value mismatch");
-        Self {
-            name: name.into(),
+        let name = name.into();
+        if n != value.len() {
+            return crate::shape_err("Param::new", format!("{name}: shape {shape:?} vs {} values", value.len()));
+        }
+        Ok(Self {
+            name,
             shape: shape.to_vec(),
-            value: be.upload(value),
-            grad: be.zeros(n),
+            value: be.upload(value)?,
+            grad: be.zeros(n)?,
             decay,
             trainable: true,
             layout: FileLayout::Same,
-        }
+        })
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()

@@ -15,15 +15,15 @@ pub struct LayerNorm<B: Backend> {
 }
 
 impl<B: Backend> LayerNorm<B> {
-    pub fn new(be: &B, name: &str, features: usize) -> Self {
-        Self {
+    pub fn new(be: &B, name: &str, features: usize) -> Result<Self> {
+        Ok(Self {
             name: name.to_string(),
             features,
             eps: 1e-5,
-            gamma: Param::new(be, format!("{name}.weight"), &[features], &vec![1.0; features], false),
-            beta: Param::new(be, format!("{name}.bias"), &[features], &vec![0.0; features], false),
+            gamma: Param::new(be, format!("{name}.weight"), &[features], &vec![1.0; features], false)?,
+            beta: Param::new(be, format!("{name}.bias"), &[features], &vec![0.0; features], false)?,
             xhat_rstd_cache: None,
-        }
+        })
     }
 }
 
@@ -39,8 +39,8 @@ impl<B: Backend> Layer<B> for LayerNorm<B> {
                 format!("{}: input {:?}, expected last dim {}", self.name, x.shape, self.features),
             );
         }
-        let mut y = Tensor::zeros(be, &x.shape);
-        let (mut xhat, mut rstd) = (be.zeros(rows * cols), be.zeros(rows));
+        let mut y = Tensor::zeros(be, &x.shape)?;
+        let (mut xhat, mut rstd) = (be.zeros(rows * cols)?, be.zeros(rows)?);
         be.layer_norm_forward(
             &x.buf,
             &self.gamma.value,
@@ -51,7 +51,7 @@ impl<B: Backend> Layer<B> for LayerNorm<B> {
             &mut y.buf,
             &mut xhat,
             &mut rstd,
-        );
+        )?;
         if ctx.train {
             self.xhat_rstd_cache = Some((xhat, rstd, x.shape.clone()));
         }
@@ -61,7 +61,7 @@ impl<B: Backend> Layer<B> for LayerNorm<B> {
         let (xhat, rstd, shape) = cached(&mut self.xhat_rstd_cache, &self.name)?;
         let cols = self.features;
         let rows = dy.numel() / cols;
-        let mut dx = Tensor::zeros(be, &shape);
+        let mut dx = Tensor::zeros(be, &shape)?;
         be.layer_norm_backward(
             &dy.buf,
             &xhat,
@@ -72,7 +72,7 @@ impl<B: Backend> Layer<B> for LayerNorm<B> {
             &mut dx.buf,
             &mut self.gamma.grad,
             &mut self.beta.grad,
-        );
+        )?;
         Ok(dx)
     }
     fn params(&self) -> Vec<&Param<B>> {
@@ -116,19 +116,19 @@ struct BatchNormCache<B: Backend> {
 }
 
 impl<B: Backend> BatchNorm<B> {
-    pub fn new(be: &B, name: &str, channels: usize) -> Self {
-        Self {
+    pub fn new(be: &B, name: &str, channels: usize) -> Result<Self> {
+        Ok(Self {
             name: name.to_string(),
             channels,
             eps: 1e-5,
             momentum: 0.1,
-            gamma: Param::new(be, format!("{name}.weight"), &[channels], &vec![1.0; channels], false),
-            beta: Param::new(be, format!("{name}.bias"), &[channels], &vec![0.0; channels], false),
+            gamma: Param::new(be, format!("{name}.weight"), &[channels], &vec![1.0; channels], false)?,
+            beta: Param::new(be, format!("{name}.bias"), &[channels], &vec![0.0; channels], false)?,
             running_mean: vec![0.0; channels],
             running_var: vec![1.0; channels],
             sync: false,
             cache: None,
-        }
+        })
     }
 }
 
@@ -147,7 +147,7 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
         let sync = ctx.stat_sync.clone().filter(|_| self.sync && ctx.train);
         let mut global_rows = rows as f64;
         let (mean, var) = if ctx.train {
-            let (mut mean, mut var) = be.column_stats(&x.buf, rows, cols);
+            let (mut mean, mut var) = be.column_stats(&x.buf, rows, cols)?;
             if let Some(handle) = &sync {
                 // [rows, Σx, Σx²] summed over workers, then the global mean and variance.
                 let mut sums = vec![rows as f64];
@@ -170,8 +170,8 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
         } else {
             (self.running_mean.clone(), self.running_var.clone())
         };
-        let mut y = Tensor::zeros(be, &x.shape);
-        let mut xhat = be.zeros(rows * cols);
+        let mut y = Tensor::zeros(be, &x.shape)?;
+        let mut xhat = be.zeros(rows * cols)?;
         be.batch_norm_apply(
             &x.buf,
             &mean,
@@ -183,7 +183,7 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
             self.eps,
             &mut y.buf,
             &mut xhat,
-        );
+        )?;
         if ctx.train {
             self.cache = Some(BatchNormCache { xhat, var, shape: x.shape.clone(), global_rows, sync });
         }
@@ -201,7 +201,7 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
             cols,
             &mut self.gamma.grad,
             &mut self.beta.grad,
-        );
+        )?;
         if let Some(handle) = &sync {
             let mut sums = [sum_d, sum_dh].concat();
             handle.0.sum(&mut sums)?;
@@ -209,7 +209,7 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
         }
         let mean_d: Vec<f64> = sum_d.iter().map(|s| s / global_rows).collect();
         let mean_dh: Vec<f64> = sum_dh.iter().map(|s| s / global_rows).collect();
-        let mut dx = Tensor::zeros(be, &shape);
+        let mut dx = Tensor::zeros(be, &shape)?;
         be.batch_norm_backward_dx(
             &dy.buf,
             &xhat,
@@ -220,7 +220,7 @@ impl<B: Backend> Layer<B> for BatchNorm<B> {
             cols,
             self.eps,
             &mut dx.buf,
-        );
+        )?;
         Ok(dx)
     }
     fn params(&self) -> Vec<&Param<B>> {
@@ -292,8 +292,8 @@ mod tests {
         ctx: &ForwardCtx,
     ) -> (Vec<f32>, Vec<f32>) {
         let rows = x.len() / 3;
-        let y = bn.forward(be, Tensor::from_slice(be, &[rows, 3], x), ctx).unwrap();
-        let dx = bn.backward(be, Tensor::from_slice(be, &[rows, 3], dy)).unwrap();
+        let y = bn.forward(be, Tensor::from_slice(be, &[rows, 3], x).unwrap(), ctx).unwrap();
+        let dx = bn.backward(be, Tensor::from_slice(be, &[rows, 3], dy).unwrap()).unwrap();
         (y.buf, dx.buf)
     }
 
@@ -303,7 +303,7 @@ mod tests {
         let x: Vec<f32> = (0..8 * 3).map(|i| ((i * 37 % 17) as f32 - 8.0) * 0.3 + (i % 3) as f32).collect();
         let dy: Vec<f32> = (0..8 * 3).map(|i| ((i as f32) * 0.7).sin()).collect();
         let train = ForwardCtx { train: true, ..Default::default() };
-        let mut whole = BatchNorm::new(&be, "bn", 3);
+        let mut whole = BatchNorm::new(&be, "bn", 3).unwrap();
         let (y_all, dx_all) = run(&be, &mut whole, &x, &dy, &train);
 
         let shared = Arc::new(TwoThreadSum { total: Mutex::new(Vec::new()), barrier: Barrier::new(2) });
@@ -322,7 +322,7 @@ mod tests {
                 .map(|(half, _, x, dy, shared)| {
                     std::thread::spawn(move || {
                         let be = CpuBackend::new(1);
-                        let mut bn = BatchNorm::new(&be, "bn", 3);
+                        let mut bn = BatchNorm::new(&be, "bn", 3).unwrap();
                         bn.sync = sync;
                         let ctx =
                             ForwardCtx { train: true, stat_sync: Some(StatSyncHandle(shared)), ..Default::default() };
@@ -367,11 +367,11 @@ mod gradient_tests {
     fn layer_norm_and_batch_norm_gradients() {
         let be = CpuBackend::new(1);
         let ctx = ForwardCtx { train: true, ..Default::default() };
-        let mut ln = LayerNorm::new(&be, "ln", 6);
+        let mut ln = LayerNorm::new(&be, "ln", 6).unwrap();
         ln.gamma.value = (0..6).map(|i| 0.5 + i as f32 * 0.2).collect();
         ln.beta.value = (0..6).map(|i| i as f32 * 0.1).collect();
         check_layer(&be, &mut ln, &[4, 6], &input(24), &ctx);
-        let mut bn = BatchNorm::new(&be, "bn", 3);
+        let mut bn = BatchNorm::new(&be, "bn", 3).unwrap();
         bn.gamma.value = vec![0.7, 1.3, -0.4];
         bn.beta.value = vec![0.1, 0.0, -0.2];
         check_layer(&be, &mut bn, &[2, 2, 2, 3], &input(24), &ctx);
@@ -380,9 +380,9 @@ mod gradient_tests {
     #[test]
     fn batch_norm_statistics_train_and_eval() {
         let be = CpuBackend::new(1);
-        let mut bn = BatchNorm::new(&be, "bn", 2);
-        let x = Tensor::from_slice(&be, &[4, 2], &[1., 10., 2., 20., 3., 30., 4., 40.]);
-        let y = bn.forward(&be, x.duplicate(&be), &ForwardCtx { train: true, ..Default::default() }).unwrap();
+        let mut bn = BatchNorm::new(&be, "bn", 2).unwrap();
+        let x = Tensor::from_slice(&be, &[4, 2], &[1., 10., 2., 20., 3., 30., 4., 40.]).unwrap();
+        let y = bn.forward(&be, x.duplicate(&be).unwrap(), &ForwardCtx { train: true, ..Default::default() }).unwrap();
         // Column 0 is 1..4: mean 2.5, biased var 1.25.
         assert!((y.buf[0] - (-1.5 / (1.25f32 + 1e-5).sqrt())).abs() < 1e-5);
         let mean: f32 = y.buf.iter().step_by(2).sum::<f32>() / 4.0;

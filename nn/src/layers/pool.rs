@@ -35,15 +35,15 @@ impl<B: Backend> Layer<B> for Pool2d<B> {
     fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
         let w = &self.win;
         let n = super::image_batch("Pool2d::forward", &self.name, &x, w)?;
-        let mut y = Tensor::zeros(be, &self.output_shape(n));
+        let mut y = Tensor::zeros(be, &self.output_shape(n))?;
         let argmax = match self.kind {
             PoolKind::Max => {
-                let mut argmax = be.zeros(y.numel());
-                be.max_pool_forward(&x.buf, w, n, &mut y.buf, &mut argmax);
+                let mut argmax = be.zeros(y.numel())?;
+                be.max_pool_forward(&x.buf, w, n, &mut y.buf, &mut argmax)?;
                 Some(argmax)
             }
             PoolKind::Average => {
-                be.avg_pool_forward(&x.buf, w, n, &mut y.buf);
+                be.avg_pool_forward(&x.buf, w, n, &mut y.buf)?;
                 None
             }
         };
@@ -56,10 +56,10 @@ impl<B: Backend> Layer<B> for Pool2d<B> {
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
         let (n, argmax) = cached(&mut self.argmax_cache, &self.name)?;
         let w = self.win;
-        let mut dx = Tensor::zeros(be, &[n, w.h, w.w, w.c]);
+        let mut dx = Tensor::zeros(be, &[n, w.h, w.w, w.c])?;
         match argmax {
-            Some(argmax) => be.max_pool_backward(&dy.buf, &argmax, &mut dx.buf),
-            None => be.avg_pool_backward(&dy.buf, &w, n, &mut dx.buf),
+            Some(argmax) => be.max_pool_backward(&dy.buf, &argmax, &mut dx.buf)?,
+            None => be.avg_pool_backward(&dy.buf, &w, n, &mut dx.buf)?,
         }
         Ok(dx)
     }

@@ -68,25 +68,25 @@ impl<B: Backend> Recurrent<B> {
         max_len: usize,
         w_ih: &[f32],
         w_hh: &[f32],
-    ) -> Self {
+    ) -> Result<Self> {
         let gh = cell.gates() * hidden;
         let mut b_ih = vec![0.0; gh];
         if cell == Cell::Lstm {
             b_ih[hidden..2 * hidden].fill(1.0);
         }
-        Self {
+        Ok(Self {
             name: name.to_string(),
             cell,
             input,
             hidden,
             max_len,
-            weight_ih: Param::new(be, format!("{name}.weight_ih"), &[gh, input], w_ih, true),
-            weight_hh: Param::new(be, format!("{name}.weight_hh"), &[gh, hidden], w_hh, true),
-            bias_ih: Param::new(be, format!("{name}.bias_ih"), &[gh], &b_ih, false),
-            bias_hh: Param::new(be, format!("{name}.bias_hh"), &[gh], &vec![0.0; gh], false),
+            weight_ih: Param::new(be, format!("{name}.weight_ih"), &[gh, input], w_ih, true)?,
+            weight_hh: Param::new(be, format!("{name}.weight_hh"), &[gh, hidden], w_hh, true)?,
+            bias_ih: Param::new(be, format!("{name}.bias_ih"), &[gh], &b_ih, false)?,
+            bias_hh: Param::new(be, format!("{name}.bias_hh"), &[gh], &vec![0.0; gh], false)?,
             cache: None,
             input_grad: true,
-        }
+        })
     }
 }
 
@@ -107,41 +107,41 @@ impl<B: Backend> Layer<B> for Recurrent<B> {
         }
         let (h, gh) = (self.hidden, self.cell.gates() * self.hidden);
         // xp (N·T, G·H) = x·W_ihᵀ + b_ih for every step at once.
-        let mut xp = be.zeros(n * t * gh);
-        be.matmul(&x.buf, &self.weight_ih.value, &mut xp, Gemm::nt(n * t, i, gh));
-        be.add_row_vector(&mut xp, &self.bias_ih.value, n * t, gh);
-        let mut y = Tensor::zeros(be, &[n, t, h]);
-        let (mut h_prev, mut c_prev) = (be.zeros(n * h), be.zeros(n * h));
+        let mut xp = be.zeros(n * t * gh)?;
+        be.matmul(&x.buf, &self.weight_ih.value, &mut xp, Gemm::nt(n * t, i, gh))?;
+        be.add_row_vector(&mut xp, &self.bias_ih.value, n * t, gh)?;
+        let mut y = Tensor::zeros(be, &[n, t, h])?;
+        let (mut h_prev, mut c_prev) = (be.zeros(n * h)?, be.zeros(n * h)?);
         let mut steps = Vec::with_capacity(if ctx.train { t } else { 0 });
         for step in 0..t {
-            let mut pre = be.zeros(n * gh); // xp at this step, (N, G·H)
-            be.copy_columns(&xp, t * gh, step * gh, &mut pre, gh, 0, gh, n, false);
-            let mut hp = be.zeros(n * gh); // h_{t−1}·W_hhᵀ + b_hh
-            be.matmul(&h_prev, &self.weight_hh.value, &mut hp, Gemm::nt(n, h, gh));
-            be.add_row_vector(&mut hp, &self.bias_hh.value, n, gh);
-            let (mut gates, mut h_next) = (be.zeros(n * gh), be.zeros(n * h));
+            let mut pre = be.zeros(n * gh)?; // xp at this step, (N, G·H)
+            be.copy_columns(&xp, t * gh, step * gh, &mut pre, gh, 0, gh, n, false)?;
+            let mut hp = be.zeros(n * gh)?; // h_{t−1}·W_hhᵀ + b_hh
+            be.matmul(&h_prev, &self.weight_hh.value, &mut hp, Gemm::nt(n, h, gh))?;
+            be.add_row_vector(&mut hp, &self.bias_hh.value, n, gh)?;
+            let (mut gates, mut h_next) = (be.zeros(n * gh)?, be.zeros(n * h)?);
             // LSTM: the cell state c; GRU: hp, which its backward needs.
             let second = match self.cell {
                 Cell::Lstm => {
-                    be.axpy(1.0, &hp, &mut pre);
-                    let mut c = be.zeros(n * h);
-                    be.lstm_forward(&pre, &c_prev, &mut gates, &mut c, &mut h_next, h);
+                    be.axpy(1.0, &hp, &mut pre)?;
+                    let mut c = be.zeros(n * h)?;
+                    be.lstm_forward(&pre, &c_prev, &mut gates, &mut c, &mut h_next, h)?;
                     c
                 }
                 Cell::Gru => {
-                    be.gru_forward(&pre, &hp, &h_prev, &mut gates, &mut h_next, h);
+                    be.gru_forward(&pre, &hp, &h_prev, &mut gates, &mut h_next, h)?;
                     hp
                 }
             };
-            be.copy_columns(&h_next, h, 0, &mut y.buf, t * h, step * h, h, n, false);
+            be.copy_columns(&h_next, h, 0, &mut y.buf, t * h, step * h, h, n, false)?;
             let h_done = std::mem::replace(&mut h_prev, h_next);
             let cache = match self.cell {
                 Cell::Lstm => {
-                    let mut c = be.zeros(n * h);
-                    be.copy(&second, &mut c);
+                    let mut c = be.zeros(n * h)?;
+                    be.copy(&second, &mut c)?;
                     StepCache { h_prev: h_done, gates, c_prev: std::mem::replace(&mut c_prev, second), c }
                 }
-                Cell::Gru => StepCache { h_prev: h_done, gates, c_prev: be.zeros(0), c: second },
+                Cell::Gru => StepCache { h_prev: h_done, gates, c_prev: be.zeros(0)?, c: second },
             };
             if ctx.train {
                 steps.push(cache);
@@ -162,21 +162,21 @@ impl<B: Backend> Layer<B> for Recurrent<B> {
             return shape_err("Recurrent::backward", format!("{}: dy {:?}", self.name, dy.shape));
         }
         let (h, gh) = (self.hidden, self.cell.gates() * self.hidden);
-        let mut dxp = be.zeros(n * t * gh); // d(input projection), (N, T·G·H)
-        let (mut dh_next, mut dc) = (be.zeros(n * h), be.zeros(n * h));
+        let mut dxp = be.zeros(n * t * gh)?; // d(input projection), (N, T·G·H)
+        let (mut dh_next, mut dc) = (be.zeros(n * h)?, be.zeros(n * h)?);
         for (step, cache) in steps.iter().enumerate().rev() {
-            let mut dh = be.zeros(n * h); // dy at this step + what flows back from step+1
-            be.copy_columns(&dy.buf, t * h, step * h, &mut dh, h, 0, h, n, false);
-            be.axpy(1.0, &dh_next, &mut dh);
-            let mut dhp = be.zeros(n * gh);
-            let mut dh_direct = be.zeros(n * h);
+            let mut dh = be.zeros(n * h)?; // dy at this step + what flows back from step+1
+            be.copy_columns(&dy.buf, t * h, step * h, &mut dh, h, 0, h, n, false)?;
+            be.axpy(1.0, &dh_next, &mut dh)?;
+            let mut dhp = be.zeros(n * gh)?;
+            let mut dh_direct = be.zeros(n * h)?;
             match self.cell {
                 Cell::Lstm => {
-                    be.lstm_backward(&cache.gates, &cache.c_prev, &cache.c, &dh, &mut dc, &mut dhp, h);
-                    be.copy_columns(&dhp, gh, 0, &mut dxp, t * gh, step * gh, gh, n, false);
+                    be.lstm_backward(&cache.gates, &cache.c_prev, &cache.c, &dh, &mut dc, &mut dhp, h)?;
+                    be.copy_columns(&dhp, gh, 0, &mut dxp, t * gh, step * gh, gh, n, false)?;
                 }
                 Cell::Gru => {
-                    let mut dxp_t = be.zeros(n * gh);
+                    let mut dxp_t = be.zeros(n * gh)?;
                     be.gru_backward(
                         &cache.gates,
                         &cache.c,
@@ -186,16 +186,16 @@ impl<B: Backend> Layer<B> for Recurrent<B> {
                         &mut dhp,
                         &mut dh_direct,
                         h,
-                    );
-                    be.copy_columns(&dxp_t, gh, 0, &mut dxp, t * gh, step * gh, gh, n, false);
+                    )?;
+                    be.copy_columns(&dxp_t, gh, 0, &mut dxp, t * gh, step * gh, gh, n, false)?;
                 }
             }
             if self.weight_hh.trainable {
                 // dW_hh (G·H, H) += dhpᵀ (G·H, N) · h_prev (N, H)
-                be.matmul(&dhp, &cache.h_prev, &mut self.weight_hh.grad, Gemm::tn(gh, n, h).accumulate());
+                be.matmul(&dhp, &cache.h_prev, &mut self.weight_hh.grad, Gemm::tn(gh, n, h).accumulate())?;
             }
             if self.bias_hh.trainable {
-                be.sum_rows(&dhp, &mut self.bias_hh.grad, n, gh, true);
+                be.sum_rows(&dhp, &mut self.bias_hh.grad, n, gh, true)?;
             }
             // dh_prev (N, H) = dhp (N, G·H) · W_hh (G·H, H) [+ z⊙dh for the GRU]
             be.matmul(
@@ -203,21 +203,21 @@ impl<B: Backend> Layer<B> for Recurrent<B> {
                 &self.weight_hh.value,
                 &mut dh_direct,
                 Gemm::nn(n, gh, h).accumulate_if(self.cell == Cell::Gru),
-            );
+            )?;
             dh_next = dh_direct;
         }
         if self.weight_ih.trainable {
             // dW_ih (G·H, In) += dxpᵀ (G·H, N·T) · x (N·T, In)
-            be.matmul(&dxp, &x.buf, &mut self.weight_ih.grad, Gemm::tn(gh, n * t, i).accumulate());
+            be.matmul(&dxp, &x.buf, &mut self.weight_ih.grad, Gemm::tn(gh, n * t, i).accumulate())?;
         }
         if self.bias_ih.trainable {
-            be.sum_rows(&dxp, &mut self.bias_ih.grad, n * t, gh, true);
+            be.sum_rows(&dxp, &mut self.bias_ih.grad, n * t, gh, true)?;
         }
         if !self.input_grad {
-            return Ok(Tensor::zeros(be, &[0]));
+            return Tensor::zeros(be, &[0]);
         }
-        let mut dx = Tensor::zeros(be, &x.shape); // (N·T, In) = dxp · W_ih
-        be.matmul(&dxp, &self.weight_ih.value, &mut dx.buf, Gemm::nn(n * t, gh, i));
+        let mut dx = Tensor::zeros(be, &x.shape)?; // (N·T, In) = dxp · W_ih
+        be.matmul(&dxp, &self.weight_ih.value, &mut dx.buf, Gemm::nn(n * t, gh, i))?;
         Ok(dx)
     }
 
@@ -253,7 +253,7 @@ mod gradient_tests {
         let g = cell.gates();
         let w_ih: Vec<f32> = (0..g * 3 * 2).map(|i| ((i as f32) * 0.41).sin() * 0.7).collect();
         let w_hh: Vec<f32> = (0..g * 3 * 3).map(|i| ((i as f32) * 0.23).cos() * 0.6).collect();
-        let mut r = Recurrent::new(&be, "rnn", cell, 2, 3, 4, &w_ih, &w_hh);
+        let mut r = Recurrent::new(&be, "rnn", cell, 2, 3, 4, &w_ih, &w_hh).unwrap();
         r.bias_hh.value = (0..g * 3).map(|i| (i as f32 * 0.7).sin() * 0.2).collect();
         r
     }
@@ -272,8 +272,10 @@ mod gradient_tests {
     fn recurrent_outputs_are_causal_and_match_a_hand_step() {
         let be = CpuBackend::new(1);
         // One GRU step by hand: h = (1−z)·n with h_prev = 0.
-        let mut gru = Recurrent::new(&be, "gru", Cell::Gru, 1, 1, 2, &[0.5, -0.3, 0.8], &[0.2, 0.1, -0.4]);
-        let y = gru.forward(&be, Tensor::from_slice(&be, &[1, 2, 1], &[1.0, -2.0]), &ForwardCtx::default()).unwrap();
+        let mut gru = Recurrent::new(&be, "gru", Cell::Gru, 1, 1, 2, &[0.5, -0.3, 0.8], &[0.2, 0.1, -0.4]).unwrap();
+        let y = gru
+            .forward(&be, Tensor::from_slice(&be, &[1, 2, 1], &[1.0, -2.0]).unwrap(), &ForwardCtx::default())
+            .unwrap();
         let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
         let (r, z) = (sig(0.5), sig(-0.3));
         let n = (0.8 + r * 0.0f32).tanh();
@@ -281,10 +283,11 @@ mod gradient_tests {
         for cell in [Cell::Lstm, Cell::Gru] {
             let mut rnn = recurrent(cell);
             let x = input(8);
-            let y = rnn.forward(&be, Tensor::from_slice(&be, &[1, 4, 2], &x), &ForwardCtx::default()).unwrap();
+            let y = rnn.forward(&be, Tensor::from_slice(&be, &[1, 4, 2], &x).unwrap(), &ForwardCtx::default()).unwrap();
             let mut later = x.clone();
             later[4..].iter_mut().for_each(|v| *v += 1.0); // change steps 2 and 3
-            let y2 = rnn.forward(&be, Tensor::from_slice(&be, &[1, 4, 2], &later), &ForwardCtx::default()).unwrap();
+            let y2 =
+                rnn.forward(&be, Tensor::from_slice(&be, &[1, 4, 2], &later).unwrap(), &ForwardCtx::default()).unwrap();
             assert_eq!(y.buf[..6], y2.buf[..6], "{cell:?}: steps 0-1 saw the future");
             assert_ne!(y.buf[6..], y2.buf[6..]);
         }

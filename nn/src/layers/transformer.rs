@@ -33,18 +33,18 @@ pub struct BlockWeights<'a> {
 }
 
 impl<B: Backend> TransformerBlock<B> {
-    pub fn new(be: &B, name: &str, shape: AttentionShape, order: NormOrder, w: BlockWeights<'_>) -> Self {
+    pub fn new(be: &B, name: &str, shape: AttentionShape, order: NormOrder, w: BlockWeights<'_>) -> Result<Self> {
         let d = shape.dim;
-        Self {
+        Ok(Self {
             name: name.to_string(),
             order,
-            ln1: LayerNorm::new(be, &format!("{name}.ln1"), d),
-            attn: MultiHeadAttention::new(be, &format!("{name}.attn"), shape, w.qkv, w.attn_out),
-            ln2: LayerNorm::new(be, &format!("{name}.ln2"), d),
-            fc1: Linear::new(be, &format!("{name}.fc1"), d, 4 * d, w.fc1),
+            ln1: LayerNorm::new(be, &format!("{name}.ln1"), d)?,
+            attn: MultiHeadAttention::new(be, &format!("{name}.attn"), shape, w.qkv, w.attn_out)?,
+            ln2: LayerNorm::new(be, &format!("{name}.ln2"), d)?,
+            fc1: Linear::new(be, &format!("{name}.fc1"), d, 4 * d, w.fc1)?,
             act: Act::new(&format!("{name}.gelu"), Activation::Gelu, 4 * d),
-            fc2: Linear::new(be, &format!("{name}.fc2"), 4 * d, d, w.fc2),
-        }
+            fc2: Linear::new(be, &format!("{name}.fc2"), 4 * d, d, w.fc2)?,
+        })
     }
 
     fn mlp_forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
@@ -68,17 +68,17 @@ impl<B: Backend> Layer<B> for TransformerBlock<B> {
     fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
         match self.order {
             NormOrder::PreLn => {
-                let a = self.ln1.forward(be, x.duplicate(be), ctx)?;
+                let a = self.ln1.forward(be, x.duplicate(be)?, ctx)?;
                 let a = self.attn.forward(be, a, ctx)?;
                 let h = ops::add(be, &x, &a)?; // h = x + Attn(LN1(x))
-                let m = self.ln2.forward(be, h.duplicate(be), ctx)?;
+                let m = self.ln2.forward(be, h.duplicate(be)?, ctx)?;
                 let m = self.mlp_forward(be, m, ctx)?;
                 ops::add(be, &h, &m) // y = h + MLP(LN2(h))
             }
             NormOrder::PostLn => {
-                let a = self.attn.forward(be, x.duplicate(be), ctx)?;
+                let a = self.attn.forward(be, x.duplicate(be)?, ctx)?;
                 let h = self.ln1.forward(be, ops::add(be, &x, &a)?, ctx)?; // h = LN1(x + Attn(x))
-                let m = self.mlp_forward(be, h.duplicate(be), ctx)?;
+                let m = self.mlp_forward(be, h.duplicate(be)?, ctx)?;
                 self.ln2.forward(be, ops::add(be, &h, &m)?, ctx) // y = LN2(h + MLP(h))
             }
         }
@@ -88,17 +88,17 @@ impl<B: Backend> Layer<B> for TransformerBlock<B> {
         match self.order {
             NormOrder::PreLn => {
                 // dh = dy + LN2ᵀ MLPᵀ dy; dx = dh + LN1ᵀ Attnᵀ dh
-                let d_m = self.mlp_backward(be, dy.duplicate(be))?;
+                let d_m = self.mlp_backward(be, dy.duplicate(be)?)?;
                 let dh = ops::add(be, &dy, &self.ln2.backward(be, d_m)?)?;
-                let d_a = self.attn.backward(be, dh.duplicate(be))?;
+                let d_a = self.attn.backward(be, dh.duplicate(be)?)?;
                 ops::add(be, &dh, &self.ln1.backward(be, d_a)?)
             }
             NormOrder::PostLn => {
                 // du = LN2ᵀ dy; dh = du + MLPᵀ du; dv = LN1ᵀ dh; dx = dv + Attnᵀ dv
                 let du = self.ln2.backward(be, dy)?;
-                let dh = ops::add(be, &du, &self.mlp_backward(be, du.duplicate(be))?)?;
+                let dh = ops::add(be, &du, &self.mlp_backward(be, du.duplicate(be)?)?)?;
                 let dv = self.ln1.backward(be, dh)?;
-                ops::add(be, &dv, &self.attn.backward(be, dv.duplicate(be))?)
+                ops::add(be, &dv, &self.attn.backward(be, dv.duplicate(be)?)?)
             }
         }
     }
@@ -149,6 +149,7 @@ mod gradient_tests {
             order,
             BlockWeights { qkv: &qkv, attn_out: &attn_out, fc1: &fc1, fc2: &fc2 },
         )
+        .unwrap()
     }
 
     #[test]
@@ -167,9 +168,10 @@ mod gradient_tests {
         use crate::loss::mse;
         use crate::optim::{Optimizer, OptimizerConfig, Rule};
         let be = CpuBackend::new(1);
-        let x = Tensor::from_slice(&be, &[4, 5, 4], &input(80));
+        let x = Tensor::from_slice(&be, &[4, 5, 4], &input(80)).unwrap();
         let target =
-            Tensor::from_slice(&be, &[4, 5, 4], &(0..80).map(|i| ((i as f32) * 0.77).cos() * 0.5).collect::<Vec<_>>());
+            Tensor::from_slice(&be, &[4, 5, 4], &(0..80).map(|i| ((i as f32) * 0.77).cos() * 0.5).collect::<Vec<_>>())
+                .unwrap();
         for order in [NormOrder::PreLn, NormOrder::PostLn] {
             let mut b = block(order);
             let cfg = OptimizerConfig {
@@ -178,18 +180,18 @@ mod gradient_tests {
                 l2: 0.0,
                 decay_biases: false,
             };
-            let mut opt = Optimizer::new(&be, cfg, &b.params());
+            let mut opt = Optimizer::new(&be, cfg, &b.params()).unwrap();
             let ctx = ForwardCtx { train: true, ..Default::default() };
             let mut losses = Vec::new();
             for _ in 0..150 {
                 for p in b.params_mut() {
                     p.grad.fill(0.0);
                 }
-                let y = b.forward(&be, x.duplicate(&be), &ctx).unwrap();
+                let y = b.forward(&be, x.duplicate(&be).unwrap(), &ctx).unwrap();
                 let out = mse(&be, &y, &target, 1.0).unwrap();
                 losses.push(out.loss_sum);
                 b.backward(&be, out.grad).unwrap();
-                opt.step(&be, &mut b.params_mut(), 0.01);
+                opt.step(&be, &mut b.params_mut(), 0.01).unwrap();
             }
             let (first, last) = (losses[0], *losses.last().unwrap());
             println!("{order:?}: loss {first:.3} -> {last:.3}");
