@@ -254,13 +254,13 @@ fn main() {
     let Err(err) = real_main() else { return };
     if let Some(signal) = lockstep_proto::preempt::requested() {
         // Stopped on purpose: say where the work is and how to go on from it.
-        eprintln!("stopped by signal {signal}: {err:#}");
+        eprintln!("stopped by signal {signal}: {}", lockstep_proto::error_text(err.as_ref()));
         if let Some(checkpoint) = preempted_checkpoint(&err) {
             eprintln!("resume with: {}", resume_command(&checkpoint));
         }
         std::process::exit(lockstep_proto::preempt::exit_code(signal));
     }
-    eprintln!("error: {err:#}");
+    eprintln!("error: {}", lockstep_proto::error_text(err.as_ref()));
     let newest = RUN_DIR.get().and_then(|dir| cluster::resolve_checkpoint(dir).ok());
     if let Some(checkpoint) = newest {
         eprintln!(

@@ -151,7 +151,7 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>, g: Gemm) -> Result<()> {
-        let Gemm { m, k, n, trans_a, trans_b, accumulate } = g;
+        let Gemm { m, k, n, trans_a, trans_b, accumulate, precision } = g;
         need_len("matmul", "a", a.len(), m * k)?;
         need_len("matmul", "b", b.len(), k * n)?;
         need_len("matmul", "c", c.len(), m * n)?;
@@ -167,18 +167,19 @@ impl Backend for CpuBackend {
             }
             return Ok(());
         }
-        if self.precision != MatmulPrecision::Fp32 {
+        let precision = precision.unwrap_or(self.precision);
+        if precision != MatmulPrecision::Fp32 {
             // Mixed precision (T25) as tensor cores do it: operands rounded to bf16/fp16,
             // exact products (a half mantissa squared fits in fp32's), fp32 sums, the result
             // rounded to the half format (activations and input gradients live in it; an
             // fp16 overflow becomes inf). An accumulating matmul (weight gradients) adds its
             // rounded result to the fp32 master gradient.
-            let p = self.precision;
+            let p = precision;
             let a_half: Vec<f32> = a[..m * k].iter().map(|&x| p.round(x)).collect();
             let b_half: Vec<f32> = b[..k * n].iter().map(|&x| p.round(x)).collect();
-            let full = CpuBackend { precision: MatmulPrecision::Fp32, ..self.clone() };
             let mut product = vec![0.0f32; m * n];
-            full.matmul(&a_half, &b_half, &mut product, Gemm { accumulate: false, ..g })?;
+            let fp32 = Gemm { accumulate: false, ..g }.in_precision(MatmulPrecision::Fp32);
+            self.matmul(&a_half, &b_half, &mut product, fp32)?;
             for (out, v) in c[..m * n].iter_mut().zip(product) {
                 *out = if accumulate { *out + p.round(v) } else { p.round(v) };
             }
@@ -755,12 +756,12 @@ mod tests {
             for tb in [false, true] {
                 let want = naive_matmul(&a, &b, m, k, n, ta, tb);
                 let mut c = vec![1.0; m * n];
-                be.matmul(&a, &b, &mut c, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: false }).unwrap();
+                be.matmul(&a, &b, &mut c, Gemm { trans_a: ta, trans_b: tb, ..Gemm::nn(m, k, n) }).unwrap();
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4, "ta={ta} tb={tb}: {x} vs {y}");
                 }
                 // accumulate adds onto what is there
-                be.matmul(&a, &b, &mut c, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: true }).unwrap();
+                be.matmul(&a, &b, &mut c, Gemm { trans_a: ta, trans_b: tb, ..Gemm::nn(m, k, n) }.accumulate()).unwrap();
                 for (x, y) in c.iter().zip(&want) {
                     assert!((x - 2.0 * y).abs() < 1e-3);
                 }
@@ -800,6 +801,19 @@ mod tests {
                 assert_eq!(*x, 0.25 + w);
             }
         }
+        // A product's own precision wins over the backend's, both ways.
+        let mut exact = vec![0.0; m * n];
+        CpuBackend::new(1).matmul(&a, &b, &mut exact, Gemm::nn(m, k, n)).unwrap();
+        let bf16_backend = CpuBackend { precision: MatmulPrecision::Bf16, ..CpuBackend::new(1) };
+        let mut c = vec![0.0; m * n];
+        bf16_backend.matmul(&a, &b, &mut c, Gemm::nn(m, k, n).in_precision(MatmulPrecision::Fp32)).unwrap();
+        assert_eq!(c, exact);
+        let bf16_product = Gemm::nn(m, k, n).in_precision(MatmulPrecision::Bf16);
+        CpuBackend::new(1).matmul(&a, &b, &mut c, bf16_product).unwrap();
+        let mut via_backend = vec![0.0; m * n];
+        bf16_backend.matmul(&a, &b, &mut via_backend, Gemm::nn(m, k, n)).unwrap();
+        assert_eq!(c, via_backend);
+        assert_ne!(c, exact);
         let fp16 = CpuBackend { precision: MatmulPrecision::Fp16, ..CpuBackend::new(1) };
         let mut c = vec![0.0; 1];
         fp16.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1)).unwrap();

@@ -67,12 +67,15 @@ pub struct Gemm {
     pub trans_b: bool,
     /// Add to c instead of overwriting it.
     pub accumulate: bool,
+    /// Operand and output format of this product; None: the backend's
+    /// (`Backend::set_matmul_precision`, the job's `precision.compute`).
+    pub precision: Option<MatmulPrecision>,
 }
 
 impl Gemm {
     /// a·b.
     pub fn nn(m: usize, k: usize, n: usize) -> Self {
-        Self { m, k, n, trans_a: false, trans_b: false, accumulate: false }
+        Self { m, k, n, trans_a: false, trans_b: false, accumulate: false, precision: None }
     }
     /// a·bᵀ.
     pub fn nt(m: usize, k: usize, n: usize) -> Self {
@@ -88,6 +91,10 @@ impl Gemm {
     }
     pub fn accumulate_if(self, accumulate: bool) -> Self {
         Self { accumulate, ..self }
+    }
+    /// This product in `precision`, whatever the backend's setting.
+    pub fn in_precision(self, precision: MatmulPrecision) -> Self {
+        Self { precision: Some(precision), ..self }
     }
 }
 

@@ -49,12 +49,13 @@ fn every_op_matches_the_cpu_reference() {
             for acc in [false, true] {
                 let init = data(m * n, 3);
                 let (mut cc, mut gc) = (init.clone(), gpu.upload(&init).unwrap());
-                cpu.matmul(&a, &b, &mut cc, Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: acc }).unwrap();
+                cpu.matmul(&a, &b, &mut cc, Gemm { trans_a: ta, trans_b: tb, ..Gemm::nn(m, k, n) }.accumulate_if(acc))
+                    .unwrap();
                 gpu.matmul(
                     &gpu.upload(&a).unwrap(),
                     &gpu.upload(&b).unwrap(),
                     &mut gc,
-                    Gemm { m, k, n, trans_a: ta, trans_b: tb, accumulate: acc },
+                    Gemm { trans_a: ta, trans_b: tb, ..Gemm::nn(m, k, n) }.accumulate_if(acc),
                 )
                 .unwrap();
                 close(&format!("matmul ta={ta} tb={tb} acc={acc}"), &gpu.download(&gc).unwrap(), &cc);

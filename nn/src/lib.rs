@@ -31,6 +31,9 @@ pub enum NnError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Invalid(String),
+    /// The hook `Sequential::backward_with_hook` was given failed; its caller holds why.
+    #[error("the gradient-ready hook failed")]
+    HookFailed,
     /// A backend op failed (a device error, an op the backend has no kernel for).
     #[error(transparent)]
     Kernel(#[from] lockstep_kernels::KernelError),

@@ -2,6 +2,7 @@
 //! travel between workers, the coordinator and the run directory.
 
 pub mod classification;
+mod error_text;
 pub mod fuzz;
 pub mod job;
 pub mod metrics;
@@ -12,6 +13,7 @@ pub mod trace;
 mod validate;
 pub mod wire;
 
+pub use error_text::error_text;
 pub use job::{JobError, JobSpec};
 pub use metrics::{EvalRecord, Histogram, LayerGradNorm, MetricsLine, Summary, TrainRecord};
 

@@ -17,8 +17,10 @@ pub fn checkpoint_path(dir: &Path, step: u64) -> PathBuf {
 /// A pipeline stage's checkpoint of the same step as `stage0_file` (which is in
 /// `checkpoints/stage-0/`): the same file name in `checkpoints/stage-<stage>/`.
 pub fn stage_checkpoint(stage0_file: &Path, stage: usize) -> Result<PathBuf> {
-    let bad =
-        || WorkerError::Config(format!("{}: not a file in a checkpoints/stage-0 directory", stage0_file.display()));
+    let bad = || WorkerError::BadFile {
+        path: stage0_file.into(),
+        reason: "not a file in a checkpoints/stage-0 directory".into(),
+    };
     let name = stage0_file.file_name().ok_or_else(bad)?;
     let stage_dir = stage0_file.parent().filter(|d| d.ends_with("stage-0")).ok_or_else(bad)?;
     let checkpoints = stage_dir.parent().ok_or_else(bad)?;
@@ -30,7 +32,9 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(WorkerError::Config(format!("reading {}: {e}", dir.display()))),
+        Err(source) => {
+            return Err(WorkerError::Io { what: "reading the checkpoint directory", path: dir.into(), source })
+        }
     };
     let mut found: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())

@@ -347,7 +347,7 @@ impl Node<'_> {
         let timeout = self.opts.collective_timeout;
         self.rt
             .block_on(QuicLink::connect(self.data_ep, self.allowed, self.me, index, peers, timeout))
-            .map_err(|e| WorkerError::Collective(e.to_string()))
+            .map_err(WorkerError::Comm)
     }
 
     /// This rank's place in the shared-memory group `ranks` (global ranks, in order).
@@ -363,7 +363,7 @@ impl Node<'_> {
             timeout: self.opts.collective_timeout,
             sub_len: lockstep_collective::shm::DEFAULT_SUB_LEN,
         };
-        ShmComm::connect(&spec).map_err(|e| WorkerError::Collective(e.to_string()))
+        Ok(ShmComm::connect(&spec)?)
     }
 
     /// Shared memory inside this host, one QUIC ring per local index between hosts.
@@ -400,8 +400,7 @@ impl Node<'_> {
             }
             None => {
                 let secret = assign.group_secret.as_bytes();
-                let pipe = ShmPipe::connect(secret, assign.rank, place.at.pipe_next(), place.at.pipe_prev(), timeout)
-                    .map_err(|e| WorkerError::Collective(e.to_string()))?;
+                let pipe = ShmPipe::connect(secret, assign.rank, place.at.pipe_next(), place.at.pipe_prev(), timeout)?;
                 abort = abort.with_shm_pipe(pipe.abort_handle());
                 Box::new(pipe)
             }
@@ -471,7 +470,7 @@ impl Node<'_> {
             let pipe = pipe.map(|(next, prev)| QuicPipe::from_mesh(next, prev, dial_ep, timeout));
             Ok::<_, lockstep_collective::CollectiveError>((pipe, ring))
         };
-        self.rt.block_on(setup).map_err(|e| WorkerError::Collective(e.to_string()))
+        Ok(self.rt.block_on(setup)?)
     }
 
     fn run_task(&self, session: &Session, assign: &Assign) -> Result<()> {
@@ -480,7 +479,8 @@ impl Node<'_> {
         let (rank, world) = (assign.rank, assign.world);
         match &assign.task {
             Task::Train { threads, bucket_bytes, weights_path, checkpoint_dir, resume_path, trace, .. } => {
-                let spec = checked_spec.ok_or_else(|| WorkerError::Config("a training task without a job".into()))?;
+                let spec = checked_spec
+                    .ok_or_else(|| WorkerError::Internal("check_task passed a training task without a job".into()))?;
                 let threads = if *threads > 0 { *threads } else { opts.threads };
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
@@ -551,16 +551,15 @@ impl Node<'_> {
 /// of the other processes stay out.
 fn time_all_reduce(comm: &mut Option<Box<dyn Communicator>>, bytes: u64, iters: usize) -> Result<AllReduceTiming> {
     const WARMUP: usize = 5;
-    let collective = |e: lockstep_collective::CollectiveError| WorkerError::Collective(e.to_string());
     let mut buf = vec![1.0f32; (bytes / 4) as usize];
     let mut times = Vec::with_capacity(iters);
     for i in 0..iters + WARMUP {
         if let Some(c) = comm.as_mut() {
-            c.barrier().map_err(collective)?;
+            c.barrier()?;
         }
         let t = Instant::now();
         if let Some(c) = comm.as_mut() {
-            c.all_reduce_sum(&mut buf).map_err(collective)?;
+            c.all_reduce_sum(&mut buf)?;
         }
         if i >= WARMUP {
             times.push(t.elapsed().as_secs_f64());
@@ -634,8 +633,7 @@ pub fn check_task(assign: &Assign) -> Result<Option<JobSpec>> {
     check_assign(assign)?;
     match &assign.task {
         Task::Train { job_toml, .. } => {
-            let spec = JobSpec::parse(job_toml, std::path::Path::new("<assigned job>"), &[])
-                .map_err(|e| WorkerError::Config(e.to_string()))?;
+            let spec = JobSpec::parse(job_toml, std::path::Path::new("<assigned job>"), &[])?;
             if spec.parallel.pipeline_stages > 1 {
                 PipelinePlace::of(assign, &spec)?;
             }

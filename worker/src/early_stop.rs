@@ -90,10 +90,11 @@ pub fn early_stopping<B: Backend>(
 }
 
 fn save_best<B: Backend>(trainer: &Trainer<B>, dir: &Path, record: Option<BestRecord>) -> Result<()> {
-    let io = |e: std::io::Error| WorkerError::Config(format!("best-model directory {}: {e}", dir.display()));
+    let io = |source| WorkerError::Io { what: "best-model directory", path: dir.into(), source };
     std::fs::create_dir_all(dir).map_err(io)?;
     model_file::save_model(trainer, &dir.join("model.safetensors"))?;
-    let json = serde_json::to_string_pretty(&record).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let json = serde_json::to_string_pretty(&record)
+        .map_err(|e| WorkerError::Internal(format!("best.json does not serialise: {e}")))?;
     lockstep_nn::checkpoint::write_atomic(&dir.join("best.json"), json.as_bytes())?;
     tracing::info!("new best model at step {}: {}", trainer.global_step, dir.display());
     Ok(())

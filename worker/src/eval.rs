@@ -43,7 +43,7 @@ pub fn resolve_model_file(path: &Path) -> Result<PathBuf> {
     if !path.is_dir() {
         return match path.exists() {
             true => Ok(path.to_path_buf()),
-            false => Err(WorkerError::Config(format!("{}: no such model file or directory", path.display()))),
+            false => Err(WorkerError::BadFile { path: path.into(), reason: "no such model file or directory".into() }),
         };
     }
     let model = path.join("model.safetensors");
@@ -52,20 +52,21 @@ pub fn resolve_model_file(path: &Path) -> Result<PathBuf> {
     }
     match train_state::list_checkpoints(path)?.pop() {
         Some((_, newest)) => Ok(newest),
-        None => Err(WorkerError::Config(format!(
-            "{}: no model.safetensors and no step-*.safetensors checkpoint in this directory",
-            path.display()
-        ))),
+        None => Err(WorkerError::BadFile {
+            path: path.into(),
+            reason: "no model.safetensors and no step-*.safetensors checkpoint in this directory".into(),
+        }),
     }
 }
 
 /// The job of the model at `path`, with `data` applied.
 fn eval_spec(path: &Path, data: &EvalData) -> Result<JobSpec> {
     let metadata = load_metadata(path)?;
-    let job = metadata.get(JOB_KEY).ok_or_else(|| {
-        WorkerError::Config(format!("{}: no {JOB_KEY} in the header: not written by lockstep", path.display()))
+    let job = metadata.get(JOB_KEY).ok_or_else(|| WorkerError::BadFile {
+        path: path.into(),
+        reason: format!("no {JOB_KEY} in the header: not written by lockstep"),
     })?;
-    let mut spec = JobSpec::parse(job, path, &[]).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let mut spec = JobSpec::parse(job, path, &[])?;
     if let Some(config) = &data.config {
         spec.data = config.data.clone();
     }

@@ -142,18 +142,20 @@ pub fn prepare<B: Backend>(be: &B, spec: &JobSpec, model: &mut Sequential<B>) ->
 /// names of the layers merged.
 pub fn merge_lora_file(input: &Path, output: &Path) -> Result<Vec<String>> {
     let metadata = lockstep_nn::checkpoint::load_metadata(input)?;
-    let job = metadata.get("lockstep.job").ok_or_else(|| {
-        WorkerError::Config(format!("{}: no lockstep.job in the header: not a lockstep model", input.display()))
+    let job = metadata.get("lockstep.job").ok_or_else(|| WorkerError::BadFile {
+        path: input.into(),
+        reason: "no lockstep.job in the header: not a lockstep model".into(),
     })?;
-    let mut spec = JobSpec::parse(job, input, &[]).map_err(|e| WorkerError::Config(e.to_string()))?;
-    let lora = spec.finetune.lora.take().ok_or_else(|| {
-        WorkerError::Config(format!("{}: the model has no LoRA adapters (finetune.lora is unset)", input.display()))
+    let mut spec = JobSpec::parse(job, input, &[])?;
+    let lora = spec.finetune.lora.take().ok_or_else(|| WorkerError::BadFile {
+        path: input.into(),
+        reason: "the model has no LoRA adapters (finetune.lora is unset)".into(),
     })?;
     let mut tensors = load_tensors(input)?;
     let adapted: Vec<String> =
         tensors.keys().filter_map(|k| k.strip_suffix(".lora_a")).map(str::to_string).collect::<Vec<_>>();
     let scaling = lora.alpha / lora.rank as f32;
-    let bad = |m: String| WorkerError::Config(format!("{}: {m}", input.display()));
+    let bad = |reason: String| WorkerError::BadFile { path: input.into(), reason };
     for layer in &adapted {
         let (a_shape, a) = tensors.remove(&format!("{layer}.lora_a")).ok_or_else(|| bad(format!("{layer}.lora_a")))?;
         let (b_shape, b) =

@@ -37,10 +37,29 @@ pub enum WorkerError {
     /// A backend op failed: a device error, or an op the backend has no kernel for.
     #[error(transparent)]
     Kernel(#[from] lockstep_kernels::KernelError),
+    /// The job asks for something that cannot be done (a field's value, a combination).
     #[error("{0}")]
     Config(String),
+    /// A job (from a file's header, a checkpoint or the coordinator) that does not parse.
+    #[error(transparent)]
+    Job(#[from] lockstep_proto::job::JobError),
+    /// The pipeline placement of the job does not fit the model.
+    #[error(transparent)]
+    Placement(#[from] crate::placement::PlacementError),
+    /// A file that is not what it should be: a model, checkpoint or dataset.
+    #[error("{}: {reason}", path.display())]
+    BadFile { path: std::path::PathBuf, reason: String },
+    /// Reading or writing `path` (`what` it is) failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io { what: &'static str, path: std::path::PathBuf, source: std::io::Error },
     #[error("collective: {0}")]
     Collective(String),
+    /// A collective operation or the set-up of a link failed.
+    #[error("collective: {0}")]
+    Comm(#[from] lockstep_collective::CollectiveError),
+    /// A broken invariant of lockstep itself, reported instead of a panic.
+    #[error("internal error (a bug in lockstep): {0}")]
+    Internal(String),
     #[error("training stopped: {0}")]
     Stopped(String),
     /// Stopped by SIGTERM/SIGINT after `step`, with a checkpoint (resume with --resume).
@@ -77,9 +96,7 @@ pub fn device_task<T, E: From<WorkerError>>(
 mod tests {
     #[test]
     fn a_backend_panic_becomes_the_task_error() {
-        let failed = super::device_task(|| -> super::Result<()> {
-            panic!("cuda:0 (H200): cuBLAS handle lost")
-        });
+        let failed = super::device_task(|| -> super::Result<()> { panic!("cuda:0 (H200): cuBLAS handle lost") });
         let err = failed.unwrap_err().to_string();
         assert!(err.starts_with("device: cuda:0") && err.contains("handle lost"), "{err}");
         assert_eq!(super::device_task(|| Ok::<_, super::WorkerError>(3)).unwrap(), 3);

@@ -20,7 +20,7 @@ const INIT_STD: f32 = 0.02;
 pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, CharTokenizer)> {
     let path = spec.data.dir.join(&spec.data.file);
     let raw =
-        std::fs::read(&path).map_err(|e| WorkerError::Config(format!("data: cannot read {}: {e}", path.display())))?;
+        std::fs::read(&path).map_err(|source| WorkerError::Io { what: "data: reading", path: path.clone(), source })?;
     let raw = String::from_utf8(raw).map_err(|e| {
         WorkerError::Config(format!(
             "data: {} is not UTF-8 (byte offset {})",

@@ -50,11 +50,8 @@ pub fn load_weights<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> Result
     for (name, values) in trainer.model.buffers() {
         let stored = buffers.get(&name).filter(|(_, v)| v.len() == values.len());
         let Some((_, stored)) = stored else {
-            return Err(WorkerError::Config(format!(
-                "{}: no buffer {name} of {} values",
-                path.display(),
-                values.len()
-            )));
+            let reason = format!("no buffer {name} of {} values", values.len());
+            return Err(WorkerError::BadFile { path: path.into(), reason });
         };
         trainer.model.load_buffer(&name, stored);
     }
@@ -71,18 +68,24 @@ pub struct LoadedModel<B: Backend> {
 /// Rebuilds the model saved at `path` and loads its weights.
 pub fn load_model<B: Backend>(be: &B, path: &Path) -> Result<LoadedModel<B>> {
     let metadata = load_metadata(path)?;
-    let missing = |what: &str| {
-        WorkerError::Config(format!("{}: no {what} in the header: not written by lockstep train", path.display()))
+    let missing = |what: &str| WorkerError::BadFile {
+        path: path.into(),
+        reason: format!("no {what} in the header: not written by lockstep train"),
     };
     let job = metadata.get(JOB_KEY).ok_or_else(|| missing(JOB_KEY))?;
-    let spec = JobSpec::parse(job, path, &[]).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let spec = JobSpec::parse(job, path, &[])?;
     let vocab = match metadata.get(VOCAB_KEY) {
         Some(text) => Some(CharTokenizer::from_vocab_file(text, path)?),
         None => None,
     };
     let classes = match &vocab {
         Some(v) => v.vocab_size(),
-        None => return Err(WorkerError::Config(format!("{}: not a language model (no vocabulary)", path.display()))),
+        None => {
+            return Err(WorkerError::BadFile {
+                path: path.into(),
+                reason: "not a language model (no vocabulary)".into(),
+            })
+        }
     };
     let (mut model, _) = build::build_model(be, &spec, spec.model.context, classes)?;
     let (tensors, buffers) = load_all(path)?;

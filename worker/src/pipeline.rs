@@ -187,7 +187,7 @@ fn peak_rss_bytes() -> u64 {
 }
 
 fn link_err(e: lockstep_collective::CollectiveError) -> WorkerError {
-    WorkerError::Collective(e.to_string())
+    WorkerError::Comm(e)
 }
 
 /// The step's stop and checkpoint votes, summed over every rank of the pipeline.
@@ -379,7 +379,7 @@ impl<B: Backend> Trainer<B> {
         };
         let t0 = Instant::now();
         let _span = trace::span_detail(SpanKind::Backward, i as u32);
-        let x = st.stash.remove(&i).ok_or_else(|| WorkerError::Config(format!("micro-batch {i} not stashed")))?;
+        let x = st.stash.remove(&i).ok_or_else(|| WorkerError::Internal(format!("micro-batch {i} not stashed")))?;
         let kept_dlogits = st.last_dlogits.take().filter(|(j, _)| *j == i && st.caches_hold == Some(i));
         let dy = match (received, kept_dlogits) {
             (Some(dy), _) if st.caches_hold == Some(i) => dy,
@@ -392,7 +392,7 @@ impl<B: Backend> Trainer<B> {
                     (Some(dy), _) => dy,
                     (None, Some(out)) => out.grad,
                     (None, None) => {
-                        return Err(WorkerError::Config(format!("micro-batch {i}: no gradient to propagate")))
+                        return Err(WorkerError::Internal(format!("micro-batch {i}: no gradient to propagate")))
                     }
                 }
             }

@@ -222,8 +222,7 @@ fn keep_stage<B: Backend>(
     let Some(stage) = stage else { return Ok((Vec::new(), resume)) };
     let resume = resume.map(|path| train_state::stage_checkpoint(&path, stage.stage)).transpose()?;
     crate::pipeline::check_supported(&trainer.model)?;
-    let (placement, costs) =
-        crate::placement::place(&trainer.model, spec).map_err(|e| crate::WorkerError::Config(e.to_string()))?;
+    let (placement, costs) = crate::placement::place(&trainer.model, spec)?;
     let range = placement.stages[stage.stage].clone();
     let layers = costs[range.clone()].iter().map(|c| c.name.clone()).collect();
     trainer.keep_stage(range, stage)?;

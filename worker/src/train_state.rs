@@ -42,7 +42,7 @@ fn state_names<B: Backend>(trainer: &Trainer<B>) -> [&'static str; 2] {
 /// Writes the trainer's state to `dir/step-<global_step>.safetensors` and deletes all but
 /// the newest `keep` checkpoints. Returns the file written.
 pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize) -> Result<PathBuf> {
-    let io = |e: std::io::Error| WorkerError::Config(format!("checkpoint directory {}: {e}", dir.display()));
+    let io = |source| WorkerError::Io { what: "checkpoint directory", path: dir.into(), source };
     std::fs::create_dir_all(dir).map_err(io)?;
     let be = &trainer.be;
     let params = trainer.model.params();
@@ -138,13 +138,13 @@ fn check_state<B: Backend>(
 /// its step. The checkpoint's model and optimizer must be the trainer's: anything else is
 /// an error naming what differs, before any state is touched.
 pub fn restore_checkpoint<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> Result<u64> {
-    let bad = |msg: String| WorkerError::Config(format!("checkpoint {}: {msg}", path.display()));
+    let bad = |reason: String| WorkerError::BadFile { path: path.into(), reason };
     let metadata = load_metadata(path)?;
     let get = |key: &str| metadata.get(key).ok_or_else(|| bad(format!("no {key} in the header")));
     let step: u64 = get(STEP_KEY)?.parse().map_err(|_| bad(format!("{STEP_KEY} is not a number")))?;
     let optimizer_step: u64 =
         get(OPTIMIZER_STEP_KEY)?.parse().map_err(|_| bad(format!("{OPTIMIZER_STEP_KEY} is not a number")))?;
-    let saved = lockstep_proto::JobSpec::parse(get(JOB_KEY)?, path, &[]).map_err(|e| bad(e.to_string()))?;
+    let saved = lockstep_proto::JobSpec::parse(get(JOB_KEY)?, path, &[])?;
     if saved.model != trainer.spec.model {
         return Err(bad("its [model] differs from this job's".into()));
     }

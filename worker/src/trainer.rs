@@ -266,9 +266,18 @@ impl<B: Backend> Trainer<B> {
             loss_sum = out.loss_sum;
             reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote, checkpoint_vote]);
             let _backward = trace::span(SpanKind::Backward);
-            self.model.backward_with_hook(be, out.grad, &mut |first, params| {
-                reducer.grads_ready(be, first, params).map_err(|e| lockstep_nn::NnError::Invalid(e.to_string()))
-            })?;
+            // The hook's own error (a failed all-reduce) is kept whole, not flattened to text.
+            let mut hook_error = None;
+            let backward = self.model.backward_with_hook(be, out.grad, &mut |first, params| {
+                reducer.grads_ready(be, first, params).map_err(|e| {
+                    hook_error = Some(e);
+                    lockstep_nn::NnError::HookFailed
+                })
+            });
+            if let Some(e) = hook_error {
+                return Err(e);
+            }
+            backward?;
         } else {
             // No local examples this step: still take part in every collective, in order.
             reducer.stage_scalars(&[0.0, 0.0, stop_vote, checkpoint_vote]);

@@ -209,7 +209,12 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: crate::Gemm) -> Result<()> {
-        let crate::Gemm { m, k, n, trans_a, trans_b, accumulate } = g;
+        let crate::Gemm { m, k, n, trans_a, trans_b, accumulate, precision } = g;
+        match precision.unwrap_or(MatmulPrecision::Fp32) {
+            MatmulPrecision::Fp32 => {}
+            MatmulPrecision::Bf16 => return Err(self.unsupported("matmul in bf16")),
+            MatmulPrecision::Fp16 => return Err(self.unsupported("matmul in fp16")),
+        }
         crate::need_len("matmul", "a", a.len(), m * k)?;
         crate::need_len("matmul", "b", b.len(), k * n)?;
         crate::need_len("matmul", "c", c.len(), m * n)?;
