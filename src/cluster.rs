@@ -3,8 +3,9 @@
 
 use anyhow::{bail, Context, Result};
 use lockstep_collective::tls::Identity;
-use lockstep_coordinator::{generate_token, Coordinator, RunWriter, TrainOptions, WorkerConn};
+use lockstep_coordinator::{generate_token, Coordinator, ElasticRun, RunWriter, WorkerConn};
 use lockstep_proto::JobSpec;
+use lockstep_worker::pipeline_launch::{self, resolve_resume};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -305,79 +306,48 @@ fn publish_join_address(dir: &Path, join: &str, extra: Option<&Path>) -> Result<
     Ok(())
 }
 
-/// A run directory's newest checkpoint (made absolute: the workers may run elsewhere), or
-/// the checkpoint file given.
-pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
-    if path.is_dir() && path.join("checkpoints").join("stage-0").is_dir() {
-        return crate::pipeline_cli::resolve_stage_checkpoint(&path.join("checkpoints"));
-    }
-    let file = if path.is_file() {
-        path.to_path_buf()
-    } else {
-        let dir = path.join("checkpoints");
-        let newest = lockstep_worker::train_state::list_checkpoints(&dir)?.pop();
-        newest
-            .map(|(_, p)| p)
-            .ok_or_else(|| anyhow::anyhow!("--resume {}: no checkpoint in {}", path.display(), dir.display()))?
-    };
-    Ok(std::path::absolute(file)?)
+/// Recovery for a run this process launched: checkpoints in its run directory, and
+/// replacements for its own dead worker processes (`local`; none for daemons).
+struct LauncherRecovery<'a> {
+    dir: &'a Path,
+    workers: Option<&'a mut LocalWorkers>,
 }
 
-/// How long a re-forming group waits for the full count before going on with fewer.
-const REFORM_GRACE: Duration = Duration::from_secs(15);
-
-/// Trains on `joined`; when the run fails (a worker died or got stuck) and the job allows
-/// it (`train.min_workers`), re-forms the group from the workers that re-join and continues
-/// from the newest checkpoint. Returns the summary and the number of re-formations.
-async fn train_elastic(
-    coord: &mut Coordinator,
-    mut joined: Vec<WorkerConn>,
-    spec: &JobSpec,
-    run: &LocalRun<'_>,
-    writer: &mut RunWriter,
-    mut local: Option<&mut LocalWorkers>,
-) -> Result<(lockstep_proto::Summary, usize)> {
-    // Resolved only now, after the rendezvous: until the workers re-joined, a rank of an
-    // interrupted run may still have been writing (and pruning) checkpoints.
-    let mut resume = run.resume.as_deref().map(resolve_checkpoint).transpose()?;
-    let mut restarts = 0;
-    loop {
-        let world = joined.len();
-        let opts = TrainOptions {
-            threads: run.threads_per_worker,
-            bucket_bytes: run.bucket_bytes,
-            resume: resume.as_deref(),
-            trace: run.trace.as_deref(),
-        };
-        match coord.run_train(joined, spec, opts, writer).await {
-            Ok(summary) => return Ok((summary, restarts)),
-            // A preemption or a deliberate stop is not a failure to recover from.
-            Err(
-                e @ (lockstep_coordinator::CoordError::Preempted { .. } | lockstep_coordinator::CoordError::Stopped(_)),
-            ) => return Err(e.into()),
-            Err(e) if restarts < spec.train.max_restarts => {
-                restarts += 1;
-                // The newest checkpoint of this run, else whatever the run started from.
-                resume = resolve_checkpoint(run.dir).ok().or_else(|| resume.take());
-                let from = resume.as_ref().map_or("the start".to_string(), |p| p.display().to_string());
-                tracing::warn!(
-                    "run failed on {world} workers: {e}; re-forming the group (restart {restarts} of {}) from {from}",
-                    spec.train.max_restarts
-                );
-                coord.status.set_state(format!("re-forming after: {e}"));
-                // `local` owns its workers: a dead one is replaced, so the group re-forms at
-                // its full size. Daemons re-join by themselves (a replacement may join too):
-                // the group waits for all of them, or for `min_workers` when that allows a
-                // smaller group, up to the rendezvous timeout.
-                if let Some(workers) = local.as_deref_mut() {
-                    workers.replace_dead()?;
-                }
-                let min = if spec.train.min_workers > 0 { spec.train.min_workers } else { run.workers };
-                joined = coord.rendezvous_elastic(min, run.workers, REFORM_GRACE, RENDEZVOUS_TIMEOUT).await?;
-            }
-            Err(e) => return Err(e.into()),
+impl lockstep_coordinator::Recovery for LauncherRecovery<'_> {
+    fn resolve(&self, requested: &Path) -> std::result::Result<PathBuf, lockstep_coordinator::elastic::LauncherError> {
+        Ok(resolve_resume(requested)?)
+    }
+    fn newest_checkpoint(&self) -> Option<PathBuf> {
+        resolve_resume(self.dir).ok()
+    }
+    fn replace_dead(&mut self) -> std::result::Result<usize, lockstep_coordinator::elastic::LauncherError> {
+        match self.workers.as_deref_mut() {
+            Some(workers) => Ok(workers.replace_dead()?),
+            None => Ok(0),
         }
     }
+}
+
+/// The elastic settings of `run`.
+fn elastic_run<'a>(run: &'a LocalRun<'_>) -> ElasticRun<'a> {
+    ElasticRun {
+        threads: run.threads_per_worker,
+        bucket_bytes: run.bucket_bytes,
+        trace: run.trace.as_deref(),
+        resume: run.resume.as_deref(),
+        workers: run.workers,
+        rendezvous_timeout: RENDEZVOUS_TIMEOUT,
+    }
+}
+
+/// A pipeline job's placement, on stdout for the user and in coordinator.log (at debug
+/// level) for the record, before any worker starts.
+fn print_placement(spec: &JobSpec, workers: usize) -> Result<()> {
+    if let Some(text) = pipeline_launch::describe_placement(spec, workers)? {
+        print!("{text}");
+        tracing::debug!("{text}");
+    }
+    Ok(())
 }
 
 /// `lockstep local`: a coordinator here and N worker processes over loopback QUIC.
@@ -385,7 +355,7 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
     let rt = runtime()?;
     let mut spec = run.spec.clone();
     absolutize_data_dir(&mut spec);
-    crate::pipeline_cli::check_and_print_placement(&spec, run.workers)?;
+    print_placement(&spec, run.workers)?;
     let mut writer = RunWriter::open(run.dir, &spec, run.progress, run.resume.is_some())?;
     let token = generate_token()?;
     let token_file = write_token(run.dir, &token)?;
@@ -397,8 +367,9 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
             LocalWorkers::spawn(run.workers, &coord.join_address, &token_file, run.threads_per_worker, run.dir)?;
         let result = async {
             let joined = rendezvous_local(&mut coord, run.workers, &mut workers).await?;
+            let mut recovery = LauncherRecovery { dir: run.dir, workers: Some(&mut workers) };
             let (summary, restarts) =
-                train_elastic(&mut coord, joined, &spec, &run, &mut writer, Some(&mut workers)).await?;
+                coord.train_elastic(joined, &spec, &elastic_run(&run), &mut writer, &mut recovery).await?;
             workers.wait_all(Duration::from_secs(30), restarts > 0).await?;
             Ok::<_, anyhow::Error>(summary)
         }
@@ -408,7 +379,7 @@ pub fn run_local(run: LocalRun<'_>) -> Result<()> {
         }
         result.with_context(|| format!("worker logs are in {}", run.dir.display()))
     })?;
-    crate::pipeline_cli::merge_stage_models(run.dir, spec.parallel.pipeline_stages)?;
+    pipeline_launch::merge_stage_models(run.dir, spec.parallel.pipeline_stages)?;
     writer.finish(&summary)?;
     Ok(())
 }
@@ -431,7 +402,7 @@ pub struct CoordinatorRun<'a> {
 /// `lockstep coordinator`: waits for N workers to join, runs the job, shuts them down.
 pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
     let rt = runtime()?;
-    crate::pipeline_cli::check_and_print_placement(&run.spec, run.workers)?;
+    print_placement(&run.spec, run.workers)?;
     let mut writer = RunWriter::open(run.dir, &run.spec, run.progress, run.resume.is_some())?;
     let token = match run.token_file {
         Some(p) => read_token(Some(p))?,
@@ -478,12 +449,14 @@ pub fn run_coordinator(run: CoordinatorRun<'_>) -> Result<()> {
             trace: run.trace.clone(),
             join_file: None,
         };
-        let (summary, _) = train_elastic(&mut coord, joined, &run.spec, &local, &mut writer, None).await?;
+        let mut recovery = LauncherRecovery { dir: run.dir, workers: None };
+        let (summary, _) =
+            coord.train_elastic(joined, &run.spec, &elastic_run(&local), &mut writer, &mut recovery).await?;
         Ok::<_, anyhow::Error>(summary)
     })?;
     let stages = run.spec.parallel.pipeline_stages;
-    if (0..stages).all(|s| run.dir.join(format!("model.safetensors.stage-{s}")).exists()) {
-        crate::pipeline_cli::merge_stage_models(run.dir, stages)?;
+    if (0..stages).all(|s| pipeline_launch::stage_model_path(run.dir, s).exists()) {
+        pipeline_launch::merge_stage_models(run.dir, stages)?;
     } else if stages > 1 {
         tracing::warn!("the stage weight files are on the workers' machines (no shared run directory): not merged");
     }

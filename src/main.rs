@@ -3,7 +3,6 @@
 
 mod bench;
 mod cluster;
-mod pipeline_cli;
 mod plot;
 
 use anyhow::{Context, Result};
@@ -261,7 +260,7 @@ fn main() {
         std::process::exit(lockstep_proto::preempt::exit_code(signal));
     }
     eprintln!("error: {}", lockstep_proto::error_text(err.as_ref()));
-    let newest = RUN_DIR.get().and_then(|dir| cluster::resolve_checkpoint(dir).ok());
+    let newest = RUN_DIR.get().and_then(|dir| lockstep_worker::pipeline_launch::resolve_resume(dir).ok());
     if let Some(checkpoint) = newest {
         eprintln!(
             "newest checkpoint: {}; resume with: {}",
@@ -401,7 +400,7 @@ fn train(
     if trace.is_some() {
         lockstep_worker::trace::start();
     }
-    let resume = resume.map(|r| cluster::resolve_checkpoint(&r)).transpose()?;
+    let resume = resume.map(|r| lockstep_worker::pipeline_launch::resolve_resume(&r)).transpose()?;
     let opts = RunOptions { checkpoint_dir: Some(dir.join("checkpoints")), resume, stop_after, ..Default::default() };
     let progress = !job.quiet;
     match spec.device() {

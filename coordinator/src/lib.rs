@@ -1,11 +1,13 @@
 //! lockstep-coordinator: rendezvous, rank assignment, the run directory (metrics sink) and
 //! the supervision of a group of workers over the QUIC control plane.
 
+pub mod elastic;
 pub mod run_writer;
 pub mod server;
 pub mod status;
 pub mod tensorboard;
 
+pub use elastic::{ElasticRun, Recovery, RestartPolicy};
 pub use run_writer::RunWriter;
 pub use server::{Coordinator, TrainOptions, WorkerConn};
 pub use status::StatusBoard;
@@ -20,6 +22,9 @@ pub enum CoordError {
     Protocol(String),
     #[error("run failed: {0}")]
     Run(String),
+    /// The launcher could not recover the run (find its checkpoint, start a worker).
+    #[error("recovering the run: {0}")]
+    Launcher(#[source] elastic::LauncherError),
     /// A rank stopped the run on purpose (a loss blow-up, a refusal): nothing to recover.
     #[error("run stopped: {0}")]
     Stopped(String),

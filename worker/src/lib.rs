@@ -17,6 +17,7 @@ pub mod lm;
 pub mod log_tap;
 pub mod model_file;
 pub mod pipeline;
+pub mod pipeline_launch;
 pub mod placement;
 pub mod reducer;
 pub mod run;
