@@ -18,6 +18,12 @@ pub enum CoordError {
     Io { what: String, source: std::io::Error },
     #[error("network: {0}")]
     Net(String),
+    /// A TLS identity, endpoint or link of the collective layer failed.
+    #[error("network: {0}")]
+    Comm(#[from] lockstep_collective::CollectiveError),
+    /// A record of the run directory does not serialise.
+    #[error("writing JSON: {0}")]
+    Json(#[from] serde_json::Error),
     #[error("protocol: {0}")]
     Protocol(String),
     #[error("run failed: {0}")]

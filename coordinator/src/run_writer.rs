@@ -155,7 +155,7 @@ impl RunWriter {
     /// Writes the Chrome trace of every rank's spans `(rank, host, spans)` to `path`.
     pub fn write_trace(&self, path: &Path, ranks: &[(usize, String, Vec<TraceSpan>)]) -> Result<()> {
         let json = chrome_trace(ranks);
-        let text = serde_json::to_string(&json).map_err(|e| CoordError::Protocol(e.to_string()))?;
+        let text = serde_json::to_string(&json)?;
         std::fs::write(path, text).map_err(io_err(format!("writing trace {}", path.display())))?;
         let spans: usize = ranks.iter().map(|(_, _, s)| s.len()).sum();
         tracing::info!("trace of {} ranks ({spans} spans) written to {}", ranks.len(), path.display());
@@ -184,7 +184,7 @@ impl RunWriter {
     }
 
     fn write(&mut self, line: &MetricsLine) -> Result<()> {
-        let mut text = serde_json::to_string(line).map_err(|e| CoordError::Protocol(e.to_string()))?;
+        let mut text = serde_json::to_string(line)?;
         text.push('\n');
         let what = format!("writing {}/metrics.jsonl", self.dir.display());
         self.metrics.write_all(text.as_bytes()).and_then(|_| self.metrics.flush()).map_err(io_err(what))
@@ -195,7 +195,7 @@ impl RunWriter {
         let dir = self.dir.clone();
         self.metrics.flush().map_err(io_err(format!("writing {}/metrics.jsonl", dir.display())))?;
         let path = dir.join("summary.json");
-        let text = serde_json::to_string_pretty(summary).map_err(|e| CoordError::Protocol(e.to_string()))? + "\n";
+        let text = serde_json::to_string_pretty(summary)? + "\n";
         std::fs::write(&path, text).map_err(io_err(format!("writing {}", path.display())))?;
         // A closed stdout (a pipe whose reader went away) must not fail the run.
         let _ = writeln!(

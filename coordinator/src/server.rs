@@ -71,7 +71,7 @@ impl Coordinator {
     /// Listens on `listen`; `advertise_host` is the host name put in the join address
     /// (default: the listen IP, or 127.0.0.1 when listening on all interfaces).
     pub fn bind(listen: SocketAddr, advertise_host: Option<String>, token: String) -> Result<Self> {
-        let identity = Identity::generate().map_err(|e| CoordError::Net(e.to_string()))?;
+        let identity = Identity::generate()?;
         Self::bind_with(listen, advertise_host, token, identity)
     }
 
@@ -82,9 +82,9 @@ impl Coordinator {
         token: String,
         identity: Identity,
     ) -> Result<Self> {
-        let server = server_config(&identity, None).map_err(|e| CoordError::Net(e.to_string()))?;
+        let server = server_config(&identity, None)?;
         let endpoint = endpoint(listen, server).map_err(|e| CoordError::Net(format!("listening on {listen}: {e}")))?;
-        let local = endpoint.local_addr().map_err(|e| CoordError::Net(e.to_string()))?;
+        let local = endpoint.local_addr().map_err(|source| CoordError::Io { what: "the endpoint's address".into(), source })?;
         let host = advertise_host.unwrap_or_else(|| {
             if local.ip().is_unspecified() {
                 "127.0.0.1".to_string()
@@ -121,7 +121,7 @@ impl Coordinator {
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        self.endpoint.local_addr().map_err(|e| CoordError::Net(e.to_string()))
+        self.endpoint.local_addr().map_err(|source| CoordError::Io { what: "the endpoint's address".into(), source })
     }
 
     /// Re-forming a group: waits up to `grace` for `max` workers, then takes what has

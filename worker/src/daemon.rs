@@ -117,8 +117,8 @@ pub fn run_daemon(opts: &DaemonOptions) -> Result<()> {
         .thread_name("lockstep-net")
         .build()
         .map_err(net("starting the network runtime"))?;
-    let (coord_addr, coord_fp) = parse_join_address(&opts.join).map_err(|e| WorkerError::Config(e.to_string()))?;
-    let coord = resolve(&coord_addr).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let (coord_addr, coord_fp) = parse_join_address(&opts.join)?;
+    let coord = resolve(&coord_addr)?;
     let identity = Identity::generate().map_err(net("certificate"))?;
     let allowed = AllowedPeers::default();
     let data_ep = {
