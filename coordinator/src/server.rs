@@ -84,7 +84,8 @@ impl Coordinator {
     ) -> Result<Self> {
         let server = server_config(&identity, None)?;
         let endpoint = endpoint(listen, server).map_err(|e| CoordError::Net(format!("listening on {listen}: {e}")))?;
-        let local = endpoint.local_addr().map_err(|source| CoordError::Io { what: "the endpoint's address".into(), source })?;
+        let local =
+            endpoint.local_addr().map_err(|source| CoordError::Io { what: "the endpoint's address".into(), source })?;
         let host = advertise_host.unwrap_or_else(|| {
             if local.ip().is_unspecified() {
                 "127.0.0.1".to_string()

@@ -379,6 +379,11 @@ pub struct TrainSpec {
     pub epochs: usize,
     /// Global batch size: the sum over data-parallel ranks.
     pub batch_size: usize,
+    /// Gradient accumulation (T41): each step runs this many micro-batches of
+    /// `batch_size / accumulate`, sums their gradients locally and all-reduces once, during
+    /// the last one's backward (DDP's `no_sync`). The global batch stays `batch_size`.
+    #[serde(default = "default_accumulate")]
+    pub accumulate: usize,
     /// Stop after this many steps (0 = run all epochs).
     #[serde(default)]
     pub max_steps: usize,
@@ -433,6 +438,10 @@ pub struct TrainSpec {
 
 fn default_checkpoint_minutes() -> f64 {
     10.0
+}
+
+fn default_accumulate() -> usize {
+    1
 }
 
 fn default_max_restarts() -> usize {

@@ -48,6 +48,12 @@ impl JobSpec {
         check(self.model.swish_beta.is_finite(), "model.swish_beta", "must be finite")?;
         check(self.train.epochs > 0, "train.epochs", "must be > 0")?;
         check(self.train.batch_size > 0, "train.batch_size", "must be > 0")?;
+        check(self.train.accumulate > 0, "train.accumulate", "must be >= 1")?;
+        check(
+            self.train.batch_size >= self.train.accumulate,
+            "train.accumulate",
+            "must not exceed train.batch_size (every micro-batch holds an example)",
+        )?;
         check(self.train.log_every > 0, "train.log_every", "must be > 0")?;
         let o = &self.optim;
         check(o.lr.is_finite() && o.lr > 0.0, "optim.lr", "must be a positive number")?;
@@ -124,9 +130,9 @@ fn toolbox(spec: &JobSpec) -> Result<(), (String, String)> {
     )?;
     if par.pipeline_stages > 1 {
         check(
-            spec.train.batch_size >= par.micro_batches * par.data_parallel.max(1),
+            spec.train.batch_size >= par.micro_batches * spec.train.accumulate * par.data_parallel.max(1),
             "parallel.micro_batches",
-            "needs train.batch_size >= micro_batches × data_parallel (every micro-batch non-empty)",
+            "needs train.batch_size >= micro_batches × train.accumulate × data_parallel (every micro-batch non-empty)",
         )?;
         check(!spec.model.sync_batch_norm, "model.sync_batch_norm", "is not supported with pipeline stages")?;
     }

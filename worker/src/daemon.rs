@@ -427,7 +427,9 @@ impl Node<'_> {
         let stage = PipelineStage {
             stage,
             stages,
-            micro_batches: spec.parallel.micro_batches,
+            // Accumulation (T41) on a pipeline is more micro-batches per optimizer step: their
+            // gradients already add up in place and are reduced once at the end.
+            micro_batches: spec.parallel.micro_batches * spec.train.accumulate,
             schedule: spec.parallel.schedule,
             link: pipe,
             report: PipeReport::default(),

@@ -237,9 +237,8 @@ impl<B: Backend> Trainer<B> {
             self.pipeline = Some(stage);
             return stats;
         }
-        let be = &self.be;
         crate::trace::set_step(self.global_step);
-        self.model.zero_grad(be)?;
+        self.model.zero_grad(&self.be)?;
         let (mut loss_sum, mut targets) = (0.0, 0usize);
         // This rank's votes (to stop: preemption; to checkpoint: rank 0's clock), summed
         // with the loss so that every rank acts on the same step.
@@ -247,43 +246,42 @@ impl<B: Backend> Trainer<B> {
         let checkpoint_vote = if self.checkpoint_wanted { 1.0 } else { 0.0 };
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         if !local.is_empty() {
-            let batch = self.gather(data, local);
-            targets = batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
-            let ctx = ForwardCtx {
-                train: true,
-                seed: self.spec.seed,
-                step: self.global_step,
-                example_ids: local.iter().map(|&i| i as u64).collect(),
-                seq_lens: batch.seq_lens,
-                stat_sync: reducer.stat_sync(),
-            };
-            let input = self.input(local.len(), &batch.x)?; // (B, F), (B, H, W, C) or (B, T)
-            let forward = trace::span(SpanKind::Forward);
-            let logits = self.model.forward(be, input, &ctx)?; // (B, classes) or (B, T, vocab)
-                                                               // The loss gradient carries the loss scale (T25); the update divides it out.
-            let out = softmax_cross_entropy(be, &logits, &batch.y, self.class_weights.as_deref(), loss_scale)?;
-            drop(forward);
-            loss_sum = out.loss_sum;
-            reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote, checkpoint_vote]);
-            let _backward = trace::span(SpanKind::Backward);
-            // The hook's own error (a failed all-reduce) is kept whole, not flattened to text.
-            let mut hook_error = None;
-            let backward = self.model.backward_with_hook(be, out.grad, &mut |first, params| {
-                reducer.grads_ready(be, first, params).map_err(|e| {
-                    hook_error = Some(e);
-                    lockstep_nn::NnError::HookFailed
-                })
-            });
-            if let Some(e) = hook_error {
-                return Err(e);
+            // Gradient accumulation (T41): the local examples in `accumulate` micro-batches,
+            // whose gradients add up in place; only the last backward hands its (complete)
+            // gradients to the reducer, so one all-reduce overlaps it.
+            let micro = local.len().div_ceil(self.spec.train.accumulate.max(1));
+            let micro_batches: Vec<&[u32]> = local.chunks(micro).collect();
+            for (j, ids) in micro_batches.iter().enumerate() {
+                let last = j + 1 == micro_batches.len();
+                let (dlogits, micro_loss, micro_targets) = self.forward_loss(data, ids, reducer, loss_scale)?;
+                (loss_sum, targets) = (loss_sum + micro_loss, targets + micro_targets);
+                let _backward = trace::span(SpanKind::Backward);
+                if !last {
+                    self.model.backward(&self.be, dlogits)?;
+                    continue;
+                }
+                reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote, checkpoint_vote]);
+                // The hook's own error (a failed all-reduce) is kept whole, not flattened to text.
+                let mut hook_error = None;
+                let be = &self.be;
+                let backward = self.model.backward_with_hook(be, dlogits, &mut |first, params| {
+                    reducer.grads_ready(be, first, params).map_err(|e| {
+                        hook_error = Some(e);
+                        lockstep_nn::NnError::HookFailed
+                    })
+                });
+                if let Some(e) = hook_error {
+                    return Err(e);
+                }
+                backward?;
             }
-            backward?;
         } else {
             // No local examples this step: still take part in every collective, in order.
             reducer.stage_scalars(&[0.0, 0.0, stop_vote, checkpoint_vote]);
             let params = self.model.params();
-            reducer.grads_ready(be, 0, &params)?;
+            reducer.grads_ready(&self.be, 0, &params)?;
         }
+        let be = &self.be;
         let mut params = self.model.params_mut();
         let mut scalars = [loss_sum, targets as f64, stop_vote, checkpoint_vote];
         let waiting = (Instant::now(), trace::span(SpanKind::AllReduceWait));
@@ -297,6 +295,32 @@ impl<B: Backend> Trainer<B> {
         stats.stop_requested = scalars[2] > 0.5;
         stats.checkpoint_requested = scalars[3] > 0.5;
         Ok(stats)
+    }
+
+    /// The forward pass and loss of the micro-batch `ids`: d(loss)/d(logits) (carrying the
+    /// loss scale, T25; the update divides it out), the loss sum and the target count.
+    fn forward_loss(
+        &mut self,
+        data: &dyn Examples,
+        ids: &[u32],
+        reducer: &mut dyn GradReducer<B>,
+        loss_scale: f32,
+    ) -> Result<(Tensor<B>, f64, usize)> {
+        let batch = self.gather(data, ids);
+        let targets = batch.y.iter().filter(|&&y| y != IGNORE_TARGET).count();
+        let ctx = ForwardCtx {
+            train: true,
+            seed: self.spec.seed,
+            step: self.global_step,
+            example_ids: ids.iter().map(|&i| i as u64).collect(),
+            seq_lens: batch.seq_lens,
+            stat_sync: reducer.stat_sync(),
+        };
+        let input = self.input(ids.len(), &batch.x)?; // (B, F), (B, H, W, C) or (B, T)
+        let _forward = trace::span(SpanKind::Forward);
+        let logits = self.model.forward(&self.be, input, &ctx)?; // (B, classes) or (B, T, vocab)
+        let out = softmax_cross_entropy(&self.be, &logits, &batch.y, self.class_weights.as_deref(), loss_scale)?;
+        Ok((out.grad, out.loss_sum, targets))
     }
 
     /// The batch of examples `indices`, augmented when the job asks for it (T27).

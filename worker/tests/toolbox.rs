@@ -258,3 +258,32 @@ fn a_checkpoint_carries_the_ema_and_the_loss_scale() {
     assert_eq!(a.corrected(&resumed.be).unwrap(), b.corrected(&continuous.be).unwrap());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// 50 steps at a global batch of 128, as k micro-batches of 128/k (T41), with dropout.
+fn accumulated_run(k: usize) -> (Vec<f32>, Vec<f64>) {
+    let s = spec(&["train.batch_size=128", &format!("train.accumulate={k}"), "model.dropout=0.1"]);
+    let data = data();
+    let mut t = Trainer::new(CpuBackend::new(1), &s, 20, 4, 50).unwrap();
+    let batch = |step: usize| -> Vec<u32> { (0..128u32).map(|i| (step as u32 * 128 + i * 7) % 256).collect() };
+    let losses = (0..50).map(|step| t.step(&data, &batch(step), &mut NoReduce).unwrap().loss).collect();
+    (weights(&t), losses)
+}
+
+#[test]
+fn accumulating_four_micro_batches_is_one_step_of_the_whole_batch() {
+    let (w1, l1) = accumulated_run(1);
+    let (w4, l4) = accumulated_run(4);
+    // The same gradients summed in another order: equal to float rounding, not bit for bit.
+    let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(b.abs()).max(1e-3);
+    let loss_diff = l1.iter().zip(&l4).map(|(&a, &b)| rel(a, b)).fold(0.0, f64::max);
+    let weight_diff = w1.iter().zip(&w4).map(|(&a, &b)| rel(a as f64, b as f64)).fold(0.0, f64::max);
+    println!(
+        "k=4 vs k=1 after 50 steps: max relative difference {weight_diff:.2e} (weights), {loss_diff:.2e} (losses)"
+    );
+    assert!(weight_diff < 1e-4 && loss_diff < 1e-5, "{weight_diff:e} {loss_diff:e}");
+    assert!(l4[49] < 0.5 * l4[0], "it trains: {} → {}", l4[0], l4[49]);
+    // More micro-batches than examples is refused before anything runs.
+    let sets = ["train.batch_size=128".to_string(), "train.accumulate=129".to_string()];
+    let err = JobSpec::parse(BASE, Path::new("toolbox.toml"), &sets).unwrap_err().to_string();
+    assert!(err.contains("train.accumulate"), "{err}");
+}
