@@ -152,6 +152,21 @@ impl CudaBackend {
     }
 }
 
+/// Trait methods that answer `KernelError::Unsupported` with their own name.
+macro_rules! unsupported {
+    ($($op:ident($($arg:ty),*) -> $ret:ty;)*) => {
+        $(
+            #[allow(clippy::too_many_arguments)]
+            fn $op(&self, $(_: $arg),*) -> Result<$ret> {
+                Err(self.unsupported(stringify!($op)))
+            }
+        )*
+    };
+}
+
+/// The device buffer, as the `unsupported!` list spells it.
+type Buf = CudaSlice<f32>;
+
 impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
 
@@ -424,193 +439,28 @@ impl Backend for CudaBackend {
     }
 
     // ---- ops without a CUDA kernel yet: each says so by name ----
-
-    fn softmax_backward(&self, _: &Self::Buf, _: &Self::Buf, _: &mut Self::Buf, _: usize, _: usize) -> Result<()> {
-        Err(self.unsupported("softmax_backward"))
-    }
-    fn im2col(&self, _: &Self::Buf, _: &Window, _: usize, _: usize, _: usize, _: &mut Self::Buf) -> Result<()> {
-        Err(self.unsupported("im2col"))
-    }
-    fn col2im(&self, _: &Self::Buf, _: &Window, _: usize, _: usize, _: usize, _: &mut Self::Buf) -> Result<()> {
-        Err(self.unsupported("col2im"))
-    }
-    fn max_pool_forward(
-        &self,
-        _: &Self::Buf,
-        _: &Window,
-        _: usize,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-    ) -> Result<()> {
-        Err(self.unsupported("max_pool_forward"))
-    }
-    fn max_pool_backward(&self, _: &Self::Buf, _: &Self::Buf, _: &mut Self::Buf) -> Result<()> {
-        Err(self.unsupported("max_pool_backward"))
-    }
-    fn avg_pool_forward(&self, _: &Self::Buf, _: &Window, _: usize, _: &mut Self::Buf) -> Result<()> {
-        Err(self.unsupported("avg_pool_forward"))
-    }
-    fn avg_pool_backward(&self, _: &Self::Buf, _: &Window, _: usize, _: &mut Self::Buf) -> Result<()> {
-        Err(self.unsupported("avg_pool_backward"))
-    }
-    fn copy_columns(
-        &self,
-        _: &Self::Buf,
-        _: usize,
-        _: usize,
-        _: &mut Self::Buf,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: bool,
-    ) -> Result<()> {
-        Err(self.unsupported("copy_columns"))
-    }
-    fn layer_norm_forward(
-        &self,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: usize,
-        _: usize,
-        _: f32,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-    ) -> Result<()> {
-        Err(self.unsupported("layer_norm_forward"))
-    }
-    fn layer_norm_backward(
-        &self,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: usize,
-        _: usize,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-    ) -> Result<()> {
-        Err(self.unsupported("layer_norm_backward"))
-    }
-    fn column_stats(&self, _: &Self::Buf, _: usize, _: usize) -> Result<(Vec<f64>, Vec<f64>)> {
-        Err(self.unsupported("column_stats"))
-    }
-    fn batch_norm_apply(
-        &self,
-        _: &Self::Buf,
-        _: &[f64],
-        _: &[f64],
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: usize,
-        _: usize,
-        _: f32,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-    ) -> Result<()> {
-        Err(self.unsupported("batch_norm_apply"))
-    }
-    fn batch_norm_backward_sums(
-        &self,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: usize,
-        _: usize,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-    ) -> Result<(Vec<f64>, Vec<f64>)> {
-        Err(self.unsupported("batch_norm_backward_sums"))
-    }
-    fn batch_norm_backward_dx(
-        &self,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &[f64],
-        _: &Self::Buf,
-        _: (&[f64], &[f64]),
-        _: usize,
-        _: usize,
-        _: f32,
-        _: &mut Self::Buf,
-    ) -> Result<()> {
-        Err(self.unsupported("batch_norm_backward_dx"))
-    }
-    fn attention_forward(
-        &self,
-        _: &Self::Buf,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-        _: &AttentionDims,
-        _: &[usize],
-    ) -> Result<()> {
-        Err(self.unsupported("attention_forward"))
-    }
-    fn attention_backward(
-        &self,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &mut Self::Buf,
-        _: &AttentionDims,
-        _: &[usize],
-    ) -> Result<()> {
-        Err(self.unsupported("attention_backward"))
-    }
-    fn lstm_forward(
-        &self,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-        _: usize,
-    ) -> Result<()> {
-        Err(self.unsupported("lstm_forward"))
-    }
-    fn lstm_backward(
-        &self,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-        _: usize,
-    ) -> Result<()> {
-        Err(self.unsupported("lstm_backward"))
-    }
-    fn gru_forward(
-        &self,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-        _: usize,
-    ) -> Result<()> {
-        Err(self.unsupported("gru_forward"))
-    }
-    fn gru_backward(
-        &self,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &Self::Buf,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-        _: &mut Self::Buf,
-        _: usize,
-    ) -> Result<()> {
-        Err(self.unsupported("gru_backward"))
-    }
-    fn embedding_forward(&self, _: &Self::Buf, _: &[u32], _: usize, _: &mut Self::Buf) -> Result<()> {
-        Err(self.unsupported("embedding_forward"))
-    }
-    fn embedding_backward(&self, _: &Self::Buf, _: &[u32], _: usize, _: &mut Self::Buf) -> Result<()> {
-        Err(self.unsupported("embedding_backward"))
+    unsupported! {
+        softmax_backward(&Buf, &Buf, &mut Buf, usize, usize) -> ();
+        im2col(&Buf, &Window, usize, usize, usize, &mut Buf) -> ();
+        col2im(&Buf, &Window, usize, usize, usize, &mut Buf) -> ();
+        max_pool_forward(&Buf, &Window, usize, &mut Buf, &mut Buf) -> ();
+        max_pool_backward(&Buf, &Buf, &mut Buf) -> ();
+        avg_pool_forward(&Buf, &Window, usize, &mut Buf) -> ();
+        avg_pool_backward(&Buf, &Window, usize, &mut Buf) -> ();
+        copy_columns(&Buf, usize, usize, &mut Buf, usize, usize, usize, usize, bool) -> ();
+        layer_norm_forward(&Buf, &Buf, &Buf, usize, usize, f32, &mut Buf, &mut Buf, &mut Buf) -> ();
+        layer_norm_backward(&Buf, &Buf, &Buf, &Buf, usize, usize, &mut Buf, &mut Buf, &mut Buf) -> ();
+        column_stats(&Buf, usize, usize) -> (Vec<f64>, Vec<f64>);
+        batch_norm_apply(&Buf, &[f64], &[f64], &Buf, &Buf, usize, usize, f32, &mut Buf, &mut Buf) -> ();
+        batch_norm_backward_sums(&Buf, &Buf, &Buf, usize, usize, &mut Buf, &mut Buf) -> (Vec<f64>, Vec<f64>);
+        batch_norm_backward_dx(&Buf, &Buf, &[f64], &Buf, (&[f64], &[f64]), usize, usize, f32, &mut Buf) -> ();
+        attention_forward(&Buf, &mut Buf, &mut Buf, &AttentionDims, &[usize]) -> ();
+        attention_backward(&Buf, &Buf, &Buf, &mut Buf, &AttentionDims, &[usize]) -> ();
+        lstm_forward(&Buf, &Buf, &mut Buf, &mut Buf, &mut Buf, usize) -> ();
+        lstm_backward(&Buf, &Buf, &Buf, &Buf, &mut Buf, &mut Buf, usize) -> ();
+        gru_forward(&Buf, &Buf, &Buf, &mut Buf, &mut Buf, usize) -> ();
+        gru_backward(&Buf, &Buf, &Buf, &Buf, &mut Buf, &mut Buf, &mut Buf, usize) -> ();
+        embedding_forward(&Buf, &[u32], usize, &mut Buf) -> ();
+        embedding_backward(&Buf, &[u32], usize, &mut Buf) -> ();
     }
 }
