@@ -384,6 +384,14 @@ pub struct TrainSpec {
     /// the last one's backward (DDP's `no_sync`). The global batch stays `batch_size`.
     #[serde(default = "default_accumulate")]
     pub accumulate: usize,
+    /// `any-world-size`: the same seed and global batch give bit-identical weights on any
+    /// number of data-parallel workers (fixed micro-shards, an exact reduction).
+    #[serde(default)]
+    pub reproducible: Reproducible,
+    /// The number of shards the global batch is cut into in `any-world-size` mode,
+    /// whatever the world size; at most this many data-parallel workers take part.
+    #[serde(default = "default_micro_shards")]
+    pub micro_shards: usize,
     /// Stop after this many steps (0 = run all epochs).
     #[serde(default)]
     pub max_steps: usize,
@@ -442,6 +450,23 @@ fn default_checkpoint_minutes() -> f64 {
 
 fn default_accumulate() -> usize {
     1
+}
+
+fn default_micro_shards() -> usize {
+    8
+}
+
+/// How much a run's bits may depend on its world size.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum Reproducible {
+    /// Bit for bit across reruns of the same world size; other world sizes agree to
+    /// float rounding (their gradient sums run in another order).
+    #[default]
+    #[serde(rename = "default")]
+    SameWorldSize,
+    /// Bit for bit on any world size, at a cost (see README).
+    #[serde(rename = "any-world-size")]
+    AnyWorldSize,
 }
 
 fn default_max_restarts() -> usize {

@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod pipeline_launch;
 pub mod placement;
 pub mod reducer;
+pub mod reproducible;
 pub mod run;
 pub mod sample;
 mod sequential;
@@ -58,6 +59,9 @@ pub enum WorkerError {
     /// A collective operation or the set-up of a link failed.
     #[error("collective: {0}")]
     Comm(#[from] lockstep_collective::CollectiveError),
+    /// A collective failed in training step `step`.
+    #[error("collective: step {step}: {source}")]
+    CommAtStep { step: u64, source: lockstep_collective::CollectiveError },
     /// A broken invariant of lockstep itself, reported instead of a panic.
     #[error("internal error (a bug in lockstep): {0}")]
     Internal(String),

@@ -203,6 +203,15 @@ impl BucketReducer {
 }
 
 impl<B: Backend> GradReducer<B> for BucketReducer {
+    fn sum_f32(&mut self, values: &mut [f32]) -> Result<()> {
+        self.jobs
+            .send(Job::Reduce(usize::MAX, values.to_vec(), 0))
+            .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
+        let (_, summed) = self.receive()?;
+        values.copy_from_slice(&summed);
+        Ok(())
+    }
+
     fn grads_ready(&mut self, be: &B, first_index: usize, params: &[&Param<B>]) -> Result<()> {
         for (j, p) in params.iter().enumerate() {
             let Some(Some(b)) = self.bucket_of.get(first_index + j).copied() else { continue };

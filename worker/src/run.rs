@@ -14,7 +14,7 @@ use lockstep_kernels::Backend;
 use lockstep_nn::data::{rank_slice, EpochSampler, Examples, Remainder};
 use lockstep_nn::data::{BalancedOrder, Rebalance};
 use lockstep_nn::optim::sparsity;
-use lockstep_proto::job::Remainder as SpecRemainder;
+use lockstep_proto::job::{Remainder as SpecRemainder, Reproducible};
 use lockstep_proto::toolbox::{BlowupAction, Dtype, Resample};
 use lockstep_proto::trace::SpanKind;
 use lockstep_proto::{EvalRecord, Histogram, JobSpec, Summary, TrainRecord};
@@ -167,6 +167,9 @@ fn prepare<B: Backend>(
     let at = lockstep_proto::topology::Topology::new(opts.rank, opts.world, stages_of(spec))
         .map_err(crate::WorkerError::Config)?;
     let (data_rank, data_world) = (at.replica(), at.replicas());
+    if spec.train.reproducible == Reproducible::AnyWorldSize {
+        crate::reproducible::check_world(data_world)?;
+    }
     let resumed_at = trainer.global_step;
     Ok(Setup {
         trainer,
@@ -348,9 +351,19 @@ impl<'a, B: Backend> Run<'a, B> {
         trainer.checkpoint_wanted = self.opts.rank == 0
             && !self.checkpoint_period.is_zero()
             && self.p.last_checkpoint.elapsed() >= self.checkpoint_period;
-        let stats = trainer.step(self.s.train.as_ref(), local, self.s.reducer.as_mut()).map_err(|e| match e {
+        let (data, reducer) = (self.s.train.as_ref(), self.s.reducer.as_mut());
+        let stepped = match self.spec.train.reproducible {
+            Reproducible::SameWorldSize => trainer.step(data, local, reducer),
+            Reproducible::AnyWorldSize => {
+                let total = self.spec.train.micro_shards;
+                let shards = crate::reproducible::my_shards(&batch, total, self.s.data_rank, self.s.data_world);
+                trainer.step_shards(data, &shards, total, reducer)
+            }
+        };
+        let stats = stepped.map_err(|e| match e {
             // Say where: which step a collective failed in (the bucket is in the message).
             crate::WorkerError::Collective(m) => crate::WorkerError::Collective(format!("step {step_index}: {m}")),
+            crate::WorkerError::Comm(source) => crate::WorkerError::CommAtStep { step: step_index, source },
             other => other,
         })?;
         self.on_skip(&stats, step_index)?;

@@ -37,6 +37,9 @@ pub trait GradReducer<B: Backend> {
     /// After backward: every trainable gradient replaced by its sum over ranks, and
     /// `scalars` (as many as were staged) by their sums.
     fn finish_grads(&mut self, be: &B, params: &mut [&mut Param<B>], scalars: &mut [f64]) -> Result<()>;
+    /// Sums `values` over the data-parallel ranks in f32, uncompressed and apart from the
+    /// gradient buckets (the exact integer limbs of `reproducible`).
+    fn sum_f32(&mut self, values: &mut [f32]) -> Result<()>;
     /// Sums statistics across ranks from inside forward/backward (SyncBatchNorm); None
     /// with a single rank.
     fn stat_sync(&self) -> Option<StatSyncHandle> {
@@ -89,6 +92,9 @@ pub struct NoReduce;
 impl<B: Backend> GradReducer<B> for NoReduce {
     fn stage_scalars(&mut self, _: &[f64]) {}
     fn finish_grads(&mut self, _: &B, _: &mut [&mut Param<B>], _: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+    fn sum_f32(&mut self, _: &mut [f32]) -> Result<()> {
         Ok(())
     }
 }
@@ -294,6 +300,60 @@ impl<B: Backend> Trainer<B> {
         // The votes are summed like the loss: all ranks see the same total.
         stats.stop_requested = scalars[2] > 0.5;
         stats.checkpoint_requested = scalars[3] > 0.5;
+        Ok(stats)
+    }
+
+    /// A step in `train.reproducible = "any-world-size"` mode on this rank's `shards` of the
+    /// global batch (`total_shards` of them over all ranks): each shard's gradient alone,
+    /// all of them summed exactly (see `reproducible`), then the update as in `step`.
+    pub fn step_shards(
+        &mut self,
+        data: &dyn Examples,
+        shards: &[&[u32]],
+        total_shards: usize,
+        mut reducer: &mut dyn GradReducer<B>,
+    ) -> Result<StepStats> {
+        crate::trace::set_step(self.global_step);
+        let votes = [
+            if lockstep_proto::preempt::requested().is_some() { 1.0 } else { 0.0 },
+            if self.checkpoint_wanted { 1.0 } else { 0.0 },
+        ];
+        let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
+        // One tensor per parameter (empty if frozen), then the loss sum and the target count.
+        let mut lens: Vec<usize> =
+            self.model.params().iter().map(|p| if p.trainable { p.numel() } else { 0 }).collect();
+        let mut tensors: Vec<Vec<Vec<f32>>> = vec![Vec::new(); lens.len() + 2];
+        for ids in shards {
+            self.model.zero_grad(&self.be)?;
+            let (dlogits, loss, targets) = self.forward_loss(data, ids, reducer, loss_scale)?;
+            let _backward = trace::span(SpanKind::Backward);
+            self.model.backward(&self.be, dlogits)?;
+            for (t, p) in self.model.params().iter().enumerate() {
+                let grad = if p.trainable { self.be.download(&p.grad)? } else { Vec::new() };
+                tensors[t].push(grad);
+            }
+            // The loss in f32 is for the report and the blow-up guard; the count is exact.
+            tensors[lens.len()].push(vec![loss as f32]);
+            tensors[lens.len() + 1].push(vec![targets as f32]);
+        }
+        lens.extend([1, 1]);
+        let waiting = (Instant::now(), trace::span(SpanKind::AllReduceWait));
+        let sums = crate::reproducible::exact_sum(&tensors, &lens, total_shards, &mut reducer)?;
+        let mut summed_votes = votes;
+        reducer.sum_f32(&mut summed_votes)?;
+        let comm_wait_s = waiting.0.elapsed().as_secs_f64();
+        drop(waiting);
+        let be = &self.be;
+        let mut params = self.model.params_mut();
+        for (p, grad) in params.iter_mut().zip(&sums).filter(|(p, _)| p.trainable) {
+            p.grad = be.upload(&grad.iter().map(|&g| g as f32).collect::<Vec<_>>())?;
+        }
+        let squared_norm = grad_sum_squares(be, &params)?;
+        drop(params);
+        let (loss_sum, targets) = (sums[lens.len() - 2][0], sums[lens.len() - 1][0]);
+        let mut stats = self.apply_update([loss_sum, targets], squared_norm, comm_wait_s, loss_scale)?;
+        stats.stop_requested = summed_votes[0] > 0.5;
+        stats.checkpoint_requested = summed_votes[1] > 0.5;
         Ok(stats)
     }
 
