@@ -49,18 +49,7 @@ impl JobSpec {
         check(self.train.epochs > 0, "train.epochs", "must be > 0")?;
         check(self.train.batch_size > 0, "train.batch_size", "must be > 0")?;
         check(self.train.accumulate > 0, "train.accumulate", "must be >= 1")?;
-        if self.train.reproducible == crate::job::Reproducible::AnyWorldSize {
-            let why = "is not supported with train.reproducible = \"any-world-size\"";
-            check(self.train.micro_shards >= 1, "train.micro_shards", "must be >= 1")?;
-            check(
-                self.train.batch_size >= self.train.micro_shards,
-                "train.micro_shards",
-                "must not exceed train.batch_size (every shard holds an example)",
-            )?;
-            check(self.train.accumulate == 1, "train.accumulate", "must be 1: the micro-shards split the batch")?;
-            check(self.parallel.pipeline_stages == 1, "parallel.pipeline_stages", why)?;
-            check(!self.model.sync_batch_norm, "model.sync_batch_norm", why)?;
-        }
+        self.check_reproducible()?;
         check(
             self.train.batch_size >= self.train.accumulate,
             "train.accumulate",
@@ -85,6 +74,25 @@ impl JobSpec {
         check(s.gamma > 0.0 && s.gamma <= 1.0, "schedule.gamma", "must be in (0, 1]")?;
         check(s.rate > 0.0 && s.rate <= 1.0, "schedule.rate", "must be in (0, 1]")?;
         toolbox(self)
+    }
+
+    /// What `train.reproducible = "any-world-size"` needs of the rest of the job.
+    fn check_reproducible(&self) -> Result<(), (String, String)> {
+        if self.train.reproducible != crate::job::Reproducible::AnyWorldSize {
+            return Ok(());
+        }
+        let check = |ok: bool, key: &str, msg: &str| if ok { Ok(()) } else { Err((key.to_string(), msg.to_string())) };
+        let why = "is not supported with train.reproducible = \"any-world-size\"";
+        check(self.train.micro_shards >= 1, "train.micro_shards", "must be >= 1")?;
+        check(
+            self.train.batch_size >= self.train.micro_shards,
+            "train.micro_shards",
+            "must not exceed train.batch_size (every shard holds an example)",
+        )?;
+        check(self.train.accumulate == 1, "train.accumulate", "must be 1: the micro-shards split the batch")?;
+        check(self.parallel.pipeline_stages == 1, "parallel.pipeline_stages", why)?;
+        check(!self.model.sync_batch_norm, "model.sync_batch_norm", why)?;
+        Ok(())
     }
 }
 

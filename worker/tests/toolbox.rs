@@ -287,3 +287,22 @@ fn accumulating_four_micro_batches_is_one_step_of_the_whole_batch() {
     let err = JobSpec::parse(BASE, Path::new("toolbox.toml"), &sets).unwrap_err().to_string();
     assert!(err.contains("train.accumulate"), "{err}");
 }
+
+#[test]
+fn an_accumulated_fp16_step_checks_and_scales_the_loss_once() {
+    // 4 micro-batches, each overflowing: still one skipped step and one halving, not four.
+    let s = spec(&["precision.compute=\"fp16\"", "precision.loss_scale=16777216.0", "train.accumulate=4"]);
+    let data = data();
+    let mut t = Trainer::new(CpuBackend::new(1), &s, 20, 4, 100).unwrap();
+    let before = weights(&t);
+    let stats = t.step(&data, &batch(0), &mut NoReduce).unwrap();
+    assert_eq!(stats.skipped, Some(Skip::Overflow));
+    assert_eq!(t.loss_scaler.as_ref().unwrap().scale, 8_388_608.0, "halved once");
+    assert_eq!(weights(&t), before);
+    // With a scale that fits, the accumulated step applies and carries the scale through.
+    let s = spec(&["precision.compute=\"fp16\"", "precision.loss_scale=1024.0", "train.accumulate=4"]);
+    let mut t = Trainer::new(CpuBackend::new(1), &s, 20, 4, 100).unwrap();
+    let stats = t.step(&data, &batch(0), &mut NoReduce).unwrap();
+    assert_eq!((stats.skipped, stats.loss_scale), (None, 1024.0));
+    assert!(stats.grad_norm.is_finite() && stats.loss.is_finite());
+}
