@@ -96,6 +96,15 @@ impl Coordinator {
             };
             let e = match self.run_train(joined, spec, opts, writer).await {
                 Ok(summary) => return Ok((summary, policy.restarts)),
+                Err(CoordError::Rescale { step, checkpoint }) => {
+                    // Not a failure: the group grows, from the checkpoint every rank wrote.
+                    let target = (world + self.pending_count()).min(spec.train.max_workers);
+                    tracing::info!("scaling up from {world} to {target} workers after step {step}");
+                    self.status.set_state(format!("scaling up to {target} workers after step {step}"));
+                    resume = checkpoint.map(PathBuf::from).or_else(|| resume.take());
+                    joined = self.rendezvous_elastic(target, target, REFORM_GRACE, run.rendezvous_timeout).await?;
+                    continue;
+                }
                 Err(e) => policy.on_failure(e)?,
             };
             // The newest checkpoint of this run, else whatever the run started from.
@@ -110,7 +119,7 @@ impl Coordinator {
             // Owned workers that died are replaced, so the group can re-form at full size;
             // it waits for all of them, or for `min_workers` after the grace period.
             recovery.replace_dead().map_err(CoordError::Launcher)?;
-            let (min, max) = (policy.min_workers, policy.full_size);
+            let (min, max) = (policy.min_workers, policy.full_size.max(spec.train.max_workers));
             joined = self.rendezvous_elastic(min, max, REFORM_GRACE, run.rendezvous_timeout).await?;
         }
     }

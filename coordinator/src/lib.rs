@@ -34,6 +34,10 @@ pub enum CoordError {
     /// A rank stopped the run on purpose (a loss blow-up, a refusal): nothing to recover.
     #[error("run stopped: {0}")]
     Stopped(String),
+    /// Every rank stopped after `step` with a checkpoint because workers are waiting to
+    /// join: the group re-forms larger from it.
+    #[error("re-forming larger after step {step}")]
+    Rescale { step: u64, checkpoint: Option<String> },
     /// Every rank stopped after `step` (SIGTERM/SIGINT) and the checkpoint was written.
     #[error("preempted after step {step}{}", checkpoint.as_ref().map(|c| format!(": checkpoint {c}")).unwrap_or_default())]
     Preempted { step: u64, checkpoint: Option<String> },

@@ -63,8 +63,30 @@ pub struct Coordinator {
     /// `lockstep://HOST:PORT#<sha256>`: what workers pass to `--join`.
     pub join_address: String,
     joined: mpsc::UnboundedReceiver<WorkerConn>,
+    /// Workers that joined a running job (scale-up), held for the next re-formation.
+    pending: Vec<WorkerConn>,
     /// What `lockstep status` is told.
     pub status: StatusBoard,
+}
+
+/// Admitting workers that join a running job (elastic scale-up): while the group has
+/// `room` for more (`train.max_workers`), a joiner is held and every rank is asked to stop
+/// after its current step with a checkpoint; the run then re-forms, larger, from it.
+struct Admission<'a> {
+    joined: &'a mut mpsc::UnboundedReceiver<WorkerConn>,
+    waiting: &'a mut Vec<WorkerConn>,
+    room: usize,
+}
+
+/// The next worker to admit; never resolves while there is no room.
+async fn next_joiner(admission: &mut Option<Admission<'_>>) -> WorkerConn {
+    match admission {
+        Some(a) if a.waiting.len() < a.room => match a.joined.recv().await {
+            Some(w) => w,
+            None => std::future::pending().await,
+        },
+        _ => std::future::pending().await,
+    }
 }
 
 impl Coordinator {
@@ -118,7 +140,12 @@ impl Coordinator {
                 });
             }
         });
-        Ok(Self { endpoint, identity, join_address, joined, status })
+        Ok(Self { endpoint, identity, join_address, joined, pending: Vec::new(), status })
+    }
+
+    /// Workers admitted during the run, waiting for the next re-formation.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
@@ -135,7 +162,8 @@ impl Coordinator {
         timeout: Duration,
     ) -> Result<Vec<WorkerConn>> {
         let start = tokio::time::Instant::now();
-        let mut workers = Vec::with_capacity(max);
+        // Workers admitted during the last run (scale-up) are the first of the new group.
+        let mut workers = std::mem::take(&mut self.pending);
         while workers.len() < max {
             let deadline = if workers.len() >= min { start + grace } else { start + timeout };
             match tokio::time::timeout_at(deadline, self.joined.recv()).await {
@@ -205,9 +233,12 @@ impl Coordinator {
             trace: trace.is_some(),
         };
         self.status.set_state("starting");
+        let world = workers.len();
         let mut group = Group::assign(workers, spec.seed, task, self.status.clone()).await?;
         let stages = spec.parallel.pipeline_stages.max(1);
-        let mut result = supervise_train(&mut group, writer, trace, stages).await;
+        let room = spec.train.max_workers.saturating_sub(world);
+        let admission = (room > 0).then_some(Admission { joined: &mut self.joined, waiting: &mut self.pending, room });
+        let mut result = supervise_train(&mut group, writer, trace, stages, admission).await;
         self.status.set_state(match &result {
             Ok(_) => "finished".to_string(),
             Err(e) => format!("failed: {e}"),
@@ -465,18 +496,34 @@ impl Group {
     }
 
     /// `next`, but every 100 ms it checks whether this process was asked to stop
-    /// (SIGTERM/SIGINT) and, once, tells every worker to stop after its current step.
-    async fn next_or_preempt(&mut self, told: &mut bool) -> Result<(usize, ToCoordinator)> {
+    /// (SIGTERM/SIGINT) and, once, tells every worker to stop after its current step. A
+    /// worker joining with room to admit it (`admission`) asks for the same stop, once, as a
+    /// `Rescale` (`rescaling` is set).
+    async fn next_or_preempt(
+        &mut self,
+        told: &mut bool,
+        admission: &mut Option<Admission<'_>>,
+        rescaling: &mut bool,
+    ) -> Result<(usize, ToCoordinator)> {
         loop {
-            tokio::select! {
+            let joined = tokio::select! {
                 msg = self.next() => return msg,
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {
-                    if let (false, Some(signal)) = (*told, lockstep_proto::preempt::requested()) {
-                        tracing::warn!("signal {signal}: every rank stops after its current step, with a checkpoint");
-                        self.broadcast(&ToWorker::Preempt { signal }).await;
-                        *told = true;
-                    }
+                w = next_joiner(admission) => Some(w),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => None,
+            };
+            if let Some(w) = joined {
+                tracing::info!(host = %w.host, pid = w.pid, "a worker joined the running job: admitting it at the next step");
+                if let Some(a) = admission.as_mut() {
+                    a.waiting.push(w);
                 }
+                if !*told {
+                    self.broadcast(&ToWorker::Rescale).await;
+                    (*told, *rescaling) = (true, true);
+                }
+            } else if let (false, Some(signal)) = (*told, lockstep_proto::preempt::requested()) {
+                tracing::warn!("signal {signal}: every rank stops after its current step, with a checkpoint");
+                self.broadcast(&ToWorker::Preempt { signal }).await;
+                *told = true;
             }
         }
     }
@@ -531,12 +578,20 @@ async fn supervise_train(
     writer: &mut RunWriter,
     trace: Option<&std::path::Path>,
     stages: usize,
+    mut admission: Option<Admission<'_>>,
 ) -> Result<Summary> {
     start_when_identical(group, writer).await?;
     let mut reports = Reports::new(group.sends.len(), stages);
+    let mut rescaling = false;
     while reports.summaries.len() < reports.world {
-        let (rank, message) = group.next_or_preempt(&mut reports.told_to_stop).await?;
-        reports.take(group, writer, rank, message)?;
+        let next = group.next_or_preempt(&mut reports.told_to_stop, &mut admission, &mut rescaling).await;
+        let taken = next.and_then(|(rank, message)| reports.take(group, writer, rank, message));
+        match taken {
+            Err(CoordError::Preempted { step, checkpoint }) if rescaling => {
+                return Err(CoordError::Rescale { step, checkpoint })
+            }
+            other => other?,
+        }
     }
     reports.into_summary(group, writer, trace)
 }

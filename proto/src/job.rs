@@ -417,6 +417,10 @@ pub struct TrainSpec {
     /// 0: a dead worker stops the run.
     #[serde(default)]
     pub min_workers: usize,
+    /// Elastic scale-up: a worker that joins a running job is admitted at the next step
+    /// (a checkpoint), and the group re-forms with up to this many workers. 0: off.
+    #[serde(default)]
+    pub max_workers: usize,
     /// Group re-formations allowed in one run.
     #[serde(default = "default_max_restarts")]
     pub max_restarts: usize,

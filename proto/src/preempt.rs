@@ -51,6 +51,14 @@ pub fn requested() -> Option<i32> {
     }
 }
 
+/// Not a signal: the stop that a `Rescale` asks for. The process goes on afterwards.
+pub const RESCALE: i32 = -1;
+
+/// Forgets a `RESCALE` request once its stop is done (a real signal stays).
+pub fn clear_rescale() {
+    let _ = SIGNAL.compare_exchange(RESCALE, 0, Ordering::SeqCst, Ordering::SeqCst);
+}
+
 /// Asks for a stop as if `signal` had arrived (the coordinator's `Preempt` message).
 pub fn request(signal: i32) {
     let _ = SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);

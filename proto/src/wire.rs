@@ -176,6 +176,9 @@ pub enum ToWorker {
     },
     /// The answer to a `StatusQuery`.
     Status(ClusterStatus),
+    /// Workers are waiting to join (elastic scale-up): finish the current step, vote to
+    /// stop, checkpoint, report `Preempted`, then re-join; the group re-forms larger.
+    Rescale,
 }
 
 /// What `lockstep status` prints: the run and one row per rank.

@@ -22,6 +22,7 @@ use lockstep_collective::topology::{Layout, Topology};
 use lockstep_collective::{Communicator, RingComm, WireFormat};
 use lockstep_kernels::{Backend, CpuBackend};
 use lockstep_proto::job::Device;
+use lockstep_proto::preempt::RESCALE;
 use lockstep_proto::toolbox::{Dtype, Transport};
 use lockstep_proto::topology::Topology as RankTopology;
 use lockstep_proto::wire::{
@@ -245,6 +246,10 @@ impl Node<'_> {
                     tracing::warn!("the coordinator was told to stop (signal {signal}): stopping after this step");
                     lockstep_proto::preempt::request(*signal);
                 }
+                if let ToWorker::Rescale = &msg {
+                    tracing::info!("workers are waiting to join: checkpointing after this step to re-form larger");
+                    lockstep_proto::preempt::request(lockstep_proto::preempt::RESCALE);
+                }
                 if in_tx.send(msg).is_err() {
                     break;
                 }
@@ -277,16 +282,25 @@ impl Node<'_> {
                         }
                         Ok(()) => {}
                     }
+                    let rescaled = matches!(result, Err(WorkerError::Preempted { signal, .. }) if signal == RESCALE);
+                    let succeeded = result.is_ok();
                     if let Err(e @ WorkerError::Preempted { .. }) = result {
-                        // Let the report reach the coordinator, then stop this process.
+                        // Let the report reach the coordinator, then stop this process (or,
+                        // after a rescale, re-join for the larger group).
                         let _ = session.recv(Some(Duration::from_secs(10)));
-                        return Err(e);
+                        if !rescaled {
+                            return Err(e);
+                        }
+                        lockstep_proto::preempt::clear_rescale();
                     }
                     self.allowed.write().map_err(|_| WorkerError::Collective("peer set poisoned".into()))?.clear();
                     if let Ok(mut active) = self.active_link.lock() {
                         active.take(); // the link itself closed with the task
                     }
-                    if opts.once && result.is_ok() {
+                    if rescaled {
+                        return Ok(false);
+                    }
+                    if opts.once && succeeded {
                         // Wait (briefly) for the coordinator's Shutdown so the last reports land.
                         return Ok(matches!(session.recv(Some(Duration::from_secs(30))), Ok(ToWorker::Shutdown)));
                     }

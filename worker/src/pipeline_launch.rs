@@ -32,9 +32,9 @@ pub fn check_world(spec: &JobSpec, workers: usize) -> Result<()> {
             p.data_parallel * stages
         )));
     }
-    if spec.train.min_workers > 0 {
+    if spec.train.min_workers > 0 || spec.train.max_workers > 0 {
         return Err(WorkerError::Config(
-            "pipeline runs cannot re-form after a failure yet (train.min_workers); they can --resume".into(),
+            "pipeline runs cannot re-form yet (train.min_workers, train.max_workers); they can --resume".into(),
         ));
     }
     Ok(())

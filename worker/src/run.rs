@@ -449,7 +449,11 @@ impl<'a, B: Backend> Run<'a, B> {
             // Every rank saw the same vote: all stop after this step.
             let written = self.checkpoint()?;
             let signal = lockstep_proto::preempt::requested().unwrap_or(lockstep_proto::preempt::SIGTERM);
-            tracing::warn!("stopping after step {step}: preempted (signal {signal})");
+            if signal == lockstep_proto::preempt::RESCALE {
+                tracing::info!("stopping after step {step}: the group re-forms larger from this checkpoint");
+            } else {
+                tracing::warn!("stopping after step {step}: preempted (signal {signal})");
+            }
             let checkpoint = written.map(|p| p.display().to_string());
             return Err(crate::WorkerError::Preempted { step, signal, checkpoint });
         }
