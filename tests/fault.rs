@@ -27,26 +27,6 @@ fn start_local(dir: &Path, extra: &[&str]) -> Child {
         .expect("start lockstep local")
 }
 
-/// The step of the newest `train` line in metrics.jsonl (0 before the first).
-fn current_step(dir: &Path) -> u64 {
-    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "train")
-        .filter_map(|v| v["step"].as_u64())
-        .max()
-        .unwrap_or(0)
-}
-
-fn wait_for_step(dir: &Path, step: u64, child: &mut Child) {
-    let start = Instant::now();
-    while current_step(dir) < step {
-        assert!(child.try_wait().unwrap().is_none(), "run ended before step {step}");
-        assert!(start.elapsed() < Duration::from_secs(300), "step {step} not reached");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn worker_pid(dir: &Path, i: usize) -> String {
     std::fs::read_to_string(dir.join(format!("worker-{i}.pid"))).expect("worker pid file").trim().to_string()
 }
@@ -54,17 +34,6 @@ fn worker_pid(dir: &Path, i: usize) -> String {
 fn signal(pid: &str, sig: &str) {
     let ok = std::process::Command::new("kill").args([sig, pid]).status().expect("kill").success();
     assert!(ok, "kill {sig} {pid}");
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(start.elapsed() < limit, "lockstep local did not finish within {limit:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

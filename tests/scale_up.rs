@@ -6,7 +6,9 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(300);
 
 const JOB: [&str; 6] = ["--set", "train.epochs=2", "--set", "train.log_every=10", "--set", "data.test_limit=2000"];
 
@@ -23,43 +25,16 @@ fn start_local(dir: &Path, extra: &[&str]) -> Child {
         .expect("start lockstep local")
 }
 
-/// The step of the newest `train` line in metrics.jsonl (0 before the first).
-fn current_step(dir: &Path) -> u64 {
-    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "train")
-        .filter_map(|v| v["step"].as_u64())
-        .max()
-        .unwrap_or(0)
-}
-
-fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(start.elapsed() < Duration::from_secs(300), "{what} did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_worker_that_joins_mid_run_is_admitted_and_the_run_ends_on_three() {
     let whole = temp_dir("scale-whole");
     let mut child = start_local(&whole, &[]);
-    assert!(wait_exit(&mut child, "the uninterrupted run").success());
+    assert!(wait_exit(&mut child, LIMIT).success());
     let want = summary(&whole)["test_accuracy"].as_f64().expect("accuracy");
 
     let dir = temp_dir("scale-up");
     let mut child = start_local(&dir, &["--set", "train.max_workers=3"]);
-    let start = Instant::now();
-    while current_step(&dir) < 50 {
-        assert!(child.try_wait().expect("wait").is_none(), "the run ended before step 50");
-        assert!(start.elapsed() < Duration::from_secs(120), "step 50 not reached");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_step(&dir, 50, &mut child);
     let join = std::fs::read_to_string(dir.join("join")).expect("join address");
     let log = std::fs::File::create(dir.with_extension("third.log")).expect("log file");
     let mut third = bin()
@@ -69,10 +44,10 @@ fn a_worker_that_joins_mid_run_is_admitted_and_the_run_ends_on_three() {
         .stderr(log)
         .spawn()
         .expect("start the third worker");
-    let status = wait_exit(&mut child, "the scaled-up run");
+    let status = wait_exit(&mut child, LIMIT);
     let coordinator_log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default();
     assert!(status.success(), "local failed:\n{}", std::fs::read_to_string(dir.with_extension("log")).unwrap());
-    assert!(wait_exit(&mut third, "the third worker").success(), "the third worker failed");
+    assert!(wait_exit(&mut third, LIMIT).success(), "the third worker failed");
     assert!(coordinator_log.contains("scaling up from 2 to 3 workers"), "{coordinator_log}");
     let s = summary(&dir);
     assert_eq!(s["world_size"], 3, "the run ends on 3 workers");

@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 pub fn bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep"));
@@ -54,4 +55,37 @@ pub fn small_mnist(examples: usize, epochs: usize) -> Vec<String> {
         "schedule.warmup_steps=10".into(),
     ]
     .to_vec()
+}
+
+/// The step of the newest `train` line in metrics.jsonl (0 before the first).
+pub fn current_step(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "train")
+        .filter_map(|v| v["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Waits until metrics.jsonl has a `train` line at or past `step`; the run must be alive.
+pub fn wait_for_step(dir: &Path, step: u64, child: &mut Child) {
+    let start = Instant::now();
+    while current_step(dir) < step {
+        assert!(child.try_wait().unwrap().is_none(), "run ended before step {step}");
+        assert!(start.elapsed() < Duration::from_secs(300), "step {step} not reached");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The exit status of `child`, waited for up to `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "lockstep local did not finish within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -13,7 +13,6 @@
 //!
 //! The cost: 4× the all-reduce bytes, the histogram round trip, and shard-sized kernels.
 
-use crate::trainer::GradReducer;
 use crate::{Result, WorkerError};
 use lockstep_nn::data::rank_slice;
 use rayon::prelude::*;
@@ -148,12 +147,6 @@ fn from_limbs(limbs: &[f32], unit: Option<f64>) -> f64 {
 /// The collective `exact_sum` needs: f32 sums across the data-parallel ranks, uncompressed.
 pub trait SumF32 {
     fn sum_f32(&mut self, values: &mut [f32]) -> Result<()>;
-}
-
-impl<B: lockstep_kernels::Backend> SumF32 for &mut dyn GradReducer<B> {
-    fn sum_f32(&mut self, values: &mut [f32]) -> Result<()> {
-        GradReducer::sum_f32(&mut **self, values)
-    }
 }
 
 /// A world of one: sums are the values.

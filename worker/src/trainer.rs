@@ -86,6 +86,13 @@ pub struct Evaluation {
     pub classes: Option<lockstep_proto::classification::ClassMetrics>,
 }
 
+/// The reproducible mode's exact sums go through the step's reducer.
+impl<B: Backend> crate::reproducible::SumF32 for &mut dyn GradReducer<B> {
+    fn sum_f32(&mut self, values: &mut [f32]) -> Result<()> {
+        GradReducer::sum_f32(&mut **self, values)
+    }
+}
+
 /// World size 1: nothing to reduce.
 pub struct NoReduce;
 
