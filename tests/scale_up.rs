@@ -11,7 +11,8 @@ use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
-const JOB: [&str; 6] = ["--set", "train.epochs=1", "--set", "train.log_every=10", "--set", "train.reproducible=\"any-world-size\""];
+const JOB: [&str; 6] =
+    ["--set", "train.epochs=1", "--set", "train.log_every=10", "--set", "train.reproducible=\"any-world-size\""];
 
 fn start_local(dir: &Path, extra: &[&str]) -> Child {
     bin()
@@ -52,7 +53,10 @@ fn a_worker_that_joins_mid_run_is_admitted_and_the_run_ends_on_three() {
     assert!(coordinator_log.contains("scaling up from 2 to 3 workers"), "{coordinator_log}");
     let s = summary(&dir);
     assert_eq!(s["world_size"], 3, "the run ends on 3 workers");
-    println!("test accuracy: uninterrupted on 2 workers {}, scaled up to 3 {}", want["test_accuracy"], s["test_accuracy"]);
+    println!(
+        "test accuracy: uninterrupted on 2 workers {}, scaled up to 3 {}",
+        want["test_accuracy"], s["test_accuracy"]
+    );
     assert_eq!(s["test_accuracy"], want["test_accuracy"]);
     assert_eq!(s["weight_hash"], want["weight_hash"], "the same weights as the uninterrupted run");
     let _ = std::fs::remove_dir_all(&whole);
