@@ -185,11 +185,19 @@ impl BucketReducer {
     /// All-reduces a few f64 values exactly enough for reporting: each is split into a high
     /// and a low f32 part, summed separately.
     fn reduce_f64(&mut self, values: &mut [f64]) -> Result<()> {
+        let mut parts = split_f64(values);
+        self.reduce_f32(&mut parts)?;
+        join_f64(&parts, values);
+        Ok(())
+    }
+
+    /// All-reduces `values` in f32 on the comm thread, outside the gradient buckets.
+    fn reduce_f32(&mut self, values: &mut [f32]) -> Result<()> {
         self.jobs
-            .send(Job::Reduce(usize::MAX, split_f64(values), 0))
+            .send(Job::Reduce(usize::MAX, values.to_vec(), 0))
             .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
         let (_, summed) = self.receive()?;
-        join_f64(&summed, values);
+        values.copy_from_slice(&summed);
         Ok(())
     }
 
@@ -204,12 +212,7 @@ impl BucketReducer {
 
 impl<B: Backend> GradReducer<B> for BucketReducer {
     fn sum_f32(&mut self, values: &mut [f32]) -> Result<()> {
-        self.jobs
-            .send(Job::Reduce(usize::MAX, values.to_vec(), 0))
-            .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
-        let (_, summed) = self.receive()?;
-        values.copy_from_slice(&summed);
-        Ok(())
+        self.reduce_f32(values)
     }
 
     fn grads_ready(&mut self, be: &B, first_index: usize, params: &[&Param<B>]) -> Result<()> {

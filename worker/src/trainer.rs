@@ -253,10 +253,7 @@ impl<B: Backend> Trainer<B> {
         crate::trace::set_step(self.global_step);
         self.model.zero_grad(&self.be)?;
         let (mut loss_sum, mut targets) = (0.0, 0usize);
-        // This rank's votes (to stop: preemption; to checkpoint: rank 0's clock), summed
-        // with the loss so that every rank acts on the same step.
-        let stop_vote = if lockstep_proto::preempt::requested().is_some() { 1.0 } else { 0.0 };
-        let checkpoint_vote = if self.checkpoint_wanted { 1.0 } else { 0.0 };
+        let [stop_vote, checkpoint_vote] = self.votes();
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         if !local.is_empty() {
             // Gradient accumulation (T41): the local examples in `accumulate` micro-batches,
@@ -321,10 +318,7 @@ impl<B: Backend> Trainer<B> {
         mut reducer: &mut dyn GradReducer<B>,
     ) -> Result<StepStats> {
         crate::trace::set_step(self.global_step);
-        let votes = [
-            if lockstep_proto::preempt::requested().is_some() { 1.0 } else { 0.0 },
-            if self.checkpoint_wanted { 1.0 } else { 0.0 },
-        ];
+        let votes = self.votes().map(|v| v as f32);
         let loss_scale = self.loss_scaler.as_ref().map_or(1.0, |s| s.scale);
         // One tensor per parameter (empty if frozen), then the loss sum and the target count.
         let mut lens: Vec<usize> =
@@ -362,6 +356,13 @@ impl<B: Backend> Trainer<B> {
         stats.stop_requested = summed_votes[0] > 0.5;
         stats.checkpoint_requested = summed_votes[1] > 0.5;
         Ok(stats)
+    }
+
+    /// This rank's votes, summed across ranks with the step's scalars so every rank acts on
+    /// the same step: to stop (a preemption or a rescale) and to checkpoint (rank 0's clock).
+    fn votes(&self) -> [f64; 2] {
+        let stop = lockstep_proto::preempt::requested().is_some();
+        [f64::from(u8::from(stop)), f64::from(u8::from(self.checkpoint_wanted))]
     }
 
     /// The forward pass and loss of the micro-batch `ids`: d(loss)/d(logits) (carrying the
