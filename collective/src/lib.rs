@@ -48,6 +48,27 @@ pub trait Communicator: Send {
     }
     /// In place: every rank's buf ← root's buf.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()>;
+    /// The range of a `len`-value buffer that `rank` holds summed after
+    /// [`reduce_scatter_sum`](Self::reduce_scatter_sum). The ranges of all ranks partition
+    /// the buffer; each implementation picks the one its algorithm produces.
+    fn shard_of(&self, len: usize, rank: usize) -> std::ops::Range<usize> {
+        ring::chunk_range(len, self.world(), rank)
+    }
+    /// In place: this rank's shard (`shard_of(buf.len(), rank)`) of `buf` ← Σ over ranks;
+    /// the rest of `buf` is left unspecified. Each shard gets the very bits
+    /// `all_reduce_sum` would give it (ZeRO depends on that). The default all-reduces.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce_sum(buf)
+    }
+    /// In place: every rank's shard of `buf` to every rank. The default all-reduces with
+    /// the other shards set to −0.0, the exact identity of IEEE addition (x + −0 = x for
+    /// every x, +0 included), so every value arrives with its bits.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        let mine = self.shard_of(buf.len(), self.rank());
+        buf[..mine.start].fill(-0.0);
+        buf[mine.end..].fill(-0.0);
+        self.all_reduce_sum(buf)
+    }
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<()> {
         let mut token = [0.0f32];

@@ -27,13 +27,22 @@ pub fn chunk_range(len: usize, world: usize, c: usize) -> std::ops::Range<usize>
 }
 
 pub fn ring_all_reduce(link: &mut dyn RingLink, rank: usize, world: usize, buf: &mut [f32]) -> Result<()> {
+    ring_reduce_scatter(link, rank, world, buf)?;
+    ring_all_gather(link, rank, world, buf)
+}
+
+/// The chunk rank `rank` owns summed after `ring_reduce_scatter`: (rank + 1) mod W.
+pub fn ring_shard(len: usize, world: usize, rank: usize) -> std::ops::Range<usize> {
+    chunk_range(len, world, (rank + 1) % world)
+}
+
+/// The reduce-scatter half of the ring: afterwards `buf[ring_shard(..)]` holds the sum.
+pub fn ring_reduce_scatter(link: &mut dyn RingLink, rank: usize, world: usize, buf: &mut [f32]) -> Result<()> {
     if world <= 1 {
         return Ok(());
     }
     let len = buf.len();
-    let max_chunk = (0..world).map(|c| chunk_range(len, world, c).len()).max().unwrap_or(0);
-    let mut incoming = vec![0.0f32; max_chunk];
-    // Reduce-scatter.
+    let mut incoming = vec![0.0f32; max_chunk(len, world)];
     for s in 0..world - 1 {
         let send = chunk_range(len, world, (rank + world - s) % world);
         let recv = chunk_range(len, world, (rank + 2 * world - s - 1) % world);
@@ -43,7 +52,16 @@ pub fn ring_all_reduce(link: &mut dyn RingLink, rank: usize, world: usize, buf: 
             *b += x;
         }
     }
-    // All-gather.
+    Ok(())
+}
+
+/// The all-gather half of the ring: each rank's `ring_shard` passed around to every rank.
+pub fn ring_all_gather(link: &mut dyn RingLink, rank: usize, world: usize, buf: &mut [f32]) -> Result<()> {
+    if world <= 1 {
+        return Ok(());
+    }
+    let len = buf.len();
+    let mut incoming = vec![0.0f32; max_chunk(len, world)];
     for s in 0..world - 1 {
         let send = chunk_range(len, world, (rank + 1 + world - s) % world);
         let recv = chunk_range(len, world, (rank + world - s) % world);
@@ -52,6 +70,10 @@ pub fn ring_all_reduce(link: &mut dyn RingLink, rank: usize, world: usize, buf: 
         buf[recv].copy_from_slice(&incoming[..n]);
     }
     Ok(())
+}
+
+fn max_chunk(len: usize, world: usize) -> usize {
+    (0..world).map(|c| chunk_range(len, world, c).len()).max().unwrap_or(0)
 }
 
 /// Number format of values on the wire (T25): 16-bit formats halve the bytes; sums are
@@ -210,6 +232,15 @@ impl<L: RingLink> Communicator for RingComm<L> {
     }
     fn all_reduce_sum_as(&mut self, buf: &mut [f32], format: WireFormat, half_len: usize) -> Result<()> {
         ring_all_reduce_as(&mut self.link, self.rank, self.world, buf, format, half_len)
+    }
+    fn shard_of(&self, len: usize, rank: usize) -> std::ops::Range<usize> {
+        ring_shard(len, self.world, rank)
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        ring_reduce_scatter(&mut self.link, self.rank, self.world, buf)
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        ring_all_gather(&mut self.link, self.rank, self.world, buf)
     }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         ring_broadcast(&mut self.link, self.rank, self.world, buf, root)

@@ -50,12 +50,21 @@ mod tests {
         world: usize,
         f: impl Fn(&mut dyn Communicator) -> T + Send + Sync + 'static,
     ) -> Vec<T> {
+        on_group_as(world, false, f)
+    }
+
+    /// `on_group`, with `defaults`: through [`DefaultsOnly`].
+    fn on_group_as<T: Send + 'static>(
+        world: usize,
+        defaults: bool,
+        f: impl Fn(&mut dyn Communicator) -> T + Send + Sync + 'static,
+    ) -> Vec<T> {
         let f = std::sync::Arc::new(f);
         let handles: Vec<_> = thread_group(world)
             .into_iter()
             .map(|mut comm| {
                 let f = f.clone();
-                std::thread::spawn(move || f(&mut comm))
+                std::thread::spawn(move || if defaults { f(&mut DefaultsOnly(comm)) } else { f(&mut comm) })
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
@@ -88,6 +97,80 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A communicator with only the required methods: the trait's default
+    /// reduce-scatter and all-gather (the ones `HierComm` uses) run on it.
+    struct DefaultsOnly(RingComm<ThreadLink>);
+
+    impl Communicator for DefaultsOnly {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world(&self) -> usize {
+            self.0.world()
+        }
+        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> crate::Result<()> {
+            self.0.all_reduce_sum(buf)
+        }
+        fn broadcast(&mut self, buf: &mut [f32], root: usize) -> crate::Result<()> {
+            self.0.broadcast(buf, root)
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// ZeRO's contract: the shards partition the buffer, each holds the all-reduce's bits,
+    /// and an all-gather of the shards rebuilds the all-reduced buffer bit for bit.
+    fn check_reduce_scatter_and_all_gather(defaults: bool) {
+        for world in 1..=5 {
+            for len in [0usize, 1, 2, 7, world * 3 + 1, 1000] {
+                let results = on_group_as(world, defaults, move |c| {
+                    let mut reduced = input(c.rank(), len);
+                    c.all_reduce_sum(&mut reduced).unwrap();
+                    let mut scattered = input(c.rank(), len);
+                    c.reduce_scatter_sum(&mut scattered).unwrap();
+                    let mine = c.shard_of(len, c.rank());
+                    assert_eq!(bits(&scattered[mine.clone()]), bits(&reduced[mine.clone()]), "world {world} len {len}");
+                    let shards: Vec<_> = (0..c.world()).map(|r| c.shard_of(len, r)).collect();
+                    let mut gathered = vec![f32::NAN; len];
+                    gathered[mine.clone()].copy_from_slice(&scattered[mine]);
+                    c.all_gather(&mut gathered).unwrap();
+                    assert_eq!(bits(&gathered), bits(&reduced), "world {world} len {len}: all-gather");
+                    shards
+                });
+                let mut covered: Vec<usize> = results[0].iter().flat_map(|r| r.clone()).collect();
+                covered.sort_unstable();
+                assert_eq!(covered, (0..len).collect::<Vec<_>>(), "world {world} len {len}: shards partition");
+            }
+        }
+    }
+
+    #[test]
+    fn ring_reduce_scatter_holds_the_all_reduce_bits_and_all_gather_rebuilds_it() {
+        check_reduce_scatter_and_all_gather(false);
+    }
+
+    #[test]
+    fn default_reduce_scatter_and_all_gather_are_exact_too() {
+        check_reduce_scatter_and_all_gather(true);
+    }
+
+    #[test]
+    fn all_gather_keeps_negative_zero_and_infinity() {
+        let results = on_group(3, |c| {
+            let mut buf = vec![0.0f32; 6];
+            let mine = c.shard_of(6, c.rank());
+            for v in &mut buf[mine] {
+                *v = [-0.0, 0.0, f32::INFINITY][c.rank()];
+            }
+            c.all_gather(&mut buf).unwrap();
+            bits(&buf)
+        });
+        assert!(results.iter().all(|r| r == &results[0]));
+        assert_eq!(results[0].iter().filter(|&&b| b == (-0.0f32).to_bits()).count(), 2);
     }
 
     #[test]

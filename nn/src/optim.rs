@@ -7,6 +7,7 @@
 
 use crate::{Param, Result};
 use lockstep_kernels::{Backend, UpdateRule};
+use std::ops::Range;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rule {
@@ -50,6 +51,9 @@ pub struct Optimizer<B: Backend> {
     pub step: u64,
     /// Per-parameter learning-rate multipliers (T37 parameter groups); missing = 1.
     pub lr_scale: Vec<f32>,
+    /// ZeRO: the range of each parameter whose state this rank holds (the state is sized to
+    /// it) and whose values it updates. None: the whole of every parameter.
+    pub shards: Option<Vec<Range<usize>>>,
 }
 
 impl<B: Backend> Optimizer<B> {
@@ -65,7 +69,7 @@ impl<B: Backend> Optimizer<B> {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { config, state, step: 0, lr_scale: Vec::new() })
+        Ok(Self { config, state, step: 0, lr_scale: Vec::new(), shards: None })
     }
 
     /// Applies one update with learning rate `lr` to every trainable parameter.
@@ -76,49 +80,148 @@ impl<B: Backend> Optimizer<B> {
     /// As `step`, with the gradients taken as `grad_scale·grad` (batch mean and clipping
     /// folded into the update instead of a separate pass).
     pub fn step_scaled(&mut self, be: &B, params: &mut [&mut Param<B>], lr: f32, grad_scale: f32) -> Result<()> {
+        if self.shards.is_some() {
+            return Err(crate::NnError::Invalid("a sharded optimizer updates with step_shards".into()));
+        }
         self.step += 1;
-        let OptimizerConfig { rule, l1, l2, decay_biases } = self.config;
         for (index, (p, (s1, s2))) in params.iter_mut().zip(self.state.iter_mut()).enumerate() {
             if !p.trainable {
                 continue;
             }
             let lr = lr * self.lr_scale.get(index).copied().unwrap_or(1.0);
-            let decays = p.decay || decay_biases;
-            // Penalties are added to the scaled gradient, hence divided by the scale here.
-            if decays && l2 > 0.0 {
-                be.axpy(l2 / grad_scale, &p.value, &mut p.grad)?;
+            let update = Update { config: self.config, step: self.step, lr, grad_scale, decays: p.decay };
+            update.apply(be, &mut p.value, &mut p.grad, s1, s2)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps only each parameter's range `shards[i]` of the state (ZeRO, T41): called once
+    /// the whole state exists (fresh or restored); afterwards the optimizer updates those
+    /// ranges only, with `step_shards`.
+    pub fn shard(&mut self, be: &B, shards: Vec<Range<usize>>) -> Result<()> {
+        if shards.len() != self.state.len() {
+            return Err(crate::NnError::Invalid(format!(
+                "{} shard ranges for {} parameters",
+                shards.len(),
+                self.state.len()
+            )));
+        }
+        for ((s1, s2), range) in self.state.iter_mut().zip(&shards) {
+            for buf in [s1, s2].into_iter().filter(|b| be.len(b) > 0) {
+                let mut part = be.zeros(range.len())?;
+                be.copy_range(buf, range.start, &mut part, 0, range.len())?;
+                *buf = part;
             }
-            let before_l1 = if decays && l1 > 0.0 {
-                be.add_sign(l1 / grad_scale, &p.value, &mut p.grad)?;
-                Some(be.download(&p.value)?)
-            } else {
-                None
-            };
-            let update = match rule {
-                Rule::Sgd => UpdateRule::Sgd,
-                Rule::Momentum { mu } => UpdateRule::Momentum { mu, nesterov: false },
-                Rule::Nesterov { mu } => UpdateRule::Momentum { mu, nesterov: true },
-                Rule::Adam { beta1, beta2, eps } => {
-                    UpdateRule::Adam { beta1, beta2, eps, step: self.step, decoupled_decay: 0.0 }
-                }
-                Rule::AdamW { beta1, beta2, eps, weight_decay } => UpdateRule::Adam {
-                    beta1,
-                    beta2,
-                    eps,
-                    step: self.step,
-                    decoupled_decay: if decays { weight_decay } else { 0.0 },
-                },
-            };
-            be.optimizer_step(update, lr, grad_scale, &mut p.value, &p.grad, s1, s2)?;
-            if let Some(before) = before_l1 {
-                let mut after = be.download(&p.value)?;
-                for (a, b) in after.iter_mut().zip(&before) {
-                    if *a * *b < 0.0 {
-                        *a = 0.0;
-                    }
-                }
-                p.value = be.upload(&after)?;
+        }
+        self.shards = Some(shards);
+        Ok(())
+    }
+
+    /// `step_scaled` of this rank's shards (ZeRO): `grad_shards[i]` holds the summed
+    /// gradient of parameter i's range `shards[i]`, and only that range of its value moves.
+    /// Every update rule is elementwise, so each element gets the bits the unsharded step
+    /// gives it.
+    pub fn step_shards(
+        &mut self,
+        be: &B,
+        params: &mut [&mut Param<B>],
+        mut grad_shards: Vec<B::Buf>,
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<()> {
+        let Some(shards) = &self.shards else {
+            return Err(crate::NnError::Invalid("step_shards on an unsharded optimizer".into()));
+        };
+        self.step += 1;
+        let rows = params.iter_mut().zip(self.state.iter_mut()).zip(shards).zip(grad_shards.iter_mut());
+        for (index, (((p, (s1, s2)), range), grad)) in rows.enumerate() {
+            if !p.trainable || range.is_empty() {
+                continue;
             }
+            let lr = lr * self.lr_scale.get(index).copied().unwrap_or(1.0);
+            let update = Update { config: self.config, step: self.step, lr, grad_scale, decays: p.decay };
+            let mut value = be.zeros(range.len())?;
+            be.copy_range(&p.value, range.start, &mut value, 0, range.len())?;
+            update.apply(be, &mut value, grad, s1, s2)?;
+            be.copy_range(&value, 0, &mut p.value, range.start, range.len())?;
+        }
+        Ok(())
+    }
+
+    /// State buffers the rule keeps per parameter: 0 (SGD), 1 (momentum), 2 (Adam).
+    pub fn slots_used(&self) -> usize {
+        match self.config.rule {
+            Rule::Sgd => 0,
+            Rule::Momentum { .. } | Rule::Nesterov { .. } => 1,
+            Rule::Adam { .. } | Rule::AdamW { .. } => 2,
+        }
+    }
+
+    /// Bytes of optimizer state this rank holds.
+    pub fn state_bytes(&self, be: &B) -> u64 {
+        self.state.iter().map(|(s1, s2)| (be.len(s1) + be.len(s2)) as u64 * 4).sum()
+    }
+}
+
+/// One parameter's update: penalties, then the rule.
+struct Update {
+    config: OptimizerConfig,
+    step: u64,
+    lr: f32,
+    grad_scale: f32,
+    decays: bool,
+}
+
+impl Update {
+    fn rule(&self, decays: bool) -> UpdateRule {
+        match self.config.rule {
+            Rule::Sgd => UpdateRule::Sgd,
+            Rule::Momentum { mu } => UpdateRule::Momentum { mu, nesterov: false },
+            Rule::Nesterov { mu } => UpdateRule::Momentum { mu, nesterov: true },
+            Rule::Adam { beta1, beta2, eps } => {
+                UpdateRule::Adam { beta1, beta2, eps, step: self.step, decoupled_decay: 0.0 }
+            }
+            Rule::AdamW { beta1, beta2, eps, weight_decay } => UpdateRule::Adam {
+                beta1,
+                beta2,
+                eps,
+                step: self.step,
+                decoupled_decay: if decays { weight_decay } else { 0.0 },
+            },
+        }
+    }
+
+    /// `value` and `grad` are one parameter (or one range of it) and its state `s1`, `s2`.
+    fn apply<B: Backend>(
+        &self,
+        be: &B,
+        value: &mut B::Buf,
+        grad: &mut B::Buf,
+        s1: &mut B::Buf,
+        s2: &mut B::Buf,
+    ) -> Result<()> {
+        let OptimizerConfig { l1, l2, decay_biases, .. } = self.config;
+        let (lr, grad_scale) = (self.lr, self.grad_scale);
+        let decays = self.decays || decay_biases;
+        // Penalties are added to the scaled gradient, hence divided by the scale here.
+        if decays && l2 > 0.0 {
+            be.axpy(l2 / grad_scale, value, grad)?;
+        }
+        let before_l1 = if decays && l1 > 0.0 {
+            be.add_sign(l1 / grad_scale, value, grad)?;
+            Some(be.download(value)?)
+        } else {
+            None
+        };
+        be.optimizer_step(self.rule(decays), lr, grad_scale, value, grad, s1, s2)?;
+        if let Some(before) = before_l1 {
+            let mut after = be.download(value)?;
+            for (a, b) in after.iter_mut().zip(&before) {
+                if *a * *b < 0.0 {
+                    *a = 0.0;
+                }
+            }
+            *value = be.upload(&after)?;
         }
         Ok(())
     }
@@ -282,6 +385,49 @@ mod tests {
             oa.step_scaled(&be, &mut [&mut a], 0.1, 0.25).unwrap();
             ob.step(&be, &mut [&mut b], 0.1).unwrap();
             close(&a.value, &b.value, 1e-6);
+        }
+    }
+
+    #[test]
+    fn sharded_steps_give_every_element_the_unsharded_bits() {
+        let be = CpuBackend::new(1);
+        let n = 37;
+        let init: Vec<f32> = (0..n).map(|i| ((i * 7) % 11) as f32 * 0.03 - 0.15).collect();
+        let grads: Vec<Vec<f32>> =
+            (0..4).map(|s| (0..n).map(|i| ((i * 13 + s * 5) % 17) as f32 * 0.1 - 0.8).collect()).collect();
+        for rule in [Rule::Nesterov { mu: 0.9 }, Rule::AdamW { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 }]
+        {
+            let cfg = OptimizerConfig { rule, l1: 0.01, l2: 0.02, decay_biases: false };
+            let mut whole = param(&be, &init, &grads[0], true);
+            let mut opt = Optimizer::new(&be, cfg, &[&whole]).unwrap();
+            // Three ranks' shards of the one parameter, one of them empty.
+            let cuts = [0..10, 10..10, 10..n];
+            let mut ranks: Vec<_> = cuts
+                .iter()
+                .map(|range| {
+                    let p = param(&be, &init, &grads[0], true);
+                    let mut o = Optimizer::new(&be, cfg, &[&p]).unwrap();
+                    o.shard(&be, vec![range.clone()]).unwrap();
+                    (p, o, range.clone())
+                })
+                .collect();
+            for g in &grads {
+                whole.grad = g.clone();
+                opt.step_scaled(&be, &mut [&mut whole], 0.05, 0.5).unwrap();
+                let mut gathered = vec![0.0; n];
+                for (p, o, range) in &mut ranks {
+                    o.step_shards(&be, &mut [p], vec![g[range.clone()].to_vec()], 0.05, 0.5).unwrap();
+                    gathered[range.clone()].copy_from_slice(&p.value[range.clone()]);
+                }
+                // The all-gather: every rank continues from the whole updated parameter.
+                for (p, _, _) in &mut ranks {
+                    p.value = gathered.clone();
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&gathered), bits(&whole.value), "{rule:?}");
+            }
+            assert_eq!(ranks[0].1.state_bytes(&be) + ranks[2].1.state_bytes(&be), opt.state_bytes(&be));
+            assert_eq!(ranks[1].1.state_bytes(&be), 0);
         }
     }
 

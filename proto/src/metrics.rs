@@ -206,6 +206,12 @@ pub struct Summary {
     /// How the gradients travelled, e.g. "shm: 4 ranks on 1 host" (`collective.transport`).
     #[serde(default)]
     pub collective: String,
+    /// Optimizer state this rank holds: about 1/W of the whole under `parallel.zero`.
+    #[serde(default)]
+    pub optimizer_state_bytes: u64,
+    /// Summed-gradient buffers this rank's reducer holds (0 for one process).
+    #[serde(default)]
+    pub gradient_buffer_bytes: u64,
 }
 
 /// One pipeline stage's measurements over a run (T42).

@@ -68,6 +68,12 @@ pub struct ParallelSpec {
     /// Layer names of each stage; empty = balanced automatically by FLOPs and parameters.
     #[serde(default)]
     pub placement: Vec<Vec<String>>,
+    /// ZeRO stage of the data-parallel group: 0 = every rank holds the whole optimizer
+    /// state; 1 = each rank holds the state of its 1/W shard of the parameters (gradients
+    /// reduce-scattered, shards updated, parameters all-gathered); 2 = also the reduced
+    /// gradients only as shards, the bucket buffers recycled.
+    #[serde(default)]
+    pub zero: u8,
 }
 
 impl Default for ParallelSpec {
@@ -78,6 +84,7 @@ impl Default for ParallelSpec {
             micro_batches: default_micro_batches(),
             schedule: PipeSchedule::Gpipe,
             placement: Vec::new(),
+            zero: 0,
         }
     }
 }

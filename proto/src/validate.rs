@@ -148,6 +148,17 @@ fn toolbox(spec: &JobSpec) -> Result<(), (String, String)> {
         "parallel.placement",
         "must list one array of layer names per pipeline stage",
     )?;
+    check(par.zero <= 2, "parallel.zero", "must be 0, 1 or 2")?;
+    if par.zero > 0 {
+        let why = "is not supported with parallel.zero > 0";
+        check(par.pipeline_stages == 1, "parallel.pipeline_stages", why)?;
+        check(spec.train.reproducible == crate::job::Reproducible::SameWorldSize, "train.reproducible", why)?;
+        check(
+            p.allreduce == crate::toolbox::Dtype::Fp32,
+            "precision.allreduce",
+            "must be fp32 with parallel.zero > 0",
+        )?;
+    }
     if par.pipeline_stages > 1 {
         check(
             spec.train.batch_size >= par.micro_batches * spec.train.accumulate * par.data_parallel.max(1),

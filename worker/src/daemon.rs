@@ -688,7 +688,8 @@ fn train_on<B: Backend>(
     let make_reducer: crate::ReducerFactory<'_, B> = Box::new(move |sizes| {
         Ok(match comm {
             Some(comm) => {
-                Box::new(BucketReducer::new(comm, sizes, bucket_bytes, wire_format(spec))) as Box<dyn GradReducer<B>>
+                Box::new(BucketReducer::new(comm, sizes, bucket_bytes, wire_format(spec), spec.parallel.zero))
+                    as Box<dyn GradReducer<B>>
             }
             None => Box::new(NoReduce),
         })

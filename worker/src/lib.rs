@@ -27,6 +27,7 @@ mod sequential;
 pub mod trace;
 pub mod train_state;
 pub mod trainer;
+pub mod zero;
 
 pub use grad_health::grad_norm_ratio;
 pub use run::{run_training, ReducerFactory, RunEvent, RunOptions};

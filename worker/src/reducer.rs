@@ -7,7 +7,7 @@
 //! strictly in plan order, so every rank issues the same collectives in the same order.
 //! Frozen parameters are in no bucket: they cost no traffic.
 
-use crate::trainer::GradReducer;
+use crate::trainer::{GradReducer, ShardedReducer};
 use crate::{Result, WorkerError};
 use lockstep_collective::{join_f64, split_f64, Communicator, WireFormat};
 use lockstep_kernels::Backend;
@@ -18,21 +18,33 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-struct Slot {
-    param: usize,
-    offset: usize,
-    len: usize,
+pub(crate) struct Slot {
+    pub(crate) param: usize,
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
 }
 
-struct Bucket {
-    slots: Vec<Slot>,
-    data: Vec<f32>,
-    pending: usize,
+pub(crate) struct Bucket {
+    pub(crate) slots: Vec<Slot>,
+    /// The bucket's values (empty while a ZeRO-2 bucket waits for a pooled buffer).
+    pub(crate) data: Vec<f32>,
+    /// Gradient values in the bucket.
+    pub(crate) len: usize,
+    pub(crate) pending: usize,
 }
 
-enum Job {
-    /// Bucket id, values, and how many of them are gradients (sent in the wire format).
-    Reduce(usize, Vec<f32>, usize),
+impl Bucket {
+    fn empty() -> Self {
+        Self { slots: Vec::new(), data: Vec::new(), len: 0, pending: 0 }
+    }
+}
+
+pub(crate) enum Job {
+    /// Bucket id, values, how many of them are gradients (sent in the wire format), and
+    /// whether to reduce-scatter (ZeRO) instead of all-reduce.
+    Reduce(usize, Vec<f32>, usize, bool),
+    /// All-gather of one bucket's shards (ZeRO); the result goes back on the job's channel.
+    Gather(Vec<f32>, Sender<std::result::Result<Vec<f32>, String>>),
     /// Statistics from inside forward/backward (SyncBatchNorm): the sum goes back on the
     /// job's own channel, so it never mixes with gradient buckets still in flight.
     ReduceStats(Vec<f32>, Sender<std::result::Result<Vec<f32>, String>>),
@@ -63,17 +75,19 @@ impl StatSync for CommStatSync {
 }
 
 pub struct BucketReducer {
-    buckets: Vec<Bucket>,
+    pub(crate) buckets: Vec<Bucket>,
     /// Bucket of each parameter index (None: frozen).
     bucket_of: Vec<Option<usize>>,
-    next_launch: usize,
+    pub(crate) next_launch: usize,
     /// This step's scalars (f64 split into f32 pairs), appended to the last bucket launched.
     staged_scalars: Vec<f32>,
-    jobs: Sender<Job>,
+    pub(crate) jobs: Sender<Job>,
     results: Receiver<std::result::Result<(usize, Vec<f32>), String>>,
     comm_thread: Option<JoinHandle<()>>,
     /// All-reduced bytes per step (reported by `lockstep local` and the transfer tests).
     pub bytes_per_step: u64,
+    /// The ZeRO state (`parallel.zero` ≥ 1), None for a plain all-reduce.
+    pub(crate) zero: Option<crate::zero::ZeroState>,
 }
 
 impl BucketReducer {
@@ -85,50 +99,62 @@ impl BucketReducer {
         param_sizes: &[Option<usize>],
         bucket_bytes: usize,
         wire: WireFormat,
+        zero_stage: u8,
     ) -> Self {
         let cap = (bucket_bytes / 4).max(1);
         let mut buckets: Vec<Bucket> = Vec::new();
         let mut bucket_of = vec![None; param_sizes.len()];
-        let mut current = Bucket { slots: Vec::new(), data: Vec::new(), pending: 0 };
-        let mut filled = 0;
+        let mut current = Bucket::empty();
         for (i, size) in param_sizes.iter().enumerate().rev() {
             let Some(len) = *size else { continue };
-            if filled > 0 && filled + len > cap {
-                current.data = vec![0.0; filled];
-                buckets
-                    .push(std::mem::replace(&mut current, Bucket { slots: Vec::new(), data: Vec::new(), pending: 0 }));
-                filled = 0;
+            if current.len > 0 && current.len + len > cap {
+                buckets.push(std::mem::replace(&mut current, Bucket::empty()));
             }
             bucket_of[i] = Some(buckets.len());
-            current.slots.push(Slot { param: i, offset: filled, len });
-            filled += len;
+            current.slots.push(Slot { param: i, offset: current.len, len });
+            current.len += len;
         }
-        if filled > 0 || !current.slots.is_empty() {
-            current.data = vec![0.0; filled];
+        if current.len > 0 || !current.slots.is_empty() {
             buckets.push(current);
         }
+        for b in &mut buckets {
+            b.data = vec![0.0; b.len];
+        }
+        let zero = (zero_stage > 0)
+            .then(|| crate::zero::ZeroState::plan(comm.as_ref(), &mut buckets, param_sizes.len(), zero_stage));
         let value_bytes = if wire == WireFormat::F32 { 4 } else { 2 };
-        let bytes_per_step = buckets.iter().map(|b| b.data.len() as u64 * value_bytes).sum();
+        let bytes_per_step = buckets.iter().map(|b| b.len as u64 * value_bytes).sum();
         let (jobs, job_rx) = channel::<Job>();
         let (result_tx, results) = channel();
         let comm_thread = std::thread::Builder::new()
             .name("lockstep-allreduce".into())
             .spawn(move || loop {
                 let failed = match job_rx.recv() {
-                    Ok(Job::Reduce(id, mut data, gradient_len)) => {
+                    Ok(Job::Reduce(id, mut data, gradient_len, scatter)) => {
+                        let op = if scatter { "reduce-scatter" } else { "all-reduce" };
                         let what = if id == usize::MAX {
-                            "all-reduce of the loss scalars".to_string()
+                            format!("{op} of the loss scalars")
                         } else {
-                            format!("all-reduce of gradient bucket {id} ({} values)", data.len())
+                            format!("{op} of gradient bucket {id} ({} values)", data.len())
                         };
                         let span = crate::trace::span_detail(SpanKind::AllReduce, id.min(u32::MAX as usize) as u32);
-                        let outcome = comm
-                            .all_reduce_sum_as(&mut data, wire, gradient_len)
-                            .map(|_| (id, data))
-                            .map_err(|e| format!("{what}: {e}"));
+                        let outcome = if scatter {
+                            crate::zero::reduce_scatter_with_tail(comm.as_mut(), &mut data, gradient_len)
+                        } else {
+                            comm.all_reduce_sum_as(&mut data, wire, gradient_len)
+                        };
+                        let outcome = outcome.map(|_| (id, data)).map_err(|e| format!("{what}: {e}"));
                         drop(span);
                         let failed = outcome.is_err();
                         result_tx.send(outcome).is_err() || failed
+                    }
+                    Ok(Job::Gather(mut data, reply)) => {
+                        let outcome = comm
+                            .all_gather(&mut data)
+                            .map(|_| data)
+                            .map_err(|e| format!("all-gather of parameter shards: {e}"));
+                        let failed = outcome.is_err();
+                        reply.send(outcome).is_err() || failed
                     }
                     Ok(Job::ReduceStats(mut data, reply)) => {
                         let outcome = comm
@@ -154,12 +180,13 @@ impl BucketReducer {
             results,
             comm_thread,
             bytes_per_step,
+            zero,
         };
         reducer.reset();
         reducer
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         for b in &mut self.buckets {
             b.pending = b.slots.len();
         }
@@ -172,10 +199,11 @@ impl BucketReducer {
             let mut data = std::mem::take(&mut self.buckets[id].data);
             let gradient_len = data.len();
             if id + 1 == self.buckets.len() {
+                crate::zero::check_scalars(self.zero.as_ref(), self.staged_scalars.len())?;
                 data.append(&mut self.staged_scalars);
             }
             self.jobs
-                .send(Job::Reduce(id, data, gradient_len))
+                .send(Job::Reduce(id, data, gradient_len, self.zero.is_some()))
                 .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
             self.next_launch += 1;
         }
@@ -184,7 +212,7 @@ impl BucketReducer {
 
     /// All-reduces a few f64 values exactly enough for reporting: each is split into a high
     /// and a low f32 part, summed separately.
-    fn reduce_f64(&mut self, values: &mut [f64]) -> Result<()> {
+    pub(crate) fn reduce_f64(&mut self, values: &mut [f64]) -> Result<()> {
         let mut parts = split_f64(values);
         self.reduce_f32(&mut parts)?;
         join_f64(&parts, values);
@@ -194,14 +222,14 @@ impl BucketReducer {
     /// All-reduces `values` in f32 on the comm thread, outside the gradient buckets.
     fn reduce_f32(&mut self, values: &mut [f32]) -> Result<()> {
         self.jobs
-            .send(Job::Reduce(usize::MAX, values.to_vec(), 0))
+            .send(Job::Reduce(usize::MAX, values.to_vec(), 0, false))
             .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
         let (_, summed) = self.receive()?;
         values.copy_from_slice(&summed);
         Ok(())
     }
 
-    fn receive(&mut self) -> Result<(usize, Vec<f32>)> {
+    pub(crate) fn receive(&mut self) -> Result<(usize, Vec<f32>)> {
         match self.results.recv() {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(WorkerError::Collective(e)),
@@ -218,6 +246,7 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
     fn grads_ready(&mut self, be: &B, first_index: usize, params: &[&Param<B>]) -> Result<()> {
         for (j, p) in params.iter().enumerate() {
             let Some(Some(b)) = self.bucket_of.get(first_index + j).copied() else { continue };
+            self.ensure_buffer(b)?;
             let bucket = &mut self.buckets[b];
             let slot = bucket.slots.iter().find(|s| s.param == first_index + j).expect("planned slot");
             let grad = be.download(&p.grad)?;
@@ -232,6 +261,9 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
     }
 
     fn finish_grads(&mut self, be: &B, params: &mut [&mut Param<B>], scalars: &mut [f64]) -> Result<()> {
+        if self.zero.is_some() {
+            return Err(WorkerError::Internal("a ZeRO reducer hands out gradient shards, not gradients".into()));
+        }
         if self.buckets.is_empty() {
             // Everything frozen: the scalars travel alone.
             return self.reduce_f64(scalars);
@@ -268,6 +300,21 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
 
     fn stat_sync(&self) -> Option<StatSyncHandle> {
         Some(StatSyncHandle(Arc::new(CommStatSync { jobs: std::sync::Mutex::new(self.jobs.clone()) })))
+    }
+
+    fn zero(&mut self) -> Option<&mut dyn ShardedReducer> {
+        if self.zero.is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+
+    fn gradient_buffer_bytes(&self) -> u64 {
+        match &self.zero {
+            Some(zero) => zero.buffer_bytes(&self.buckets),
+            None => self.buckets.iter().map(|b| b.len as u64 * 4).sum(),
+        }
     }
 }
 
@@ -324,7 +371,7 @@ mod tests {
                     let mut reducer: Box<dyn GradReducer<CpuBackend>> = if world == 1 {
                         Box::new(NoReduce)
                     } else {
-                        Box::new(BucketReducer::new(Box::new(comm), &sizes, bucket_bytes, WireFormat::F32))
+                        Box::new(BucketReducer::new(Box::new(comm), &sizes, bucket_bytes, WireFormat::F32, 0))
                     };
                     for s in 0..steps {
                         let batch: Vec<u32> = ((s * 24) as u32..(s * 24 + 24) as u32).collect();
@@ -360,7 +407,7 @@ mod tests {
     #[test]
     fn bucket_plan_reverse_order_and_frozen_excluded() {
         let comm = thread_group(1).pop().unwrap();
-        let r = BucketReducer::new(Box::new(comm), &[Some(10), None, Some(5), Some(8)], 13 * 4, WireFormat::F32);
+        let r = BucketReducer::new(Box::new(comm), &[Some(10), None, Some(5), Some(8)], 13 * 4, WireFormat::F32, 0);
         // reverse order: 8 then 5 fit in 13; 10 starts a new bucket; index 1 is frozen.
         assert_eq!(r.buckets.len(), 2);
         assert_eq!(r.buckets[0].slots.iter().map(|s| s.param).collect::<Vec<_>>(), vec![3, 2]);

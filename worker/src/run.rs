@@ -159,10 +159,14 @@ fn prepare<B: Backend>(
     }
     let (stage_layers, resume) = keep_stage(&mut trainer, spec, stage, opts.resume.clone())?;
     let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
-    let reducer = make_reducer(&sizes)?;
+    let mut reducer = make_reducer(&sizes)?;
     if let Some(path) = &resume {
         let step = train_state::restore_checkpoint(&mut trainer, path)?;
         tracing::info!("resumed from {} at step {step}", path.display());
+    }
+    if let Some(zero) = reducer.zero() {
+        // The whole state exists (fresh or restored); this rank keeps its ranges of it.
+        trainer.optimizer.shard(&trainer.be, zero.shards().to_vec())?;
     }
     let at = lockstep_proto::topology::Topology::new(opts.rank, opts.world, stages_of(spec))
         .map_err(crate::WorkerError::Config)?;
@@ -492,15 +496,25 @@ impl<'a, B: Backend> Run<'a, B> {
 
     /// The checkpoint written, if this rank writes one: each stage's first replica writes
     /// its stage's (together they hold the model).
-    fn checkpoint(&self) -> Result<Option<PathBuf>> {
-        let (0, Some(dir)) = (self.s.data_rank, &self.opts.checkpoint_dir) else { return Ok(None) };
+    /// A ZeRO run gathers the whole optimizer state first, on every rank.
+    fn checkpoint(&mut self) -> Result<Option<PathBuf>> {
         let _span = crate::trace::span(SpanKind::Checkpoint);
+        let Setup { trainer, reducer, .. } = &mut self.s;
+        let gathered = match reducer.zero() {
+            Some(zero) => Some(crate::zero::gather_optimizer_state(&trainer.be, &trainer.optimizer, zero)?),
+            None => None,
+        };
+        let (0, Some(dir)) = (self.s.data_rank, &self.opts.checkpoint_dir) else { return Ok(None) };
         let trainer = &self.s.trainer;
+        let state = match gathered {
+            Some(state) => state,
+            None => train_state::optimizer_state(trainer)?,
+        };
         let dir = match &trainer.pipeline {
             Some(p) => dir.join(format!("stage-{}", p.index())),
             None => dir.clone(),
         };
-        let path = train_state::save_checkpoint(trainer, &dir, self.spec.train.keep_checkpoints)?;
+        let path = train_state::save_checkpoint_with_state(trainer, &state, &dir, self.spec.train.keep_checkpoints)?;
         tracing::info!("checkpoint {}", path.display());
         Ok(Some(path))
     }
@@ -570,6 +584,8 @@ impl<'a, B: Backend> Run<'a, B> {
                 .map(|p| p.report(opts.rank, self.s.data_rank, stage_layers, trainer.model.param_count())),
             pipeline_stages: Vec::new(),
             collective: String::new(),
+            optimizer_state_bytes: trainer.optimizer.state_bytes(&trainer.be),
+            gradient_buffer_bytes: self.s.reducer.gradient_buffer_bytes(),
         })
     }
 }

@@ -42,22 +42,43 @@ fn state_names<B: Backend>(trainer: &Trainer<B>) -> [&'static str; 2] {
 /// Writes the trainer's state to `dir/step-<global_step>.safetensors` and deletes all but
 /// the newest `keep` checkpoints. Returns the file written.
 pub fn save_checkpoint<B: Backend>(trainer: &Trainer<B>, dir: &Path, keep: usize) -> Result<PathBuf> {
+    save_checkpoint_with_state(trainer, &optimizer_state(trainer)?, dir, keep)
+}
+
+/// The trainer's optimizer state on the host, `[first moment, second moment]` per
+/// parameter (empty where the rule keeps none).
+pub fn optimizer_state<B: Backend>(trainer: &Trainer<B>) -> Result<Vec<[Vec<f32>; 2]>> {
+    let be = &trainer.be;
+    trainer.optimizer.state.iter().map(|(s1, s2)| Ok([be.download(s1)?, be.download(s2)?])).collect()
+}
+
+/// `save_checkpoint` with the whole optimizer `state` given (a ZeRO run gathers it from
+/// every rank's shards).
+pub fn save_checkpoint_with_state<B: Backend>(
+    trainer: &Trainer<B>,
+    state: &[[Vec<f32>; 2]],
+    dir: &Path,
+    keep: usize,
+) -> Result<PathBuf> {
     let io = |source| WorkerError::Io { what: "checkpoint directory", path: dir.into(), source };
     std::fs::create_dir_all(dir).map_err(io)?;
     let be = &trainer.be;
     let params = trainer.model.params();
     // PyTorch's layout (conv weights channels-first), for the optimizer state too.
+    let host_tensor = |name: String, p: &lockstep_nn::Param<B>, values: &[f32]| {
+        let (shape, values) = p.to_file(values);
+        (name, shape, values)
+    };
     let file_tensor = |name: String, p: &lockstep_nn::Param<B>, buf: &B::Buf| {
-        let (shape, values) = p.to_file(&be.download(buf)?);
-        Ok::<_, WorkerError>((name, shape, values))
+        Ok::<_, WorkerError>(host_tensor(name, p, &be.download(buf)?))
     };
     let mut tensors: Vec<FileTensor> =
         params.iter().map(|p| file_tensor(p.name.clone(), p, &p.value)).collect::<Result<_>>()?;
     let names = state_names(trainer);
-    for (p, (s1, s2)) in params.iter().zip(&trainer.optimizer.state) {
-        for (slot, buf) in names.iter().zip([s1, s2]) {
-            if be.len(buf) == p.numel() {
-                tensors.push(file_tensor(format!("optim.{slot}.{}", p.name), p, buf)?);
+    for (p, slots) in params.iter().zip(state) {
+        for (slot, values) in names.iter().zip(slots) {
+            if values.len() == p.numel() {
+                tensors.push(host_tensor(format!("optim.{slot}.{}", p.name), p, values));
             }
         }
     }

@@ -45,6 +45,32 @@ pub trait GradReducer<B: Backend> {
     fn stat_sync(&self) -> Option<StatSyncHandle> {
         None
     }
+    /// The sharded side of a ZeRO reducer (`parallel.zero` ≥ 1); None otherwise.
+    fn zero(&mut self) -> Option<&mut dyn ShardedReducer> {
+        None
+    }
+    /// Bytes this reducer holds for summed gradients (the summary's `gradient_buffer_bytes`).
+    fn gradient_buffer_bytes(&self) -> u64 {
+        0
+    }
+}
+
+/// ZeRO (T41, `parallel.zero`): each data-parallel rank owns one range of every parameter
+/// (the ranges of all ranks partition it), holds the optimizer state of that range only and
+/// updates it; the updated ranges are then all-gathered.
+pub trait ShardedReducer {
+    /// The range of each parameter (in `model.params()` order) this rank owns; empty for
+    /// frozen parameters.
+    fn shards(&self) -> &[std::ops::Range<usize>];
+    /// After backward: this rank's range of every gradient summed over ranks (one vector
+    /// per parameter, as long as its range), and `scalars` (as many as were staged) summed.
+    fn finish_grad_shards(&mut self, scalars: &mut [f64]) -> Result<Vec<Vec<f32>>>;
+    /// Every parameter whole, from each rank's values of its range: `shards[i]` is this
+    /// rank's range of parameter i (the optimizer state for a checkpoint, the updated
+    /// weights after a step).
+    fn all_gather_shards(&mut self, shards: &[Vec<f32>]) -> Result<Vec<Vec<f32>>>;
+    /// Sums a few f64 values over the ranks (the squared gradient norm of the shards).
+    fn sum_f64(&mut self, values: &mut [f64]) -> Result<()>;
 }
 
 /// One stage of a pipeline (T42), implemented by `pipeline::PipelineStage`: a trainer that
@@ -127,6 +153,13 @@ pub struct StepStats {
     /// Rank 0 asked for a checkpoint after this step (wall-clock period): every rank
     /// takes part at the same step.
     pub checkpoint_requested: bool,
+}
+
+/// Where a step's summed gradients are: in every parameter's `grad`, or (ZeRO) as this
+/// rank's ranges, with the reducer that all-gathers the updated ranges.
+enum Gradients<'a, B: Backend> {
+    Whole,
+    Shards(Vec<B::Buf>, &'a mut dyn ShardedReducer),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -291,16 +324,23 @@ impl<B: Backend> Trainer<B> {
             let params = self.model.params();
             reducer.grads_ready(&self.be, 0, &params)?;
         }
-        let be = &self.be;
-        let mut params = self.model.params_mut();
         let mut scalars = [loss_sum, targets as f64, stop_vote, checkpoint_vote];
         let waiting = (Instant::now(), trace::span(SpanKind::AllReduceWait));
-        reducer.finish_grads(be, &mut params, &mut scalars)?;
-        let comm_wait_s = waiting.0.elapsed().as_secs_f64();
-        drop(waiting);
-        let squared_norm = grad_sum_squares(be, &params)?;
-        drop(params);
-        let mut stats = self.apply_update([scalars[0], scalars[1]], squared_norm, comm_wait_s, loss_scale)?;
+        let mut stats = if let Some(zero) = reducer.zero() {
+            let grads = zero.finish_grad_shards(&mut scalars)?;
+            let comm_wait_s = waiting.0.elapsed().as_secs_f64();
+            drop(waiting);
+            self.update_shards(zero, grads, [scalars[0], scalars[1]], comm_wait_s, loss_scale)?
+        } else {
+            let be = &self.be;
+            let mut params = self.model.params_mut();
+            reducer.finish_grads(be, &mut params, &mut scalars)?;
+            let comm_wait_s = waiting.0.elapsed().as_secs_f64();
+            drop(waiting);
+            let squared_norm = grad_sum_squares(be, &params)?;
+            drop(params);
+            self.apply_update([scalars[0], scalars[1]], squared_norm, comm_wait_s, loss_scale)?
+        };
         // The votes are summed like the loss: all ranks see the same total.
         stats.stop_requested = scalars[2] > 0.5;
         stats.checkpoint_requested = scalars[3] > 0.5;
@@ -401,6 +441,23 @@ impl<B: Backend> Trainer<B> {
         batch
     }
 
+    /// The end of a ZeRO step: `grads` holds this rank's summed range of every gradient.
+    /// The squared norm is summed over the ranks' ranges; the update moves this rank's
+    /// ranges, which are then all-gathered.
+    fn update_shards(
+        &mut self,
+        zero: &mut dyn ShardedReducer,
+        grads: Vec<Vec<f32>>,
+        scalars: [f64; 2],
+        comm_wait_s: f64,
+        loss_scale: f32,
+    ) -> Result<StepStats> {
+        let mut squared_norm = [grads.iter().flatten().map(|&g| g as f64 * g as f64).sum::<f64>()];
+        zero.sum_f64(&mut squared_norm)?;
+        let grads = grads.iter().map(|g| self.be.upload(g)).collect::<std::result::Result<Vec<_>, _>>()?;
+        self.update_with(scalars, squared_norm[0], comm_wait_s, loss_scale, Gradients::Shards(grads, zero))
+    }
+
     /// The end of every step, once the gradients are summed over all ranks: `scalars` =
     /// [loss sum, target count] of the global batch, `squared_norm` = ‖Σ grad‖² over the
     /// whole model. Loss scaling, blow-up check, clip, update and EMA.
@@ -410,6 +467,17 @@ impl<B: Backend> Trainer<B> {
         squared_norm: f64,
         comm_wait_s: f64,
         loss_scale: f32,
+    ) -> Result<StepStats> {
+        self.update_with(scalars, squared_norm, comm_wait_s, loss_scale, Gradients::Whole)
+    }
+
+    fn update_with(
+        &mut self,
+        scalars: [f64; 2],
+        squared_norm: f64,
+        comm_wait_s: f64,
+        loss_scale: f32,
+        grads: Gradients<'_, B>,
     ) -> Result<StepStats> {
         let be = &self.be;
         let mut params = self.model.params_mut();
@@ -444,7 +512,13 @@ impl<B: Backend> Trainer<B> {
             return Ok(stats);
         }
         let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / unscale;
-        self.optimizer.step_scaled(be, &mut params, lr, scale as f32)?;
+        match grads {
+            Gradients::Whole => self.optimizer.step_scaled(be, &mut params, lr, scale as f32)?,
+            Gradients::Shards(grads, zero) => {
+                self.optimizer.step_shards(be, &mut params, grads, lr, scale as f32)?;
+                crate::zero::all_gather_params(be, zero, &mut params)?;
+            }
+        }
         if let Some(ema) = &mut self.ema {
             ema.update(be, &params)?;
         }

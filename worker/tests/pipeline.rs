@@ -96,7 +96,7 @@ fn pipelined_losses(stages: usize, replicas: usize, schedule: &str) -> Vec<(usiz
                 t.keep_stage(placement.stages[s].clone(), stage).unwrap();
                 let sizes: Vec<Option<usize>> = t.model.params().iter().map(|p| Some(p.numel())).collect();
                 let mut reducer: Box<dyn GradReducer<CpuBackend>> = if replicas > 1 {
-                    Box::new(BucketReducer::new(Box::new(comm), &sizes, 1 << 20, WireFormat::F32))
+                    Box::new(BucketReducer::new(Box::new(comm), &sizes, 1 << 20, WireFormat::F32, 0))
                 } else {
                     Box::new(NoReduce)
                 };

@@ -452,6 +452,21 @@ impl Communicator for ShmComm {
         }
         self.all_reduce_in_place(buf)
     }
+    fn shard_of(&self, len: usize, rank: usize) -> Range<usize> {
+        chunk_range(len, self.world(), rank)
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        if self.ranks.len() <= 1 {
+            return Ok(());
+        }
+        self.reduce_scatter(buf)
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<()> {
+        if self.ranks.len() <= 1 {
+            return Ok(());
+        }
+        ShmComm::all_gather(self, buf)
+    }
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         if root >= self.ranks.len() {
             return Err(CollectiveError::Protocol(format!("broadcast root {root} of {} ranks", self.ranks.len())));
