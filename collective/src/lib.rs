@@ -76,8 +76,10 @@ pub trait Communicator: Send {
     }
 }
 
-/// f64 values as (high, low) f32 pairs, so that an f32 collective summing the pairs keeps
-/// ~48 bits: losses, target counts and squared norms travel this way.
+/// f64 values as (high, low) f32 pairs for an f32 collective to sum: losses, target counts
+/// and votes travel this way. Each rank's value is kept to ~48 bits, but the high parts'
+/// sum is rounded to f32, so the total is good to ~2^-24 of itself: fine for reports,
+/// exact for integers below 2^24, not for anything an update depends on.
 pub fn split_f64(values: &[f64]) -> Vec<f32> {
     values
         .iter()

@@ -88,6 +88,9 @@ pub struct BucketReducer {
     pub bytes_per_step: u64,
     /// The ZeRO state (`parallel.zero` ≥ 1), None for a plain all-reduce.
     pub(crate) zero: Option<crate::zero::ZeroState>,
+    /// This rank and the group's size.
+    pub(crate) rank: usize,
+    pub(crate) world: usize,
 }
 
 impl BucketReducer {
@@ -122,6 +125,7 @@ impl BucketReducer {
         }
         let zero = (zero_stage > 0)
             .then(|| crate::zero::ZeroState::plan(comm.as_ref(), &mut buckets, param_sizes.len(), zero_stage));
+        let (rank, world) = (comm.rank(), comm.world());
         let value_bytes = if wire == WireFormat::F32 { 4 } else { 2 };
         let bytes_per_step = buckets.iter().map(|b| b.len as u64 * value_bytes).sum();
         let (jobs, job_rx) = channel::<Job>();
@@ -181,6 +185,8 @@ impl BucketReducer {
             comm_thread,
             bytes_per_step,
             zero,
+            rank,
+            world,
         };
         reducer.reset();
         reducer
@@ -220,7 +226,7 @@ impl BucketReducer {
     }
 
     /// All-reduces `values` in f32 on the comm thread, outside the gradient buckets.
-    fn reduce_f32(&mut self, values: &mut [f32]) -> Result<()> {
+    pub(crate) fn reduce_f32(&mut self, values: &mut [f32]) -> Result<()> {
         self.jobs
             .send(Job::Reduce(usize::MAX, values.to_vec(), 0, false))
             .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;

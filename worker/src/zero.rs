@@ -229,8 +229,25 @@ impl ShardedReducer for BucketReducer {
         Ok(whole)
     }
 
+    /// Exact: every rank's values travel bit for bit, as 16-bit integer limbs (exact in
+    /// f32) in the rank's own slots of a zeroed buffer, and every rank adds them up in rank
+    /// order. (Summing f32 pairs would round the high parts' sum to 24 bits, and the clip
+    /// factor would then differ from the unsharded run's.)
     fn sum_f64(&mut self, values: &mut [f64]) -> Result<()> {
-        self.reduce_f64(values)
+        let (rank, world, n) = (self.rank, self.world, values.len());
+        let mut limbs = vec![0.0f32; world * n * 4];
+        for (i, v) in values.iter().enumerate() {
+            let bits = v.to_bits();
+            for (l, limb) in limbs[(rank * n + i) * 4..][..4].iter_mut().enumerate() {
+                *limb = ((bits >> (16 * l)) & 0xffff) as f32;
+            }
+        }
+        self.reduce_f32(&mut limbs)?;
+        let value_of = |limbs: &[f32]| f64::from_bits(limbs.iter().rev().fold(0u64, |acc, &l| (acc << 16) | l as u64));
+        for (i, v) in values.iter_mut().enumerate() {
+            *v = (0..world).map(|q| value_of(&limbs[(q * n + i) * 4..][..4])).fold(0.0, |acc, x| acc + x);
+        }
+        Ok(())
     }
 }
 
@@ -273,4 +290,40 @@ pub fn gather_optimizer_state<B: Backend>(
         }
     }
     Ok(whole)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lockstep_collective::thread::thread_group;
+    use lockstep_collective::WireFormat;
+
+    #[test]
+    fn the_shards_partition_every_parameter_and_f64_sums_are_exact_in_rank_order() {
+        let sizes = [Some(10), None, Some(7), Some(300), Some(1)];
+        let handles: Vec<_> = thread_group(3)
+            .into_iter()
+            .map(|comm| {
+                std::thread::spawn(move || {
+                    let rank = comm.rank;
+                    let mut reducer = BucketReducer::new(Box::new(comm), &sizes, 64 * 4, WireFormat::F32, 1);
+                    // Values whose f32-pair sum would round: 1 + 2^-40 and friends.
+                    let mut values = [1.0 + (rank as f64 + 1.0) * 2f64.powi(-40), 1e-30 * rank as f64];
+                    reducer.sum_f64(&mut values).unwrap();
+                    (reducer.shards().to_vec(), values)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let want = (0..3).map(|r| 1.0 + (r as f64 + 1.0) * 2f64.powi(-40)).fold(0.0, |a, x| a + x);
+        for (_, values) in &results {
+            assert_eq!(values[0].to_bits(), want.to_bits());
+            assert_eq!(values[1], 1e-30 + 2e-30);
+        }
+        for (param, size) in sizes.iter().enumerate() {
+            let mut covered: Vec<usize> = results.iter().flat_map(|(shards, _)| shards[param].clone()).collect();
+            covered.sort_unstable();
+            assert_eq!(covered, (0..size.unwrap_or(0)).collect::<Vec<_>>(), "parameter {param}");
+        }
+    }
 }
