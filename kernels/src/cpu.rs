@@ -57,6 +57,7 @@ pub fn softmax_backward_rows(p: &[f32], dp: &[f32], ds: &mut [f32], rows: usize,
 }
 
 use crate::fast_math::{sigmoid, tanh};
+use crate::skinny;
 
 /// GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))).
 #[inline(always)]
@@ -183,6 +184,11 @@ impl Backend for CpuBackend {
             for (out, v) in c[..m * n].iter_mut().zip(product) {
                 *out = if accumulate { *out + p.round(v) } else { p.round(v) };
             }
+            return Ok(());
+        }
+        // A few rows against a weight stored (n, k): dot products that stream the weight once
+        // instead of `gemm` repacking it (see `skinny`).
+        if trans_b && !trans_a && m <= skinny::MAX_ROWS && skinny::matmul_nt(a, b, c, m, k, n, accumulate) {
             return Ok(());
         }
         // SAFETY: the length checks above bound every index gemm touches by the strides given.

@@ -12,6 +12,7 @@ mod error;
 pub mod fast_math;
 pub mod norm;
 pub mod recurrent;
+pub mod skinny;
 pub mod window;
 
 pub use attention::AttentionDims;
