@@ -13,11 +13,11 @@ use std::ops::Range;
 /// Largest m for which `matmul` takes this path.
 pub const MAX_ROWS: usize = 24;
 
-/// Whether this CPU has a kernel here (AVX-512F, or AVX2 with FMA).
+/// Whether this CPU has a kernel here (AVX-512F with DQ, or AVX2 with FMA).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512f")
+        (std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq"))
             || (std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -29,7 +29,7 @@ pub fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usi
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "matmul_nt: short buffers");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx512f") {
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
             // SAFETY: AVX-512F is present; the lengths are checked above.
             unsafe { avx512::matmul_nt(a, b, c, m, k, n, accumulate) };
             return true;
@@ -73,7 +73,7 @@ mod avx512 {
     const MB: usize = 4;
     const NB: usize = 4;
 
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512dq")]
     pub unsafe fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
         let (m4, n4) = (m / MB * MB, n / NB * NB);
         for j in (0..n4).step_by(NB) {
@@ -87,7 +87,7 @@ mod avx512 {
 
     /// MB rows of a (stride k) against NB rows of b (stride k) into c (stride n); the last
     /// k mod 16 values through a masked load.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512dq")]
     unsafe fn block(a: *const f32, b: *const f32, c: *mut f32, k: usize, n: usize, accumulate: bool) {
         let mut acc = [[_mm512_setzero_ps(); NB]; MB];
         let tail = k % 16;
@@ -114,12 +114,25 @@ mod avx512 {
             }
         }
         for (i, row) in acc.iter().enumerate() {
-            for (j, lane) in row.iter().enumerate() {
-                let out = c.add(i * n + j);
-                let dot = _mm512_reduce_add_ps(*lane);
-                *out = if accumulate { *out + dot } else { dot };
-            }
+            let dots = reduce4(row);
+            let out = c.add(i * n);
+            let dots = if accumulate { _mm_add_ps(_mm_loadu_ps(out), dots) } else { dots };
+            _mm_storeu_ps(out, dots);
         }
+    }
+
+    /// The lane sums of four vectors as one: halves added (512 → 256 bits), then two rounds
+    /// of pairwise adds, then the 128-bit halves: 13 operations where four separate
+    /// reductions take 32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn reduce4(v: &[__m512; 4]) -> __m128 {
+        let y: [__m256; 4] =
+            std::array::from_fn(|q| _mm256_add_ps(_mm512_castps512_ps256(v[q]), _mm512_extractf32x8_ps::<1>(v[q])));
+        let h01 = _mm256_hadd_ps(y[0], y[1]);
+        let h23 = _mm256_hadd_ps(y[2], y[3]);
+        let h = _mm256_hadd_ps(h01, h23); // per 128-bit half: [s0, s1, s2, s3]
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
     }
 }
 
@@ -198,7 +211,7 @@ mod tests {
         {
             let avx512: Kernel = avx512::matmul_nt;
             let avx2: Kernel = avx2::matmul_nt;
-            match std::is_x86_feature_detected!("avx512f") {
+            match std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
                 true => have.push(("avx512", avx512)),
                 false => lack.push("avx512"),
             }

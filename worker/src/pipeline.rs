@@ -270,6 +270,8 @@ impl<B: Backend> Trainer<B> {
             example_ids: ids.iter().map(|&i| i as u64).collect(),
             seq_lens,
             stat_sync: None,
+            // A stage interleaves micro-batches' forwards and backwards: no deferral.
+            micro_batch: None,
         }
     }
 

@@ -296,7 +296,8 @@ impl<B: Backend> Trainer<B> {
             let micro_batches: Vec<&[u32]> = local.chunks(micro).collect();
             for (j, ids) in micro_batches.iter().enumerate() {
                 let last = j + 1 == micro_batches.len();
-                let (dlogits, micro_loss, micro_targets) = self.forward_loss(data, ids, reducer, loss_scale)?;
+                let micro = (micro_batches.len() > 1).then_some((j, micro_batches.len()));
+                let (dlogits, micro_loss, micro_targets) = self.forward_loss(data, ids, micro, reducer, loss_scale)?;
                 (loss_sum, targets) = (loss_sum + micro_loss, targets + micro_targets);
                 let _backward = trace::span(SpanKind::Backward);
                 if !last {
@@ -366,7 +367,7 @@ impl<B: Backend> Trainer<B> {
         let mut tensors: Vec<Vec<Vec<f32>>> = vec![Vec::new(); lens.len() + 2];
         for ids in shards {
             self.model.zero_grad(&self.be)?;
-            let (dlogits, loss, targets) = self.forward_loss(data, ids, reducer, loss_scale)?;
+            let (dlogits, loss, targets) = self.forward_loss(data, ids, None, reducer, loss_scale)?;
             let _backward = trace::span(SpanKind::Backward);
             self.model.backward(&self.be, dlogits)?;
             for (t, p) in self.model.params().iter().enumerate() {
@@ -407,10 +408,12 @@ impl<B: Backend> Trainer<B> {
 
     /// The forward pass and loss of the micro-batch `ids`: d(loss)/d(logits) (carrying the
     /// loss scale, T25; the update divides it out), the loss sum and the target count.
+    /// `micro_batch` is its (index, count) in the step under gradient accumulation.
     fn forward_loss(
         &mut self,
         data: &dyn Examples,
         ids: &[u32],
+        micro_batch: Option<(usize, usize)>,
         reducer: &mut dyn GradReducer<B>,
         loss_scale: f32,
     ) -> Result<(Tensor<B>, f64, usize)> {
@@ -423,6 +426,7 @@ impl<B: Backend> Trainer<B> {
             example_ids: ids.iter().map(|&i| i as u64).collect(),
             seq_lens: batch.seq_lens,
             stat_sync: reducer.stat_sync(),
+            micro_batch,
         };
         let input = self.input(ids.len(), &batch.x)?; // (B, F), (B, H, W, C) or (B, T)
         let _forward = trace::span(SpanKind::Forward);

@@ -121,6 +121,10 @@ pub struct ForwardCtx {
     pub seq_lens: Vec<usize>,
     /// Set in data-parallel training: synchronised BatchNorm sums its statistics through it.
     pub stat_sync: Option<StatSyncHandle>,
+    /// (index, count) of this forward among the micro-batches of one optimizer step
+    /// (gradient accumulation, whose backwards run in the same order); None otherwise. A
+    /// layer may defer part of its parameter gradients to the last micro-batch's backward.
+    pub micro_batch: Option<(usize, usize)>,
 }
 
 pub trait Layer<B: Backend>: Send {
