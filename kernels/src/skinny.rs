@@ -13,35 +13,93 @@ use std::ops::Range;
 /// Largest m for which `matmul` takes this path.
 pub const MAX_ROWS: usize = 24;
 
-/// Whether this CPU has a kernel here (AVX-512F with DQ, or AVX2 with FMA).
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        (std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq"))
-            || (std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+/// The kernels, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Avx512,
+    Avx2,
+    /// No kernel here: `matmul` runs `gemm`.
+    Gemm,
 }
 
-/// c (+)= a·bᵀ; false if this CPU has no kernel (the caller runs `gemm`).
-pub fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) -> bool {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "matmul_nt: short buffers");
+/// The kernel this process uses: the best the CPU has, or the one `LOCKSTEP_CPU_KERNEL`
+/// (`avx512`, `avx2`, `gemm`) asks for, if the CPU has it (so a test or a benchmark can
+/// run each path on one machine).
+pub fn kernel() -> Kernel {
+    static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let have = supported();
+        let asked = match std::env::var("LOCKSTEP_CPU_KERNEL").as_deref() {
+            Ok("avx512") => Some(Kernel::Avx512),
+            Ok("avx2") => Some(Kernel::Avx2),
+            Ok("gemm") => Some(Kernel::Gemm),
+            _ => None,
+        };
+        match asked {
+            Some(k) if k == Kernel::Gemm || have.contains(&k) => k,
+            _ => have.first().copied().unwrap_or(Kernel::Gemm),
+        }
+    })
+}
+
+/// The kernels this CPU can run, best first.
+pub fn supported() -> Vec<Kernel> {
+    let mut have = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
-            // SAFETY: AVX-512F is present; the lengths are checked above.
-            unsafe { avx512::matmul_nt(a, b, c, m, k, n, accumulate) };
-            return true;
+            have.push(Kernel::Avx512);
         }
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: AVX2 and FMA are present; the lengths are checked above.
-            unsafe { avx2::matmul_nt(a, b, c, m, k, n, accumulate) };
-            return true;
+            have.push(Kernel::Avx2);
         }
     }
-    let _ = (a, b, c, m, k, n, accumulate);
-    false
+    have
+}
+
+/// c (+)= a·bᵀ with `kernel()`; false for `Kernel::Gemm` (the caller runs `gemm`).
+pub fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) -> bool {
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "matmul_nt: short buffers");
+    // SAFETY: `kernel()` only picks kernels whose CPU features are present.
+    unsafe { run(kernel(), a, b, c, (m, k, n), accumulate) }
+}
+
+/// `matmul_nt` with a given kernel, which must be one of `supported()` (or `Gemm`): how the
+/// tests run every kernel the CPU has.
+pub fn matmul_nt_with(
+    kernel: Kernel,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    mkn: (usize, usize, usize),
+    accumulate: bool,
+) -> bool {
+    let (m, k, n) = mkn;
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "matmul_nt: short buffers");
+    assert!(kernel == Kernel::Gemm || supported().contains(&kernel), "matmul_nt: {kernel:?} is not on this CPU");
+    // SAFETY: the kernel's CPU features are present (asserted above).
+    unsafe { run(kernel, a, b, c, mkn, accumulate) }
+}
+
+/// # Safety
+/// `kernel`'s CPU features must be present, and the buffers hold the (m, k, n) shape.
+unsafe fn run(
+    kernel: Kernel,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    mkn: (usize, usize, usize),
+    accumulate: bool,
+) -> bool {
+    let (m, k, n) = mkn;
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => avx512::matmul_nt(a, b, c, m, k, n, accumulate),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => avx2::matmul_nt(a, b, c, m, k, n, accumulate),
+        _ => return false,
+    }
+    true
 }
 
 /// The outputs a block kernel leaves: `rows` × `cols` of c (m×n) = a (m×k) · bᵀ, by plain
@@ -201,48 +259,28 @@ mod tests {
         c
     }
 
-    type Kernel = unsafe fn(&[f32], &[f32], &mut [f32], usize, usize, usize, bool);
-
-    /// Every kernel this CPU can run, by name (the test runs each one, not only the one
-    /// `matmul_nt` picks), and the names of those it cannot.
-    fn kernels() -> (Vec<(&'static str, Kernel)>, Vec<&'static str>) {
-        let (mut have, mut lack) = (Vec::new(), Vec::new());
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx512: Kernel = avx512::matmul_nt;
-            let avx2: Kernel = avx2::matmul_nt;
-            match std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
-                true => have.push(("avx512", avx512)),
-                false => lack.push("avx512"),
-            }
-            match std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                true => have.push(("avx2", avx2)),
-                false => lack.push("avx2"),
-            }
-        }
-        (have, lack)
-    }
-
     #[test]
     fn skinny_products_match_f64_for_ragged_shapes_on_every_kernel() {
-        let (have, lack) = kernels();
-        for name in lack {
-            println!("skipped the {name} kernel: this CPU lacks it");
+        let have = supported();
+        for name in [Kernel::Avx512, Kernel::Avx2].iter().filter(|k| !have.contains(k)) {
+            println!("skipped the {name:?} kernel: this CPU lacks it");
         }
-        for (name, kernel) in have {
+        for kernel in have {
             for (m, k, n) in [(16, 784, 512), (5, 33, 17), (1, 7, 3), (24, 64, 10), (3, 16, 4), (4, 1, 4)] {
                 let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
                 let b: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
                 let want = naive(&a, &b, m, k, n);
                 let mut c = vec![0.5; m * n];
-                // SAFETY: the kernel's features were detected above; the buffers fit the shape.
-                unsafe { kernel(&a, &b, &mut c, m, k, n, false) };
+                assert!(matmul_nt_with(kernel, &a, &b, &mut c, (m, k, n), false));
                 for (x, y) in c.iter().zip(&want) {
-                    assert!((*x as f64 - y).abs() < 1e-3 * (1.0 + y.abs()), "{name} ({m},{k},{n}): {x} vs {y}");
+                    assert!((*x as f64 - y).abs() < 1e-3 * (1.0 + y.abs()), "{kernel:?} ({m},{k},{n}): {x} vs {y}");
                 }
-                unsafe { kernel(&a, &b, &mut c, m, k, n, true) };
+                assert!(matmul_nt_with(kernel, &a, &b, &mut c, (m, k, n), true));
                 for (x, y) in c.iter().zip(&want) {
-                    assert!((*x as f64 - 2.0 * y).abs() < 2e-3 * (1.0 + y.abs()), "{name} ({m},{k},{n}) accumulated");
+                    assert!(
+                        (*x as f64 - 2.0 * y).abs() < 2e-3 * (1.0 + y.abs()),
+                        "{kernel:?} ({m},{k},{n}) accumulated"
+                    );
                 }
             }
         }
