@@ -102,6 +102,28 @@ unsafe fn run(
     true
 }
 
+/// Runs `block(c, i, j)` on every whole `MB`×`NB` block of the (m, n) output, column
+/// blocks outermost (a block of b stays in L1 while a's rows pass), and plain dot products
+/// on the ragged edges.
+#[cfg(target_arch = "x86_64")]
+fn tiled<const MB: usize, const NB: usize>(
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    (m, k, n): (usize, usize, usize),
+    accumulate: bool,
+    mut block: impl FnMut(&mut [f32], usize, usize),
+) {
+    let (mb, nb) = (m / MB * MB, n / NB * NB);
+    for j in (0..nb).step_by(NB) {
+        for i in (0..mb).step_by(MB) {
+            block(c, i, j);
+        }
+    }
+    edge(a, b, c, (k, n), 0..mb, nb..n, accumulate);
+    edge(a, b, c, (k, n), mb..m, 0..n, accumulate);
+}
+
 /// The outputs a block kernel leaves: `rows` × `cols` of c (m×n) = a (m×k) · bᵀ, by plain
 /// dot products; `ks` is (k, n).
 fn edge(
@@ -133,14 +155,12 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512dq")]
     pub unsafe fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
-        let (m4, n4) = (m / MB * MB, n / NB * NB);
-        for j in (0..n4).step_by(NB) {
-            for i in (0..m4).step_by(MB) {
-                block(a.as_ptr().add(i * k), b.as_ptr().add(j * k), c.as_mut_ptr().add(i * n + j), k, n, accumulate);
+        super::tiled::<MB, NB>(a, b, c, (m, k, n), accumulate, |c, i, j| {
+            // SAFETY: the block (i, j) lies inside the checked shape; AVX-512 is present.
+            unsafe {
+                block(a.as_ptr().add(i * k), b.as_ptr().add(j * k), c.as_mut_ptr().add(i * n + j), k, n, accumulate)
             }
-        }
-        super::edge(a, b, c, (k, n), 0..m4, n4..n, accumulate);
-        super::edge(a, b, c, (k, n), m4..m, 0..n, accumulate);
+        });
     }
 
     /// MB rows of a (stride k) against NB rows of b (stride k) into c (stride n); the last
@@ -203,14 +223,10 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) {
-        let (mb, nb) = (m / MB * MB, n / NB * NB);
-        for j in (0..nb).step_by(NB) {
-            for i in (0..mb).step_by(MB) {
-                block(a, b, c, i, j, k, n, accumulate);
-            }
-        }
-        super::edge(a, b, c, (k, n), 0..mb, nb..n, accumulate);
-        super::edge(a, b, c, (k, n), mb..m, 0..n, accumulate);
+        super::tiled::<MB, NB>(a, b, c, (m, k, n), accumulate, |c, i, j| {
+            // SAFETY: the block (i, j) lies inside the checked shape; AVX2 and FMA are present.
+            unsafe { block(a, b, c, i, j, k, n, accumulate) }
+        });
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -43,12 +43,28 @@ pub(crate) enum Job {
     /// Bucket id, values, how many of them are gradients (sent in the wire format), and
     /// whether to reduce-scatter (ZeRO) instead of all-reduce.
     Reduce(usize, Vec<f32>, usize, bool),
-    /// All-gather of one bucket's shards (ZeRO); the result goes back on the job's channel.
-    Gather(Vec<f32>, Sender<std::result::Result<Vec<f32>, String>>),
-    /// Statistics from inside forward/backward (SyncBatchNorm): the sum goes back on the
-    /// job's own channel, so it never mixes with gradient buckets still in flight.
-    ReduceStats(Vec<f32>, Sender<std::result::Result<Vec<f32>, String>>),
+    /// A collective whose result goes back on the job's own channel, so it never mixes with
+    /// gradient buckets still in flight.
+    Direct(Direct, Vec<f32>, Sender<std::result::Result<Vec<f32>, String>>),
     Stop,
+}
+
+/// The collectives of `Job::Direct`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Direct {
+    /// One bucket's parameter shards (ZeRO).
+    AllGather,
+    /// Statistics from inside forward/backward (SyncBatchNorm).
+    AllReduce,
+}
+
+impl Direct {
+    fn what(self) -> &'static str {
+        match self {
+            Direct::AllGather => "all-gather of parameter shards",
+            Direct::AllReduce => "all-reduce of BatchNorm statistics",
+        }
+    }
 }
 
 /// The [`StatSync`] of a bucket reducer: a request to its communication thread.
@@ -63,7 +79,7 @@ impl StatSync for CommStatSync {
         self.jobs
             .lock()
             .map_err(|_| stopped())?
-            .send(Job::ReduceStats(split_f64(values), reply))
+            .send(Job::Direct(Direct::AllReduce, split_f64(values), reply))
             .map_err(|_| stopped())?;
         let summed = answer
             .recv()
@@ -152,19 +168,12 @@ impl BucketReducer {
                         let failed = outcome.is_err();
                         result_tx.send(outcome).is_err() || failed
                     }
-                    Ok(Job::Gather(mut data, reply)) => {
-                        let outcome = comm
-                            .all_gather(&mut data)
-                            .map(|_| data)
-                            .map_err(|e| format!("all-gather of parameter shards: {e}"));
-                        let failed = outcome.is_err();
-                        reply.send(outcome).is_err() || failed
-                    }
-                    Ok(Job::ReduceStats(mut data, reply)) => {
-                        let outcome = comm
-                            .all_reduce_sum(&mut data)
-                            .map(|_| data)
-                            .map_err(|e| format!("all-reduce of BatchNorm statistics: {e}"));
+                    Ok(Job::Direct(op, mut data, reply)) => {
+                        let outcome = match op {
+                            Direct::AllGather => comm.all_gather(&mut data),
+                            Direct::AllReduce => comm.all_reduce_sum(&mut data),
+                        };
+                        let outcome = outcome.map(|_| data).map_err(|e| format!("{}: {e}", op.what()));
                         let failed = outcome.is_err();
                         reply.send(outcome).is_err() || failed
                     }

@@ -13,7 +13,7 @@
 //! Stage 2 keeps only the shards: the bucket buffers come from a pool of two, and a bucket
 //! that finds both in flight waits for the oldest reduce-scatter to finish.
 
-use crate::reducer::{Bucket, BucketReducer, Job};
+use crate::reducer::{Bucket, BucketReducer, Direct, Job};
 use crate::trainer::ShardedReducer;
 use crate::{Result, WorkerError};
 use lockstep_collective::{join_f64, Communicator};
@@ -213,7 +213,7 @@ impl ShardedReducer for BucketReducer {
                 data[slot.offset + range.start..slot.offset + range.end].copy_from_slice(&shards[slot.param]);
             }
             self.jobs
-                .send(Job::Gather(data, reply.clone()))
+                .send(Job::Direct(Direct::AllGather, data, reply.clone()))
                 .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
         }
         let mut whole = vec![Vec::new(); shards.len()];
