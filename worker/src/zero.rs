@@ -258,10 +258,16 @@ pub fn all_gather_params<B: Backend>(
     params: &mut [&mut Param<B>],
 ) -> Result<()> {
     let ranges = zero.shards().to_vec();
+    // Only this rank's range leaves the device (a 1/W copy, not the whole parameter).
+    let shard_of = |p: &Param<B>, range: &Range<usize>| -> Result<Vec<f32>> {
+        let mut part = be.zeros(range.len())?;
+        be.copy_range(&p.value, range.start, &mut part, 0, range.len())?;
+        Ok(be.download(&part)?)
+    };
     let shards = params
         .iter()
         .zip(&ranges)
-        .map(|(p, range)| Ok(if p.trainable { be.download(&p.value)?[range.clone()].to_vec() } else { Vec::new() }))
+        .map(|(p, range)| if p.trainable { shard_of(p, range) } else { Ok(Vec::new()) })
         .collect::<Result<Vec<_>>>()?;
     let whole = zero.all_gather_shards(&shards)?;
     for (p, values) in params.iter_mut().zip(whole).filter(|(p, _)| p.trainable) {
