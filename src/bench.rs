@@ -232,6 +232,10 @@ fn bench_model<B: Backend>(
     println!("  training step   {:8.3} ms   {rate}   {:6.1} GFLOP/s", step_s * 1e3, achieved / 1e9);
     println!("  raw gemm (ref)  {:8.3} ms                        {:6.1} GFLOP/s", gemm_s * 1e3, raw / 1e9);
     println!("  ratio achieved/raw gemm FLOP/s: {:.3}", achieved / raw);
+    // The raw GEMMs are exactly the step's: the rest of the step is everything else
+    // (attention's loops, norms, activations, the optimizer, allocation).
+    let outside = (step_s - gemm_s).max(0.0);
+    println!("  outside the GEMMs: {:.3} ms, {:.1}% of the step", outside * 1e3, 100.0 * outside / step_s);
     Ok(())
 }
 
