@@ -96,15 +96,49 @@ impl JobSpec {
     }
 }
 
+/// `Err((key, why))` unless `ok`.
+fn check(ok: bool, key: &str, msg: &str) -> Result<(), (String, String)> {
+    if ok {
+        Ok(())
+    } else {
+        Err((key.to_string(), msg.to_string()))
+    }
+}
+
+/// Checks of `[parallel]`: pipeline stages, micro-batches, placement and ZeRO.
+fn check_parallel(spec: &JobSpec) -> Result<(), (String, String)> {
+    let par = &spec.parallel;
+    check(par.pipeline_stages >= 1, "parallel.pipeline_stages", "must be >= 1")?;
+    check(par.micro_batches >= 1, "parallel.micro_batches", "must be >= 1")?;
+    check(
+        par.placement.is_empty() || par.placement.len() == par.pipeline_stages,
+        "parallel.placement",
+        "must list one array of layer names per pipeline stage",
+    )?;
+    check(par.zero <= 2, "parallel.zero", "must be 0, 1 or 2")?;
+    if par.zero > 0 {
+        let why = "is not supported with parallel.zero > 0";
+        check(par.pipeline_stages == 1, "parallel.pipeline_stages", why)?;
+        check(spec.train.reproducible == crate::job::Reproducible::SameWorldSize, "train.reproducible", why)?;
+        check(
+            spec.precision.allreduce == crate::toolbox::Dtype::Fp32,
+            "precision.allreduce",
+            "must be fp32 with parallel.zero > 0",
+        )?;
+    }
+    if par.pipeline_stages > 1 {
+        check(
+            spec.train.batch_size >= par.micro_batches * spec.train.accumulate * par.data_parallel.max(1),
+            "parallel.micro_batches",
+            "needs train.batch_size >= micro_batches × train.accumulate × data_parallel (every micro-batch non-empty)",
+        )?;
+        check(!spec.model.sync_batch_norm, "model.sync_batch_norm", "is not supported with pipeline stages")?;
+    }
+    Ok(())
+}
+
 /// Checks of the toolbox keys; returns the offending dotted key and why.
 fn toolbox(spec: &JobSpec) -> Result<(), (String, String)> {
-    fn check(ok: bool, key: &str, msg: &str) -> Result<(), (String, String)> {
-        if ok {
-            Ok(())
-        } else {
-            Err((key.to_string(), msg.to_string()))
-        }
-    }
     let p = &spec.precision;
     check(p.loss_scale.is_finite() && p.loss_scale >= 1.0, "precision.loss_scale", "must be a finite number >= 1")?;
     check(p.growth_interval > 0, "precision.growth_interval", "must be > 0")?;
@@ -140,33 +174,7 @@ fn toolbox(spec: &JobSpec) -> Result<(), (String, String)> {
         let classes = if d.labels.is_empty() { u32::MAX } else { d.labels.len() as u32 };
         check(positive < classes, "data.binary_positive", "is not one of the (renumbered) labels")?;
     }
-    let par = &spec.parallel;
-    check(par.pipeline_stages >= 1, "parallel.pipeline_stages", "must be >= 1")?;
-    check(par.micro_batches >= 1, "parallel.micro_batches", "must be >= 1")?;
-    check(
-        par.placement.is_empty() || par.placement.len() == par.pipeline_stages,
-        "parallel.placement",
-        "must list one array of layer names per pipeline stage",
-    )?;
-    check(par.zero <= 2, "parallel.zero", "must be 0, 1 or 2")?;
-    if par.zero > 0 {
-        let why = "is not supported with parallel.zero > 0";
-        check(par.pipeline_stages == 1, "parallel.pipeline_stages", why)?;
-        check(spec.train.reproducible == crate::job::Reproducible::SameWorldSize, "train.reproducible", why)?;
-        check(
-            p.allreduce == crate::toolbox::Dtype::Fp32,
-            "precision.allreduce",
-            "must be fp32 with parallel.zero > 0",
-        )?;
-    }
-    if par.pipeline_stages > 1 {
-        check(
-            spec.train.batch_size >= par.micro_batches * spec.train.accumulate * par.data_parallel.max(1),
-            "parallel.micro_batches",
-            "needs train.batch_size >= micro_batches × train.accumulate × data_parallel (every micro-batch non-empty)",
-        )?;
-        check(!spec.model.sync_batch_norm, "model.sync_batch_norm", "is not supported with pipeline stages")?;
-    }
+    check_parallel(spec)?;
     let f = &spec.finetune;
     for g in &f.lr_groups {
         check(g.lr_scale.is_finite() && g.lr_scale >= 0.0, "finetune.lr_groups", "lr_scale must be >= 0")?;

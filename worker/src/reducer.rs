@@ -98,7 +98,7 @@ pub struct BucketReducer {
     /// This step's scalars (f64 split into f32 pairs), appended to the last bucket launched.
     staged_scalars: Vec<f32>,
     pub(crate) jobs: Sender<Job>,
-    results: Receiver<std::result::Result<(usize, Vec<f32>), String>>,
+    results: Receiver<BucketResult>,
     comm_thread: Option<JoinHandle<()>>,
     /// All-reduced bytes per step (reported by `lockstep local` and the transfer tests).
     pub bytes_per_step: u64,
@@ -109,36 +109,96 @@ pub struct BucketReducer {
     pub(crate) world: usize,
 }
 
+/// Parameters into buckets of at most `cap` values (one larger parameter gets its own), in
+/// reverse order, the order backward finishes them; frozen ones (None) into none. Returns
+/// the buckets and each parameter's bucket.
+fn plan_buckets(param_sizes: &[Option<usize>], cap: usize) -> (Vec<Bucket>, Vec<Option<usize>>) {
+    let mut buckets: Vec<Bucket> = Vec::new();
+    let mut bucket_of = vec![None; param_sizes.len()];
+    let mut current = Bucket::empty();
+    for (i, size) in param_sizes.iter().enumerate().rev() {
+        let Some(len) = *size else { continue };
+        if current.len > 0 && current.len + len > cap {
+            buckets.push(std::mem::replace(&mut current, Bucket::empty()));
+        }
+        bucket_of[i] = Some(buckets.len());
+        current.slots.push(Slot { param: i, offset: current.len, len });
+        current.len += len;
+    }
+    if current.len > 0 || !current.slots.is_empty() {
+        buckets.push(current);
+    }
+    for b in &mut buckets {
+        b.data = vec![0.0; b.len];
+    }
+    (buckets, bucket_of)
+}
+
+type BucketResult = std::result::Result<(usize, Vec<f32>), String>;
+
+/// The communication thread: runs the jobs in order until `Stop`, a closed channel or the
+/// first failure (reported, then the thread ends).
+fn comm_loop(mut comm: Box<dyn Communicator>, wire: WireFormat, jobs: Receiver<Job>, results: Sender<BucketResult>) {
+    loop {
+        let failed = match jobs.recv() {
+            Ok(Job::Reduce(id, data, gradient_len, scatter)) => {
+                let outcome = reduce_bucket(comm.as_mut(), wire, id, data, gradient_len, scatter);
+                let failed = outcome.is_err();
+                results.send(outcome).is_err() || failed
+            }
+            Ok(Job::Direct(op, mut data, reply)) => {
+                let outcome = match op {
+                    Direct::AllGather => comm.all_gather(&mut data),
+                    Direct::AllReduce => comm.all_reduce_sum(&mut data),
+                };
+                let outcome = outcome.map(|_| data).map_err(|e| format!("{}: {e}", op.what()));
+                let failed = outcome.is_err();
+                reply.send(outcome).is_err() || failed
+            }
+            Ok(Job::Stop) | Err(_) => true,
+        };
+        if failed {
+            break;
+        }
+    }
+}
+
+/// One bucket (`id`, or usize::MAX for scalars alone) all-reduced, or reduce-scattered (ZeRO).
+fn reduce_bucket(
+    comm: &mut dyn Communicator,
+    wire: WireFormat,
+    id: usize,
+    mut data: Vec<f32>,
+    gradient_len: usize,
+    scatter: bool,
+) -> BucketResult {
+    let op = if scatter { "reduce-scatter" } else { "all-reduce" };
+    let what = if id == usize::MAX {
+        format!("{op} of the loss scalars")
+    } else {
+        format!("{op} of gradient bucket {id} ({} values)", data.len())
+    };
+    let _span = crate::trace::span_detail(SpanKind::AllReduce, id.min(u32::MAX as usize) as u32);
+    let outcome = if scatter {
+        crate::zero::reduce_scatter_with_tail(comm, &mut data, gradient_len)
+    } else {
+        comm.all_reduce_sum_as(&mut data, wire, gradient_len)
+    };
+    outcome.map(|_| (id, data)).map_err(|e| format!("{what}: {e}"))
+}
+
 impl BucketReducer {
     /// `param_sizes[i]` is the element count of parameter i, `None` if frozen.
     /// Gradients travel in `wire` format (T25: bf16/fp16 halve the bytes); the loss scalars
     /// on the last bucket stay f32.
     pub fn new(
-        mut comm: Box<dyn Communicator>,
+        comm: Box<dyn Communicator>,
         param_sizes: &[Option<usize>],
         bucket_bytes: usize,
         wire: WireFormat,
         zero_stage: u8,
     ) -> Self {
-        let cap = (bucket_bytes / 4).max(1);
-        let mut buckets: Vec<Bucket> = Vec::new();
-        let mut bucket_of = vec![None; param_sizes.len()];
-        let mut current = Bucket::empty();
-        for (i, size) in param_sizes.iter().enumerate().rev() {
-            let Some(len) = *size else { continue };
-            if current.len > 0 && current.len + len > cap {
-                buckets.push(std::mem::replace(&mut current, Bucket::empty()));
-            }
-            bucket_of[i] = Some(buckets.len());
-            current.slots.push(Slot { param: i, offset: current.len, len });
-            current.len += len;
-        }
-        if current.len > 0 || !current.slots.is_empty() {
-            buckets.push(current);
-        }
-        for b in &mut buckets {
-            b.data = vec![0.0; b.len];
-        }
+        let (mut buckets, bucket_of) = plan_buckets(param_sizes, (bucket_bytes / 4).max(1));
         let zero = (zero_stage > 0)
             .then(|| crate::zero::ZeroState::plan(comm.as_ref(), &mut buckets, param_sizes.len(), zero_stage));
         let (rank, world) = (comm.rank(), comm.world());
@@ -148,41 +208,7 @@ impl BucketReducer {
         let (result_tx, results) = channel();
         let comm_thread = std::thread::Builder::new()
             .name("lockstep-allreduce".into())
-            .spawn(move || loop {
-                let failed = match job_rx.recv() {
-                    Ok(Job::Reduce(id, mut data, gradient_len, scatter)) => {
-                        let op = if scatter { "reduce-scatter" } else { "all-reduce" };
-                        let what = if id == usize::MAX {
-                            format!("{op} of the loss scalars")
-                        } else {
-                            format!("{op} of gradient bucket {id} ({} values)", data.len())
-                        };
-                        let span = crate::trace::span_detail(SpanKind::AllReduce, id.min(u32::MAX as usize) as u32);
-                        let outcome = if scatter {
-                            crate::zero::reduce_scatter_with_tail(comm.as_mut(), &mut data, gradient_len)
-                        } else {
-                            comm.all_reduce_sum_as(&mut data, wire, gradient_len)
-                        };
-                        let outcome = outcome.map(|_| (id, data)).map_err(|e| format!("{what}: {e}"));
-                        drop(span);
-                        let failed = outcome.is_err();
-                        result_tx.send(outcome).is_err() || failed
-                    }
-                    Ok(Job::Direct(op, mut data, reply)) => {
-                        let outcome = match op {
-                            Direct::AllGather => comm.all_gather(&mut data),
-                            Direct::AllReduce => comm.all_reduce_sum(&mut data),
-                        };
-                        let outcome = outcome.map(|_| data).map_err(|e| format!("{}: {e}", op.what()));
-                        let failed = outcome.is_err();
-                        reply.send(outcome).is_err() || failed
-                    }
-                    Ok(Job::Stop) | Err(_) => true,
-                };
-                if failed {
-                    break;
-                }
-            })
+            .spawn(move || comm_loop(comm, wire, job_rx, result_tx))
             .ok();
         let mut reducer = Self {
             buckets,
