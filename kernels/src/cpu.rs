@@ -12,6 +12,8 @@ use rayon::prelude::*;
 /// chunk run on the calling thread. Fixed chunks keep reductions deterministic: partial
 /// sums are combined in chunk order whatever the thread count.
 const CHUNK: usize = 1 << 15;
+/// Rows per parallel task of LayerNorm.
+const LN_ROWS: usize = 64;
 
 /// CPU backend. `threads` bounds the GEMM parallelism (rayon's global pool is sized by the
 /// binary from `--threads`).
@@ -43,8 +45,6 @@ impl CpuBackend {
     }
 }
 
-const GELU_C: f32 = 0.797_884_6; // sqrt(2/pi)
-
 /// ds = p ⊙ (dp − Σ_j dp_j p_j) for each row of (rows, cols).
 pub fn softmax_backward_rows(p: &[f32], dp: &[f32], ds: &mut [f32], rows: usize, cols: usize) {
     for r in 0..rows {
@@ -59,18 +59,7 @@ pub fn softmax_backward_rows(p: &[f32], dp: &[f32], ds: &mut [f32], rows: usize,
 use crate::fast_math::{sigmoid, tanh};
 use crate::skinny;
 
-/// GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))).
-#[inline(always)]
-fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * x * x * x)))
-}
-
-#[inline(always)]
-fn gelu_derivative(x: f32) -> f32 {
-    let t = tanh(GELU_C * (x + 0.044715 * x * x * x));
-    let du = GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-}
+use crate::vector::{self, gelu, gelu_derivative};
 
 #[inline]
 fn act_forward(act: Activation, x: f32) -> f32 {
@@ -137,6 +126,9 @@ impl Backend for CpuBackend {
     }
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
+    }
+    fn duplicate(&self, src: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(src.clone())
     }
     fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
         dst.copy_from_slice(src);
@@ -223,6 +215,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn repeat_rows(&self, row: &Vec<f32>, rows: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(rows * row.len());
+        (0..rows).for_each(|_| out.extend_from_slice(row));
+        Ok(out)
+    }
+
     fn add_row_vector(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, cols: usize) -> Result<()> {
         for row in x[..rows * cols].chunks_exact_mut(cols) {
             for (v, b) in row.iter_mut().zip(bias) {
@@ -245,17 +243,15 @@ impl Backend for CpuBackend {
     }
 
     fn activation_forward(&self, act: Activation, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
-        // GELU gets its own loop so it vectorizes (a `match` per element does not).
-        fn map(x: &[f32], y: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-            y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(y, x)| {
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = f(x);
-                }
-            });
-        }
+        // GELU gets its own kernel, vectorized per ISA (a `match` per element is not).
+        let chunks = y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK));
         match act {
-            Activation::Gelu => map(x, y, gelu),
-            other => map(x, y, move |v| act_forward(other, v)),
+            Activation::Gelu => chunks.for_each(|(y, x)| vector::gelu_forward(x, y)),
+            other => chunks.for_each(|(y, x)| {
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = act_forward(other, x);
+                }
+            }),
         }
         Ok(())
     }
@@ -270,12 +266,10 @@ impl Backend for CpuBackend {
     ) -> Result<f32> {
         if act == Activation::Gelu {
             // Its own vectorizable loop, as in forward; GELU has no dbeta.
-            dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)).for_each(|((dx, x), dy)| {
-                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    let d = gelu_derivative(x) * dy;
-                    *dx = if accumulate { *dx + d } else { d };
-                }
-            });
+            dx.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .zip(dy.par_chunks(CHUNK))
+                .for_each(|((dx, x), dy)| vector::gelu_backward(x, dy, dx, accumulate));
             return Ok(0.0);
         }
         // Partial dbeta sums per chunk, added in chunk order: deterministic.
@@ -494,7 +488,18 @@ impl Backend for CpuBackend {
         y.resize(rows * cols, 0.0);
         xhat.resize(rows * cols, 0.0);
         rstd.resize(rows, 0.0);
-        norm::layer_norm_forward(x, gamma, beta, rows, cols, eps, y, xhat, rstd);
+        need_len("layer_norm_forward", "x", x.len(), rows * cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        // Rows are independent: any split gives the same bits.
+        let block = LN_ROWS * cols;
+        y[..rows * cols]
+            .par_chunks_mut(block)
+            .zip(xhat[..rows * cols].par_chunks_mut(block))
+            .zip(x[..rows * cols].par_chunks(block))
+            .zip(rstd[..rows].par_chunks_mut(LN_ROWS))
+            .for_each(|(((y, xhat), x), rstd)| norm::layer_norm_forward(x, gamma, beta, cols, eps, y, xhat, rstd));
         Ok(())
     }
     fn layer_norm_backward(
@@ -510,7 +515,30 @@ impl Backend for CpuBackend {
         dbeta: &mut Vec<f32>,
     ) -> Result<()> {
         dx.resize(rows * cols, 0.0);
-        norm::layer_norm_backward(dy, xhat, rstd, gamma, rows, cols, dx, dgamma, dbeta);
+        need_len("layer_norm_backward", "dy", dy.len(), rows * cols)?;
+        need_len("layer_norm_backward", "xhat", xhat.len(), rows * cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        // dgamma and dbeta: one partial sum per fixed block of rows, added in block order,
+        // so the bits do not depend on the thread count.
+        let block = LN_ROWS * cols;
+        let partials: Vec<Vec<f32>> = dx[..rows * cols]
+            .par_chunks_mut(block)
+            .zip(dy[..rows * cols].par_chunks(block))
+            .zip(xhat[..rows * cols].par_chunks(block))
+            .zip(rstd[..rows].par_chunks(LN_ROWS))
+            .map(|(((dx, dy), xhat), rstd)| {
+                let mut sums = vec![0.0f32; 2 * cols]; // [dgamma | dbeta]
+                let (dg, db) = sums.split_at_mut(cols);
+                norm::layer_norm_backward(dy, xhat, rstd, gamma, cols, dx, dg, db);
+                sums
+            })
+            .collect();
+        for sums in partials {
+            dgamma.iter_mut().zip(&sums[..cols]).for_each(|(g, s)| *g += s);
+            dbeta.iter_mut().zip(&sums[cols..]).for_each(|(b, s)| *b += s);
+        }
         Ok(())
     }
     fn column_stats(&self, x: &Vec<f32>, rows: usize, cols: usize) -> Result<(Vec<f64>, Vec<f64>)> {
@@ -714,18 +742,19 @@ impl Backend for CpuBackend {
             }
             UpdateRule::Adam { beta1, beta2, eps, step, decoupled_decay } => {
                 // PyTorch's form: w -= lr·(m/(1−β1ᵗ)) / (sqrt(v)/sqrt(1−β2ᵗ) + eps) + lr·wd·w
-                let step_size = lr / (1.0 - beta1.powi(step as i32));
-                let inv_sqrt_bc2 = 1.0 / (1.0 - beta2.powi(step as i32)).sqrt();
-                params.zip(state1.par_chunks_mut(CHUNK)).zip(state2.par_chunks_mut(CHUNK)).for_each(
-                    |(((w, g), m), v)| {
-                        for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                            let g = grad_scale * g;
-                            *m = beta1 * *m + (1.0 - beta1) * g;
-                            *v = beta2 * *v + (1.0 - beta2) * g * g;
-                            *w -= step_size * *m / (v.sqrt() * inv_sqrt_bc2 + eps) + lr * decoupled_decay * *w;
-                        }
-                    },
-                )
+                let k = vector::AdamStep {
+                    beta1,
+                    beta2,
+                    eps,
+                    step_size: lr / (1.0 - beta1.powi(step as i32)),
+                    inv_sqrt_bc2: 1.0 / (1.0 - beta2.powi(step as i32)).sqrt(),
+                    decay: lr * decoupled_decay,
+                    grad_scale,
+                };
+                params
+                    .zip(state1.par_chunks_mut(CHUNK))
+                    .zip(state2.par_chunks_mut(CHUNK))
+                    .for_each(|(((w, g), m), v)| vector::adam_update(w, g, m, v, k))
             }
         }
         Ok(())

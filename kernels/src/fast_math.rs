@@ -13,9 +13,14 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND_MAGIC) - ROUND_MAGIC; // round(x / ln 2)
+    let shifted = x * LOG2E + ROUND_MAGIC;
+    let n = shifted - ROUND_MAGIC; // round(x / ln 2), in [−126, 127]
+                                   // The same integer from the low mantissa bits: `n as i32` is a saturating cast that
+                                   // the compiler will not vectorize.
+    let n_int = shifted.to_bits() as i32 - ROUND_MAGIC.to_bits() as i32;
     let r = x - n * LN2_HI - n * LN2_LO; // |r| <= ln2 / 2
-                                         // e^r by Cephes' minimax polynomial.
+
+    // e^r by Cephes' minimax polynomial.
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
     p = p * r + 8.333_452e-3;
@@ -23,7 +28,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let er = p * r * r + r + 1.0;
-    er * f32::from_bits(((n as i32 + 127) << 23) as u32) // · 2^n
+    er * f32::from_bits(((n_int + 127) << 23) as u32) // · 2^n
 }
 
 /// tanh(x) = 1 − 2/(e^{2x} + 1); saturates to ±1 without overflow, absolute error ~1e-7.

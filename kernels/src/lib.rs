@@ -10,9 +10,11 @@ pub mod cpu;
 pub mod cuda;
 mod error;
 pub mod fast_math;
+pub mod isa;
 pub mod norm;
 pub mod recurrent;
 pub mod skinny;
+pub mod vector;
 pub mod window;
 
 pub use attention::AttentionDims;
@@ -121,6 +123,8 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()>;
+    /// A new buffer with `src`'s contents (one pass: no zero-fill, then copy).
+    fn duplicate(&self, src: &Self::Buf) -> Result<Self::Buf>;
     fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()>;
     /// dst[dst_off..dst_off+len] = src[src_off..src_off+len]
     fn copy_range(
@@ -139,6 +143,9 @@ pub trait Backend: Send + Sync + 'static {
     /// c = op(a)·op(b) (+ c if `g.accumulate`), shaped by `g` (see [`Gemm`]); the operand
     /// precision is the backend's (`set_matmul_precision`).
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: Gemm) -> Result<()>;
+    /// A new buffer (rows, cols) whose every row is `row` (cols): a layer's output that a GEMM
+    /// then accumulates into (bias + x·Wᵀ), with no zero-fill first.
+    fn repeat_rows(&self, row: &Self::Buf, rows: usize) -> Result<Self::Buf>;
     /// x (rows,cols) += bias (cols) broadcast over rows.
     fn add_row_vector(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize) -> Result<()>;
     /// out (cols) (+)= sum over rows of x (rows,cols). The bias gradient.

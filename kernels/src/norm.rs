@@ -2,63 +2,74 @@
 //! matrix: LayerNorm each row over its columns, BatchNorm each column over the rows (the
 //! batch, and for NHWC images also H and W). Statistics are accumulated in f64.
 
-/// y = gamma·x̂ + beta with x̂ = (x − mean_r)/sqrt(var_r + eps) per row r. Writes x̂ and
-/// 1/sqrt(var + eps) for backward.
-#[allow(clippy::too_many_arguments)]
-pub fn layer_norm_forward(
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    rows: usize,
-    cols: usize,
-    eps: f32,
-    y: &mut [f32],
-    xhat: &mut [f32],
-    rstd: &mut [f32],
-) {
-    for r in 0..rows {
-        let row = &x[r * cols..(r + 1) * cols];
-        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / cols as f64;
-        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / cols as f64;
-        let rs = (1.0 / (var + eps as f64).sqrt()) as f32;
-        rstd[r] = rs;
-        for c in 0..cols {
-            let h = (row[c] - mean as f32) * rs;
-            xhat[r * cols + c] = h;
-            y[r * cols + c] = gamma[c] * h + beta[c];
+/// Σ f(a_c, b_c) over a row in f64, in 8 lanes: a fixed order, the same on every ISA.
+#[inline(always)]
+fn sum_f64(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f64 = ac.remainder().iter().zip(bc.remainder()).map(|(&x, &y)| f(x, y)).sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            lanes[k] += f(x[k], y[k]);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+crate::multiversion! {
+    /// LayerNorm of whole rows of x (cols wide): y = gamma·x̂ + beta with
+    /// x̂ = (x − mean_r)/sqrt(var_r + eps). Writes x̂ and 1/sqrt(var + eps) per row for backward.
+    pub fn layer_norm_forward / layer_norm_forward_on(
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        cols: usize,
+        eps: f32,
+        y: &mut [f32],
+        xhat: &mut [f32],
+        rstd: &mut [f32],
+    ) {
+        let rows = x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)).zip(xhat.chunks_exact_mut(cols));
+        for (((x, y), xhat), rstd) in rows.zip(rstd.iter_mut()) {
+            let mean = sum_f64(x, x, |v, _| v as f64) / cols as f64;
+            let var = sum_f64(x, x, |v, _| (v as f64 - mean) * (v as f64 - mean)) / cols as f64;
+            let (m, rs) = (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32);
+            *rstd = rs;
+            for ((((y, h), &x), &g), &b) in y.iter_mut().zip(xhat.iter_mut()).zip(x).zip(gamma).zip(beta) {
+                *h = (x - m) * rs;
+                *y = g * *h + b;
+            }
         }
     }
 }
 
-/// dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) per row with dx̂ = dy·gamma;
-/// dgamma += Σ_r dy·x̂, dbeta += Σ_r dy.
-#[allow(clippy::too_many_arguments)]
-pub fn layer_norm_backward(
-    dy: &[f32],
-    xhat: &[f32],
-    rstd: &[f32],
-    gamma: &[f32],
-    rows: usize,
-    cols: usize,
-    dx: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
-) {
-    for r in 0..rows {
-        let (dyr, hr) = (&dy[r * cols..(r + 1) * cols], &xhat[r * cols..(r + 1) * cols]);
-        let (mut mean_d, mut mean_dh) = (0.0f64, 0.0f64);
-        for c in 0..cols {
-            let d = (dyr[c] * gamma[c]) as f64;
-            mean_d += d;
-            mean_dh += d * hr[c] as f64;
-            dgamma[c] += dyr[c] * hr[c];
-            dbeta[c] += dyr[c];
-        }
-        mean_d /= cols as f64;
-        mean_dh /= cols as f64;
-        for c in 0..cols {
-            let d = (dyr[c] * gamma[c]) as f64;
-            dx[r * cols + c] = (rstd[r] as f64 * (d - mean_d - hr[c] as f64 * mean_dh)) as f32;
+crate::multiversion! {
+    /// LayerNorm backward of whole rows: dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) per row
+    /// with dx̂ = dy·gamma; dgamma += Σ_r dy·x̂, dbeta += Σ_r dy (row by row, in order).
+    pub fn layer_norm_backward / layer_norm_backward_on(
+        dy: &[f32],
+        xhat: &[f32],
+        rstd: &[f32],
+        gamma: &[f32],
+        cols: usize,
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        let rows = dy.chunks_exact(cols).zip(xhat.chunks_exact(cols)).zip(dx.chunks_exact_mut(cols));
+        for (((dy, h), dx), &rs) in rows.zip(rstd) {
+            for ((((dx, &d), &h), &g), (dg, db)) in
+                dx.iter_mut().zip(dy).zip(h).zip(gamma).zip(dgamma.iter_mut().zip(dbeta.iter_mut()))
+            {
+                *dg += d * h;
+                *db += d;
+                *dx = d * g; // dx̂ first
+            }
+            let mean_d = sum_f64(dx, dx, |d, _| d as f64) / cols as f64;
+            let mean_dh = sum_f64(dx, h, |d, h| d as f64 * h as f64) / cols as f64;
+            for (dx, &h) in dx.iter_mut().zip(h) {
+                *dx = (rs as f64 * (*dx as f64 - mean_d - h as f64 * mean_dh)) as f32;
+            }
         }
     }
 }
@@ -156,5 +167,45 @@ pub fn batch_norm_backward_dx(
             let d = (dy[i] * gamma[c]) as f64;
             dx[i] = (rstd * (d - mean_d[c] - xhat[i] as f64 * mean_dh[c])) as f32;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isa::same_bits;
+
+    fn wave(n: usize, salt: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.61 + salt).sin() * 3.0 + salt).collect()
+    }
+
+    #[test]
+    fn layer_norm_matches_f64_and_is_the_same_on_every_isa() {
+        let (rows, cols, eps) = (5, 37, 1e-5f32);
+        let (x, gamma, beta, dy) = (wave(rows * cols, 0.5), wave(cols, 1.0), wave(cols, 2.0), wave(rows * cols, 3.0));
+        let forward = |isa| {
+            let (mut y, mut xhat, mut rstd) = (vec![0.0; rows * cols], vec![0.0; rows * cols], vec![0.0; rows]);
+            layer_norm_forward_on(isa, &x, &gamma, &beta, cols, eps, &mut y, &mut xhat, &mut rstd);
+            (y, xhat, rstd)
+        };
+        let (y, xhat, rstd) = forward(crate::isa::current());
+        for r in 0..rows {
+            let row: Vec<f64> = x[r * cols..][..cols].iter().map(|&v| v as f64).collect();
+            let mean = row.iter().sum::<f64>() / cols as f64;
+            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+            for c in 0..cols {
+                let want = gamma[c] as f64 * (row[c] - mean) / (var + eps as f64).sqrt() + beta[c] as f64;
+                assert!((y[r * cols + c] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "y[{r},{c}]");
+            }
+        }
+        same_bits("layer norm forward", |isa| {
+            let (y, xhat, rstd) = forward(isa);
+            [y, xhat, rstd].concat()
+        });
+        same_bits("layer norm backward", |isa| {
+            let (mut dx, mut dg, mut db) = (vec![0.0; rows * cols], vec![0.25; cols], vec![0.5; cols]);
+            layer_norm_backward_on(isa, &dy, &xhat, &rstd, &gamma, cols, &mut dx, &mut dg, &mut db);
+            [dx, dg, db].concat()
+        });
     }
 }

@@ -13,61 +13,19 @@ use std::ops::Range;
 /// Largest m for which `matmul` takes this path.
 pub const MAX_ROWS: usize = 24;
 
-/// The kernels, best first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernel {
-    Avx512,
-    Avx2,
-    /// No kernel here: `matmul` runs `gemm`.
-    Gemm,
-}
+use crate::isa::{self, Isa};
 
-/// The kernel this process uses: the best the CPU has, or the one `LOCKSTEP_CPU_KERNEL`
-/// (`avx512`, `avx2`, `gemm`) asks for, if the CPU has it (so a test or a benchmark can
-/// run each path on one machine).
-pub fn kernel() -> Kernel {
-    static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        let have = supported();
-        let asked = match std::env::var("LOCKSTEP_CPU_KERNEL").as_deref() {
-            Ok("avx512") => Some(Kernel::Avx512),
-            Ok("avx2") => Some(Kernel::Avx2),
-            Ok("gemm") => Some(Kernel::Gemm),
-            _ => None,
-        };
-        match asked {
-            Some(k) if k == Kernel::Gemm || have.contains(&k) => k,
-            _ => have.first().copied().unwrap_or(Kernel::Gemm),
-        }
-    })
-}
-
-/// The kernels this CPU can run, best first.
-pub fn supported() -> Vec<Kernel> {
-    let mut have = Vec::new();
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq") {
-            have.push(Kernel::Avx512);
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            have.push(Kernel::Avx2);
-        }
-    }
-    have
-}
-
-/// c (+)= a·bᵀ with `kernel()`; false for `Kernel::Gemm` (the caller runs `gemm`).
+/// c (+)= a·bᵀ with `isa::current()`; false for `Isa::Scalar` (the caller runs `gemm`).
 pub fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, accumulate: bool) -> bool {
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "matmul_nt: short buffers");
-    // SAFETY: `kernel()` only picks kernels whose CPU features are present.
-    unsafe { run(kernel(), a, b, c, (m, k, n), accumulate) }
+    // SAFETY: `isa::current()` only picks ISAs whose CPU features are present.
+    unsafe { run(isa::current(), a, b, c, (m, k, n), accumulate) }
 }
 
-/// `matmul_nt` with a given kernel, which must be one of `supported()` (or `Gemm`): how the
+/// `matmul_nt` with a given ISA, which must be one of `isa::supported()`: how the
 /// tests run every kernel the CPU has.
 pub fn matmul_nt_with(
-    kernel: Kernel,
+    kernel: Isa,
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
@@ -76,27 +34,20 @@ pub fn matmul_nt_with(
 ) -> bool {
     let (m, k, n) = mkn;
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n, "matmul_nt: short buffers");
-    assert!(kernel == Kernel::Gemm || supported().contains(&kernel), "matmul_nt: {kernel:?} is not on this CPU");
+    assert!(isa::supported().contains(&kernel), "matmul_nt: {kernel:?} is not on this CPU");
     // SAFETY: the kernel's CPU features are present (asserted above).
     unsafe { run(kernel, a, b, c, mkn, accumulate) }
 }
 
 /// # Safety
 /// `kernel`'s CPU features must be present, and the buffers hold the (m, k, n) shape.
-unsafe fn run(
-    kernel: Kernel,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    mkn: (usize, usize, usize),
-    accumulate: bool,
-) -> bool {
+unsafe fn run(kernel: Isa, a: &[f32], b: &[f32], c: &mut [f32], mkn: (usize, usize, usize), accumulate: bool) -> bool {
     let (m, k, n) = mkn;
     match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512 => avx512::matmul_nt(a, b, c, m, k, n, accumulate),
+        Isa::Avx512 => avx512::matmul_nt(a, b, c, m, k, n, accumulate),
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => avx2::matmul_nt(a, b, c, m, k, n, accumulate),
+        Isa::Avx2 => avx2::matmul_nt(a, b, c, m, k, n, accumulate),
         _ => return false,
     }
     true
@@ -277,11 +228,11 @@ mod tests {
 
     #[test]
     fn skinny_products_match_f64_for_ragged_shapes_on_every_kernel() {
-        let have = supported();
-        for name in [Kernel::Avx512, Kernel::Avx2].iter().filter(|k| !have.contains(k)) {
+        let have = isa::supported();
+        for name in [Isa::Avx512, Isa::Avx2].iter().filter(|k| !have.contains(k)) {
             println!("skipped the {name:?} kernel: this CPU lacks it");
         }
-        for kernel in have {
+        for &kernel in have.iter().filter(|&&k| k != Isa::Scalar) {
             for (m, k, n) in [(16, 784, 512), (5, 33, 17), (1, 7, 3), (24, 64, 10), (3, 16, 4), (4, 1, 4)] {
                 let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
                 let b: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();

@@ -42,8 +42,6 @@ impl<B: Backend> Tensor<B> {
     }
 
     pub fn duplicate(&self, be: &B) -> Result<Self> {
-        let mut buf = be.zeros(self.numel())?;
-        be.copy(&self.buf, &mut buf)?;
-        Ok(Self { shape: self.shape.clone(), buf })
+        Ok(Self { shape: self.shape.clone(), buf: be.duplicate(&self.buf)? })
     }
 }

@@ -193,6 +193,9 @@ impl Backend for CudaBackend {
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()> {
         self.stream.memcpy_dtod(src, dst).map_err(|e| self.device_err("copy", e))
     }
+    fn duplicate(&self, src: &Self::Buf) -> Result<Self::Buf> {
+        self.stream.clone_dtod(src).map_err(|e| self.device_err("duplicate", e))
+    }
     fn fill(&self, buf: &mut Self::Buf, value: f32) -> Result<()> {
         let n = buf.len() as i32;
         let mut b = self.stream.launch_builder(&self.k.fill);
@@ -252,6 +255,13 @@ impl Backend for CudaBackend {
         };
         // SAFETY: the lengths checked above cover m·k, k·n and m·n values.
         unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| self.device_err("matmul (cublasSgemm)", e))
+    }
+
+    fn repeat_rows(&self, row: &Self::Buf, rows: usize) -> Result<Self::Buf> {
+        let cols = self.len(row);
+        let mut out = self.zeros(rows * cols)?;
+        self.add_row_vector(&mut out, row, rows, cols)?;
+        Ok(out)
     }
 
     fn add_row_vector(&self, x: &mut Self::Buf, bias: &Self::Buf, rows: usize, cols: usize) -> Result<()> {

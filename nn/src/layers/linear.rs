@@ -83,9 +83,11 @@ impl<B: Backend> Layer<B> for Linear<B> {
         }
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap_or(&mut 0) = self.out_features;
-        let mut y = Tensor::zeros(be, &shape)?; // (B, out)
-        be.matmul(&x.buf, &self.weight.value, &mut y.buf, Gemm::nt(rows, self.in_features, self.out_features))?;
-        be.add_row_vector(&mut y.buf, &self.bias.value, rows, self.out_features)?;
+        // y (B, out) = bias + x·Wᵀ: the GEMM accumulates onto the broadcast bias (no zero-fill,
+        // no second pass for the bias).
+        let mut y = Tensor { shape, buf: be.repeat_rows(&self.bias.value, rows)? };
+        let gemm = Gemm::nt(rows, self.in_features, self.out_features).accumulate();
+        be.matmul(&x.buf, &self.weight.value, &mut y.buf, gemm)?;
         if ctx.train {
             self.input_cache = Some(x);
             self.micro_batch = ctx.micro_batch;

@@ -1,0 +1,226 @@
+//! Element-wise kernels of the CPU backend, each one body compiled per ISA
+//! ([`multiversion!`](crate::multiversion)) and called per chunk from the backend's rayon
+//! loops. The bits are the same on every ISA (see [`crate::isa`]); the tests check it.
+
+use crate::fast_math::{exp, tanh};
+use crate::multiversion;
+
+const GELU_C: f32 = 0.797_884_6; // sqrt(2/pi)
+
+/// GELU, tanh approximation: 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))).
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * x * x * x)))
+}
+
+#[inline(always)]
+pub fn gelu_derivative(x: f32) -> f32 {
+    let t = tanh(GELU_C * (x + 0.044715 * x * x * x));
+    let du = GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+}
+
+multiversion! {
+    /// y = GELU(x).
+    pub fn gelu_forward / gelu_forward_on(x: &[f32], y: &mut [f32]) {
+        for (y, &x) in y.iter_mut().zip(x) {
+            *y = gelu(x);
+        }
+    }
+}
+
+multiversion! {
+    /// dx = GELU'(x)·dy, or dx += it with `accumulate`.
+    pub fn gelu_backward / gelu_backward_on(x: &[f32], dy: &[f32], dx: &mut [f32], accumulate: bool) {
+        if accumulate {
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                *dx += gelu_derivative(x) * dy;
+            }
+        } else {
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                *dx = gelu_derivative(x) * dy;
+            }
+        }
+    }
+}
+
+/// Adam's per-step constants (PyTorch's form, `CpuBackend::optimizer_step`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// lr / (1 − β1ᵗ)
+    pub step_size: f32,
+    /// 1 / sqrt(1 − β2ᵗ)
+    pub inv_sqrt_bc2: f32,
+    /// lr·wd of AdamW's decoupled decay.
+    pub decay: f32,
+    /// Multiplies every gradient first (1 / loss scale, 1 / global count).
+    pub grad_scale: f32,
+}
+
+multiversion! {
+    /// One Adam(W) update of w with its moments m and v, in one pass.
+    pub fn adam_update / adam_update_on(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: AdamStep) {
+        for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = k.grad_scale * g;
+            *m = k.beta1 * *m + (1.0 - k.beta1) * g;
+            *v = k.beta2 * *v + (1.0 - k.beta2) * g * g;
+            *w -= k.step_size * *m / (v.sqrt() * k.inv_sqrt_bc2 + k.eps) + k.decay * *w;
+        }
+    }
+}
+
+/// Lanes of the reductions below: a fixed order, the same on every ISA.
+const LANES: usize = 8;
+
+/// Max of x in `LANES` lanes.
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for k in 0..LANES {
+            lanes[k] = lanes[k].max(c[k]);
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// Σ x in `LANES` lanes.
+#[inline(always)]
+fn sum_lanes(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..LANES {
+            lanes[k] += c[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Σ x·y in `LANES` lanes.
+#[inline(always)]
+fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in xc.zip(yc) {
+        for k in 0..LANES {
+            lanes[k] += a[k] * b[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+multiversion! {
+    /// Softmax of row[..visible] in place (scaled logits in, probabilities out); the rest
+    /// of the row becomes exactly 0 (masked keys).
+    pub fn softmax_row / softmax_row_on(row: &mut [f32], visible: usize) {
+        let (seen, masked) = row.split_at_mut(visible);
+        masked.fill(0.0);
+        let max = max_lanes(seen);
+        for v in seen.iter_mut() {
+            *v = exp(*v - max);
+        }
+        let inv = 1.0 / sum_lanes(seen);
+        seen.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+multiversion! {
+    /// Softmax backward of one row in place, scaled: dp[j] ← scale·p_j (dp_j − Σ_k p_k dp_k)
+    /// over the visible keys; the rest becomes 0.
+    pub fn softmax_backward_row / softmax_backward_row_on(p: &[f32], dp: &mut [f32], visible: usize, scale: f32) {
+        let (seen, masked) = dp.split_at_mut(visible);
+        masked.fill(0.0);
+        let weighted = dot_lanes(&p[..visible], seen);
+        for (d, &p) in seen.iter_mut().zip(p) {
+            *d = p * (*d - weighted) * scale;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::isa::same_bits;
+
+    fn wave(n: usize, salt: f32) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.37 + salt).sin() * 6.0).collect()
+    }
+
+    #[test]
+    fn gelu_matches_its_definition_and_is_the_same_on_every_isa() {
+        let x = wave(1003, 0.1);
+        let mut y = vec![0.0; x.len()];
+        gelu_forward(&x, &mut y);
+        for (&x, &y) in x.iter().zip(&y) {
+            let want = 0.5 * x as f64 * (1.0 + (0.797_884_560_8 * (x as f64 + 0.044715 * (x as f64).powi(3))).tanh());
+            assert!((y as f64 - want).abs() < 1e-6 * (1.0 + want.abs()), "gelu({x}) = {y}, want {want}");
+        }
+        same_bits("gelu forward", |isa| {
+            let mut y = vec![0.0; x.len()];
+            gelu_forward_on(isa, &x, &mut y);
+            y
+        });
+        let dy = wave(1003, 2.0);
+        same_bits("gelu backward", |isa| {
+            let mut dx = vec![0.5; x.len()];
+            gelu_backward_on(isa, &x, &dy, &mut dx, true);
+            dx
+        });
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_mask_exactly_and_are_the_same_on_every_isa() {
+        for visible in [0usize, 1, 7, 8, 9, 64] {
+            let logits = wave(64, visible as f32);
+            let mut p = logits.clone();
+            softmax_row(&mut p, visible);
+            if visible > 0 {
+                let z: f64 = logits[..visible].iter().map(|&v| (v as f64).exp()).sum();
+                for j in 0..visible {
+                    let want = (logits[j] as f64).exp() / z;
+                    assert!((p[j] as f64 - want).abs() < 1e-6, "visible {visible} p[{j}]");
+                }
+            }
+            assert!(p[visible..].iter().all(|&v| v == 0.0));
+            same_bits("softmax row", |isa| {
+                let mut p = logits.clone();
+                softmax_row_on(isa, &mut p, visible);
+                p
+            });
+            let dp0 = wave(64, 3.0);
+            same_bits("softmax backward row", |isa| {
+                let mut dp = dp0.clone();
+                softmax_backward_row_on(isa, &p, &mut dp, visible, 0.5);
+                dp
+            });
+        }
+    }
+
+    #[test]
+    fn adam_update_is_the_same_on_every_isa() {
+        let k = AdamStep {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            step_size: 1e-3 / 0.1,
+            inv_sqrt_bc2: 1.0 / 0.001f32.sqrt(),
+            decay: 1e-5,
+            grad_scale: 0.5,
+        };
+        let g = wave(777, 1.0);
+        same_bits("adam", |isa| {
+            let (mut w, mut m, mut v) =
+                (wave(777, 0.0), wave(777, 4.0), wave(777, 5.0).iter().map(|x| x * x).collect::<Vec<f32>>());
+            adam_update_on(isa, &mut w, &g, &mut m, &mut v, k);
+            [w, m, v].concat()
+        });
+    }
+}
