@@ -148,6 +148,10 @@ struct SampleArgs {
     top_k: usize,
     #[arg(long, default_value_t = 1234)]
     seed: u64,
+    /// Recompute the whole window for every token instead of keeping each attention
+    /// layer's keys and values (same text, slower; for comparison).
+    #[arg(long)]
+    no_kv_cache: bool,
 }
 
 #[derive(Subcommand)]
@@ -471,20 +475,24 @@ fn worker(args: WorkerArgs, threads: usize) -> Result<()> {
 }
 
 fn sample(args: SampleArgs, threads: usize) -> Result<()> {
-    let SampleArgs { checkpoint, prompt, tokens, temperature, top_k, seed } = args;
+    let SampleArgs { checkpoint, prompt, tokens, temperature, top_k, seed, no_kv_cache } = args;
     if !(temperature >= 0.0 && temperature.is_finite()) {
         anyhow::bail!("--temperature must be a finite number >= 0, got {temperature}");
     }
     let be = CpuBackend::new(threads);
     let mut loaded = lockstep_worker::model_file::load_model(&be, &checkpoint)
         .with_context(|| format!("loading {}", checkpoint.display()))?;
-    let opts = lockstep_worker::sample::SampleOptions { tokens, temperature, top_k, seed };
+    let opts = lockstep_worker::sample::SampleOptions { tokens, temperature, top_k, seed, kv_cache: !no_kv_cache };
     let mut stdout = std::io::stdout().lock();
     write!(stdout, "{prompt}")?;
+    let started = std::time::Instant::now();
     lockstep_worker::sample::generate(&be, &mut loaded, &prompt, &opts, &mut |c| {
         let _ = write!(stdout, "{c}").and_then(|_| stdout.flush());
     })?;
     writeln!(stdout)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cache = if no_kv_cache { "off" } else { "on" };
+    tracing::info!("{tokens} tokens in {seconds:.3} s: {:.1} tokens/s (KV cache {cache})", tokens as f64 / seconds);
     Ok(())
 }
 

@@ -115,3 +115,27 @@ fn lstm_and_gru_language_models_train() {
         assert!(losses.last().unwrap() < &(losses[0] - 0.5), "{cell}: loss did not fall: {losses:?}");
     }
 }
+
+/// The LLaMA-style config (RMSNorm, RoPE, SwiGLU, no biases) trains, its model file has no
+/// bias or position table, and sampling 200 characters (context 16: many context shifts)
+/// prints the same text with and without the KV cache.
+#[test]
+fn llama_trains_and_samples_the_same_text_with_and_without_the_kv_cache() {
+    let dir = temp_dir("llama");
+    let out =
+        run(bin().args(["train", "configs/shakespeare-llama.toml", "--quiet", "--out"]).arg(&dir).args(tiny_gpt()));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let losses = train_loss(&dir);
+    assert!(losses.last().unwrap() < &(losses[0] - 0.5), "loss did not fall: {losses:?}");
+    let model = dir.join("model.safetensors");
+    let tensors = lockstep_nn::checkpoint::load_tensors(&model).unwrap();
+    assert!(tensors.keys().all(|n| !n.ends_with(".bias") && !n.starts_with("pos_emb")), "{:?}", tensors.keys());
+    assert!(tensors.contains_key("h0.mlp.gate.weight"));
+    let long = |extra: &[&str]| {
+        run(bin().arg("sample").arg(&model).args(["--tokens", "200", "--seed", "3", "--prompt", "KING:"]).args(extra))
+    };
+    let (cached, full) = (long(&[]), long(&["--no-kv-cache"]));
+    assert!(cached.status.success() && full.status.success(), "{}{}", stderr(&cached), stderr(&full));
+    assert_eq!(String::from_utf8_lossy(&cached.stdout), String::from_utf8_lossy(&full.stdout));
+    assert!(stderr(&cached).contains("KV cache on") && stderr(&full).contains("KV cache off"));
+}

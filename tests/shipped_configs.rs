@@ -22,14 +22,26 @@ fn every_shipped_config_runs_to_its_end() {
         .collect();
     configs.sort();
     assert!(configs.len() >= 6, "{configs:?}");
+    // Distillation configs learn from the mnist-cnn model this test trains first.
+    let teacher = temp_dir("shipped-teacher");
+    let cnn = repo().join("configs/mnist-cnn.toml");
+    let out = run(bin().arg("train").arg(&cnn).args(["--quiet", "--out"]).arg(&teacher).args(short("mnist-cnn")));
+    assert!(out.status.success(), "mnist-cnn: {}", stderr(&out));
+    let teacher_set = format!("distill.teacher={}", teacher.join("model.safetensors").display());
     for config in &configs {
         let name = config.file_stem().expect("name").to_string_lossy().into_owned();
         let dir = temp_dir(&format!("shipped-{name}"));
-        let out = run(bin().arg("train").arg(config).args(["--quiet", "--out"]).arg(&dir).args(short(&name)));
+        let mut cmd = bin();
+        cmd.arg("train").arg(config).args(["--quiet", "--out"]).arg(&dir).args(short(&name));
+        if std::fs::read_to_string(config).expect("config").contains("[distill]") {
+            cmd.args(["--set", &teacher_set]);
+        }
+        let out = run(&mut cmd);
         assert!(out.status.success(), "{name}: {}", stderr(&out));
         let s = summary(&dir);
         assert_eq!(s["steps"].as_u64(), Some(40), "{name}: {s}");
         assert!(s["test_loss"].as_f64().is_some_and(f64::is_finite), "{name}: {s}");
         std::fs::remove_dir_all(&dir).ok();
     }
+    std::fs::remove_dir_all(&teacher).ok();
 }

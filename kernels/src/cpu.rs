@@ -2,8 +2,8 @@
 //! This is the reference implementation; keep it obvious.
 
 use crate::{
-    attention, need_len, norm, recurrent, window, Activation, AttentionDims, Backend, Gemm, MatmulPrecision, Result,
-    UpdateRule, Window, IGNORE_TARGET,
+    attention, need_len, norm, recurrent, rotary, window, Activation, AttentionDims, Backend, Gemm, KernelError,
+    MatmulPrecision, Result, Rotary, UpdateRule, Window, IGNORE_TARGET,
 };
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -102,6 +102,70 @@ fn act_derivative(act: Activation, x: f32) -> (f32, f32) {
         }
         Activation::Gelu => (gelu_derivative(x), 0.0),
     }
+}
+
+/// Runs a row-wise norm's forward over blocks of [`LN_ROWS`] rows in parallel. Rows are
+/// independent: any split gives the same bits.
+fn row_norm_forward(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    y: &mut Vec<f32>,
+    xhat: &mut Vec<f32>,
+    rstd: &mut Vec<f32>,
+    kernel: impl Fn(&[f32], &mut [f32], &mut [f32], &mut [f32]) + Sync,
+) {
+    y.resize(rows * cols, 0.0);
+    xhat.resize(rows * cols, 0.0);
+    rstd.resize(rows, 0.0);
+    if cols == 0 {
+        return;
+    }
+    let block = LN_ROWS * cols;
+    y[..rows * cols]
+        .par_chunks_mut(block)
+        .zip(xhat[..rows * cols].par_chunks_mut(block))
+        .zip(x[..rows * cols].par_chunks(block))
+        .zip(rstd[..rows].par_chunks_mut(LN_ROWS))
+        .for_each(|(((y, xhat), x), rstd)| kernel(x, y, xhat, rstd));
+}
+
+/// Runs a row-wise norm's backward over blocks of [`LN_ROWS`] rows in parallel; returns the
+/// `vectors` parameter-gradient sums (each `cols` long, concatenated). Each block sums into
+/// its own partial and the partials are added in block order, so the bits do not depend
+/// on the thread count.
+#[allow(clippy::too_many_arguments)]
+fn row_norm_backward(
+    dy: &[f32],
+    xhat: &[f32],
+    rstd: &[f32],
+    rows: usize,
+    cols: usize,
+    dx: &mut Vec<f32>,
+    vectors: usize,
+    kernel: impl Fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    dx.resize(rows * cols, 0.0);
+    let mut total = vec![0.0f32; vectors * cols];
+    if cols == 0 {
+        return total;
+    }
+    let block = LN_ROWS * cols;
+    let partials: Vec<Vec<f32>> = dx[..rows * cols]
+        .par_chunks_mut(block)
+        .zip(dy[..rows * cols].par_chunks(block))
+        .zip(xhat[..rows * cols].par_chunks(block))
+        .zip(rstd[..rows].par_chunks(LN_ROWS))
+        .map(|(((dx, dy), xhat), rstd)| {
+            let mut sums = vec![0.0f32; vectors * cols];
+            kernel(dy, xhat, rstd, dx, &mut sums);
+            sums
+        })
+        .collect();
+    for sums in partials {
+        total.iter_mut().zip(&sums).for_each(|(t, s)| *t += s);
+    }
+    total
 }
 
 impl Backend for CpuBackend {
@@ -247,6 +311,7 @@ impl Backend for CpuBackend {
         let chunks = y.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK));
         match act {
             Activation::Gelu => chunks.for_each(|(y, x)| vector::gelu_forward(x, y)),
+            Activation::Swish { beta } => chunks.for_each(|(y, x)| vector::swish_forward(x, y, beta)),
             other => chunks.for_each(|(y, x)| {
                 for (y, &x) in y.iter_mut().zip(x) {
                     *y = act_forward(other, x);
@@ -273,6 +338,15 @@ impl Backend for CpuBackend {
             return Ok(0.0);
         }
         // Partial dbeta sums per chunk, added in chunk order: deterministic.
+        if let Activation::Swish { beta } = act {
+            let partial: Vec<f64> = dx
+                .par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .zip(dy.par_chunks(CHUNK))
+                .map(|((dx, x), dy)| vector::swish_backward(x, dy, dx, beta, accumulate))
+                .collect();
+            return Ok(partial.iter().sum::<f64>() as f32);
+        }
         let partial: Vec<f64> = dx
             .par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
@@ -485,21 +559,10 @@ impl Backend for CpuBackend {
         xhat: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
     ) -> Result<()> {
-        y.resize(rows * cols, 0.0);
-        xhat.resize(rows * cols, 0.0);
-        rstd.resize(rows, 0.0);
         need_len("layer_norm_forward", "x", x.len(), rows * cols)?;
-        if cols == 0 {
-            return Ok(());
-        }
-        // Rows are independent: any split gives the same bits.
-        let block = LN_ROWS * cols;
-        y[..rows * cols]
-            .par_chunks_mut(block)
-            .zip(xhat[..rows * cols].par_chunks_mut(block))
-            .zip(x[..rows * cols].par_chunks(block))
-            .zip(rstd[..rows].par_chunks_mut(LN_ROWS))
-            .for_each(|(((y, xhat), x), rstd)| norm::layer_norm_forward(x, gamma, beta, cols, eps, y, xhat, rstd));
+        row_norm_forward(x, rows, cols, y, xhat, rstd, |x, y, h, r| {
+            norm::layer_norm_forward(x, gamma, beta, cols, eps, y, h, r)
+        });
         Ok(())
     }
     fn layer_norm_backward(
@@ -514,31 +577,50 @@ impl Backend for CpuBackend {
         dgamma: &mut Vec<f32>,
         dbeta: &mut Vec<f32>,
     ) -> Result<()> {
-        dx.resize(rows * cols, 0.0);
         need_len("layer_norm_backward", "dy", dy.len(), rows * cols)?;
         need_len("layer_norm_backward", "xhat", xhat.len(), rows * cols)?;
-        if cols == 0 {
-            return Ok(());
-        }
-        // dgamma and dbeta: one partial sum per fixed block of rows, added in block order,
-        // so the bits do not depend on the thread count.
-        let block = LN_ROWS * cols;
-        let partials: Vec<Vec<f32>> = dx[..rows * cols]
-            .par_chunks_mut(block)
-            .zip(dy[..rows * cols].par_chunks(block))
-            .zip(xhat[..rows * cols].par_chunks(block))
-            .zip(rstd[..rows].par_chunks(LN_ROWS))
-            .map(|(((dx, dy), xhat), rstd)| {
-                let mut sums = vec![0.0f32; 2 * cols]; // [dgamma | dbeta]
-                let (dg, db) = sums.split_at_mut(cols);
-                norm::layer_norm_backward(dy, xhat, rstd, gamma, cols, dx, dg, db);
-                sums
-            })
-            .collect();
-        for sums in partials {
-            dgamma.iter_mut().zip(&sums[..cols]).for_each(|(g, s)| *g += s);
-            dbeta.iter_mut().zip(&sums[cols..]).for_each(|(b, s)| *b += s);
-        }
+        let sums = row_norm_backward(dy, xhat, rstd, rows, cols, dx, 2, |dy, h, r, dx, sums| {
+            let (dg, db) = sums.split_at_mut(cols);
+            norm::layer_norm_backward(dy, h, r, gamma, cols, dx, dg, db)
+        });
+        dgamma.iter_mut().zip(&sums[..cols]).for_each(|(g, s)| *g += s);
+        dbeta.iter_mut().zip(&sums[cols..]).for_each(|(b, s)| *b += s);
+        Ok(())
+    }
+    fn rms_norm_forward(
+        &self,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        y: &mut Vec<f32>,
+        xhat: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+    ) -> Result<()> {
+        need_len("rms_norm_forward", "x", x.len(), rows * cols)?;
+        row_norm_forward(x, rows, cols, y, xhat, rstd, |x, y, h, r| {
+            norm::rms_norm_forward(x, gamma, cols, eps, y, h, r)
+        });
+        Ok(())
+    }
+    fn rms_norm_backward(
+        &self,
+        dy: &Vec<f32>,
+        xhat: &Vec<f32>,
+        rstd: &Vec<f32>,
+        gamma: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        dx: &mut Vec<f32>,
+        dgamma: &mut Vec<f32>,
+    ) -> Result<()> {
+        need_len("rms_norm_backward", "dy", dy.len(), rows * cols)?;
+        need_len("rms_norm_backward", "xhat", xhat.len(), rows * cols)?;
+        let sums = row_norm_backward(dy, xhat, rstd, rows, cols, dx, 1, |dy, h, r, dx, dg| {
+            norm::rms_norm_backward(dy, h, r, gamma, cols, dx, dg)
+        });
+        dgamma.iter_mut().zip(&sums).for_each(|(g, s)| *g += s);
         Ok(())
     }
     fn column_stats(&self, x: &Vec<f32>, rows: usize, cols: usize) -> Result<(Vec<f64>, Vec<f64>)> {
@@ -634,6 +716,40 @@ impl Backend for CpuBackend {
             .zip(dout.par_chunks(no))
             .zip(lens.par_iter())
             .for_each(|((((dq, q), p), d_o), &len)| attention::attention_backward(q, p, d_o, dq, dims, len));
+        Ok(())
+    }
+
+    fn rotary(&self, qkv: &mut Vec<f32>, rot: &Rotary, inverse: bool) -> Result<()> {
+        let width = 3 * rot.heads * rot.head_dim;
+        let whole = width > 0 && qkv.len().is_multiple_of(width) && (qkv.len() / width).is_multiple_of(rot.t.max(1));
+        if !rot.head_dim.is_multiple_of(2) || !whole {
+            return Err(KernelError::Shape {
+                op: "rotary",
+                detail: format!("qkv of {} floats, {rot:?}: rows of 3D with an even head width expected", qkv.len()),
+            });
+        }
+        // Blocks of whole sequences, so each block's row 0 is at position `offset`.
+        let block = rot.t.max(1) * width * LN_ROWS.div_ceil(rot.t.max(1));
+        let table = rot.table();
+        qkv.par_chunks_mut(block).for_each(|rows| rotary::rotate_with(rows, rot, &table, inverse));
+        Ok(())
+    }
+    fn attention_cached(
+        &self,
+        cache: &Vec<f32>,
+        len: usize,
+        start: usize,
+        out: &mut Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let d = heads * head_dim;
+        need_len("attention_cached", "cache", cache.len(), len * 3 * d)?;
+        if start >= len {
+            return Err(KernelError::Shape { op: "attention_cached", detail: format!("new rows {start}..{len}") });
+        }
+        out.resize((len - start) * d, 0.0);
+        attention::attention_cached(&cache[..len * 3 * d], len, start, out, heads, head_dim);
         Ok(())
     }
 

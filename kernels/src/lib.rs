@@ -13,6 +13,7 @@ pub mod fast_math;
 pub mod isa;
 pub mod norm;
 pub mod recurrent;
+pub mod rotary;
 pub mod skinny;
 pub mod vector;
 pub mod window;
@@ -20,6 +21,7 @@ pub mod window;
 pub use attention::AttentionDims;
 pub use cpu::CpuBackend;
 pub use error::{need_len, KernelError, Result};
+pub use rotary::Rotary;
 
 /// A target with this value is padding (T29): it adds nothing to the loss, to the count of
 /// correct predictions or to any gradient.
@@ -266,6 +268,32 @@ pub trait Backend: Send + Sync + 'static {
         dgamma: &mut Self::Buf,
         dbeta: &mut Self::Buf,
     ) -> Result<()>;
+    /// Row-wise RMSNorm of x (rows, cols): y = gamma·x/rms(x); writes y, x̂ and rstd (rows).
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_forward(
+        &self,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        y: &mut Self::Buf,
+        xhat: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+    ) -> Result<()>;
+    /// dx (rows, cols); dgamma (cols) accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_backward(
+        &self,
+        dy: &Self::Buf,
+        xhat: &Self::Buf,
+        rstd: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+    ) -> Result<()>;
     /// Per-column mean and biased variance of x (rows, cols), in f64 on the host.
     fn column_stats(&self, x: &Self::Buf, rows: usize, cols: usize) -> Result<(Vec<f64>, Vec<f64>)>;
     /// BatchNorm with the given per-column statistics; writes y and x̂.
@@ -333,6 +361,22 @@ pub trait Backend: Send + Sync + 'static {
         dqkv: &mut Self::Buf,
         dims: &AttentionDims,
         lens: &[usize],
+    ) -> Result<()>;
+
+    /// Rotates Q and K of qkv (rows, 3D) in place by their positions (RoPE, see
+    /// [`rotary::rotate`]); `inverse` turns gradients back.
+    fn rotary(&self, qkv: &mut Self::Buf, rot: &Rotary, inverse: bool) -> Result<()>;
+    /// Causal attention of positions start..len of one sequence against the keys and values
+    /// of positions 0..len, all in `cache` (len, 3D); out (len − start, D). See
+    /// [`attention::attention_cached`].
+    fn attention_cached(
+        &self,
+        cache: &Self::Buf,
+        len: usize,
+        start: usize,
+        out: &mut Self::Buf,
+        heads: usize,
+        head_dim: usize,
     ) -> Result<()>;
 
     // ---- recurrent cells (T17) ----

@@ -74,6 +74,57 @@ crate::multiversion! {
     }
 }
 
+crate::multiversion! {
+    /// RMSNorm of whole rows of x (cols wide): y = gamma·x̂ with x̂ = x/sqrt(mean_r(x²) + eps)
+    /// (no centring, no beta: LLaMA's norm). Writes x̂ and 1/sqrt(mean(x²) + eps) per row.
+    pub fn rms_norm_forward / rms_norm_forward_on(
+        x: &[f32],
+        gamma: &[f32],
+        cols: usize,
+        eps: f32,
+        y: &mut [f32],
+        xhat: &mut [f32],
+        rstd: &mut [f32],
+    ) {
+        let rows = x.chunks_exact(cols).zip(y.chunks_exact_mut(cols)).zip(xhat.chunks_exact_mut(cols));
+        for (((x, y), xhat), rstd) in rows.zip(rstd.iter_mut()) {
+            let mean_square = sum_f64(x, x, |a, b| a as f64 * b as f64) / cols as f64;
+            let rs = (1.0 / (mean_square + eps as f64).sqrt()) as f32;
+            *rstd = rs;
+            for (((y, h), &x), &g) in y.iter_mut().zip(xhat.iter_mut()).zip(x).zip(gamma) {
+                *h = x * rs;
+                *y = g * *h;
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// RMSNorm backward of whole rows: dx = rstd·(dx̂ − x̂·mean(dx̂·x̂)) per row with
+    /// dx̂ = dy·gamma; dgamma += Σ_r dy·x̂ (row by row, in order).
+    pub fn rms_norm_backward / rms_norm_backward_on(
+        dy: &[f32],
+        xhat: &[f32],
+        rstd: &[f32],
+        gamma: &[f32],
+        cols: usize,
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+    ) {
+        let rows = dy.chunks_exact(cols).zip(xhat.chunks_exact(cols)).zip(dx.chunks_exact_mut(cols));
+        for (((dy, h), dx), &rs) in rows.zip(rstd) {
+            for ((((dx, &d), &h), &g), dg) in dx.iter_mut().zip(dy).zip(h).zip(gamma).zip(dgamma.iter_mut()) {
+                *dg += d * h;
+                *dx = d * g; // dx̂ first
+            }
+            let mean_dh = sum_f64(dx, h, |d, h| d as f64 * h as f64) / cols as f64;
+            for (dx, &h) in dx.iter_mut().zip(h) {
+                *dx = (rs as f64 * (*dx as f64 - h as f64 * mean_dh)) as f32;
+            }
+        }
+    }
+}
+
 /// Per-column mean and biased variance over the rows.
 pub fn column_stats(x: &[f32], rows: usize, cols: usize) -> (Vec<f64>, Vec<f64>) {
     let mut mean = vec![0.0f64; cols];
@@ -206,6 +257,35 @@ mod tests {
             let (mut dx, mut dg, mut db) = (vec![0.0; rows * cols], vec![0.25; cols], vec![0.5; cols]);
             layer_norm_backward_on(isa, &dy, &xhat, &rstd, &gamma, cols, &mut dx, &mut dg, &mut db);
             [dx, dg, db].concat()
+        });
+    }
+
+    #[test]
+    fn rms_norm_matches_f64_and_is_the_same_on_every_isa() {
+        let (rows, cols, eps) = (5, 37, 1e-5f32);
+        let (x, gamma, dy) = (wave(rows * cols, 0.5), wave(cols, 1.0), wave(rows * cols, 3.0));
+        let forward = |isa| {
+            let (mut y, mut xhat, mut rstd) = (vec![0.0; rows * cols], vec![0.0; rows * cols], vec![0.0; rows]);
+            rms_norm_forward_on(isa, &x, &gamma, cols, eps, &mut y, &mut xhat, &mut rstd);
+            (y, xhat, rstd)
+        };
+        let (y, xhat, rstd) = forward(crate::isa::current());
+        for r in 0..rows {
+            let row: Vec<f64> = x[r * cols..][..cols].iter().map(|&v| v as f64).collect();
+            let rms = (row.iter().map(|v| v * v).sum::<f64>() / cols as f64 + eps as f64).sqrt();
+            for c in 0..cols {
+                let want = gamma[c] as f64 * row[c] / rms;
+                assert!((y[r * cols + c] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()), "y[{r},{c}]");
+            }
+        }
+        same_bits("rms norm forward", |isa| {
+            let (y, xhat, rstd) = forward(isa);
+            [y, xhat, rstd].concat()
+        });
+        same_bits("rms norm backward", |isa| {
+            let (mut dx, mut dg) = (vec![0.0; rows * cols], vec![0.25; cols]);
+            rms_norm_backward_on(isa, &dy, &xhat, &rstd, &gamma, cols, &mut dx, &mut dg);
+            [dx, dg].concat()
         });
     }
 }

@@ -2,7 +2,8 @@
 //! Every error names the key and, where the file has it, the line.
 
 use crate::toolbox::{
-    AugmentSpec, BlowupSpec, CollectiveSpec, EarlyStopSpec, FinetuneSpec, ParallelSpec, PrecisionSpec, Resample,
+    AugmentSpec, BlowupSpec, CollectiveSpec, DistillSpec, EarlyStopSpec, FinetuneSpec, ParallelSpec, PrecisionSpec,
+    Resample,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -48,6 +49,9 @@ pub struct JobSpec {
     /// How gradients travel between ranks.
     #[serde(default)]
     pub collective: CollectiveSpec,
+    /// Knowledge distillation from a trained teacher (T39); off when absent.
+    #[serde(default)]
+    pub distill: Option<DistillSpec>,
 }
 
 fn default_seed() -> u64 {
@@ -112,6 +116,30 @@ pub enum PositionalKind {
     #[default]
     Learned,
     Sinusoidal,
+    /// Rotary embeddings inside attention (LLaMA): no position table at all.
+    Rope,
+}
+
+/// The normalisation inside GPT blocks (and the final one).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum BlockNorm {
+    #[default]
+    #[serde(rename = "layernorm", alias = "layer_norm")]
+    LayerNorm,
+    /// LLaMA's: x/rms(x)·gamma, no centring, no bias.
+    #[serde(rename = "rmsnorm", alias = "rms_norm")]
+    RmsNorm,
+}
+
+/// The MLP inside GPT blocks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockMlp {
+    /// GPT-2: fc2(GELU(fc1(x))).
+    #[default]
+    Gelu,
+    /// LLaMA: down(SiLU(gate(x)) ⊙ up(x)).
+    Swiglu,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -257,12 +285,46 @@ pub struct ModelSpec {
     pub norm_order: NormOrderKind,
     #[serde(default)]
     pub positional: PositionalKind,
+    /// GPT, positional = "rope": the rotation's frequency base.
+    #[serde(default = "default_rope_base")]
+    pub rope_base: f32,
+    /// GPT: "layernorm" or "rmsnorm".
+    #[serde(default)]
+    pub norm: BlockNorm,
+    /// GPT: "gelu" or "swiglu".
+    #[serde(default)]
+    pub mlp: BlockMlp,
+    /// GPT: the MLP's hidden width; 0 = 4·dim for gelu, and for swiglu 8·dim/3 rounded up
+    /// to a multiple of 8 (about the same parameters with its third matrix).
+    #[serde(default)]
+    pub mlp_hidden: usize,
+    /// GPT: biases in the attention and MLP projections and the head (false in LLaMA).
+    #[serde(default = "yes")]
+    pub bias: bool,
     #[serde(default)]
     pub cell: CellKind,
     /// BatchNorm statistics over the global batch of all data-parallel workers
     /// (SyncBatchNorm) instead of each worker's share (T10).
     #[serde(default)]
     pub sync_batch_norm: bool,
+}
+
+fn default_rope_base() -> f32 {
+    10000.0
+}
+fn yes() -> bool {
+    true
+}
+
+impl ModelSpec {
+    /// The GPT MLP's hidden width (`mlp_hidden`, or its default for `mlp`).
+    pub fn mlp_width(&self) -> usize {
+        match (self.mlp_hidden, self.mlp) {
+            (0, BlockMlp::Gelu) => 4 * self.dim,
+            (0, BlockMlp::Swiglu) => (8 * self.dim).div_ceil(3).next_multiple_of(8),
+            (width, _) => width,
+        }
+    }
 }
 
 fn default_heads() -> usize {

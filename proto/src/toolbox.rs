@@ -153,6 +153,27 @@ fn default_growth_interval() -> u64 {
     2000
 }
 
+/// Knowledge distillation (T39): the student also learns the teacher's softened outputs.
+/// loss = alpha·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha)·CE(labels).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSpec {
+    /// The teacher's `model.safetensors` (written by `lockstep train`): its own
+    /// architecture, rebuilt from the file and run forward only on every rank.
+    pub teacher: PathBuf,
+    #[serde(default = "default_distill_temperature")]
+    pub temperature: f32,
+    #[serde(default = "default_distill_alpha")]
+    pub alpha: f32,
+}
+
+fn default_distill_temperature() -> f32 {
+    4.0
+}
+fn default_distill_alpha() -> f32 {
+    0.9
+}
+
 /// `[finetune]` (T37, T38): start from a trained model and adapt part of it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]

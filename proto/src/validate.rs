@@ -34,6 +34,11 @@ impl JobSpec {
             check(m.blocks > 0, "model.blocks", "a language model needs at least one block")?;
             if m.kind == ModelKind::Gpt {
                 check(m.heads > 0 && m.dim.is_multiple_of(m.heads), "model.heads", "must be > 0 and divide model.dim")?;
+                if m.positional == PositionalKind::Rope {
+                    let even = (m.dim / m.heads.max(1)).is_multiple_of(2);
+                    check(even, "model.positional", "rope rotates pairs: dim / heads must be even")?;
+                    check(m.rope_base.is_finite() && m.rope_base > 1.0, "model.rope_base", "must be a number > 1")?;
+                }
             }
         }
         check(
@@ -175,6 +180,11 @@ fn toolbox(spec: &JobSpec) -> Result<(), (String, String)> {
         check(positive < classes, "data.binary_positive", "is not one of the (renumbered) labels")?;
     }
     check_parallel(spec)?;
+    if let Some(d) = &spec.distill {
+        check(d.temperature.is_finite() && d.temperature > 0.0, "distill.temperature", "must be > 0")?;
+        check((0.0..=1.0).contains(&d.alpha), "distill.alpha", "must be in [0, 1]")?;
+        check(spec.parallel.pipeline_stages == 1, "distill", "is not supported with pipeline stages")?;
+    }
     let f = &spec.finetune;
     for g in &f.lr_groups {
         check(g.lr_scale.is_finite() && g.lr_scale >= 0.0, "finetune.lr_groups", "lr_scale must be >= 0")?;

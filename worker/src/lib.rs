@@ -6,6 +6,7 @@ pub mod build;
 pub mod checkpoint_dir;
 pub mod cost;
 pub mod daemon;
+pub mod distill;
 pub mod early_stop;
 pub mod eval;
 pub mod evaluation;

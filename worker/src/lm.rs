@@ -6,11 +6,11 @@ use lockstep_nn::data::text::{split_tokens, CharTokenizer, TextNormalization, To
 use lockstep_nn::data::Examples;
 use lockstep_nn::init::{normal, xavier_uniform};
 use lockstep_nn::layers::{
-    AttentionShape, BlockWeights, Cell, Dropout, Embedding, LayerNorm, Linear, NormOrder, PositionalEncoding,
-    Recurrent, TransformerBlock,
+    AttentionConfig, BlockConfig, BlockWeights, Cell, Dropout, Embedding, LayerNorm, Linear, MlpKind, NormKind,
+    NormOrder, PositionalEncoding, Recurrent, RmsNorm, TransformerBlock,
 };
 use lockstep_nn::{Layer, Sequential};
-use lockstep_proto::job::{CellKind, JobSpec, NormOrderKind, PositionalKind};
+use lockstep_proto::job::{BlockMlp, BlockNorm, CellKind, JobSpec, ModelSpec, NormOrderKind, PositionalKind};
 
 /// GPT-2's init scale.
 const INIT_STD: f32 = 0.02;
@@ -62,12 +62,12 @@ pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, CharToke
 }
 
 /// Decoder-only transformer: tok_emb + pos_emb → dropout → blocks h0..h{L-1} → ln_f → head.
-/// Input (N, T) token ids, output (N, T, vocab) logits.
+/// Input (N, T) token ids, output (N, T, vocab) logits. With `positional = "rope"` there is
+/// no pos_emb (attention rotates Q and K instead); `norm`, `mlp` and `bias` choose the
+/// LLaMA-style parts.
 pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Result<Sequential<B>> {
     let m = &spec.model;
     let (d, seed) = (m.dim, spec.seed);
-    // Residual projections are scaled so the residual stream's variance does not grow with depth.
-    let residual_std = INIT_STD / (2.0 * m.blocks as f32).sqrt();
     let mut layers: Vec<Box<dyn Layer<B>>> = Vec::new();
     layers.push(Box::new(Embedding::new(
         be,
@@ -76,37 +76,73 @@ pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Result<Seq
         d,
         &normal(seed, "tok_emb.weight", vocab * d, INIT_STD),
     )?));
-    layers.push(Box::new(match m.positional {
-        PositionalKind::Learned => PositionalEncoding::learned(
-            be,
-            "pos_emb",
-            m.context,
-            d,
-            &normal(seed, "pos_emb.weight", m.context * d, INIT_STD),
-        )?,
-        PositionalKind::Sinusoidal => PositionalEncoding::sinusoidal("pos_emb", m.context, d),
-    }));
+    let pos_emb = |table| -> Result<Box<dyn Layer<B>>> {
+        let w = normal(seed, "pos_emb.weight", m.context * d, INIT_STD);
+        Ok(Box::new(match table {
+            PositionalKind::Learned => PositionalEncoding::learned(be, "pos_emb", m.context, d, &w)?,
+            _ => PositionalEncoding::sinusoidal("pos_emb", m.context, d),
+        }))
+    };
+    if m.positional != PositionalKind::Rope {
+        layers.push(pos_emb(m.positional)?);
+    }
     if m.dropout > 0.0 {
         layers.push(Box::new(Dropout::new("drop_emb", m.dropout, 0)));
     }
+    let config = block_config(m);
+    for i in 0..m.blocks {
+        layers.push(Box::new(gpt_block(be, spec, &config, i)?));
+    }
+    if config.order == NormOrder::PreLn {
+        // Post-LN blocks already end normalised.
+        layers.push(match config.norm {
+            NormKind::LayerNorm => Box::new(LayerNorm::new(be, "ln_f", d)?),
+            NormKind::RmsNorm => Box::new(RmsNorm::new(be, "ln_f", d)?),
+        });
+    }
+    let head = normal(seed, "head.weight", vocab * d, INIT_STD);
+    layers.push(Box::new(match m.bias {
+        true => Linear::new(be, "head", d, vocab, &head)?,
+        false => Linear::without_bias(be, "head", d, vocab, &head)?,
+    }));
+    Ok(Sequential::new(layers))
+}
+
+/// The GPT blocks' shape from the job's model keys.
+fn block_config(m: &ModelSpec) -> BlockConfig {
+    let rope = (m.positional == PositionalKind::Rope).then_some(m.rope_base);
+    let attention = AttentionConfig { rope, bias: m.bias, ..AttentionConfig::gpt(m.dim, m.heads, true, m.context) };
     let order = match m.norm_order {
         NormOrderKind::PreLn => NormOrder::PreLn,
         NormOrderKind::PostLn => NormOrder::PostLn,
     };
-    let shape = AttentionShape { dim: d, heads: m.heads, causal: true, max_len: m.context };
-    for i in 0..m.blocks {
-        let name = format!("h{i}");
-        let w = |part: &str, len: usize, std: f32| normal(seed, &format!("{name}.{part}.weight"), len, std);
-        let (qkv, attn_out) = (w("attn.qkv", 3 * d * d, INIT_STD), w("attn.out", d * d, residual_std));
-        let (fc1, fc2) = (w("fc1", 4 * d * d, INIT_STD), w("fc2", 4 * d * d, residual_std));
-        let weights = BlockWeights { qkv: &qkv, attn_out: &attn_out, fc1: &fc1, fc2: &fc2 };
-        layers.push(Box::new(TransformerBlock::new(be, &name, shape, order, weights)?));
-    }
-    if order == NormOrder::PreLn {
-        layers.push(Box::new(LayerNorm::new(be, "ln_f", d)?)); // post-LN blocks already end normalised
-    }
-    layers.push(Box::new(Linear::new(be, "head", d, vocab, &normal(seed, "head.weight", vocab * d, INIT_STD))?));
-    Ok(Sequential::new(layers))
+    let norm = match m.norm {
+        BlockNorm::LayerNorm => NormKind::LayerNorm,
+        BlockNorm::RmsNorm => NormKind::RmsNorm,
+    };
+    let mlp = match m.mlp {
+        BlockMlp::Gelu => MlpKind::Gelu,
+        BlockMlp::Swiglu => MlpKind::SwiGlu,
+    };
+    BlockConfig { attention, order, norm, mlp, hidden: m.mlp_width() }
+}
+
+/// Block `i`, its weights drawn from streams named after them. Residual projections are
+/// scaled so the residual stream's variance does not grow with depth (GPT-2).
+fn gpt_block<B: Backend>(be: &B, spec: &JobSpec, config: &BlockConfig, i: usize) -> Result<TransformerBlock<B>> {
+    let (d, h, seed) = (spec.model.dim, config.hidden, spec.seed);
+    let residual_std = INIT_STD / (2.0 * spec.model.blocks as f32).sqrt();
+    let name = format!("h{i}");
+    let w = |part: &str, len: usize, std: f32| normal(seed, &format!("{name}.{part}.weight"), len, std);
+    let (qkv, attn_out) = (w("attn.qkv", 3 * d * d, INIT_STD), w("attn.out", d * d, residual_std));
+    let (fc1, fc2, gate) = match config.mlp {
+        MlpKind::Gelu => (w("fc1", h * d, INIT_STD), w("fc2", d * h, residual_std), Vec::new()),
+        MlpKind::SwiGlu => {
+            (w("mlp.up", h * d, INIT_STD), w("mlp.down", d * h, residual_std), w("mlp.gate", h * d, INIT_STD))
+        }
+    };
+    let weights = BlockWeights { qkv: &qkv, attn_out: &attn_out, fc1: &fc1, fc2: &fc2, gate: &gate };
+    Ok(TransformerBlock::new(be, &name, *config, weights)?)
 }
 
 /// Recurrent language model: tok_emb → `blocks` LSTM/GRU layers rnn0.. (dropout between)

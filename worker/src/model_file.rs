@@ -65,8 +65,14 @@ pub struct LoadedModel<B: Backend> {
     pub vocab: Option<CharTokenizer>,
 }
 
-/// Rebuilds the model saved at `path` and loads its weights.
+/// Rebuilds the language model saved at `path` and loads its weights.
 pub fn load_model<B: Backend>(be: &B, path: &Path) -> Result<LoadedModel<B>> {
+    load_model_for(be, path, None)
+}
+
+/// Rebuilds the model saved at `path` and loads its weights; a classifier (whose file has
+/// no vocabulary to size it) is built for `data`'s (features, classes).
+pub fn load_model_for<B: Backend>(be: &B, path: &Path, data: Option<(usize, usize)>) -> Result<LoadedModel<B>> {
     let metadata = load_metadata(path)?;
     let missing = |what: &str| WorkerError::BadFile {
         path: path.into(),
@@ -78,16 +84,17 @@ pub fn load_model<B: Backend>(be: &B, path: &Path) -> Result<LoadedModel<B>> {
         Some(text) => Some(CharTokenizer::from_vocab_file(text, path)?),
         None => None,
     };
-    let classes = match &vocab {
-        Some(v) => v.vocab_size(),
-        None => {
+    let (features, classes) = match (&vocab, data) {
+        (Some(v), _) => (spec.model.context, v.vocab_size()),
+        (None, Some(sizes)) => sizes,
+        (None, None) => {
             return Err(WorkerError::BadFile {
                 path: path.into(),
                 reason: "not a language model (no vocabulary)".into(),
             })
         }
     };
-    let (mut model, _) = build::build_model(be, &spec, spec.model.context, classes)?;
+    let (mut model, _) = build::build_model(be, &spec, features, classes)?;
     let (tensors, buffers) = load_all(path)?;
     load_into(be, &mut model.params_mut(), &tensors, path)?;
     for (name, (_, values)) in &buffers {

@@ -272,6 +272,7 @@ impl<B: Backend> Trainer<B> {
             stat_sync: None,
             // A stage interleaves micro-batches' forwards and backwards: no deferral.
             micro_batch: None,
+            decode_from: None,
         }
     }
 

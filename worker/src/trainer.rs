@@ -2,6 +2,7 @@
 //! loss gradient is a per-example **sum**, reduced (summed) across ranks, then divided by
 //! the global batch once, so the update does not depend on how the batch was split.
 
+use crate::distill::Teacher;
 use crate::guards::{BlowupGuard, Ema, LossScaler};
 use crate::trace;
 use crate::{build, Result};
@@ -11,7 +12,7 @@ use lockstep_nn::data::augment::Augment;
 use lockstep_nn::data::text::CharTokenizer;
 use lockstep_nn::data::Examples;
 use lockstep_nn::layers::StatSyncHandle;
-use lockstep_nn::loss::softmax_cross_entropy;
+use lockstep_nn::loss::{distillation_loss, softmax_cross_entropy};
 use lockstep_nn::optim::{clip_factor, grad_sum_squares, Optimizer};
 use lockstep_nn::schedule::Schedule;
 use lockstep_nn::{ForwardCtx, Param, Sequential, Tensor};
@@ -198,6 +199,8 @@ pub struct Trainer<B: Backend> {
     pub pipeline: Option<Box<dyn Stage<B>>>,
     /// This rank asks for a checkpoint after the next step (set by the step loop).
     pub checkpoint_wanted: bool,
+    /// Knowledge distillation's teacher (T39).
+    pub teacher: Option<Teacher<B>>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -228,6 +231,7 @@ impl<B: Backend> Trainer<B> {
                 )))
             }
         };
+        let teacher = Teacher::load(&be, spec, features, classes)?;
         Ok(Self {
             be,
             spec: spec.clone(),
@@ -245,6 +249,7 @@ impl<B: Backend> Trainer<B> {
             prior_threshold: None,
             pipeline: None,
             checkpoint_wanted: false,
+            teacher,
         })
     }
 
@@ -427,11 +432,19 @@ impl<B: Backend> Trainer<B> {
             seq_lens: batch.seq_lens,
             stat_sync: reducer.stat_sync(),
             micro_batch,
+            decode_from: None,
         };
         let input = self.input(ids.len(), &batch.x)?; // (B, F), (B, H, W, C) or (B, T)
         let _forward = trace::span(SpanKind::Forward);
+        let soft_targets = self.teacher.as_mut().map(|t| t.logits(&self.be, &input, &ctx)).transpose()?;
         let logits = self.model.forward(&self.be, input, &ctx)?; // (B, classes) or (B, T, vocab)
-        let out = softmax_cross_entropy(&self.be, &logits, &batch.y, self.class_weights.as_deref(), loss_scale)?;
+        let weights = self.class_weights.as_deref();
+        let out = match (&self.teacher, soft_targets) {
+            (Some(t), Some(teacher)) => {
+                distillation_loss(&self.be, &logits, &teacher, &batch.y, weights, t.loss, loss_scale)?
+            }
+            _ => softmax_cross_entropy(&self.be, &logits, &batch.y, weights, loss_scale)?,
+        };
         Ok((out.grad, out.loss_sum, targets))
     }
 

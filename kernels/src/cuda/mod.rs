@@ -8,7 +8,7 @@
 //! every step, or a download). Ops this backend has no kernel for answer
 //! `KernelError::Unsupported` with their name: nothing goes through the host silently.
 
-use crate::{Activation, AttentionDims, Backend, KernelError, MatmulPrecision, Result, UpdateRule, Window};
+use crate::{Activation, AttentionDims, Backend, KernelError, MatmulPrecision, Result, Rotary, UpdateRule, Window};
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
@@ -461,11 +461,15 @@ impl Backend for CudaBackend {
         layer_norm_forward(&Buf, &Buf, &Buf, usize, usize, f32, &mut Buf, &mut Buf, &mut Buf) -> ();
         layer_norm_backward(&Buf, &Buf, &Buf, &Buf, usize, usize, &mut Buf, &mut Buf, &mut Buf) -> ();
         column_stats(&Buf, usize, usize) -> (Vec<f64>, Vec<f64>);
+        rms_norm_forward(&Buf, &Buf, usize, usize, f32, &mut Buf, &mut Buf, &mut Buf) -> ();
+        rms_norm_backward(&Buf, &Buf, &Buf, &Buf, usize, usize, &mut Buf, &mut Buf) -> ();
         batch_norm_apply(&Buf, &[f64], &[f64], &Buf, &Buf, usize, usize, f32, &mut Buf, &mut Buf) -> ();
         batch_norm_backward_sums(&Buf, &Buf, &Buf, usize, usize, &mut Buf, &mut Buf) -> (Vec<f64>, Vec<f64>);
         batch_norm_backward_dx(&Buf, &Buf, &[f64], &Buf, (&[f64], &[f64]), usize, usize, f32, &mut Buf) -> ();
         attention_forward(&Buf, &mut Buf, &mut Buf, &AttentionDims, &[usize]) -> ();
         attention_backward(&Buf, &Buf, &Buf, &mut Buf, &AttentionDims, &[usize]) -> ();
+        rotary(&mut Buf, &Rotary, bool) -> ();
+        attention_cached(&Buf, usize, usize, &mut Buf, usize, usize) -> ();
         lstm_forward(&Buf, &Buf, &mut Buf, &mut Buf, &mut Buf, usize) -> ();
         lstm_backward(&Buf, &Buf, &Buf, &Buf, &mut Buf, &mut Buf, usize) -> ();
         gru_forward(&Buf, &Buf, &Buf, &mut Buf, &mut Buf, usize) -> ();

@@ -1,6 +1,6 @@
 use super::{cached, ForwardCtx, Layer, Linear, Param};
 use crate::{shape_err, Result, Tensor};
-use lockstep_kernels::{AttentionDims, Backend};
+use lockstep_kernels::{AttentionDims, Backend, Rotary};
 
 /// Multi-head scaled dot-product self-attention on (N, T, D) (T15):
 /// [Q K V] = x·W_qkvᵀ + b, per head softmax(Q Kᵀ/√d_k + mask)·V, heads concatenated, then
@@ -14,9 +14,13 @@ pub struct MultiHeadAttention<B: Backend> {
     pub heads: usize,
     pub causal: bool,
     pub max_len: usize,
+    /// RoPE frequency base: Q and K are rotated by position (LLaMA); None leaves positions
+    /// to an embedding before the blocks.
+    pub rope: Option<f32>,
     pub qkv: Linear<B>, // D -> 3D
     pub out: Linear<B>, // D -> D
     cache: Option<AttentionCache<B>>,
+    kv_cache: Option<KvCache<B>>,
 }
 
 /// What backward needs from a training forward.
@@ -24,35 +28,98 @@ struct AttentionCache<B: Backend> {
     dims: AttentionDims,
     /// Valid length of each example.
     lens: Vec<usize>,
-    /// The projected [Q | K | V], (N, T, 3D).
+    /// The projected [Q | K | V], (N, T, 3D), Q and K rotated under RoPE.
     qkv: B::Buf,
     /// The attention probabilities, (N, H, T, T).
     probs: B::Buf,
 }
 
-/// Model width, number of heads, causal masking and the longest sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttentionShape {
+/// The [Q | K | V] rows of the positions decoded so far, (max_len, 3D), of which `len`
+/// are filled (`ForwardCtx::decode_from`). Q is kept with K and V so a call appends its
+/// rows with one contiguous copy.
+struct KvCache<B: Backend> {
+    rows: B::Buf,
+    len: usize,
+}
+
+/// Width, heads, masking, longest sequence, and the options of LLaMA-style blocks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionConfig {
     pub dim: usize,
     pub heads: usize,
     pub causal: bool,
     pub max_len: usize,
+    /// RoPE frequency base (10000 in LLaMA); None: no rotation.
+    pub rope: Option<f32>,
+    /// Biases in the Q/K/V and output projections.
+    pub bias: bool,
+}
+
+impl AttentionConfig {
+    /// GPT-2's attention: biases, no rotation.
+    pub fn gpt(dim: usize, heads: usize, causal: bool, max_len: usize) -> Self {
+        Self { dim, heads, causal, max_len, rope: None, bias: true }
+    }
 }
 
 impl<B: Backend> MultiHeadAttention<B> {
     /// `w_qkv` is (3D, D), `w_out` (D, D), both row-major as in `Linear`.
-    pub fn new(be: &B, name: &str, shape: AttentionShape, w_qkv: &[f32], w_out: &[f32]) -> Result<Self> {
-        let AttentionShape { dim, heads, causal, max_len } = shape;
+    pub fn new(be: &B, name: &str, config: AttentionConfig, w_qkv: &[f32], w_out: &[f32]) -> Result<Self> {
+        let AttentionConfig { dim, heads, causal, max_len, rope, bias } = config;
+        let linear = if bias { Linear::new } else { Linear::without_bias };
         Ok(Self {
             name: name.to_string(),
             dim,
             heads,
             causal,
             max_len,
-            qkv: Linear::new(be, &format!("{name}.qkv"), dim, 3 * dim, w_qkv)?,
-            out: Linear::new(be, &format!("{name}.out"), dim, dim, w_out)?,
+            rope,
+            qkv: linear(be, &format!("{name}.qkv"), dim, 3 * dim, w_qkv)?,
+            out: linear(be, &format!("{name}.out"), dim, dim, w_out)?,
             cache: None,
+            kv_cache: None,
         })
+    }
+
+    /// The rotation of `t` positions per sequence starting at `offset`, if RoPE is on.
+    fn rotary(&self, t: usize, offset: usize) -> Option<Rotary> {
+        let (heads, head_dim) = (self.heads, self.dim / self.heads);
+        self.rope.map(|base| Rotary { t, offset, heads, head_dim, base })
+    }
+
+    /// Decoding with the KV cache: x (1, T, D) holds positions from..from+T; their rows join
+    /// the cache and their queries attend to every cached key (`ForwardCtx::decode_from`).
+    fn forward_cached(&mut self, be: &B, x: Tensor<B>, from: usize, ctx: &ForwardCtx) -> Result<Tensor<B>> {
+        let (t, d) = (x.shape[1], self.dim);
+        if x.shape[0] != 1 || ctx.train || from + t > self.max_len || t == 0 {
+            return shape_err(
+                "MultiHeadAttention::forward",
+                format!("{}: cached decoding of {:?} from position {from} (one sequence, not training, at most {} positions)", self.name, x.shape, self.max_len),
+            );
+        }
+        let rot = self.rotary(t, from);
+        if from == 0 {
+            self.kv_cache = Some(KvCache { rows: be.zeros(self.max_len * 3 * d)?, len: 0 });
+        }
+        let kv = match self.kv_cache.as_mut() {
+            Some(kv) if kv.len == from => kv,
+            other => {
+                let held = other.map_or(0, |kv| kv.len);
+                return shape_err(
+                    "MultiHeadAttention::forward",
+                    format!("{}: the KV cache holds {held} positions, the input starts at {from}", self.name),
+                );
+            }
+        };
+        let mut qkv = self.qkv.forward(be, x, ctx)?; // (1, T, 3D)
+        if let Some(rot) = rot {
+            be.rotary(&mut qkv.buf, &rot, false)?;
+        }
+        be.copy_range(&qkv.buf, 0, &mut kv.rows, from * 3 * d, t * 3 * d)?;
+        kv.len = from + t;
+        let mut o = Tensor::zeros(be, &[1, t, d])?;
+        be.attention_cached(&kv.rows, kv.len, from, &mut o.buf, self.heads, d / self.heads)?;
+        self.out.forward(be, o, ctx)
     }
 }
 
@@ -83,7 +150,13 @@ impl<B: Backend> Layer<B> for MultiHeadAttention<B> {
         let dims = AttentionDims { t, heads: self.heads, head_dim: d / self.heads, causal: self.causal };
         let lens: Vec<usize> =
             if ctx.seq_lens.is_empty() { vec![t; n] } else { ctx.seq_lens.iter().map(|&l| l.min(t)).collect() };
-        let qkv = self.qkv.forward(be, x, ctx)?; // (N, T, 3D)
+        if let Some(from) = ctx.decode_from {
+            return self.forward_cached(be, x, from, ctx);
+        }
+        let mut qkv = self.qkv.forward(be, x, ctx)?; // (N, T, 3D)
+        if let Some(rot) = self.rotary(t, 0) {
+            be.rotary(&mut qkv.buf, &rot, false)?;
+        }
         let mut o = Tensor::zeros(be, &[n, t, d])?; // heads concatenated
         let mut probs = be.zeros(n * self.heads * t * t)?; // (N, H, T, T)
         be.attention_forward(&qkv.buf, &mut o.buf, &mut probs, &dims, &lens)?;
@@ -98,6 +171,9 @@ impl<B: Backend> Layer<B> for MultiHeadAttention<B> {
         let d_o = self.out.backward(be, dy)?; // (N, T, D)
         let mut d_qkv = Tensor::zeros(be, &[lens.len(), dims.t, 3 * self.dim])?;
         be.attention_backward(&qkv, &probs, &d_o.buf, &mut d_qkv.buf, &dims, &lens)?;
+        if let Some(rot) = self.rotary(dims.t, 0) {
+            be.rotary(&mut d_qkv.buf, &rot, true)?; // d(rotated) → d(projected)
+        }
         self.qkv.backward(be, d_qkv)
     }
 
@@ -124,19 +200,62 @@ impl<B: Backend> Layer<B> for MultiHeadAttention<B> {
 #[cfg(test)]
 mod gradient_tests {
     use crate::gradcheck::{check_layer, test_input as input};
-    use crate::layers::{AttentionShape, MultiHeadAttention};
+    use crate::layers::{AttentionConfig, MultiHeadAttention};
 
     use crate::{ForwardCtx, Layer, Tensor};
     use lockstep_kernels::CpuBackend;
 
     fn attention(causal: bool) -> MultiHeadAttention<CpuBackend> {
+        attention_with(AttentionConfig::gpt(4, 2, causal, 8))
+    }
+
+    fn attention_with(config: AttentionConfig) -> MultiHeadAttention<CpuBackend> {
         let be = CpuBackend::new(1);
         let w_qkv: Vec<f32> = (0..12 * 4).map(|i| ((i as f32) * 0.37).sin() * 0.6).collect();
         let w_out: Vec<f32> = (0..4 * 4).map(|i| ((i as f32) * 0.53).cos() * 0.6).collect();
-        let shape = AttentionShape { dim: 4, heads: 2, causal, max_len: 8 };
-        let mut a = MultiHeadAttention::new(&be, "attn", shape, &w_qkv, &w_out).unwrap();
-        a.qkv.bias.value = (0..12).map(|i| i as f32 * 0.05).collect();
+        let mut a = MultiHeadAttention::new(&be, "attn", config, &w_qkv, &w_out).unwrap();
+        if let Some(bias) = a.qkv.bias.as_mut() {
+            bias.value = (0..12).map(|i| i as f32 * 0.05).collect();
+        }
         a
+    }
+
+    fn llama_attention() -> MultiHeadAttention<CpuBackend> {
+        attention_with(AttentionConfig { rope: Some(10000.0), bias: false, ..AttentionConfig::gpt(4, 2, true, 8) })
+    }
+
+    #[test]
+    fn rope_attention_without_biases_gradients() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        let mut a = llama_attention();
+        assert_eq!(a.params().len(), 2, "bias = false leaves the two weights only");
+        check_layer(&be, &mut a, &[2, 3, 4], &input(24), &ctx);
+        let padded = ForwardCtx { train: true, seq_lens: vec![3, 2], ..Default::default() };
+        check_layer(&be, &mut llama_attention(), &[2, 3, 4], &input(24), &padded);
+    }
+
+    /// Decoding through the KV cache, a block of positions and then one at a time, gives
+    /// the outputs of one full causal forward (with and without RoPE); a gap is refused.
+    #[test]
+    fn kv_cache_decoding_matches_the_full_forward() {
+        let be = CpuBackend::new(1);
+        let x = input(7 * 4);
+        for mut a in [attention(true), llama_attention()] {
+            let full =
+                a.forward(&be, Tensor::from_slice(&be, &[1, 7, 4], &x).unwrap(), &ForwardCtx::default()).unwrap();
+            let mut decoded = Vec::new();
+            for (from, to) in [(0, 3), (3, 4), (4, 5), (5, 6), (6, 7)] {
+                let ctx = ForwardCtx { decode_from: Some(from), ..Default::default() };
+                let xt = Tensor::from_slice(&be, &[1, to - from, 4], &x[from * 4..to * 4]).unwrap();
+                decoded.extend(a.forward(&be, xt, &ctx).unwrap().buf);
+            }
+            for (i, (p, q)) in decoded.iter().zip(&full.buf).enumerate() {
+                assert!((p - q).abs() < 1e-5, "rope {:?}, element {i}: cached {p} vs full {q}", a.rope);
+            }
+            let gap = ForwardCtx { decode_from: Some(3), ..Default::default() };
+            assert!(a.forward(&be, Tensor::from_slice(&be, &[1, 1, 4], &x[..4]).unwrap(), &gap).is_err());
+        }
     }
 
     #[test]

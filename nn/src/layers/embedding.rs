@@ -120,17 +120,21 @@ impl<B: Backend> Layer<B> for PositionalEncoding<B> {
                 format!("{}: input {:?}, expected [N, T, D]", self.name, x.shape),
             );
         };
-        if d != self.dim || t > self.max_len {
+        let first = ctx.decode_from.unwrap_or(0); // position of x's first row
+        if d != self.dim || first + t > self.max_len {
             return shape_err(
                 "PositionalEncoding::forward",
-                format!("{}: input {:?} vs max_len {}, dim {}", self.name, x.shape, self.max_len, self.dim),
+                format!(
+                    "{}: input {:?} from position {first} vs max_len {}, dim {}",
+                    self.name, x.shape, self.max_len, self.dim
+                ),
             );
         }
-        // x viewed as (N, T·D) plus the first T rows of the table broadcast over N.
+        // x viewed as (N, T·D) plus rows first..first+T of the table broadcast over N.
         let mut code = be.zeros(t * d)?;
         match &self.learned {
-            Some(p) => be.copy_range(&p.value, 0, &mut code, 0, t * d)?,
-            None => code = be.upload(&self.sinusoid[..t * d])?,
+            Some(p) => be.copy_range(&p.value, first * d, &mut code, 0, t * d)?,
+            None => code = be.upload(&self.sinusoid[first * d..(first + t) * d])?,
         }
         be.add_row_vector(&mut x.buf, &code, n, t * d)?;
         if ctx.train {

@@ -2,13 +2,14 @@ use super::{cached, ForwardCtx, Layer, Param};
 use crate::{shape_err, Result, Tensor};
 use lockstep_kernels::{Backend, Gemm};
 
-/// y = x·Wᵀ + b (T5). W is stored (out, in) as in PyTorch, so checkpoints map one to one.
+/// y = x·Wᵀ + b (T5), or y = x·Wᵀ without a bias (`Linear::without_bias`, LLaMA-style
+/// blocks). W is stored (out, in) as in PyTorch, so checkpoints map one to one.
 pub struct Linear<B: Backend> {
     name: String,
     pub in_features: usize,
     pub out_features: usize,
-    pub weight: Param<B>, // (out, in)
-    pub bias: Param<B>,   // (out)
+    pub weight: Param<B>,       // (out, in)
+    pub bias: Option<Param<B>>, // (out)
     /// The layer input, (B, in): backward needs it for dW.
     input_cache: Option<Tensor<B>>,
     input_grad: bool,
@@ -21,12 +22,19 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// `weight` is (out, in) row-major; the bias starts at zero.
     pub fn new(be: &B, name: &str, in_features: usize, out_features: usize, weight: &[f32]) -> Result<Self> {
+        let mut layer = Self::without_bias(be, name, in_features, out_features, weight)?;
+        layer.bias = Some(Param::new(be, format!("{name}.bias"), &[out_features], &vec![0.0; out_features], false)?);
+        Ok(layer)
+    }
+
+    /// y = x·Wᵀ: no bias parameter at all (nothing to store, decay or all-reduce).
+    pub fn without_bias(be: &B, name: &str, in_features: usize, out_features: usize, weight: &[f32]) -> Result<Self> {
         Ok(Self {
             name: name.to_string(),
             in_features,
             out_features,
             weight: Param::new(be, format!("{name}.weight"), &[out_features, in_features], weight, true)?,
-            bias: Param::new(be, format!("{name}.bias"), &[out_features], &vec![0.0; out_features], false)?,
+            bias: None,
             input_cache: None,
             input_grad: true,
             micro_batch: None,
@@ -85,8 +93,12 @@ impl<B: Backend> Layer<B> for Linear<B> {
         *shape.last_mut().unwrap_or(&mut 0) = self.out_features;
         // y (B, out) = bias + x·Wᵀ: the GEMM accumulates onto the broadcast bias (no zero-fill,
         // no second pass for the bias).
-        let mut y = Tensor { shape, buf: be.repeat_rows(&self.bias.value, rows)? };
-        let gemm = Gemm::nt(rows, self.in_features, self.out_features).accumulate();
+        let (buf, accumulate) = match &self.bias {
+            Some(bias) => (be.repeat_rows(&bias.value, rows)?, true),
+            None => (be.zeros(rows * self.out_features)?, false),
+        };
+        let mut y = Tensor { shape, buf };
+        let gemm = Gemm::nt(rows, self.in_features, self.out_features).accumulate_if(accumulate);
         be.matmul(&x.buf, &self.weight.value, &mut y.buf, gemm)?;
         if ctx.train {
             self.input_cache = Some(x);
@@ -105,8 +117,8 @@ impl<B: Backend> Layer<B> for Linear<B> {
             return shape_err("Linear::backward", format!("{}: dy {:?}", self.name, dy.shape));
         }
         let (i, o) = (self.in_features, self.out_features);
-        if self.bias.trainable {
-            be.sum_rows(&dy.buf, &mut self.bias.grad, rows, o, true)?; // db (out) += Σ_rows dy
+        if let Some(bias) = self.bias.as_mut().filter(|b| b.trainable) {
+            be.sum_rows(&dy.buf, &mut bias.grad, rows, o, true)?; // db (out) += Σ_rows dy
         }
         let dx = if self.input_grad {
             let mut dx = Tensor::zeros(be, &x.shape)?; // dx (B,in) = dy (B,out) · W (out,in)
@@ -125,14 +137,14 @@ impl<B: Backend> Layer<B> for Linear<B> {
         self.input_grad = needed;
     }
     fn params(&self) -> Vec<&Param<B>> {
-        vec![&self.weight, &self.bias]
+        std::iter::once(&self.weight).chain(&self.bias).collect()
     }
     fn params_mut(&mut self) -> Vec<&mut Param<B>> {
-        vec![&mut self.weight, &mut self.bias]
+        std::iter::once(&mut self.weight).chain(&mut self.bias).collect()
     }
     fn flops_per_example(&self) -> u64 {
         let (i, o) = (self.in_features as u64, self.out_features as u64);
-        o * i + o * (i - 1) + o // matmul + bias add
+        o * i + o * (i - 1) + o * self.bias.is_some() as u64 // matmul + bias add
     }
 }
 
@@ -151,7 +163,7 @@ mod gradient_tests {
         let be = CpuBackend::new(1);
         let w: Vec<f32> = (0..12).map(|i| ((i as f32) * 0.77).sin()).collect();
         let mut layer = Linear::new(&be, "fc", 4, 3, &w).unwrap();
-        layer.bias.value = vec![0.1, -0.2, 0.3];
+        layer.bias.as_mut().unwrap().value = vec![0.1, -0.2, 0.3];
         check_layer(&be, &mut layer, &[5, 4], &input(20), &ForwardCtx { train: true, ..Default::default() });
     }
 
@@ -178,7 +190,7 @@ mod gradient_tests {
         let mut split = Linear::new(&be, "fc", features, features, &w).unwrap();
         let dx_first = run(&mut split, 0..rows, Some((0, 2)));
         assert!(split.weight.grad.iter().all(|&g| g == 0.0), "the first micro-batch's dW waits");
-        assert!(split.bias.grad.iter().any(|&g| g != 0.0), "db does not wait");
+        assert!(split.bias.as_ref().unwrap().grad.iter().any(|&g| g != 0.0), "db does not wait");
         let dx_second = run(&mut split, rows..2 * rows, Some((1, 2)));
         assert_eq!([dx_first, dx_second].concat(), dx_whole);
         for (a, b) in split.weight.grad.iter().zip(&whole.weight.grad) {

@@ -137,7 +137,7 @@ mod gradient_tests {
         let (i, o, r) = (4, 3, 2);
         let w: Vec<f32> = (0..12).map(|k| ((k as f32) * 0.77).sin()).collect();
         let mut base = Linear::new(&be, "fc", i, o, &w).unwrap();
-        base.bias.value = vec![0.1, -0.2, 0.3];
+        base.bias.as_mut().unwrap().value = vec![0.1, -0.2, 0.3];
         let a: Vec<f32> = (0..r * i).map(|k| ((k as f32) * 1.3).cos() * 0.5).collect();
         let mut lora = LoraLinear::new(&be, Box::new(base), r, 4.0, &a).unwrap();
         let ctx = ForwardCtx { train: true, ..Default::default() };
@@ -173,7 +173,7 @@ mod gradient_tests {
             }
         }
         let mut merged = Linear::new(&be, "fc", i, o, &merged_w).unwrap();
-        merged.bias.value = vec![0.1, -0.2, 0.3];
+        merged.bias.as_mut().unwrap().value = vec![0.1, -0.2, 0.3];
         let ym = merged
             .forward(&be, Tensor::from_slice(&be, &[5, i], &input(20)).unwrap(), &ctx)
             .unwrap()

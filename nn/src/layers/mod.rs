@@ -12,13 +12,14 @@ mod embedding;
 mod layout;
 mod linear;
 mod lora;
+mod mlp;
 mod norm;
 mod pool;
 mod recurrent;
 mod transformer;
 
 pub use activation::Act;
-pub use attention::{AttentionShape, MultiHeadAttention};
+pub use attention::{AttentionConfig, MultiHeadAttention};
 pub use conv::Conv2d;
 pub use conv1d::Conv1d;
 pub use conv_transpose::ConvTranspose2d;
@@ -27,10 +28,11 @@ pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
 pub use layout::FileLayout;
 pub use linear::Linear;
 pub use lora::LoraLinear;
-pub use norm::{BatchNorm, LayerNorm};
+pub use mlp::{GeluMlp, SwiGlu};
+pub use norm::{BatchNorm, LayerNorm, RmsNorm};
 pub use pool::{Flatten, Pool2d, PoolKind};
 pub use recurrent::{Cell, Recurrent};
-pub use transformer::{BlockWeights, NormOrder, TransformerBlock};
+pub use transformer::{BlockConfig, BlockWeights, MlpKind, NormKind, NormOrder, TransformerBlock};
 
 use crate::{Result, Tensor};
 use lockstep_kernels::Backend;
@@ -125,6 +127,11 @@ pub struct ForwardCtx {
     /// (gradient accumulation, whose backwards run in the same order); None otherwise. A
     /// layer may defer part of its parameter gradients to the last micro-batch's backward.
     pub micro_batch: Option<(usize, usize)>,
+    /// Incremental decoding with a KV cache (sampling): x is one sequence's positions
+    /// `from..from + T`, and the attention layers hold the keys and values of positions
+    /// 0..from from earlier calls (Some(0) starts a new sequence). None: x starts at
+    /// position 0 and nothing is cached across calls.
+    pub decode_from: Option<usize>,
 }
 
 pub trait Layer<B: Backend>: Send {

@@ -86,6 +86,69 @@ impl<B: Backend> Layer<B> for LayerNorm<B> {
     }
 }
 
+/// RMSNorm over the last dimension (Zhang & Sennrich 2019; LLaMA): y = gamma·x/rms(x) with
+/// rms(x) = sqrt(mean(x²) + eps). No centring and no beta: cheaper than LayerNorm, and in
+/// LLaMA-style blocks as good.
+pub struct RmsNorm<B: Backend> {
+    name: String,
+    pub features: usize,
+    pub eps: f32,
+    pub gamma: Param<B>,
+    /// x̂ (rows, features), 1/rms (rows) and the input's shape.
+    xhat_rstd_cache: Option<(B::Buf, B::Buf, Vec<usize>)>,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn new(be: &B, name: &str, features: usize) -> Result<Self> {
+        Ok(Self {
+            name: name.to_string(),
+            features,
+            eps: 1e-5,
+            gamma: Param::new(be, format!("{name}.weight"), &[features], &vec![1.0; features], false)?,
+            xhat_rstd_cache: None,
+        })
+    }
+}
+
+impl<B: Backend> Layer<B> for RmsNorm<B> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
+        let (rows, cols) = x.rows_cols();
+        if cols != self.features {
+            return shape_err(
+                "RmsNorm::forward",
+                format!("{}: input {:?}, expected last dim {}", self.name, x.shape, self.features),
+            );
+        }
+        let mut y = Tensor::zeros(be, &x.shape)?; // (rows, D)
+        let (mut xhat, mut rstd) = (be.zeros(rows * cols)?, be.zeros(rows)?);
+        be.rms_norm_forward(&x.buf, &self.gamma.value, rows, cols, self.eps, &mut y.buf, &mut xhat, &mut rstd)?;
+        if ctx.train {
+            self.xhat_rstd_cache = Some((xhat, rstd, x.shape.clone()));
+        }
+        Ok(y)
+    }
+    fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
+        let (xhat, rstd, shape) = cached(&mut self.xhat_rstd_cache, &self.name)?;
+        let cols = self.features;
+        let rows = dy.numel() / cols;
+        let mut dx = Tensor::zeros(be, &shape)?;
+        be.rms_norm_backward(&dy.buf, &xhat, &rstd, &self.gamma.value, rows, cols, &mut dx.buf, &mut self.gamma.grad)?;
+        Ok(dx)
+    }
+    fn params(&self) -> Vec<&Param<B>> {
+        vec![&self.gamma]
+    }
+    fn params_mut(&mut self) -> Vec<&mut Param<B>> {
+        vec![&mut self.gamma]
+    }
+    fn flops_per_example(&self) -> u64 {
+        4 * self.features as u64
+    }
+}
+
 /// BatchNorm over the batch (T10): each channel (the last dimension; for NHWC images the
 /// statistics cover N, H and W) is normalised with the batch mean and variance in training
 /// and with running estimates (momentum 0.1, unbiased variance, as PyTorch) at eval.
@@ -358,7 +421,7 @@ mod tests {
 #[cfg(test)]
 mod gradient_tests {
     use crate::gradcheck::{check_layer, test_input as input};
-    use crate::layers::{BatchNorm, LayerNorm};
+    use crate::layers::{BatchNorm, LayerNorm, RmsNorm};
 
     use crate::{ForwardCtx, Layer, Tensor};
     use lockstep_kernels::CpuBackend;
@@ -375,6 +438,20 @@ mod gradient_tests {
         bn.gamma.value = vec![0.7, 1.3, -0.4];
         bn.beta.value = vec![0.1, 0.0, -0.2];
         check_layer(&be, &mut bn, &[2, 2, 2, 3], &input(24), &ctx);
+    }
+
+    #[test]
+    fn rms_norm_gradients_and_known_values() {
+        let be = CpuBackend::new(1);
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        let mut rms = RmsNorm::new(&be, "rms", 6).unwrap();
+        rms.gamma.value = (0..6).map(|i| 0.5 + i as f32 * 0.2).collect();
+        check_layer(&be, &mut rms, &[4, 6], &input(24), &ctx);
+        // (3, 4): mean square 12.5, so y = gamma·x/sqrt(12.5 + eps).
+        let mut rms = RmsNorm::new(&be, "rms", 2).unwrap();
+        let y = rms.forward(&be, Tensor::from_slice(&be, &[1, 2], &[3., 4.]).unwrap(), &ctx).unwrap();
+        let r = (12.5f32 + 1e-5).sqrt();
+        assert!((y.buf[0] - 3.0 / r).abs() < 1e-6 && (y.buf[1] - 4.0 / r).abs() < 1e-6, "{:?}", y.buf);
     }
 
     #[test]
