@@ -137,7 +137,7 @@ struct SampleArgs {
     checkpoint: PathBuf,
     #[arg(long, default_value = "\n")]
     prompt: String,
-    /// Characters to generate.
+    /// Tokens to generate (characters for a character model).
     #[arg(long, default_value_t = 300)]
     tokens: usize,
     /// Softmax temperature; 0 picks the most likely character every time.

@@ -132,10 +132,36 @@ fn llama_trains_and_samples_the_same_text_with_and_without_the_kv_cache() {
     assert!(tensors.keys().all(|n| !n.ends_with(".bias") && !n.starts_with("pos_emb")), "{:?}", tensors.keys());
     assert!(tensors.contains_key("h0.mlp.gate.weight"));
     let long = |extra: &[&str]| {
-        run(bin().arg("sample").arg(&model).args(["--tokens", "200", "--seed", "3", "--prompt", "KING:"]).args(extra))
+        let args = ["--tokens", "200", "--seed", "3", "--prompt", "KING:"];
+        run(bin().env("RUST_LOG", "info").arg("sample").arg(&model).args(args).args(extra))
     };
     let (cached, full) = (long(&[]), long(&["--no-kv-cache"]));
     assert!(cached.status.success() && full.status.success(), "{}{}", stderr(&cached), stderr(&full));
     assert_eq!(String::from_utf8_lossy(&cached.stdout), String::from_utf8_lossy(&full.stdout));
     assert!(stderr(&cached).contains("KV cache on") && stderr(&full).contains("KV cache off"));
+}
+
+/// Byte-level BPE (T30): the merges are learned on the training split and saved in the
+/// model file, which `sample` and `eval` read back; the prompt may hold characters the
+/// training text never had.
+#[test]
+fn a_bpe_gpt_trains_saves_its_tokenizer_and_samples() {
+    let dir = temp_dir("bpe");
+    let sets = ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300"];
+    let out = run(bin()
+        .args(["train", "configs/shakespeare-gpt.toml", "--quiet", "--out"])
+        .arg(&dir)
+        .args(tiny_gpt())
+        .args(sets));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let model = dir.join("model.safetensors");
+    let meta = lockstep_nn::checkpoint::load_metadata(&model).unwrap();
+    assert!(meta.contains_key("lockstep.tokenizer") && !meta.contains_key("lockstep.vocab"), "{:?}", meta.keys());
+    let tensors = lockstep_nn::checkpoint::load_tensors(&model).unwrap();
+    assert_eq!(tensors["tok_emb.weight"].0, vec![300, 32], "vocabulary size");
+    let a = sample(&model, &["--prompt", "ROMEO§ 🦀"]);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(String::from_utf8(a.stdout).unwrap().starts_with("ROMEO§ 🦀"));
+    let eval = run(bin().arg("eval").arg(&model).arg("--json"));
+    assert!(eval.status.success(), "{}", stderr(&eval));
 }

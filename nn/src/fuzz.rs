@@ -17,8 +17,6 @@ pub fn checkpoint(data: &[u8]) {
         for key in ["lockstep.step", "lockstep.optimizer_step"] {
             let _ = meta.get(key).map(|v| v.parse::<u64>());
         }
-        if let Some(vocab) = meta.get("lockstep.vocab") {
-            let _ = crate::data::text::CharTokenizer::from_vocab_file(vocab, path);
-        }
+        let _ = crate::data::text::Tokenizer::from_metadata(&meta, path);
     }
 }

@@ -120,6 +120,19 @@ pub enum PositionalKind {
     Rope,
 }
 
+/// How text becomes tokens.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    #[default]
+    Char,
+    Bpe,
+}
+
+fn default_vocab_size() -> usize {
+    512
+}
+
 /// The normalisation inside GPT blocks (and the final one).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub enum BlockNorm {
@@ -402,6 +415,15 @@ pub struct DataSpec {
     /// Text: lower-case before tokenizing.
     #[serde(default)]
     pub lowercase: bool,
+    /// Text: "char" (one token per character) or "bpe" (byte-level BPE, T30).
+    #[serde(default)]
+    pub tokenizer: TokenizerKind,
+    /// Text, bpe: the vocabulary size its merges are learned to, on the training split.
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    /// Text, bpe: load this `tokenizer.json` (e.g. GPT-2's) instead of learning one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_file: Option<PathBuf>,
     /// Images: keep only these labels, renumbered 0.. in this order (a task on a subset of
     /// the classes, T37). Empty: all labels.
     #[serde(default)]

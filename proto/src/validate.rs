@@ -48,6 +48,10 @@ impl JobSpec {
         )?;
         check(self.data.val_fraction > 0.0 && self.data.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")?;
         check(self.data.stride > 0, "data.stride", "must be > 0")?;
+        if self.data.tokenizer == TokenizerKind::Bpe && self.data.tokenizer_file.is_none() {
+            let size = self.data.vocab_size;
+            check((257..=1 << 20).contains(&size), "data.vocab_size", "must be in 257..=1048576 (256 bytes + merges)")?;
+        }
         check((0.0..1.0).contains(&self.model.dropout), "model.dropout", "must be in [0, 1)")?;
         check(self.model.leaky_slope.is_finite(), "model.leaky_slope", "must be finite")?;
         check(self.model.swish_beta.is_finite(), "model.swish_beta", "must be finite")?;

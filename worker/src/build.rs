@@ -2,7 +2,7 @@
 
 use crate::{Result, WorkerError};
 use lockstep_kernels::{Activation, Backend};
-use lockstep_nn::data::text::CharTokenizer;
+use lockstep_nn::data::text::Tokenizer;
 use lockstep_nn::data::{load_idx_split, Dataset, Examples, Normalization, Normalizer};
 use lockstep_nn::init::{kaiming_normal, xavier_uniform};
 use lockstep_nn::layers::{Act, Dropout, Linear};
@@ -144,7 +144,7 @@ pub fn schedule(spec: &JobSpec, total_steps: u64) -> Schedule {
 pub struct LoadedData {
     pub train: Box<dyn Examples>,
     pub test: Box<dyn Examples>,
-    pub vocab: Option<CharTokenizer>,
+    pub vocab: Option<Tokenizer>,
 }
 
 pub fn load_data(spec: &JobSpec) -> Result<LoadedData> {

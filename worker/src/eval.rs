@@ -2,7 +2,7 @@
 //! is rebuilt from the job in its file's header and evaluated by the same
 //! [`Trainer::evaluate`] that training reports with, so the numbers are the summary's.
 
-use crate::model_file::{self, JOB_KEY, VOCAB_KEY};
+use crate::model_file::{self, JOB_KEY};
 use crate::{build, train_state, Result, Trainer, WorkerError};
 use lockstep_kernels::Backend;
 use lockstep_nn::checkpoint::load_metadata;
@@ -83,9 +83,10 @@ pub fn evaluate_model_file<B: Backend>(be: B, path: &Path, data: &EvalData) -> R
     let path = resolve_model_file(path)?;
     let spec = eval_spec(&path, data)?;
     let build::LoadedData { train, test, vocab } = build::load_data(&spec)?;
-    let file_vocab = load_metadata(&path)?.get(VOCAB_KEY).cloned();
+    let metadata = load_metadata(&path)?;
     if let Some(vocab) = &vocab {
-        if file_vocab.as_deref() != Some(vocab.to_vocab_file().as_str()) {
+        let (key, text) = vocab.to_metadata()?;
+        if metadata.get(key) != Some(&text) {
             return Err(WorkerError::Config(format!(
                 "{}: its vocabulary is not the one of {} (the model was trained on other text)",
                 path.display(),

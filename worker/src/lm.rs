@@ -2,7 +2,7 @@
 
 use crate::{Result, WorkerError};
 use lockstep_kernels::Backend;
-use lockstep_nn::data::text::{split_tokens, CharTokenizer, TextNormalization, TokenWindows};
+use lockstep_nn::data::text::{BpeTokenizer, CharTokenizer, TextNormalization, TokenWindows, Tokenizer};
 use lockstep_nn::data::Examples;
 use lockstep_nn::init::{normal, xavier_uniform};
 use lockstep_nn::layers::{
@@ -10,14 +10,18 @@ use lockstep_nn::layers::{
     NormOrder, PositionalEncoding, Recurrent, RmsNorm, TransformerBlock,
 };
 use lockstep_nn::{Layer, Sequential};
-use lockstep_proto::job::{BlockMlp, BlockNorm, CellKind, JobSpec, ModelSpec, NormOrderKind, PositionalKind};
+use lockstep_proto::job::{
+    BlockMlp, BlockNorm, CellKind, JobSpec, ModelSpec, NormOrderKind, PositionalKind, TokenizerKind,
+};
 
 /// GPT-2's init scale.
 const INIT_STD: f32 = 0.02;
 
-/// The tokenizer and the train / validation windows of a `text` dataset. The vocabulary is
-/// fitted on the whole (normalised) file so both splits encode; it is saved with the model.
-pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, CharTokenizer)> {
+/// The tokenizer and the train / validation windows of a `text` dataset. A character
+/// vocabulary is fitted on the whole (normalised) file so both splits encode; BPE merges
+/// are learned on the training split only (any text encodes at the byte level). The split
+/// is at the same character for both, and the tokenizer is saved with the model.
+pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, Tokenizer)> {
     let path = spec.data.dir.join(&spec.data.file);
     let raw =
         std::fs::read(&path).map_err(|source| WorkerError::Io { what: "data: reading", path: path.clone(), source })?;
@@ -29,12 +33,35 @@ pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, CharToke
         ))
     })?;
     let text = TextNormalization { half_width: spec.data.half_width, lowercase: spec.data.lowercase }.apply(&raw);
-    let tokenizer = CharTokenizer::fit(&text);
-    let ids = tokenizer.encode(&text)?;
-    let (train, val) = split_tokens(&ids, 1.0 - spec.data.val_fraction);
+    let chars = text.chars().count();
+    let cut = ((chars as f64) * (1.0 - spec.data.val_fraction)).round() as usize; // as `split_tokens`
+    let cut_byte = text.char_indices().nth(cut).map_or(text.len(), |(i, _)| i);
+    let (train_text, val_text) = text.split_at(cut_byte);
+    let tokenizer = match (spec.data.tokenizer, &spec.data.tokenizer_file) {
+        (TokenizerKind::Char, _) => Tokenizer::Char(CharTokenizer::fit(&text)),
+        (TokenizerKind::Bpe, Some(file)) => {
+            let json = std::fs::read_to_string(file).map_err(|source| WorkerError::Io {
+                what: "data.tokenizer_file: reading",
+                path: file.clone(),
+                source,
+            })?;
+            Tokenizer::Bpe(BpeTokenizer::from_json(&json, file)?)
+        }
+        (TokenizerKind::Bpe, None) => Tokenizer::Bpe(BpeTokenizer::train(train_text, spec.data.vocab_size)?),
+    };
+    let (train, val) = (tokenizer.encode(train_text)?, tokenizer.encode(val_text)?);
+    tracing::info!(
+        "text {}: {} characters; {} training / {} validation tokens ({:.3} / {:.3} characters per token)",
+        path.display(),
+        chars,
+        train.len(),
+        val.len(),
+        cut as f64 / train.len().max(1) as f64,
+        (chars - cut) as f64 / val.len().max(1) as f64,
+    );
     let context = spec.model.context;
-    let mut train = TokenWindows::full(train.to_vec(), tokenizer.vocab_size(), context, spec.data.stride);
-    let mut val = TokenWindows::tiled(val.to_vec(), tokenizer.vocab_size(), context);
+    let mut train = TokenWindows::full(train, tokenizer.vocab_size(), context, spec.data.stride);
+    let mut val = TokenWindows::tiled(val, tokenizer.vocab_size(), context);
     // Limits count windows, as for images they count examples.
     if spec.data.train_limit > 0 {
         train.tokens.truncate(spec.data.train_limit * spec.data.stride + context);
@@ -50,14 +77,6 @@ pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, CharToke
             val.tokens.len()
         )));
     }
-    tracing::info!(
-        "text {}: {} characters, vocabulary {}, {} train / {} validation tokens",
-        path.display(),
-        ids.len(),
-        tokenizer.vocab_size(),
-        train.tokens.len(),
-        val.tokens.len()
-    );
     Ok((train, val, tokenizer))
 }
 

@@ -5,14 +5,13 @@
 use crate::{build, Result, Trainer, WorkerError};
 use lockstep_kernels::Backend;
 use lockstep_nn::checkpoint::{load_all, load_into, load_metadata, serialize, write_atomic};
-use lockstep_nn::data::text::CharTokenizer;
+use lockstep_nn::data::text::Tokenizer;
 use lockstep_nn::Sequential;
 use lockstep_proto::JobSpec;
 use std::collections::HashMap;
 use std::path::Path;
 
 pub(crate) const JOB_KEY: &str = "lockstep.job";
-pub(crate) const VOCAB_KEY: &str = "lockstep.vocab";
 
 /// Writes the weights `trainer` evaluates with (the EMA's when `train.eval_ema`), its
 /// buffers (BatchNorm statistics, f64), job and vocabulary to `path` (atomically).
@@ -20,7 +19,8 @@ pub fn save_model<B: Backend>(trainer: &Trainer<B>, path: &Path) -> Result<()> {
     let be = &trainer.be;
     let mut metadata = HashMap::from([(JOB_KEY.to_string(), trainer.spec.to_toml())]);
     if let Some(vocab) = &trainer.vocab {
-        metadata.insert(VOCAB_KEY.to_string(), vocab.to_vocab_file());
+        let (key, text) = vocab.to_metadata()?;
+        metadata.insert(key.to_string(), text);
     }
     let params = trainer.model.params();
     let values: Vec<Vec<f32>> = match (&trainer.ema, trainer.spec.train.eval_ema) {
@@ -62,7 +62,7 @@ pub fn load_weights<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> Result
 pub struct LoadedModel<B: Backend> {
     pub spec: JobSpec,
     pub model: Sequential<B>,
-    pub vocab: Option<CharTokenizer>,
+    pub vocab: Option<Tokenizer>,
 }
 
 /// Rebuilds the language model saved at `path` and loads its weights.
@@ -80,10 +80,7 @@ pub fn load_model_for<B: Backend>(be: &B, path: &Path, data: Option<(usize, usiz
     };
     let job = metadata.get(JOB_KEY).ok_or_else(|| missing(JOB_KEY))?;
     let spec = JobSpec::parse(job, path, &[])?;
-    let vocab = match metadata.get(VOCAB_KEY) {
-        Some(text) => Some(CharTokenizer::from_vocab_file(text, path)?),
-        None => None,
-    };
+    let vocab = Tokenizer::from_metadata(&metadata, path)?;
     let (features, classes) = match (&vocab, data) {
         (Some(v), _) => (spec.model.context, v.vocab_size()),
         (None, Some(sizes)) => sizes,

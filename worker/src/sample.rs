@@ -50,7 +50,7 @@ pub fn pick(logits: &[f32], opts: &SampleOptions, stream: &mut Stream) -> u32 {
     kept[k - 1]
 }
 
-/// Continues `prompt` by `opts.tokens` characters, calling `emit` with each new one.
+/// Continues `prompt` by `opts.tokens` tokens, calling `emit` with each new character.
 pub fn generate<B: Backend>(
     be: &B,
     loaded: &mut LoadedModel<B>,
@@ -67,6 +67,7 @@ pub fn generate<B: Backend>(
     let kv_cache = opts.kv_cache && loaded.spec.model.kind == ModelKind::Gpt;
     let mut start = ids.len().saturating_sub(context); // the window is ids[start..]
     let mut cached = 0; // positions of the window the KV cache holds
+    let mut pending = Vec::new(); // tokens not yet printed
     let mut out = String::new();
     for position in 0..opts.tokens {
         if ids.len() - start > context {
@@ -86,9 +87,15 @@ pub fn generate<B: Backend>(
         let mut stream = Stream::new(opts.seed, "sample", &[position as u64]);
         let next = pick(last, opts, &mut stream);
         ids.push(next);
-        let c = vocab.decode(&[next]);
-        out.push_str(&c);
-        c.chars().for_each(&mut *emit);
+        pending.push(next);
+        let text = vocab.decode(&pending);
+        // A byte-level token may end inside a character: wait for the rest of it (at most
+        // 4 bytes, so 4 tokens), then emit the whole character.
+        if !text.ends_with('\u{FFFD}') || pending.len() >= 4 || position + 1 == opts.tokens {
+            out.push_str(&text);
+            text.chars().for_each(&mut *emit);
+            pending.clear();
+        }
     }
     Ok(out)
 }
@@ -123,7 +130,7 @@ mod tests {
     #[test]
     fn kv_cache_samples_the_same_text() {
         use lockstep_kernels::CpuBackend;
-        use lockstep_nn::data::text::CharTokenizer;
+        use lockstep_nn::data::text::{CharTokenizer, Tokenizer};
         use lockstep_proto::job::JobSpec;
         let be = CpuBackend::new(1);
         let llama = "positional = 'rope'\nnorm = 'rmsnorm'\nmlp = 'swiglu'\nbias = false\n";
@@ -133,7 +140,7 @@ mod tests {
                  [data]\nkind = 'text'\ndir = '.'\n[train]\nepochs = 1\nbatch_size = 2\n[optim]\nkind = 'adamw'\nlr = 0.01\n"
             );
             let spec = JobSpec::parse(&job, std::path::Path::new("t.toml"), &[]).unwrap();
-            let vocab = CharTokenizer::fit("abcdefghij \n");
+            let vocab = Tokenizer::Char(CharTokenizer::fit("abcdefghij \n"));
             let model = crate::lm::build_gpt(&be, &spec, vocab.vocab_size()).unwrap();
             let mut loaded = LoadedModel { spec, model, vocab: Some(vocab) };
             let mut sample = |kv_cache| {

@@ -25,7 +25,6 @@ pub use crate::checkpoint_dir::{checkpoint_path, list_checkpoints, stage_checkpo
 pub(crate) const STEP_KEY: &str = "lockstep.step";
 const OPTIMIZER_STEP_KEY: &str = "lockstep.optimizer_step";
 const JOB_KEY: &str = "lockstep.job";
-const VOCAB_KEY: &str = "lockstep.vocab";
 const EMA_UPDATES_KEY: &str = "lockstep.ema_updates";
 const LOSS_SCALE_KEY: &str = "lockstep.loss_scale";
 const LOSS_SCALE_GOOD_STEPS_KEY: &str = "lockstep.loss_scale_good_steps";
@@ -90,7 +89,8 @@ pub fn save_checkpoint_with_state<B: Backend>(
         (OPTIMIZER_STEP_KEY.to_string(), trainer.optimizer.step.to_string()),
     ]);
     if let Some(vocab) = &trainer.vocab {
-        metadata.insert(VOCAB_KEY.to_string(), vocab.to_vocab_file());
+        let (key, text) = vocab.to_metadata()?;
+        metadata.insert(key.to_string(), text);
     }
     if let Some(ema) = &trainer.ema {
         for (p, v) in params.iter().zip(&ema.shadow) {

@@ -9,7 +9,7 @@ use crate::{build, Result};
 use lockstep_kernels::IGNORE_TARGET;
 use lockstep_kernels::{Backend, MatmulPrecision};
 use lockstep_nn::data::augment::Augment;
-use lockstep_nn::data::text::CharTokenizer;
+use lockstep_nn::data::text::Tokenizer;
 use lockstep_nn::data::Examples;
 use lockstep_nn::layers::StatSyncHandle;
 use lockstep_nn::loss::{distillation_loss, softmax_cross_entropy};
@@ -182,7 +182,7 @@ pub struct Trainer<B: Backend> {
     /// Shape of one input example ([F], [H, W, C] or [T] token ids).
     pub input_shape: Vec<usize>,
     /// The tokenizer of a language model's text, saved with its weights.
-    pub vocab: Option<CharTokenizer>,
+    pub vocab: Option<Tokenizer>,
     /// Per-class loss weights (T28).
     pub class_weights: Option<Vec<f32>>,
     /// Dynamic loss scaling (T25, fp16).
@@ -259,7 +259,7 @@ impl<B: Backend> Trainer<B> {
         be: B,
         spec: &JobSpec,
         train: &dyn Examples,
-        vocab: Option<CharTokenizer>,
+        vocab: Option<Tokenizer>,
         total_steps: u64,
     ) -> Result<Self> {
         let mut trainer = Self::new(be, spec, train.features(), train.classes(), total_steps)?;

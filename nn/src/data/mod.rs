@@ -1,6 +1,7 @@
 //! Data: IDX files, in-memory datasets, normalisation (T26) and the epoch sampler (T31).
 
 pub mod augment;
+pub mod bpe;
 pub mod idx;
 pub mod imbalance;
 pub mod normalize;

@@ -1,11 +1,11 @@
-//! Text for character-level language models (T30): optional normalisation steps, a
-//! character tokenizer whose vocabulary is saved with the model, and the train/validation
-//! split by position.
+//! Text for language models (T30): optional normalisation steps, a character or byte-level
+//! BPE tokenizer saved with the model, and the train/validation split by position.
 
+pub use super::bpe::BpeTokenizer;
 use super::{Batch, Examples};
 use crate::{NnError, Result};
 use lockstep_kernels::IGNORE_TARGET;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 /// Optional preprocessing applied before tokenising.
@@ -98,6 +98,52 @@ impl CharTokenizer {
             });
         }
         Ok(Self { chars })
+    }
+}
+
+/// Model-file header keys: a character vocabulary, or a BPE `tokenizer.json`.
+pub const VOCAB_KEY: &str = "lockstep.vocab";
+pub const TOKENIZER_KEY: &str = "lockstep.tokenizer";
+
+/// A language model's tokenizer, saved in its model file's header.
+#[derive(Debug, Clone)]
+pub enum Tokenizer {
+    Char(CharTokenizer),
+    Bpe(BpeTokenizer),
+}
+
+impl Tokenizer {
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Char(t) => t.vocab_size(),
+            Tokenizer::Bpe(t) => t.vocab_size(),
+        }
+    }
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Char(t) => t.encode(text),
+            Tokenizer::Bpe(t) => t.encode(text),
+        }
+    }
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match self {
+            Tokenizer::Char(t) => t.decode(ids),
+            Tokenizer::Bpe(t) => t.decode(ids),
+        }
+    }
+    /// The header key and text that save it.
+    pub fn to_metadata(&self) -> Result<(&'static str, String)> {
+        Ok(match self {
+            Tokenizer::Char(t) => (VOCAB_KEY, t.to_vocab_file()),
+            Tokenizer::Bpe(t) => (TOKENIZER_KEY, t.to_json()?),
+        })
+    }
+    /// The tokenizer saved in a header, if any (`path` names the file in errors).
+    pub fn from_metadata(metadata: &HashMap<String, String>, path: &Path) -> Result<Option<Self>> {
+        if let Some(json) = metadata.get(TOKENIZER_KEY) {
+            return Ok(Some(Tokenizer::Bpe(BpeTokenizer::from_json(json, path)?)));
+        }
+        metadata.get(VOCAB_KEY).map(|v| Ok(Tokenizer::Char(CharTokenizer::from_vocab_file(v, path)?))).transpose()
     }
 }
 
