@@ -205,7 +205,8 @@ fn bench_model<B: Backend>(
     // Forward + backward ≈ 3 × forward FLOPs (the model's own count, attention included).
     let model_flops_per_step = 3.0 * trainer.model.flops_per_example() as f64 * batch as f64;
     let gemm_flops_per_step: f64 = shapes.iter().map(|&(m, k, n)| 3.0 * 2.0 * (m * k * n) as f64).sum();
-    let (mut gemm_secs, mut step_secs) = (Vec::new(), Vec::new());
+    let (mut gemm_secs, mut step_secs, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
+    let threads = rayon::current_num_threads();
     // Interleave rounds of both so machine noise hits them alike.
     let rounds = 5;
     for _ in 0..rounds {
@@ -215,12 +216,15 @@ fn bench_model<B: Backend>(
         }
         step_secs.push(t.elapsed().as_secs_f64() / (steps / rounds) as f64);
         gemm_secs.push(time_raw_gemms(&trainer.be, shapes, steps / rounds)?);
+        peaks.push(lockstep_kernels::peak::peak_flops(threads));
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
     let (step_s, gemm_s) = (median(&mut step_secs), median(&mut gemm_secs));
+    let isa = peaks[0].1;
+    let peak = median(&mut peaks.iter().map(|p| p.0).collect());
     let achieved = model_flops_per_step / step_s;
     let raw = gemm_flops_per_step / gemm_s;
     println!("{title}, {device_name}, {steps} steps");
@@ -232,6 +236,18 @@ fn bench_model<B: Backend>(
     println!("  training step   {:8.3} ms   {rate}   {:6.1} GFLOP/s", step_s * 1e3, achieved / 1e9);
     println!("  raw gemm (ref)  {:8.3} ms                        {:6.1} GFLOP/s", gemm_s * 1e3, raw / 1e9);
     println!("  ratio achieved/raw gemm FLOP/s: {:.3}", achieved / raw);
+    // The machine's own limit, measured in the same rounds (an FMA loop on the widest
+    // vectors, every thread): a CPU peak for the CPU backend.
+    if device_name.starts_with("cpu") {
+        let share = |flops: f64| 100.0 * flops / peak;
+        println!(
+            "  machine peak    {:6.1} GFLOP/s (FMA loop, {threads} threads, {}): step {:.1}%, raw gemm {:.1}% of peak",
+            peak / 1e9,
+            isa.name(),
+            share(achieved),
+            share(raw)
+        );
+    }
     // The raw GEMMs are exactly the step's: the rest of the step is everything else
     // (attention's loops, norms, activations, the optimizer, allocation).
     let outside = (step_s - gemm_s).max(0.0);

@@ -12,6 +12,7 @@ mod error;
 pub mod fast_math;
 pub mod isa;
 pub mod norm;
+pub mod peak;
 pub mod recurrent;
 pub mod rotary;
 pub mod skinny;
