@@ -7,7 +7,7 @@ use lockstep_nn::data::Examples;
 use lockstep_nn::init::{normal, xavier_uniform};
 use lockstep_nn::layers::{
     AttentionConfig, BlockConfig, BlockWeights, Cell, Dropout, Embedding, LayerNorm, Linear, MlpKind, NormKind,
-    NormOrder, PositionalEncoding, Recurrent, RmsNorm, TransformerBlock,
+    NormOrder, PositionalEncoding, Recurrent, TransformerBlock,
 };
 use lockstep_nn::{Layer, Sequential};
 use lockstep_proto::job::{
@@ -116,7 +116,7 @@ pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Result<Seq
         // Post-LN blocks already end normalised.
         layers.push(match config.norm {
             NormKind::LayerNorm => Box::new(LayerNorm::new(be, "ln_f", d)?),
-            NormKind::RmsNorm => Box::new(RmsNorm::new(be, "ln_f", d)?),
+            NormKind::RmsNorm => Box::new(LayerNorm::rms(be, "ln_f", d)?),
         });
     }
     let head = normal(seed, "head.weight", vocab * d, INIT_STD);

@@ -29,7 +29,7 @@ pub use layout::FileLayout;
 pub use linear::Linear;
 pub use lora::LoraLinear;
 pub use mlp::{GeluMlp, SwiGlu};
-pub use norm::{BatchNorm, LayerNorm, RmsNorm};
+pub use norm::{BatchNorm, LayerNorm};
 pub use pool::{Flatten, Pool2d, PoolKind};
 pub use recurrent::{Cell, Recurrent};
 pub use transformer::{BlockConfig, BlockWeights, MlpKind, NormKind, NormOrder, TransformerBlock};

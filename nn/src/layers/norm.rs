@@ -3,25 +3,35 @@ use crate::{shape_err, Result, Tensor};
 use lockstep_kernels::Backend;
 
 /// LayerNorm over the last dimension (T11): each example (or position) is normalised over
-/// its features, then scaled by gamma and shifted by beta.
+/// its features, then scaled by gamma and shifted by beta. Without beta it is RMSNorm
+/// (Zhang & Sennrich 2019; LLaMA): y = gamma·x/rms(x), rms(x) = sqrt(mean(x²) + eps), no
+/// centring; cheaper, and in LLaMA-style blocks as good.
 pub struct LayerNorm<B: Backend> {
     name: String,
     pub features: usize,
     pub eps: f32,
     pub gamma: Param<B>,
-    pub beta: Param<B>,
-    /// x̂ (rows, features) and 1/sqrt(var + eps) (rows).
+    /// None: RMSNorm.
+    pub beta: Option<Param<B>>,
+    /// x̂ (rows, features), 1/sqrt(var + eps) or 1/rms (rows), and the input's shape.
     xhat_rstd_cache: Option<(B::Buf, B::Buf, Vec<usize>)>,
 }
 
 impl<B: Backend> LayerNorm<B> {
     pub fn new(be: &B, name: &str, features: usize) -> Result<Self> {
+        let mut norm = Self::rms(be, name, features)?;
+        norm.beta = Some(Param::new(be, format!("{name}.bias"), &[features], &vec![0.0; features], false)?);
+        Ok(norm)
+    }
+
+    /// RMSNorm: no centring, no beta.
+    pub fn rms(be: &B, name: &str, features: usize) -> Result<Self> {
         Ok(Self {
             name: name.to_string(),
             features,
             eps: 1e-5,
             gamma: Param::new(be, format!("{name}.weight"), &[features], &vec![1.0; features], false)?,
-            beta: Param::new(be, format!("{name}.bias"), &[features], &vec![0.0; features], false)?,
+            beta: None,
             xhat_rstd_cache: None,
         })
     }
@@ -39,92 +49,15 @@ impl<B: Backend> Layer<B> for LayerNorm<B> {
                 format!("{}: input {:?}, expected last dim {}", self.name, x.shape, self.features),
             );
         }
-        let mut y = Tensor::zeros(be, &x.shape)?;
-        let (mut xhat, mut rstd) = (be.zeros(rows * cols)?, be.zeros(rows)?);
-        be.layer_norm_forward(
-            &x.buf,
-            &self.gamma.value,
-            &self.beta.value,
-            rows,
-            cols,
-            self.eps,
-            &mut y.buf,
-            &mut xhat,
-            &mut rstd,
-        )?;
-        if ctx.train {
-            self.xhat_rstd_cache = Some((xhat, rstd, x.shape.clone()));
-        }
-        Ok(y)
-    }
-    fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
-        let (xhat, rstd, shape) = cached(&mut self.xhat_rstd_cache, &self.name)?;
-        let cols = self.features;
-        let rows = dy.numel() / cols;
-        let mut dx = Tensor::zeros(be, &shape)?;
-        be.layer_norm_backward(
-            &dy.buf,
-            &xhat,
-            &rstd,
-            &self.gamma.value,
-            rows,
-            cols,
-            &mut dx.buf,
-            &mut self.gamma.grad,
-            &mut self.beta.grad,
-        )?;
-        Ok(dx)
-    }
-    fn params(&self) -> Vec<&Param<B>> {
-        vec![&self.gamma, &self.beta]
-    }
-    fn params_mut(&mut self) -> Vec<&mut Param<B>> {
-        vec![&mut self.gamma, &mut self.beta]
-    }
-    fn flops_per_example(&self) -> u64 {
-        8 * self.features as u64
-    }
-}
-
-/// RMSNorm over the last dimension (Zhang & Sennrich 2019; LLaMA): y = gamma·x/rms(x) with
-/// rms(x) = sqrt(mean(x²) + eps). No centring and no beta: cheaper than LayerNorm, and in
-/// LLaMA-style blocks as good.
-pub struct RmsNorm<B: Backend> {
-    name: String,
-    pub features: usize,
-    pub eps: f32,
-    pub gamma: Param<B>,
-    /// x̂ (rows, features), 1/rms (rows) and the input's shape.
-    xhat_rstd_cache: Option<(B::Buf, B::Buf, Vec<usize>)>,
-}
-
-impl<B: Backend> RmsNorm<B> {
-    pub fn new(be: &B, name: &str, features: usize) -> Result<Self> {
-        Ok(Self {
-            name: name.to_string(),
-            features,
-            eps: 1e-5,
-            gamma: Param::new(be, format!("{name}.weight"), &[features], &vec![1.0; features], false)?,
-            xhat_rstd_cache: None,
-        })
-    }
-}
-
-impl<B: Backend> Layer<B> for RmsNorm<B> {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
-        let (rows, cols) = x.rows_cols();
-        if cols != self.features {
-            return shape_err(
-                "RmsNorm::forward",
-                format!("{}: input {:?}, expected last dim {}", self.name, x.shape, self.features),
-            );
-        }
         let mut y = Tensor::zeros(be, &x.shape)?; // (rows, D)
         let (mut xhat, mut rstd) = (be.zeros(rows * cols)?, be.zeros(rows)?);
-        be.rms_norm_forward(&x.buf, &self.gamma.value, rows, cols, self.eps, &mut y.buf, &mut xhat, &mut rstd)?;
+        let (gamma, eps) = (&self.gamma.value, self.eps);
+        match &self.beta {
+            Some(beta) => {
+                be.layer_norm_forward(&x.buf, gamma, &beta.value, rows, cols, eps, &mut y.buf, &mut xhat, &mut rstd)?
+            }
+            None => be.rms_norm_forward(&x.buf, gamma, rows, cols, eps, &mut y.buf, &mut xhat, &mut rstd)?,
+        }
         if ctx.train {
             self.xhat_rstd_cache = Some((xhat, rstd, x.shape.clone()));
         }
@@ -135,17 +68,24 @@ impl<B: Backend> Layer<B> for RmsNorm<B> {
         let cols = self.features;
         let rows = dy.numel() / cols;
         let mut dx = Tensor::zeros(be, &shape)?;
-        be.rms_norm_backward(&dy.buf, &xhat, &rstd, &self.gamma.value, rows, cols, &mut dx.buf, &mut self.gamma.grad)?;
+        let (gamma, dgamma) = (&self.gamma.value, &mut self.gamma.grad);
+        match &mut self.beta {
+            Some(beta) => {
+                be.layer_norm_backward(&dy.buf, &xhat, &rstd, gamma, rows, cols, &mut dx.buf, dgamma, &mut beta.grad)?
+            }
+            None => be.rms_norm_backward(&dy.buf, &xhat, &rstd, gamma, rows, cols, &mut dx.buf, dgamma)?,
+        }
         Ok(dx)
     }
     fn params(&self) -> Vec<&Param<B>> {
-        vec![&self.gamma]
+        std::iter::once(&self.gamma).chain(&self.beta).collect()
     }
     fn params_mut(&mut self) -> Vec<&mut Param<B>> {
-        vec![&mut self.gamma]
+        std::iter::once(&mut self.gamma).chain(&mut self.beta).collect()
     }
     fn flops_per_example(&self) -> u64 {
-        4 * self.features as u64
+        let per_feature = if self.beta.is_some() { 8 } else { 4 };
+        per_feature * self.features as u64
     }
 }
 
@@ -421,7 +361,7 @@ mod tests {
 #[cfg(test)]
 mod gradient_tests {
     use crate::gradcheck::{check_layer, test_input as input};
-    use crate::layers::{BatchNorm, LayerNorm, RmsNorm};
+    use crate::layers::{BatchNorm, LayerNorm};
 
     use crate::{ForwardCtx, Layer, Tensor};
     use lockstep_kernels::CpuBackend;
@@ -432,7 +372,7 @@ mod gradient_tests {
         let ctx = ForwardCtx { train: true, ..Default::default() };
         let mut ln = LayerNorm::new(&be, "ln", 6).unwrap();
         ln.gamma.value = (0..6).map(|i| 0.5 + i as f32 * 0.2).collect();
-        ln.beta.value = (0..6).map(|i| i as f32 * 0.1).collect();
+        ln.beta.as_mut().unwrap().value = (0..6).map(|i| i as f32 * 0.1).collect();
         check_layer(&be, &mut ln, &[4, 6], &input(24), &ctx);
         let mut bn = BatchNorm::new(&be, "bn", 3).unwrap();
         bn.gamma.value = vec![0.7, 1.3, -0.4];
@@ -444,11 +384,11 @@ mod gradient_tests {
     fn rms_norm_gradients_and_known_values() {
         let be = CpuBackend::new(1);
         let ctx = ForwardCtx { train: true, ..Default::default() };
-        let mut rms = RmsNorm::new(&be, "rms", 6).unwrap();
+        let mut rms = LayerNorm::rms(&be, "rms", 6).unwrap();
         rms.gamma.value = (0..6).map(|i| 0.5 + i as f32 * 0.2).collect();
         check_layer(&be, &mut rms, &[4, 6], &input(24), &ctx);
         // (3, 4): mean square 12.5, so y = gamma·x/sqrt(12.5 + eps).
-        let mut rms = RmsNorm::new(&be, "rms", 2).unwrap();
+        let mut rms = LayerNorm::rms(&be, "rms", 2).unwrap();
         let y = rms.forward(&be, Tensor::from_slice(&be, &[1, 2], &[3., 4.]).unwrap(), &ctx).unwrap();
         let r = (12.5f32 + 1e-5).sqrt();
         assert!((y.buf[0] - 3.0 / r).abs() < 1e-6 && (y.buf[1] - 4.0 / r).abs() < 1e-6, "{:?}", y.buf);

@@ -1,4 +1,4 @@
-use super::{AttentionConfig, ForwardCtx, GeluMlp, Layer, LayerNorm, MultiHeadAttention, Param, RmsNorm, SwiGlu};
+use super::{AttentionConfig, ForwardCtx, GeluMlp, Layer, LayerNorm, MultiHeadAttention, Param, SwiGlu};
 use crate::{ops, Result, Tensor};
 use lockstep_kernels::Backend;
 
@@ -75,7 +75,7 @@ impl<B: Backend> TransformerBlock<B> {
             let name = format!("{name}.{part}");
             Ok(match config.norm {
                 NormKind::LayerNorm => Box::new(LayerNorm::new(be, &name, d)?),
-                NormKind::RmsNorm => Box::new(RmsNorm::new(be, &name, d)?),
+                NormKind::RmsNorm => Box::new(LayerNorm::rms(be, &name, d)?),
             })
         };
         let mlp: Box<dyn Layer<B>> = match config.mlp {
