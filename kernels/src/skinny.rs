@@ -75,8 +75,11 @@ fn tiled<const MB: usize, const NB: usize>(
     edge(a, b, c, (k, n), mb..m, 0..n, accumulate);
 }
 
-/// The outputs a block kernel leaves: `rows` × `cols` of c (m×n) = a (m×k) · bᵀ, by plain
-/// dot products; `ks` is (k, n).
+/// The outputs a block kernel leaves: `rows` × `cols` of c (m×n) = a (m×k) · bᵀ, by dot
+/// products in 16 fixed lanes; `ks` is (k, n). Inlined into each ISA's kernel, so the
+/// lanes become that ISA's vectors; with one row of a (decoding a token) every output is
+/// here, and a single running sum ran scalar at a twentieth of the speed.
+#[inline(always)]
 fn edge(
     a: &[f32],
     b: &[f32],
@@ -89,11 +92,26 @@ fn edge(
     let (k, n) = ks;
     for i in rows {
         for j in cols.clone() {
-            let dot: f32 = a[i * k..][..k].iter().zip(&b[j * k..][..k]).map(|(x, y)| x * y).sum();
+            let dot = dot_lanes(&a[i * k..][..k], &b[j * k..][..k]);
             let out = &mut c[i * n + j];
             *out = if accumulate { *out + dot } else { dot };
         }
     }
+}
+
+/// Σ x·y in 16 independent lanes, then the tail, then the lanes in order: a fixed order
+/// (the same bits on every ISA) that the compiler turns into vectors.
+#[inline(always)]
+fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (x16, y16) = (x.chunks_exact(16), y.chunks_exact(16));
+    let tail: f32 = x16.remainder().iter().zip(y16.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in x16.zip(y16) {
+        for l in 0..16 {
+            lanes[l] += a[l] * b[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]
