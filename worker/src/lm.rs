@@ -2,7 +2,7 @@
 
 use crate::{Result, WorkerError};
 use lockstep_kernels::Backend;
-use lockstep_nn::data::text::{BpeTokenizer, CharTokenizer, TextNormalization, TokenWindows, Tokenizer};
+use lockstep_nn::data::text::{split_text, BpeTokenizer, CharTokenizer, TextNormalization, TokenWindows, Tokenizer};
 use lockstep_nn::data::Examples;
 use lockstep_nn::init::{normal, xavier_uniform};
 use lockstep_nn::layers::{
@@ -33,10 +33,8 @@ pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, Tokenize
         ))
     })?;
     let text = TextNormalization { half_width: spec.data.half_width, lowercase: spec.data.lowercase }.apply(&raw);
-    let chars = text.chars().count();
-    let cut = ((chars as f64) * (1.0 - spec.data.val_fraction)).round() as usize; // as `split_tokens`
-    let cut_byte = text.char_indices().nth(cut).map_or(text.len(), |(i, _)| i);
-    let (train_text, val_text) = text.split_at(cut_byte);
+    let (train_text, val_text) = split_text(&text, 1.0 - spec.data.val_fraction);
+    let (train_chars, val_chars) = (train_text.chars().count(), val_text.chars().count());
     let tokenizer = match (spec.data.tokenizer, &spec.data.tokenizer_file) {
         (TokenizerKind::Char, _) => Tokenizer::Char(CharTokenizer::fit(&text)),
         (TokenizerKind::Bpe, Some(file)) => {
@@ -53,11 +51,11 @@ pub fn load_text(spec: &JobSpec) -> Result<(TokenWindows, TokenWindows, Tokenize
     tracing::info!(
         "text {}: {} characters; {} training / {} validation tokens ({:.3} / {:.3} characters per token)",
         path.display(),
-        chars,
+        train_chars + val_chars,
         train.len(),
         val.len(),
-        cut as f64 / train.len().max(1) as f64,
-        (chars - cut) as f64 / val.len().max(1) as f64,
+        train_chars as f64 / train.len().max(1) as f64,
+        val_chars as f64 / val.len().max(1) as f64,
     );
     let context = spec.model.context;
     let mut train = TokenWindows::full(train, tokenizer.vocab_size(), context, spec.data.stride);
@@ -120,10 +118,7 @@ pub fn build_gpt<B: Backend>(be: &B, spec: &JobSpec, vocab: usize) -> Result<Seq
         });
     }
     let head = normal(seed, "head.weight", vocab * d, INIT_STD);
-    layers.push(Box::new(match m.bias {
-        true => Linear::new(be, "head", d, vocab, &head)?,
-        false => Linear::without_bias(be, "head", d, vocab, &head)?,
-    }));
+    layers.push(Box::new(Linear::with_bias(be, "head", d, vocab, &head, m.bias)?));
     Ok(Sequential::new(layers))
 }
 

@@ -171,10 +171,11 @@ fn unescape(s: &str) -> Option<char> {
     it.next().is_none().then_some(c)
 }
 
-/// The first `train_fraction` of the tokens for training, the rest for validation.
-pub fn split_tokens(tokens: &[u32], train_fraction: f64) -> (&[u32], &[u32]) {
-    let cut = ((tokens.len() as f64) * train_fraction).round() as usize;
-    tokens.split_at(cut.min(tokens.len()))
+/// The first `train_fraction` of the characters for training, the rest for validation
+/// (cut at a character, so every tokenizer splits the text at the same place).
+pub fn split_text(text: &str, train_fraction: f64) -> (&str, &str) {
+    let cut = ((text.chars().count() as f64) * train_fraction).round() as usize;
+    text.split_at(text.char_indices().nth(cut).map_or(text.len(), |(i, _)| i))
 }
 
 /// Next-token examples cut from a token stream: window i starts at `i · stride`, its input
@@ -294,9 +295,9 @@ mod tests {
         let ids = tok.encode(&text).unwrap();
         assert_eq!(ids.len(), 1_115_394);
         assert_eq!(tok.decode(&ids[..14]), "First Citizen:");
-        let (train, val) = split_tokens(&ids, 0.9);
-        assert_eq!(train.len(), 1_003_855);
-        assert_eq!(train.len() + val.len(), ids.len());
+        let (train, val) = split_text(&text, 0.9);
+        assert_eq!(train.chars().count(), 1_003_855);
+        assert_eq!(train.len() + val.len(), text.len());
     }
 
     #[test]

@@ -66,7 +66,6 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// `w_qkv` is (3D, D), `w_out` (D, D), both row-major as in `Linear`.
     pub fn new(be: &B, name: &str, config: AttentionConfig, w_qkv: &[f32], w_out: &[f32]) -> Result<Self> {
         let AttentionConfig { dim, heads, causal, max_len, rope, bias } = config;
-        let linear = if bias { Linear::new } else { Linear::without_bias };
         Ok(Self {
             name: name.to_string(),
             dim,
@@ -74,8 +73,8 @@ impl<B: Backend> MultiHeadAttention<B> {
             causal,
             max_len,
             rope,
-            qkv: linear(be, &format!("{name}.qkv"), dim, 3 * dim, w_qkv)?,
-            out: linear(be, &format!("{name}.out"), dim, dim, w_out)?,
+            qkv: Linear::with_bias(be, &format!("{name}.qkv"), dim, 3 * dim, w_qkv, bias)?,
+            out: Linear::with_bias(be, &format!("{name}.out"), dim, dim, w_out, bias)?,
             cache: None,
             kv_cache: None,
         })

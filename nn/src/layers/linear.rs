@@ -27,6 +27,14 @@ impl<B: Backend> Linear<B> {
         Ok(layer)
     }
 
+    /// `new` or `without_bias`, as `bias` says.
+    pub fn with_bias(be: &B, name: &str, inputs: usize, outputs: usize, weight: &[f32], bias: bool) -> Result<Self> {
+        match bias {
+            true => Self::new(be, name, inputs, outputs, weight),
+            false => Self::without_bias(be, name, inputs, outputs, weight),
+        }
+    }
+
     /// y = x·Wᵀ: no bias parameter at all (nothing to store, decay or all-reduce).
     pub fn without_bias(be: &B, name: &str, in_features: usize, out_features: usize, weight: &[f32]) -> Result<Self> {
         Ok(Self {

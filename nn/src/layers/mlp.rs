@@ -2,14 +2,6 @@ use super::{cached, Act, ForwardCtx, Layer, Linear, Param};
 use crate::{ops, Result, Tensor};
 use lockstep_kernels::{Activation, Backend};
 
-/// A linear layer with or without a bias.
-fn linear<B: Backend>(be: &B, name: &str, inputs: usize, outputs: usize, w: &[f32], bias: bool) -> Result<Linear<B>> {
-    match bias {
-        true => Linear::new(be, name, inputs, outputs, w),
-        false => Linear::without_bias(be, name, inputs, outputs, w),
-    }
-}
-
 /// GPT-2's MLP on (…, D): fc2(GELU(fc1(x))), D → H → D (H = 4D in GPT-2).
 pub struct GeluMlp<B: Backend> {
     name: String,
@@ -23,9 +15,9 @@ impl<B: Backend> GeluMlp<B> {
     pub fn new(be: &B, name: &str, dim: usize, hidden: usize, fc1: &[f32], fc2: &[f32], bias: bool) -> Result<Self> {
         Ok(Self {
             name: name.to_string(),
-            fc1: linear(be, &format!("{name}.fc1"), dim, hidden, fc1, bias)?,
+            fc1: Linear::with_bias(be, &format!("{name}.fc1"), dim, hidden, fc1, bias)?,
             act: Act::new(&format!("{name}.gelu"), Activation::Gelu, hidden),
-            fc2: linear(be, &format!("{name}.fc2"), hidden, dim, fc2, bias)?,
+            fc2: Linear::with_bias(be, &format!("{name}.fc2"), hidden, dim, fc2, bias)?,
         })
     }
 }
@@ -87,10 +79,10 @@ impl<B: Backend> SwiGlu<B> {
     ) -> Result<Self> {
         Ok(Self {
             name: name.to_string(),
-            gate: linear(be, &format!("{name}.gate"), dim, hidden, gate, bias)?,
-            up: linear(be, &format!("{name}.up"), dim, hidden, up, bias)?,
+            gate: Linear::with_bias(be, &format!("{name}.gate"), dim, hidden, gate, bias)?,
+            up: Linear::with_bias(be, &format!("{name}.up"), dim, hidden, up, bias)?,
             silu: Act::new(&format!("{name}.silu"), Activation::Swish { beta: 1.0 }, hidden),
-            down: linear(be, &format!("{name}.down"), hidden, dim, down, bias)?,
+            down: Linear::with_bias(be, &format!("{name}.down"), hidden, dim, down, bias)?,
             factors_cache: None,
         })
     }
