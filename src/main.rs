@@ -3,6 +3,7 @@
 
 mod bench;
 mod cluster;
+mod image_grid;
 mod plot;
 
 use anyhow::{Context, Result};
@@ -152,6 +153,19 @@ struct SampleArgs {
     /// layer's keys and values (same text, slower; for comparison).
     #[arg(long)]
     no_kv_cache: bool,
+    /// GAN models: where to write the PNG grid of generated images.
+    #[arg(long, value_name = "FILE.png", default_value = "samples.png")]
+    out: PathBuf,
+    /// GAN models: images to generate.
+    #[arg(long, default_value_t = 64)]
+    count: usize,
+    /// GAN models: classify the generated images with this classifier model file and
+    /// report how many it is confident about.
+    #[arg(long, value_name = "MODEL")]
+    classifier: Option<PathBuf>,
+    /// The probability of its top class at which the classifier counts as confident.
+    #[arg(long, default_value_t = 0.9)]
+    confidence: f32,
 }
 
 #[derive(Subcommand)]
@@ -490,7 +504,10 @@ fn worker(args: WorkerArgs, threads: usize) -> Result<()> {
 }
 
 fn sample(args: SampleArgs, threads: usize) -> Result<()> {
-    let SampleArgs { checkpoint, prompt, tokens, temperature, top_k, seed, no_kv_cache } = args;
+    if lockstep_worker::model_file::is_gan(&args.checkpoint)? {
+        return image_grid::sample_gan(&args.checkpoint, &args, threads);
+    }
+    let SampleArgs { checkpoint, prompt, tokens, temperature, top_k, seed, no_kv_cache, .. } = args;
     if !(temperature >= 0.0 && temperature.is_finite()) {
         anyhow::bail!("--temperature must be a finite number >= 0, got {temperature}");
     }

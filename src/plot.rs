@@ -13,6 +13,8 @@ struct Curves {
     lr: Vec<(f64, f64)>,
     test_loss: Vec<(f64, f64)>,
     test_accuracy: Vec<(f64, f64)>,
+    /// Losses of a step's parts (a GAN's d_loss and g_loss), by name.
+    part_losses: std::collections::BTreeMap<String, Vec<(f64, f64)>>,
 }
 
 fn read_curves(metrics: &Path) -> Result<Curves> {
@@ -25,6 +27,9 @@ fn read_curves(metrics: &Path) -> Result<Curves> {
             MetricsLine::Train(r) => {
                 curves.train_loss.push((r.step as f64, r.loss));
                 curves.lr.push((r.step as f64, r.lr));
+                for part in r.parts.iter().filter(|p| p.name.ends_with("_loss")) {
+                    curves.part_losses.entry(part.name.clone()).or_default().push((r.step as f64, part.value));
+                }
             }
             MetricsLine::Eval(r) => {
                 curves.test_loss.push((r.step as f64, r.loss));
@@ -87,12 +92,19 @@ fn draw(c: &Curves, name: &str, output: &Path) -> DrawResult {
     let panels = root.split_evenly((3, 1));
     let last_step = c.train_loss.iter().chain(&c.test_loss).map(|p| p.0).fold(1.0, f64::max);
 
-    let (lo, hi) = span(c.train_loss.iter().chain(&c.test_loss).map(|p| p.1));
+    // A run with part losses (a GAN) draws those instead of the one training loss.
+    let train: Vec<(String, &[(f64, f64)])> = match c.part_losses.is_empty() {
+        true => vec![("train".into(), &c.train_loss)],
+        false => c.part_losses.iter().map(|(name, points)| (format!("train {name}"), points.as_slice())).collect(),
+    };
+    let (lo, hi) = span(train.iter().flat_map(|(_, p)| p.iter()).chain(&c.test_loss).map(|p| p.1));
     let mut loss = panel(&panels[0], "loss", last_step, lo..hi)?;
     loss.configure_mesh().x_desc("step").x_label_formatter(&|v| format!("{v:.0}")).draw()?;
-    loss.draw_series(LineSeries::new(c.train_loss.iter().copied(), BLUE.stroke_width(2)))?
-        .label("train")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+    for ((label, points), color) in train.into_iter().zip([BLUE, CYAN, BLACK, YELLOW].into_iter().cycle()) {
+        loss.draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+    }
     loss.draw_series(LineSeries::new(c.test_loss.iter().copied(), RED.stroke_width(2)))?
         .label("test")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));

@@ -2,6 +2,7 @@
 
 use crate::{ForwardCtx, Layer, Param, Result, Tensor};
 use lockstep_kernels::Backend;
+use std::ops::Range;
 
 /// Called by `backward_with_hook` with (index of the layer's first parameter, its params).
 pub type GradsReadyHook<'a, B> = dyn FnMut(usize, &[&Param<B>]) -> Result<()> + 'a;
@@ -20,8 +21,19 @@ impl<B: Backend> Sequential<B> {
     }
 
     pub fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
+        self.forward_layers(be, 0..self.layers.len(), x, ctx)
+    }
+
+    /// Forward through `layers` alone (one network of a GAN held in one stack).
+    pub fn forward_layers(
+        &mut self,
+        be: &B,
+        layers: Range<usize>,
+        x: Tensor<B>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor<B>> {
         let mut h = x;
-        for layer in &mut self.layers {
+        for layer in &mut self.layers[layers] {
             h = layer.forward(be, h, ctx)?;
         }
         Ok(h)
@@ -41,6 +53,18 @@ impl<B: Backend> Sequential<B> {
         dy: Tensor<B>,
         grads_ready: &mut GradsReadyHook<'_, B>,
     ) -> Result<Tensor<B>> {
+        self.backward_layers(be, 0..self.layers.len(), dy, grads_ready)
+    }
+
+    /// `backward_with_hook` through `layers` alone; the hook's indices are still positions
+    /// in the whole stack's `params()`.
+    pub fn backward_layers(
+        &mut self,
+        be: &B,
+        layers: Range<usize>,
+        dy: Tensor<B>,
+        grads_ready: &mut GradsReadyHook<'_, B>,
+    ) -> Result<Tensor<B>> {
         let mut first_index: Vec<usize> = Vec::with_capacity(self.layers.len());
         let mut count = 0;
         for layer in &self.layers {
@@ -48,7 +72,7 @@ impl<B: Backend> Sequential<B> {
             count += layer.params().len();
         }
         let mut d = dy;
-        for (i, layer) in self.layers.iter_mut().enumerate().rev() {
+        for (i, layer) in self.layers.iter_mut().enumerate().skip(layers.start).take(layers.len()).rev() {
             d = layer.backward(be, d)?;
             let params = layer.params();
             if !params.is_empty() {

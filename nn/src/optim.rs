@@ -80,16 +80,33 @@ impl<B: Backend> Optimizer<B> {
     /// As `step`, with the gradients taken as `grad_scale·grad` (batch mean and clipping
     /// folded into the update instead of a separate pass).
     pub fn step_scaled(&mut self, be: &B, params: &mut [&mut Param<B>], lr: f32, grad_scale: f32) -> Result<()> {
+        self.update_range(be, params, 0..params.len(), lr, grad_scale)?;
+        self.step += 1;
+        Ok(())
+    }
+
+    /// The update of `step_scaled` for `params[range]` only, without counting a step: a GAN
+    /// updates its two networks in turn within one step (Adam's bias correction counts
+    /// steps, and each network takes one per step).
+    pub fn update_range(
+        &mut self,
+        be: &B,
+        params: &mut [&mut Param<B>],
+        range: Range<usize>,
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<()> {
         if self.shards.is_some() {
             return Err(crate::NnError::Invalid("a sharded optimizer updates with step_shards".into()));
         }
-        self.step += 1;
-        for (index, (p, (s1, s2))) in params.iter_mut().zip(self.state.iter_mut()).enumerate() {
+        let step = self.step + 1;
+        let rows = params.iter_mut().zip(self.state.iter_mut()).enumerate().skip(range.start).take(range.len());
+        for (index, (p, (s1, s2))) in rows {
             if !p.trainable {
                 continue;
             }
             let lr = lr * self.lr_scale.get(index).copied().unwrap_or(1.0);
-            let update = Update { config: self.config, step: self.step, lr, grad_scale, decays: p.decay };
+            let update = Update { config: self.config, step, lr, grad_scale, decays: p.decay };
             update.apply(be, &mut p.value, &mut p.grad, s1, s2)?;
         }
         Ok(())

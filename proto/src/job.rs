@@ -98,6 +98,10 @@ pub enum ModelKind {
     /// Recurrent language model: embedding, `blocks` stacked LSTM or GRU layers (`cell`) of
     /// width `dim`, the vocabulary head.
     Rnn,
+    /// A generative adversarial network (T43) on `idx` images of `input_shape`: the
+    /// `generator` layers map `noise_dim` seeded normals to an image, the `discriminator`
+    /// layers map an image to two logits (fake, real). Trained by alternating updates.
+    Gan,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -211,6 +215,10 @@ pub enum LayerSpec {
         padding: usize,
     },
     Flatten,
+    /// Each example to `shape` (as many values), e.g. [7, 7, 64] after a linear layer.
+    Reshape {
+        shape: Vec<usize>,
+    },
     Linear {
         out: usize,
     },
@@ -320,6 +328,22 @@ pub struct ModelSpec {
     /// (SyncBatchNorm) instead of each worker's share (T10).
     #[serde(default)]
     pub sync_batch_norm: bool,
+    /// GAN: normal noise values per generated image (the generator's input).
+    #[serde(default = "default_noise_dim")]
+    pub noise_dim: usize,
+    /// GAN: the generator's layers, [noise_dim] to an image of `input_shape`.
+    #[serde(default)]
+    pub generator: Vec<LayerSpec>,
+    /// GAN: the discriminator's layers, an image to 2 logits (fake, real).
+    #[serde(default)]
+    pub discriminator: Vec<LayerSpec>,
+    /// GAN: the discriminator's learning rate as a multiple of the generator's.
+    #[serde(default = "one")]
+    pub discriminator_lr_scale: f32,
+}
+
+fn default_noise_dim() -> usize {
+    64
 }
 
 fn default_rope_base() -> f32 {

@@ -15,7 +15,7 @@ pub mod wire;
 
 pub use error_text::error_text;
 pub use job::{JobError, JobSpec};
-pub use metrics::{EvalRecord, Histogram, LayerGradNorm, MetricsLine, Summary, TrainRecord};
+pub use metrics::{EvalRecord, Histogram, LayerGradNorm, MetricsLine, NamedValue, Summary, TrainRecord};
 
 /// This machine's name, as shown in status tables, traces and file names: `HOSTNAME` if set
 /// (launchers and test hosts set it per namespace), else the kernel's host name.

@@ -21,6 +21,17 @@ pub struct TrainRecord {
     // No skip_serializing_if on records: they also travel as bincode, which needs every field.
     #[serde(default)]
     pub layer_grad_norms: Vec<LayerGradNorm>,
+    /// Losses of a step's parts, by name: a GAN's `d_loss`, `g_loss`, `d_accuracy` (T43).
+    #[serde(default)]
+    pub parts: Vec<NamedValue>,
+}
+
+/// One named number of a step.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NamedValue {
+    pub name: String,
+    #[serde(with = "json_float")]
+    pub value: f64,
 }
 
 /// One layer's gradient L2 norm (all its parameters together).
@@ -260,6 +271,7 @@ mod tests {
             grad_norm: f64::INFINITY,
             examples_per_s: f64::NEG_INFINITY,
             layer_grad_norms: vec![LayerGradNorm { layer: "fc0".into(), norm: f64::NAN }],
+            parts: vec![NamedValue { name: "d_loss".into(), value: f64::NAN }],
         };
         let json = serde_json::to_string(&record).unwrap();
         assert!(json.contains(r#""loss":"NaN""#) && json.contains(r#""grad_norm":"Infinity""#), "{json}");

@@ -26,6 +26,9 @@ impl JobSpec {
                 "must be [H, W, C] or [F] with positive sizes",
             )?;
         }
+        if self.model.kind == ModelKind::Gan {
+            self.check_gan()?;
+        }
         let language_model = matches!(self.model.kind, ModelKind::Gpt | ModelKind::Rnn);
         if language_model {
             let m = &self.model;
@@ -83,6 +86,35 @@ impl JobSpec {
         check(s.gamma > 0.0 && s.gamma <= 1.0, "schedule.gamma", "must be in (0, 1]")?;
         check(s.rate > 0.0 && s.rate <= 1.0, "schedule.rate", "must be in (0, 1]")?;
         toolbox(self)
+    }
+
+    /// What a GAN needs: both networks, an image shape, and none of the training modes
+    /// built around one model's single loss.
+    fn check_gan(&self) -> Result<(), (String, String)> {
+        let m = &self.model;
+        let why = "is not supported with model.kind = \"gan\"";
+        check(!m.generator.is_empty(), "model.generator", "a GAN needs generator layers")?;
+        check(!m.discriminator.is_empty(), "model.discriminator", "a GAN needs discriminator layers")?;
+        check(m.noise_dim > 0, "model.noise_dim", "must be > 0")?;
+        check(
+            m.discriminator_lr_scale.is_finite() && m.discriminator_lr_scale > 0.0,
+            "model.discriminator_lr_scale",
+            "must be > 0",
+        )?;
+        check(
+            matches!(m.input_shape.len(), 1 | 3) && m.input_shape.iter().all(|&d| d > 0),
+            "model.input_shape",
+            "a GAN needs the image shape [H, W, C] or [F]",
+        )?;
+        check(self.parallel.pipeline_stages == 1, "parallel.pipeline_stages", why)?;
+        check(self.parallel.zero == 0, "parallel.zero", why)?;
+        check(self.train.reproducible == Reproducible::SameWorldSize, "train.reproducible", why)?;
+        check(self.train.accumulate == 1, "train.accumulate", why)?;
+        check(self.distill.is_none(), "distill", why)?;
+        check(self.finetune.lora.is_none() && self.finetune.init_from.is_none(), "finetune", why)?;
+        check(!self.precision.scaling(), "precision.loss_scale", why)?;
+        check(self.data.resample == crate::toolbox::Resample::None, "data.resample", why)?;
+        Ok(())
     }
 
     /// What `train.reproducible = "any-world-size"` needs of the rest of the job.

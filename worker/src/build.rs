@@ -92,6 +92,7 @@ fn build_base_model<B: Backend>(
         ModelKind::Mlp => Ok((build_mlp(be, spec, features, classes)?, vec![features])),
         ModelKind::Gpt => Ok((crate::lm::build_gpt(be, spec, classes)?, vec![spec.model.context])),
         ModelKind::Rnn => Ok((crate::lm::build_rnn(be, spec, classes)?, vec![spec.model.context])),
+        ModelKind::Gan => crate::gan::build_gan(be, spec, features),
         ModelKind::Sequential => {
             let shape = &spec.model.input_shape;
             if shape.iter().product::<usize>() != features {
@@ -190,6 +191,31 @@ pub fn prior_threshold(train: &dyn Examples) -> Option<f64> {
 
 /// IDX train and test splits, normalised with statistics of the training split.
 pub fn load_images(spec: &JobSpec) -> Result<(Dataset, Dataset)> {
+    let (mut train, mut test) = load_raw_images(spec)?;
+    let norm = Normalizer::fit(normalization(spec), &train);
+    norm.apply(&mut train);
+    norm.apply(&mut test);
+    Ok((train, test))
+}
+
+/// The normaliser a job's images were trained with (fitted on its training split) and
+/// its class count: what maps generated or outside images into a model's input space.
+pub fn image_normalizer(spec: &JobSpec) -> Result<(Normalizer, usize)> {
+    let (train, _) = load_raw_images(spec)?;
+    Ok((Normalizer::fit(normalization(spec), &train), train.classes))
+}
+
+fn normalization(spec: &JobSpec) -> Normalization {
+    match spec.data.normalize {
+        Normalize::None => Normalization::None,
+        Normalize::MinMax => Normalization::MinMax,
+        Normalize::ZScore => Normalization::ZScore,
+        Normalize::L2 => Normalization::L2,
+    }
+}
+
+/// The IDX splits with the job's label selection and limits, not yet normalised.
+fn load_raw_images(spec: &JobSpec) -> Result<(Dataset, Dataset)> {
     let dir = &spec.data.dir;
     let mut train = load_idx_split(dir, "train")?;
     let mut test = load_idx_split(dir, "t10k")?;
@@ -228,14 +254,5 @@ pub fn load_images(spec: &JobSpec) -> Result<(Dataset, Dataset)> {
             return Err(WorkerError::Config(format!("data: no {split} examples left after data.labels / limits")));
         }
     }
-    let kind = match spec.data.normalize {
-        Normalize::None => Normalization::None,
-        Normalize::MinMax => Normalization::MinMax,
-        Normalize::ZScore => Normalization::ZScore,
-        Normalize::L2 => Normalization::L2,
-    };
-    let norm = Normalizer::fit(kind, &train);
-    norm.apply(&mut train);
-    norm.apply(&mut test);
     Ok((train, test))
 }

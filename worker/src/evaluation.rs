@@ -15,6 +15,11 @@ pub use crate::trainer::Evaluation;
 impl<B: Backend> Trainer<B> {
     /// Evaluates the model on all of `data`.
     pub fn evaluate(&mut self, data: &dyn Examples) -> Result<Evaluation> {
+        if let Some(gan) = self.gan.take() {
+            let eval = self.evaluate_gan(&gan, data);
+            self.gan = Some(gan);
+            return eval;
+        }
         let classes = self.vocab.is_none().then(|| data.classes());
         let mut tally = Tally::new(classes);
         let indices: Vec<u32> = (0..data.len() as u32).collect();

@@ -12,6 +12,7 @@ pub mod eval;
 pub mod evaluation;
 pub mod finetune;
 pub mod fuzz;
+pub mod gan;
 mod grad_health;
 pub mod guards;
 pub mod lm;

@@ -58,6 +58,13 @@ pub fn load_weights<B: Backend>(trainer: &mut Trainer<B>, path: &Path) -> Result
     Ok(())
 }
 
+/// Whether the model file `path` holds a GAN (read from its header alone).
+pub fn is_gan(path: &Path) -> Result<bool> {
+    let metadata = load_metadata(path)?;
+    let Some(job) = metadata.get(JOB_KEY) else { return Ok(false) };
+    Ok(JobSpec::parse(job, path, &[])?.model.kind == lockstep_proto::job::ModelKind::Gan)
+}
+
 /// A model read back by [`load_model`].
 pub struct LoadedModel<B: Backend> {
     pub spec: JobSpec,
@@ -81,8 +88,11 @@ pub fn load_model_for<B: Backend>(be: &B, path: &Path, data: Option<(usize, usiz
     let job = metadata.get(JOB_KEY).ok_or_else(|| missing(JOB_KEY))?;
     let spec = JobSpec::parse(job, path, &[])?;
     let vocab = Tokenizer::from_metadata(&metadata, path)?;
+    let gan = spec.model.kind == lockstep_proto::job::ModelKind::Gan;
     let (features, classes) = match (&vocab, data) {
         (Some(v), _) => (spec.model.context, v.vocab_size()),
+        // A GAN is sized by its image shape; its discriminator has 2 outputs.
+        (None, _) if gan => (spec.model.input_shape.iter().product(), 2),
         (None, Some(sizes)) => sizes,
         (None, None) => {
             return Err(WorkerError::BadFile {

@@ -40,9 +40,10 @@ impl Bucket {
 }
 
 pub(crate) enum Job {
-    /// Bucket id, values, how many of them are gradients (sent in the wire format), and
-    /// whether to reduce-scatter (ZeRO) instead of all-reduce.
-    Reduce(usize, Vec<f32>, usize, bool),
+    /// Bucket id, values, how many of them are gradients (sent in the wire format),
+    /// whether to reduce-scatter (ZeRO) instead of all-reduce, and where the result goes
+    /// (each reducer sharing the thread has its own channel).
+    Reduce(usize, Vec<f32>, usize, bool, Sender<BucketResult>),
     /// A collective whose result goes back on the job's own channel, so it never mixes with
     /// gradient buckets still in flight.
     Direct(Direct, Vec<f32>, Sender<std::result::Result<Vec<f32>, String>>),
@@ -98,7 +99,10 @@ pub struct BucketReducer {
     /// This step's scalars (f64 split into f32 pairs), appended to the last bucket launched.
     staged_scalars: Vec<f32>,
     pub(crate) jobs: Sender<Job>,
+    /// Where the communication thread sends this reducer's bucket results.
+    results_to: Sender<BucketResult>,
     results: Receiver<BucketResult>,
+    /// The thread, on the reducer that started it; a `sibling` shares it and has None.
     comm_thread: Option<JoinHandle<()>>,
     /// All-reduced bytes per step (reported by `lockstep local` and the transfer tests).
     pub bytes_per_step: u64,
@@ -107,6 +111,9 @@ pub struct BucketReducer {
     /// This rank and the group's size.
     pub(crate) rank: usize,
     pub(crate) world: usize,
+    /// Values per bucket at most.
+    bucket_cap: usize,
+    value_bytes: u64,
 }
 
 /// Parameters into buckets of at most `cap` values (one larger parameter gets its own), in
@@ -138,10 +145,10 @@ type BucketResult = std::result::Result<(usize, Vec<f32>), String>;
 
 /// The communication thread: runs the jobs in order until `Stop`, a closed channel or the
 /// first failure (reported, then the thread ends).
-fn comm_loop(mut comm: Box<dyn Communicator>, wire: WireFormat, jobs: Receiver<Job>, results: Sender<BucketResult>) {
+fn comm_loop(mut comm: Box<dyn Communicator>, wire: WireFormat, jobs: Receiver<Job>) {
     loop {
         let failed = match jobs.recv() {
-            Ok(Job::Reduce(id, data, gradient_len, scatter)) => {
+            Ok(Job::Reduce(id, data, gradient_len, scatter, results)) => {
                 let outcome = reduce_bucket(comm.as_mut(), wire, id, data, gradient_len, scatter);
                 let failed = outcome.is_err();
                 results.send(outcome).is_err() || failed
@@ -198,17 +205,18 @@ impl BucketReducer {
         wire: WireFormat,
         zero_stage: u8,
     ) -> Self {
-        let (mut buckets, bucket_of) = plan_buckets(param_sizes, (bucket_bytes / 4).max(1));
+        let bucket_cap = (bucket_bytes / 4).max(1);
+        let (mut buckets, bucket_of) = plan_buckets(param_sizes, bucket_cap);
         let zero = (zero_stage > 0)
             .then(|| crate::zero::ZeroState::plan(comm.as_ref(), &mut buckets, param_sizes.len(), zero_stage));
         let (rank, world) = (comm.rank(), comm.world());
         let value_bytes = if wire == WireFormat::F32 { 4 } else { 2 };
         let bytes_per_step = buckets.iter().map(|b| b.len as u64 * value_bytes).sum();
         let (jobs, job_rx) = channel::<Job>();
-        let (result_tx, results) = channel();
+        let (results_to, results) = channel();
         let comm_thread = std::thread::Builder::new()
             .name("lockstep-allreduce".into())
-            .spawn(move || comm_loop(comm, wire, job_rx, result_tx))
+            .spawn(move || comm_loop(comm, wire, job_rx))
             .ok();
         let mut reducer = Self {
             buckets,
@@ -216,15 +224,47 @@ impl BucketReducer {
             next_launch: 0,
             staged_scalars: Vec::new(),
             jobs,
+            results_to,
             results,
             comm_thread,
             bytes_per_step,
             zero,
             rank,
             world,
+            bucket_cap,
+            value_bytes,
         };
         reducer.reset();
         reducer
+    }
+
+    /// A reducer of other parameters over the same links and communication thread, with
+    /// its own buckets (a GAN's second network). Its collectives queue behind this one's
+    /// on the thread, so every rank issues them in the same order.
+    pub fn sibling(&self, param_sizes: &[Option<usize>]) -> Result<Self> {
+        if self.zero.is_some() {
+            return Err(WorkerError::Config("a ZeRO reducer has no sibling (parallel.zero = 0 here)".into()));
+        }
+        let (buckets, bucket_of) = plan_buckets(param_sizes, self.bucket_cap);
+        let (results_to, results) = channel();
+        let mut reducer = Self {
+            bytes_per_step: buckets.iter().map(|b| b.len as u64 * self.value_bytes).sum(),
+            buckets,
+            bucket_of,
+            next_launch: 0,
+            staged_scalars: Vec::new(),
+            jobs: self.jobs.clone(),
+            results_to,
+            results,
+            comm_thread: None,
+            zero: None,
+            rank: self.rank,
+            world: self.world,
+            bucket_cap: self.bucket_cap,
+            value_bytes: self.value_bytes,
+        };
+        reducer.reset();
+        Ok(reducer)
     }
 
     pub(crate) fn reset(&mut self) {
@@ -244,7 +284,7 @@ impl BucketReducer {
                 data.append(&mut self.staged_scalars);
             }
             self.jobs
-                .send(Job::Reduce(id, data, gradient_len, self.zero.is_some()))
+                .send(Job::Reduce(id, data, gradient_len, self.zero.is_some(), self.results_to.clone()))
                 .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
             self.next_launch += 1;
         }
@@ -263,7 +303,7 @@ impl BucketReducer {
     /// All-reduces `values` in f32 on the comm thread, outside the gradient buckets.
     pub(crate) fn reduce_f32(&mut self, values: &mut [f32]) -> Result<()> {
         self.jobs
-            .send(Job::Reduce(usize::MAX, values.to_vec(), 0, false))
+            .send(Job::Reduce(usize::MAX, values.to_vec(), 0, false, self.results_to.clone()))
             .map_err(|_| WorkerError::Collective("all-reduce thread has stopped".into()))?;
         let (_, summed) = self.receive()?;
         values.copy_from_slice(&summed);
@@ -339,6 +379,10 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
         Ok(())
     }
 
+    fn sibling(&self, param_sizes: &[Option<usize>]) -> Result<Box<dyn GradReducer<B>>> {
+        Ok(Box::new(BucketReducer::sibling(self, param_sizes)?))
+    }
+
     fn stat_sync(&self) -> Option<StatSyncHandle> {
         Some(StatSyncHandle(Arc::new(CommStatSync { jobs: std::sync::Mutex::new(self.jobs.clone()) })))
     }
@@ -361,8 +405,9 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
 
 impl Drop for BucketReducer {
     fn drop(&mut self) {
-        let _ = self.jobs.send(Job::Stop);
+        // Only the thread's owner stops it: a sibling leaves it to the others.
         if let Some(t) = self.comm_thread.take() {
+            let _ = self.jobs.send(Job::Stop);
             let _ = t.join();
         }
     }

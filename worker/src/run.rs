@@ -17,7 +17,7 @@ use lockstep_nn::optim::sparsity;
 use lockstep_proto::job::{Remainder as SpecRemainder, Reproducible};
 use lockstep_proto::toolbox::{BlowupAction, Dtype, Resample};
 use lockstep_proto::trace::SpanKind;
-use lockstep_proto::{EvalRecord, Histogram, JobSpec, Summary, TrainRecord};
+use lockstep_proto::{EvalRecord, Histogram, JobSpec, NamedValue, Summary, TrainRecord};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -158,8 +158,16 @@ fn prepare<B: Backend>(
         )));
     }
     let (stage_layers, resume) = keep_stage(&mut trainer, spec, stage, opts.resume.clone())?;
-    let sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
+    let mut sizes: Vec<Option<usize>> = trainer.model.params().iter().map(|p| p.trainable.then(|| p.numel())).collect();
+    // A GAN's generator is reduced by the run's reducer, its discriminator by a sibling.
+    let gan_split = trainer.gan.as_ref().map(|gan| gan.split_sizes(&sizes));
+    if let Some((g, _)) = &gan_split {
+        sizes = g.clone();
+    }
     let mut reducer = make_reducer(&sizes)?;
+    if let (Some(gan), Some((_, d))) = (trainer.gan.as_mut(), gan_split) {
+        gan.d_reducer = reducer.sibling(&d)?;
+    }
     if let Some(path) = &resume {
         let step = train_state::restore_checkpoint(&mut trainer, path)?;
         tracing::info!("resumed from {} at step {step}", path.display());
@@ -441,6 +449,7 @@ impl<'a, B: Backend> Run<'a, B> {
             grad_norm: stats.grad_norm,
             examples_per_s: rate,
             layer_grad_norms,
+            parts: stats.parts.iter().map(|&(name, value)| NamedValue { name: name.into(), value }).collect(),
         };
         Ok(Some(StepReport { record, weight_hash: trainer.model.weight_hash(&trainer.be)?, grad_histograms }))
     }

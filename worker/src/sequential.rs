@@ -12,28 +12,48 @@ use lockstep_proto::job::{JobSpec, LayerSpec};
 
 /// Builds the layers of `spec.model.layers`; the last must produce `classes` outputs.
 pub fn build_sequential<B: Backend>(be: &B, spec: &JobSpec, classes: usize) -> Result<Sequential<B>> {
-    let mut at = Cursor { shape: spec.model.input_shape.clone(), rf: 1, jump: 1 };
+    let list =
+        LayerList { key: "model.layers", layers: &spec.model.layers, input_shape: &spec.model.input_shape, prefix: "" };
+    let (layers, shape) = build_layers(be, spec, list)?;
+    if shape != [classes] {
+        return Err(WorkerError::Config(format!(
+            "model.layers: the last layer outputs {shape:?}; the data has {classes} classes"
+        )));
+    }
+    Ok(Sequential::new(layers))
+}
+
+/// A list of layer specs to build: the job key it came from (for errors), the shape of
+/// one input and the prefix of its layers' names.
+pub struct LayerList<'a> {
+    pub key: &'a str,
+    pub layers: &'a [LayerSpec],
+    pub input_shape: &'a [usize],
+    pub prefix: &'a str,
+}
+
+/// Built layers, in order.
+pub type Layers<B> = Vec<Box<dyn Layer<B>>>;
+
+/// The layers of `list`, named `{prefix}l{i}`, and the shape of one output example.
+pub fn build_layers<B: Backend>(be: &B, spec: &JobSpec, list: LayerList<'_>) -> Result<(Layers<B>, Vec<usize>)> {
+    let mut at = Cursor { shape: list.input_shape.to_vec(), rf: 1, jump: 1 };
     let mut layers: Vec<Box<dyn Layer<B>>> = Vec::new();
-    tracing::info!("{:<4} {:<12} {:>16} {:>10} {:>6}", "#", "layer", "output", "params", "rf");
-    for (i, layer) in spec.model.layers.iter().enumerate() {
+    tracing::info!("{:<4} {:<12} {:>16} {:>10} {:>6}", "#", list.key, "output", "params", "rf");
+    for (i, layer) in list.layers.iter().enumerate() {
         let bad = |e: LayerError| match e {
-            LayerError::Spec(msg) => WorkerError::Config(format!("model.layers[{i}] ({layer:?}): {msg}")),
+            LayerError::Spec(msg) => WorkerError::Config(format!("{}[{i}] ({layer:?}): {msg}", list.key)),
             LayerError::Backend(e) => WorkerError::Nn(e),
         };
-        let last = i + 1 == spec.model.layers.len();
-        let built = build_layer(be, spec, &mut at, (i, layer, last)).map_err(bad)?;
+        let last = i + 1 == list.layers.len();
+        let name = format!("{}l{i}", list.prefix);
+        let built = build_layer(be, spec, &mut at, (i, &name, layer, last)).map_err(bad)?;
         let params: usize = built.params().iter().map(|p| p.numel()).sum();
         let kind: String = format!("{layer:?}").chars().take_while(|c| c.is_alphanumeric()).collect();
         tracing::info!("{:<4} {:<12} {:>16} {:>10} {:>6}", i, kind, format!("{:?}", at.shape), params, at.rf);
         layers.push(built);
     }
-    if at.shape != [classes] {
-        return Err(WorkerError::Config(format!(
-            "model.layers: the last layer outputs {:?}; the data has {classes} classes",
-            at.shape
-        )));
-    }
-    Ok(Sequential::new(layers))
+    Ok((layers, at.shape))
 }
 
 /// Where the layer list has got to: the per-example shape ([H, W, C], [L, C] or [F]), the
@@ -99,24 +119,23 @@ impl From<lockstep_nn::NnError> for LayerError {
 
 type Built<B> = std::result::Result<Box<dyn Layer<B>>, LayerError>;
 
-/// Layer `i` (`last` if it is the output layer), named `l{i}`, moving the cursor past it.
+/// Layer `i` (`last` if it is the output layer) named `name`, moving the cursor past it.
 fn build_layer<B: Backend>(
     be: &B,
     spec: &JobSpec,
     at: &mut Cursor,
-    (i, layer, last): (usize, &LayerSpec, bool),
+    (i, name, layer, last): (usize, &str, &LayerSpec, bool),
 ) -> Built<B> {
-    let name = format!("l{i}");
-    let act = |a: Activation, at: &Cursor| -> Built<B> { Ok(Box::new(Act::new(&name, a, at.numel()))) };
+    let act = |a: Activation, at: &Cursor| -> Built<B> { Ok(Box::new(Act::new(name, a, at.numel()))) };
     match *layer {
         LayerSpec::Conv2d { out_channels, kernel, stride, padding, groups } => {
-            conv2d(be, spec, at, &name, [out_channels, kernel, stride, padding, groups])
+            conv2d(be, spec, at, name, [out_channels, kernel, stride, padding, groups])
         }
         LayerSpec::Conv1d { out_channels, kernel, stride, padding, groups } => {
-            conv1d(be, spec, at, &name, [out_channels, kernel, stride, padding, groups])
+            conv1d(be, spec, at, name, [out_channels, kernel, stride, padding, groups])
         }
         LayerSpec::ConvTranspose2d { out_channels, kernel, stride, padding } => {
-            conv_transpose2d(be, spec, at, &name, [out_channels, kernel, stride, padding])
+            conv_transpose2d(be, spec, at, name, [out_channels, kernel, stride, padding])
         }
         LayerSpec::MaxPool2d { kernel, stride, padding } | LayerSpec::AvgPool2d { kernel, stride, padding } => {
             let stride = stride.unwrap_or(kernel);
@@ -124,21 +143,28 @@ fn build_layer<B: Backend>(
             at.strided(kernel, stride);
             at.shape = vec![win.out_h(), win.out_w(), win.c];
             let kind = if matches!(layer, LayerSpec::MaxPool2d { .. }) { PoolKind::Max } else { PoolKind::Average };
-            Ok(Box::new(Pool2d::new(&name, kind, win)))
+            Ok(Box::new(Pool2d::new(name, kind, win)))
         }
         LayerSpec::Flatten => {
             at.shape = vec![at.numel()];
-            Ok(Box::new(Flatten::new(&name)))
+            Ok(Box::new(Flatten::new(name)))
         }
-        LayerSpec::Linear { out } => linear(be, spec, at, &name, out, last),
-        LayerSpec::LayerNorm => Ok(Box::new(LayerNorm::new(be, &name, *at.shape.last().unwrap_or(&1))?)),
+        LayerSpec::Reshape { ref shape } => {
+            if shape.is_empty() || shape.contains(&0) || shape.iter().product::<usize>() != at.numel() {
+                return Err(format!("shape {shape:?} does not hold the {} values of {:?}", at.numel(), at.shape).into());
+            }
+            at.shape = shape.clone();
+            Ok(Box::new(Flatten::reshape(name, shape)))
+        }
+        LayerSpec::Linear { out } => linear(be, spec, at, name, out, last),
+        LayerSpec::LayerNorm => Ok(Box::new(LayerNorm::new(be, name, *at.shape.last().unwrap_or(&1))?)),
         LayerSpec::BatchNorm => {
-            let mut bn = BatchNorm::new(be, &name, *at.shape.last().unwrap_or(&1))?;
+            let mut bn = BatchNorm::new(be, name, *at.shape.last().unwrap_or(&1))?;
             bn.sync = spec.model.sync_batch_norm;
             Ok(Box::new(bn))
         }
         LayerSpec::Dropout { p } if !(0.0..1.0).contains(&p) => Err("p must be in [0, 1)".into()),
-        LayerSpec::Dropout { p } => Ok(Box::new(Dropout::new(&name, p, i as u64))),
+        LayerSpec::Dropout { p } => Ok(Box::new(Dropout::new(name, p, i as u64))),
         LayerSpec::Relu => act(Activation::Relu, at),
         LayerSpec::LeakyRelu => act(Activation::LeakyRelu { slope: spec.model.leaky_slope }, at),
         LayerSpec::Sigmoid => act(Activation::Sigmoid, at),

@@ -50,6 +50,10 @@ pub trait GradReducer<B: Backend> {
     fn zero(&mut self) -> Option<&mut dyn ShardedReducer> {
         None
     }
+    /// A reducer of other parameters (`param_sizes` in the same index space, None where it
+    /// is not theirs) that shares this one's links: a GAN's discriminator's. Collectives of
+    /// the two must not overlap: each finishes its step before the other starts.
+    fn sibling(&self, param_sizes: &[Option<usize>]) -> Result<Box<dyn GradReducer<B>>>;
     /// Bytes this reducer holds for summed gradients (the summary's `gradient_buffer_bytes`).
     fn gradient_buffer_bytes(&self) -> u64 {
         0
@@ -124,6 +128,9 @@ impl<B: Backend> crate::reproducible::SumF32 for &mut dyn GradReducer<B> {
 pub struct NoReduce;
 
 impl<B: Backend> GradReducer<B> for NoReduce {
+    fn sibling(&self, _: &[Option<usize>]) -> Result<Box<dyn GradReducer<B>>> {
+        Ok(Box::new(NoReduce))
+    }
     fn stage_scalars(&mut self, _: &[f64]) {}
     fn finish_grads(&mut self, _: &B, _: &mut [&mut Param<B>], _: &mut [f64]) -> Result<()> {
         Ok(())
@@ -149,6 +156,8 @@ pub struct StepStats {
     pub skipped: Option<Skip>,
     /// The loss scale this step ran with (1 without dynamic scaling).
     pub loss_scale: f32,
+    /// Losses of the step's parts, named (a GAN's d_loss, g_loss, d_accuracy).
+    pub parts: Vec<(&'static str, f64)>,
     /// Some rank was asked to stop (SIGTERM/SIGINT): every rank stops after this step.
     pub stop_requested: bool,
     /// Rank 0 asked for a checkpoint after this step (wall-clock period): every rank
@@ -201,6 +210,8 @@ pub struct Trainer<B: Backend> {
     pub checkpoint_wanted: bool,
     /// Knowledge distillation's teacher (T39).
     pub teacher: Option<Teacher<B>>,
+    /// A GAN's two networks in `model` (T43).
+    pub gan: Option<crate::gan::Gan<B>>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -232,6 +243,7 @@ impl<B: Backend> Trainer<B> {
             }
         };
         let teacher = Teacher::load(&be, spec, features, classes)?;
+        let gan = crate::gan::Gan::of(spec, &model);
         Ok(Self {
             be,
             spec: spec.clone(),
@@ -243,13 +255,14 @@ impl<B: Backend> Trainer<B> {
             vocab: None,
             class_weights: None,
             loss_scaler,
-            blowup: BlowupGuard::new(spec.train.blowup.clone()),
+            blowup: BlowupGuard::new(crate::gan::blowup_spec(spec)),
             ema,
             augment,
             prior_threshold: None,
             pipeline: None,
             checkpoint_wanted: false,
             teacher,
+            gan,
         })
     }
 
@@ -286,6 +299,11 @@ impl<B: Backend> Trainer<B> {
         if let Some(mut stage) = self.pipeline.take() {
             let stats = stage.step(self, data, local, reducer);
             self.pipeline = Some(stage);
+            return stats;
+        }
+        if let Some(mut gan) = self.gan.take() {
+            let stats = self.gan_step(&mut gan, data, local, reducer);
+            self.gan = Some(gan);
             return stats;
         }
         crate::trace::set_step(self.global_step);
@@ -406,7 +424,7 @@ impl<B: Backend> Trainer<B> {
 
     /// This rank's votes, summed across ranks with the step's scalars so every rank acts on
     /// the same step: to stop (a preemption or a rescale) and to checkpoint (rank 0's clock).
-    fn votes(&self) -> [f64; 2] {
+    pub(crate) fn votes(&self) -> [f64; 2] {
         let stop = lockstep_proto::preempt::requested().is_some();
         [f64::from(u8::from(stop)), f64::from(u8::from(self.checkpoint_wanted))]
     }
@@ -472,7 +490,8 @@ impl<B: Backend> Trainer<B> {
         let mut squared_norm = [grads.iter().flatten().map(|&g| g as f64 * g as f64).sum::<f64>()];
         zero.sum_f64(&mut squared_norm)?;
         let grads = grads.iter().map(|g| self.be.upload(g)).collect::<std::result::Result<Vec<_>, _>>()?;
-        self.update_with(scalars, squared_norm[0], comm_wait_s, loss_scale, Gradients::Shards(grads, zero))
+        let all = 0..self.model.params().len();
+        self.update_with(scalars, squared_norm[0], comm_wait_s, loss_scale, Gradients::Shards(grads, zero), all)
     }
 
     /// The end of every step, once the gradients are summed over all ranks: `scalars` =
@@ -485,7 +504,19 @@ impl<B: Backend> Trainer<B> {
         comm_wait_s: f64,
         loss_scale: f32,
     ) -> Result<StepStats> {
-        self.update_with(scalars, squared_norm, comm_wait_s, loss_scale, Gradients::Whole)
+        let all = 0..self.model.params().len();
+        self.update_with(scalars, squared_norm, comm_wait_s, loss_scale, Gradients::Whole, all)
+    }
+
+    /// `apply_update` of the parameters `range` alone (a GAN's generator).
+    pub(crate) fn apply_update_of(
+        &mut self,
+        range: std::ops::Range<usize>,
+        scalars: [f64; 2],
+        squared_norm: f64,
+        comm_wait_s: f64,
+    ) -> Result<StepStats> {
+        self.update_with(scalars, squared_norm, comm_wait_s, 1.0, Gradients::Whole, range)
     }
 
     fn update_with(
@@ -495,6 +526,7 @@ impl<B: Backend> Trainer<B> {
         comm_wait_s: f64,
         loss_scale: f32,
         grads: Gradients<'_, B>,
+        range: std::ops::Range<usize>,
     ) -> Result<StepStats> {
         let be = &self.be;
         let mut params = self.model.params_mut();
@@ -514,6 +546,7 @@ impl<B: Backend> Trainer<B> {
             comm_wait_s,
             skipped: None,
             loss_scale,
+            parts: Vec::new(),
             stop_requested: false,
             checkpoint_requested: false,
         };
@@ -530,7 +563,10 @@ impl<B: Backend> Trainer<B> {
         }
         let scale = clip_factor(grad_norm, self.spec.optim.clip_norm) / unscale;
         match grads {
-            Gradients::Whole => self.optimizer.step_scaled(be, &mut params, lr, scale as f32)?,
+            Gradients::Whole => {
+                self.optimizer.update_range(be, &mut params, range, lr, scale as f32)?;
+                self.optimizer.step += 1;
+            }
             Gradients::Shards(grads, zero) => {
                 self.optimizer.step_shards(be, &mut params, grads, lr, scale as f32)?;
                 crate::zero::all_gather_params(be, zero, &mut params)?;

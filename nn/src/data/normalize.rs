@@ -42,6 +42,22 @@ impl Normalizer {
         Self { kind, shift, scale }
     }
 
+    /// The raw value of each normalised value of `x`; None for L2 (a row's norm is gone).
+    pub fn invert(&self, x: &[f32]) -> Option<Vec<f32>> {
+        match self.kind {
+            Normalization::None => Some(x.to_vec()),
+            Normalization::L2 => None,
+            _ => Some(x.iter().map(|&v| v / self.scale + self.shift).collect()),
+        }
+    }
+
+    /// `apply` on bare rows of `features` values.
+    pub fn apply_rows(&self, x: &mut [f32], features: usize) {
+        let mut data = Dataset { features, classes: 0, y: Vec::new(), x: x.to_vec() };
+        self.apply(&mut data);
+        x.copy_from_slice(&data.x);
+    }
+
     pub fn apply(&self, data: &mut Dataset) {
         match self.kind {
             Normalization::None => {}

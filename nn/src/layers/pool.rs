@@ -71,14 +71,23 @@ impl<B: Backend> Layer<B> for Pool2d<B> {
 
 /// (N, d1, d2, ...) -> (N, d1·d2·...). NHWC data is already contiguous per example, so
 /// only the shape changes.
+/// Flattens each example to [F], or (`reshape`) gives it another shape of as many values:
+/// the values stay where they are, only the shape changes.
 pub struct Flatten {
     name: String,
+    /// The per-example shape of the output; empty: flat.
+    example_shape: Vec<usize>,
     input_shape_cache: Option<Vec<usize>>,
 }
 
 impl Flatten {
     pub fn new(name: &str) -> Self {
-        Self { name: name.to_string(), input_shape_cache: None }
+        Self { name: name.to_string(), example_shape: Vec::new(), input_shape_cache: None }
+    }
+
+    /// Each example to `example_shape` (e.g. [F] to [H, W, C]).
+    pub fn reshape(name: &str, example_shape: &[usize]) -> Self {
+        Self { example_shape: example_shape.to_vec(), ..Self::new(name) }
     }
 }
 
@@ -89,10 +98,17 @@ impl<B: Backend> Layer<B> for Flatten {
     fn forward(&mut self, _be: &B, mut x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>> {
         let n = *x.shape.first().unwrap_or(&0);
         let features = x.numel().checked_div(n).unwrap_or(0);
+        if !self.example_shape.is_empty() && self.example_shape.iter().product::<usize>() != features {
+            let detail = format!("{}: {:?} to {:?} per example", self.name, x.shape, self.example_shape);
+            return Err(crate::NnError::Shape { op: "reshape", detail });
+        }
         if ctx.train {
             self.input_shape_cache = Some(x.shape.clone());
         }
-        x.shape = vec![n, features];
+        x.shape = match self.example_shape.is_empty() {
+            true => vec![n, features],
+            false => [&[n][..], &self.example_shape].concat(),
+        };
         Ok(x)
     }
     fn backward(&mut self, _be: &B, mut dy: Tensor<B>) -> Result<Tensor<B>> {
@@ -121,5 +137,6 @@ mod gradient_tests {
         let overlapping = Window { kh: 3, kw: 3, stride: 1, pad: 1, ..win };
         check_layer(&be, &mut Pool2d::new("avg", PoolKind::Average, overlapping), &[2, 4, 4, 3], &input(96), &ctx);
         check_layer(&be, &mut Flatten::new("flat"), &[2, 2, 2, 3], &input(24), &ctx);
+        check_layer(&be, &mut Flatten::reshape("reshape", &[2, 2, 3]), &[2, 12], &input(24), &ctx);
     }
 }
