@@ -31,18 +31,7 @@ impl JobSpec {
         }
         let language_model = matches!(self.model.kind, ModelKind::Gpt | ModelKind::Rnn);
         if language_model {
-            let m = &self.model;
-            check(m.context > 0, "model.context", "a language model needs context > 0 tokens")?;
-            check(m.dim > 0, "model.dim", "a language model needs dim > 0")?;
-            check(m.blocks > 0, "model.blocks", "a language model needs at least one block")?;
-            if m.kind == ModelKind::Gpt {
-                check(m.heads > 0 && m.dim.is_multiple_of(m.heads), "model.heads", "must be > 0 and divide model.dim")?;
-                if m.positional == PositionalKind::Rope {
-                    let even = (m.dim / m.heads.max(1)).is_multiple_of(2);
-                    check(even, "model.positional", "rope rotates pairs: dim / heads must be even")?;
-                    check(m.rope_base.is_finite() && m.rope_base > 1.0, "model.rope_base", "must be a number > 1")?;
-                }
-            }
+            self.check_language_model()?;
         }
         check(
             language_model == (self.data.kind == DatasetKind::Text),
@@ -86,6 +75,23 @@ impl JobSpec {
         check(s.gamma > 0.0 && s.gamma <= 1.0, "schedule.gamma", "must be in (0, 1]")?;
         check(s.rate > 0.0 && s.rate <= 1.0, "schedule.rate", "must be in (0, 1]")?;
         toolbox(self)
+    }
+
+    /// What a GPT or RNN language model needs of `[model]`.
+    fn check_language_model(&self) -> Result<(), (String, String)> {
+        let m = &self.model;
+        check(m.context > 0, "model.context", "a language model needs context > 0 tokens")?;
+        check(m.dim > 0, "model.dim", "a language model needs dim > 0")?;
+        check(m.blocks > 0, "model.blocks", "a language model needs at least one block")?;
+        if m.kind == ModelKind::Gpt {
+            check(m.heads > 0 && m.dim.is_multiple_of(m.heads), "model.heads", "must be > 0 and divide model.dim")?;
+            if m.positional == PositionalKind::Rope {
+                let even = (m.dim / m.heads.max(1)).is_multiple_of(2);
+                check(even, "model.positional", "rope rotates pairs: dim / heads must be even")?;
+                check(m.rope_base.is_finite() && m.rope_base > 1.0, "model.rope_base", "must be a number > 1")?;
+            }
+        }
+        Ok(())
     }
 
     /// What a GAN needs: both networks, an image shape, and none of the training modes
