@@ -23,6 +23,9 @@ pub enum Which {
         /// cpu or cuda[:N]: the reference GEMMs run on the same device.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Matmul precision of the step and of the reference GEMMs: fp32, bf16 or fp16.
+        #[arg(long, default_value = "fp32")]
+        precision: String,
     },
     /// GPT (4 layers, width 128, 4 heads, context 64) training step vs raw GEMM on its shapes.
     Gpt {
@@ -32,6 +35,9 @@ pub enum Which {
         steps: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Matmul precision of the step and of the reference GEMMs: fp32, bf16 or fp16.
+        #[arg(long, default_value = "fp32")]
+        precision: String,
     },
     /// All-reduce busbw across N local processes, vs memcpy and a plain TCP stream.
     Allreduce {
@@ -58,18 +64,20 @@ pub enum Which {
 
 pub fn run(which: Which, threads: usize) -> Result<()> {
     match which {
-        Which::Mlp { batch, steps, device } => {
+        Which::Mlp { batch, steps, device, precision } => {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+            let run = Run { batch, steps, precision };
             match device.parse::<Device>().map_err(anyhow::Error::msg)? {
-                Device::Cpu => bench_mlp(CpuBackend::new(threads), batch, steps),
-                Device::Cuda(i) => bench_mlp(cuda(i)?, batch, steps),
+                Device::Cpu => bench_mlp(CpuBackend::new(threads), run),
+                Device::Cuda(i) => bench_mlp(cuda(i)?, run),
             }
         }
-        Which::Gpt { batch, steps, device } => {
+        Which::Gpt { batch, steps, device, precision } => {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+            let run = Run { batch, steps, precision };
             match device.parse::<Device>().map_err(anyhow::Error::msg)? {
-                Device::Cpu => bench_gpt(CpuBackend::new(threads), batch, steps),
-                Device::Cuda(i) => bench_gpt(cuda(i)?, batch, steps),
+                Device::Cpu => bench_gpt(CpuBackend::new(threads), run),
+                Device::Cuda(i) => bench_gpt(cuda(i)?, run),
             }
         }
         Which::Allreduce { workers, transport, sizes, iters } => {
@@ -151,8 +159,22 @@ lr = 0.001
 /// A GEMM of one training step: (rows, in) × (in, out), run forward and twice backward.
 type GemmShape = (usize, usize, usize);
 
-fn bench_mlp<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
-    let spec = JobSpec::parse(MLP_JOB, Path::new("<bench>"), &[format!("train.batch_size={batch}")])?;
+/// One model benchmark's settings.
+struct Run {
+    batch: usize,
+    steps: usize,
+    precision: String,
+}
+
+impl Run {
+    fn spec(&self, job: &str) -> Result<JobSpec> {
+        let sets = [format!("train.batch_size={}", self.batch), format!("precision.compute={:?}", self.precision)];
+        Ok(JobSpec::parse(job, Path::new("<bench>"), &sets)?)
+    }
+}
+
+fn bench_mlp<B: Backend>(be: B, run: Run) -> Result<()> {
+    let (spec, batch) = (run.spec(MLP_JOB)?, run.batch);
     let widths = [784usize, 512, 512, 10];
     let n = batch * 8;
     let mut rng = Stream::new(1, "bench", &[]);
@@ -163,12 +185,12 @@ fn bench_mlp<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
         y: (0..n).map(|_| rng.below(10) as u32).collect(),
     };
     let shapes: Vec<GemmShape> = widths.windows(2).map(|w| (batch, w[0], w[1])).collect();
-    let title = format!("bench mlp: 784-512-512-10, batch {batch}, AdamW");
-    bench_model(be, &spec, &data, &shapes, steps, &title, 1)
+    let title = format!("bench mlp: 784-512-512-10, batch {batch}, AdamW, {}", run.precision);
+    bench_model(be, &spec, &data, &shapes, run.steps, &title, 1)
 }
 
-fn bench_gpt<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
-    let spec = JobSpec::parse(GPT_JOB, Path::new("<bench>"), &[format!("train.batch_size={batch}")])?;
+fn bench_gpt<B: Backend>(be: B, run: Run) -> Result<()> {
+    let (spec, batch) = (run.spec(GPT_JOB)?, run.batch);
     let (t, d, vocab) = (64usize, 128usize, 65usize);
     let mut rng = Stream::new(1, "bench", &[]);
     let tokens: Vec<u32> = (0..batch * 8 * t + 1).map(|_| rng.below(vocab as u64) as u32).collect();
@@ -179,8 +201,11 @@ fn bench_gpt<B: Backend>(be: B, batch: usize, steps: usize) -> Result<()> {
         shapes.extend([(rows, d, 3 * d), (rows, d, d), (rows, d, 4 * d), (rows, 4 * d, d)]);
     }
     shapes.push((rows, d, vocab));
-    let title = format!("bench gpt: 4 layers, width 128, 4 heads, context 64, vocab 65, batch {batch}, AdamW");
-    bench_model(be, &spec, &data, &shapes, steps, &title, t)
+    let title = format!(
+        "bench gpt: 4 layers, width 128, 4 heads, context 64, vocab 65, batch {batch}, AdamW, {}",
+        run.precision
+    );
+    bench_model(be, &spec, &data, &shapes, run.steps, &title, t)
 }
 
 /// Times training steps of `spec`'s model against exactly its GEMMs, interleaved in rounds.

@@ -1,6 +1,7 @@
 //! The CPU backend: GEMM through the `gemm` crate, everything else as plain loops.
 //! This is the reference implementation; keep it obvious.
 
+use crate::isa::Bf16Unit;
 use crate::{
     attention, need_len, norm, recurrent, rotary, window, Activation, AttentionDims, Backend, Gemm, KernelError,
     MatmulPrecision, Result, Rotary, UpdateRule, Window, IGNORE_TARGET,
@@ -22,6 +23,9 @@ pub struct CpuBackend {
     pub threads: usize,
     /// Format of matmul operands and outputs (T25).
     pub precision: MatmulPrecision,
+    /// Where bf16 products run: a matrix unit, or (`None`) the rounded-operand emulation
+    /// that is the unit's reference (jobs never get it: bf16 without a unit computes fp32).
+    pub bf16_unit: Option<Bf16Unit>,
 }
 
 impl Default for CpuBackend {
@@ -32,7 +36,7 @@ impl Default for CpuBackend {
 
 impl CpuBackend {
     pub fn new(threads: usize) -> Self {
-        Self { threads: threads.max(1), precision: MatmulPrecision::Fp32 }
+        Self { threads: threads.max(1), precision: MatmulPrecision::Fp32, bf16_unit: crate::isa::bf16_unit() }
     }
 
     fn parallelism(&self, m: usize, k: usize, n: usize) -> Parallelism {
@@ -225,6 +229,11 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         let precision = precision.unwrap_or(self.precision);
+        if let (MatmulPrecision::Bf16, Some(unit)) = (precision, self.bf16_unit) {
+            let (a, b) = ((&a[..m * k], trans_a), (&b[..k * n], trans_b));
+            crate::bf16_gemm::matmul(unit, a, b, &mut c[..m * n], (m, k, n), accumulate, self.threads);
+            return Ok(());
+        }
         if precision != MatmulPrecision::Fp32 {
             // Mixed precision (T25) as tensor cores do it: operands rounded to bf16/fp16,
             // exact products (a half mantissa squared fits in fp32's), fp32 sums, the result
@@ -276,6 +285,19 @@ impl Backend for CpuBackend {
 
     fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
         self.precision = precision;
+        if precision == MatmulPrecision::Bf16 {
+            match self.bf16_unit {
+                Some(unit) => tracing::info!(unit = unit.name(), "bf16 GEMMs on the CPU's matrix unit"),
+                None => {
+                    // The emulation would be slower than fp32 and no more accurate.
+                    tracing::warn!(
+                        "bf16 asked for, but no bf16 unit is in use (the CPU lacks AMX and AVX512-BF16, or \
+                         LOCKSTEP_CPU_KERNEL chose a path without one): computing in fp32"
+                    );
+                    self.precision = MatmulPrecision::Fp32;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -932,12 +954,26 @@ mod tests {
     }
 
     #[test]
+    fn bf16_runs_on_a_matrix_unit_or_falls_back_to_fp32() {
+        let mut emulated = CpuBackend { bf16_unit: None, ..CpuBackend::new(1) };
+        emulated.set_matmul_precision(MatmulPrecision::Bf16).unwrap();
+        assert_eq!(emulated.precision, MatmulPrecision::Fp32, "no unit: fp32, not the slower emulation");
+        for &unit in crate::isa::bf16_units() {
+            let mut be = CpuBackend { bf16_unit: Some(unit), ..CpuBackend::new(1) };
+            be.set_matmul_precision(MatmulPrecision::Bf16).unwrap();
+            let mut c = vec![0.0; 1];
+            be.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1)).unwrap();
+            assert_eq!(c[0], 90112.0, "{unit:?}: 90000 rounded to bf16");
+        }
+    }
+
+    #[test]
     fn half_precision_matmul_rounds_operands_and_outputs_and_overflows_fp16() {
         let (m, k, n) = (5, 7, 3);
         let a: Vec<f32> = (0..m * k).map(|i| 1.0 + (i as f32) * 0.001_3).collect();
         let b: Vec<f32> = (0..k * n).map(|i| 0.5 - (i as f32) * 0.000_7).collect();
         for p in [MatmulPrecision::Bf16, MatmulPrecision::Fp16] {
-            let be = CpuBackend { precision: p, ..CpuBackend::new(1) };
+            let be = CpuBackend { precision: p, bf16_unit: None, ..CpuBackend::new(1) };
             let ra: Vec<f32> = a.iter().map(|&x| p.round(x)).collect();
             let rb: Vec<f32> = b.iter().map(|&x| p.round(x)).collect();
             let want: Vec<f32> = naive_matmul(&ra, &rb, m, k, n, false, false).iter().map(|&x| p.round(x)).collect();
@@ -955,12 +991,12 @@ mod tests {
         // A product's own precision wins over the backend's, both ways.
         let mut exact = vec![0.0; m * n];
         CpuBackend::new(1).matmul(&a, &b, &mut exact, Gemm::nn(m, k, n)).unwrap();
-        let bf16_backend = CpuBackend { precision: MatmulPrecision::Bf16, ..CpuBackend::new(1) };
+        let bf16_backend = CpuBackend { precision: MatmulPrecision::Bf16, bf16_unit: None, ..CpuBackend::new(1) };
         let mut c = vec![0.0; m * n];
         bf16_backend.matmul(&a, &b, &mut c, Gemm::nn(m, k, n).in_precision(MatmulPrecision::Fp32)).unwrap();
         assert_eq!(c, exact);
         let bf16_product = Gemm::nn(m, k, n).in_precision(MatmulPrecision::Bf16);
-        CpuBackend::new(1).matmul(&a, &b, &mut c, bf16_product).unwrap();
+        CpuBackend { bf16_unit: None, ..CpuBackend::new(1) }.matmul(&a, &b, &mut c, bf16_product).unwrap();
         let mut via_backend = vec![0.0; m * n];
         bf16_backend.matmul(&a, &b, &mut via_backend, Gemm::nn(m, k, n)).unwrap();
         assert_eq!(c, via_backend);
@@ -969,7 +1005,7 @@ mod tests {
         let mut c = vec![0.0; 1];
         fp16.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1)).unwrap();
         assert_eq!(c[0], f32::INFINITY, "90000 > 65504 overflows fp16");
-        let bf16 = CpuBackend { precision: MatmulPrecision::Bf16, ..CpuBackend::new(1) };
+        let bf16 = CpuBackend { precision: MatmulPrecision::Bf16, bf16_unit: None, ..CpuBackend::new(1) };
         bf16.matmul(&vec![300.0], &vec![300.0], &mut c, Gemm::nn(1, 1, 1)).unwrap();
         assert_eq!(c[0], 90112.0, "bf16 keeps the range, 8 significant bits");
     }

@@ -107,7 +107,12 @@ fn half_precision_training_tracks_fp32() {
             "{compute}: {losses:?}"
         );
     }
-    assert_ne!(losses[1].1, fp32_loss, "bf16 really rounds");
+    if lockstep_kernels::isa::bf16_unit().is_some() {
+        assert_ne!(losses[1].1, fp32_loss, "bf16 really rounds");
+    } else {
+        assert_eq!(losses[1].1, fp32_loss, "without AMX or AVX512-BF16, bf16 computes in fp32");
+        println!("this CPU has no bf16 unit: bf16 ran as fp32");
+    }
 }
 
 #[test]
