@@ -14,7 +14,7 @@
 //! Noise is a pure function of (run seed, step, phase, example id), so every rank draws
 //! the noise of its own examples and a run reproduces bit for bit.
 
-use crate::trainer::{GradReducer, StepStats, Trainer};
+use crate::trainer::{backward_into, GradReducer, StepStats, Trainer};
 use crate::{Result, WorkerError};
 use lockstep_kernels::Backend;
 use lockstep_nn::data::Examples;
@@ -302,29 +302,6 @@ impl<B: Backend> Trainer<B> {
         }
         let n = targets.max(1) as f64;
         Ok(crate::trainer::Evaluation { loss: loss / n, accuracy: correct as f64 / n, targets, classes: None })
-    }
-}
-
-/// Backward of `layers` from `dy`, handing each layer's finished gradients to `reducer`.
-/// Returns the gradient of the layers' input.
-fn backward_into<B: Backend>(
-    be: &B,
-    model: &mut Sequential<B>,
-    layers: Range<usize>,
-    dy: Tensor<B>,
-    reducer: &mut dyn GradReducer<B>,
-) -> Result<Tensor<B>> {
-    // The hook's own error (a failed all-reduce) is kept whole, not flattened to text.
-    let mut hook_error = None;
-    let backward = model.backward_layers(be, layers, dy, &mut |first, params| {
-        reducer.grads_ready(be, first, params).map_err(|e| {
-            hook_error = Some(e);
-            lockstep_nn::NnError::HookFailed
-        })
-    });
-    match hook_error {
-        Some(e) => Err(e),
-        None => Ok(backward?),
     }
 }
 

@@ -60,6 +60,29 @@ pub trait GradReducer<B: Backend> {
     }
 }
 
+/// Backward of `layers` from `dy`, handing each layer's finished gradients to `reducer`.
+/// Returns the gradient of the layers' input.
+pub(crate) fn backward_into<B: Backend>(
+    be: &B,
+    model: &mut Sequential<B>,
+    layers: std::ops::Range<usize>,
+    dy: Tensor<B>,
+    reducer: &mut dyn GradReducer<B>,
+) -> Result<Tensor<B>> {
+    // The hook's own error (a failed all-reduce) is kept whole, not flattened to text.
+    let mut hook_error = None;
+    let backward = model.backward_layers(be, layers, dy, &mut |first, params| {
+        reducer.grads_ready(be, first, params).map_err(|e| {
+            hook_error = Some(e);
+            lockstep_nn::NnError::HookFailed
+        })
+    });
+    match hook_error {
+        Some(e) => Err(e),
+        None => Ok(backward?),
+    }
+}
+
 /// ZeRO (T41, `parallel.zero`): each data-parallel rank owns one range of every parameter
 /// (the ranges of all ranks partition it), holds the optimizer state of that range only and
 /// updates it; the updated ranges are then all-gathered.
@@ -328,19 +351,8 @@ impl<B: Backend> Trainer<B> {
                     continue;
                 }
                 reducer.stage_scalars(&[loss_sum, targets as f64, stop_vote, checkpoint_vote]);
-                // The hook's own error (a failed all-reduce) is kept whole, not flattened to text.
-                let mut hook_error = None;
-                let be = &self.be;
-                let backward = self.model.backward_with_hook(be, dlogits, &mut |first, params| {
-                    reducer.grads_ready(be, first, params).map_err(|e| {
-                        hook_error = Some(e);
-                        lockstep_nn::NnError::HookFailed
-                    })
-                });
-                if let Some(e) = hook_error {
-                    return Err(e);
-                }
-                backward?;
+                let layers = 0..self.model.layers.len();
+                backward_into(&self.be, &mut self.model, layers, dlogits, reducer)?;
             }
         } else {
             // No local examples this step: still take part in every collective, in order.
