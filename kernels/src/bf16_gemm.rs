@@ -31,7 +31,6 @@ pub fn bf16_bits(x: f32) -> u32 {
 /// c (+)= op(a)·op(b) with bf16 operands on `unit`; op(a) is (m,k), op(b) (k,n), c (m,n)
 /// row-major, `trans_*` meaning the operand is stored transposed. The caller checks lengths
 /// and that the CPU has `unit` (one of [`crate::isa::bf16_units`]).
-#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     unit: Bf16Unit,
     (a, trans_a): (&[f32], bool),
@@ -165,7 +164,6 @@ unsafe fn run_blocks(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Staging, TILE};
 

@@ -229,6 +229,7 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         let precision = precision.unwrap_or(self.precision);
+        #[cfg(target_arch = "x86_64")]
         if let (MatmulPrecision::Bf16, Some(unit)) = (precision, self.bf16_unit) {
             let (a, b) = ((&a[..m * k], trans_a), (&b[..k * n], trans_b));
             crate::bf16_gemm::matmul(unit, a, b, &mut c[..m * n], (m, k, n), accumulate, self.threads);

@@ -5,6 +5,7 @@
 //! Matrices are row-major. Every op documents the shapes it expects in `// (rows, cols)`.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
 pub mod bf16_gemm;
 pub mod cpu;
 #[cfg(feature = "cuda")]
