@@ -23,6 +23,7 @@ delay=0
 loss=0
 prefix=ls
 subnet=10.77.0
+subnet_given=0
 if [[ $cmd == up ]]; then
     n=${1:?usage: netns-cluster.sh up N [--delay MS] [--loss PERCENT]}
     shift
@@ -32,7 +33,7 @@ while [[ $# -gt 0 ]]; do
         --delay) delay=$2; shift 2 ;;
         --loss) loss=$2; shift 2 ;;
         --prefix) prefix=$2; shift 2 ;;
-        --subnet) subnet=$2; shift 2 ;;
+        --subnet) subnet=$2; subnet_given=1; shift 2 ;;
         *) echo "netns-cluster.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -97,22 +98,41 @@ up() {
         loss_p=$(awk "BEGIN { print $loss / 100 }")
         "$linkem" --delay-ms "$delay" --loss "$loss_p" "${hosts[@]}" >"$state/linkem.log" 2>&1 &
         echo $! >"$state/linkem.pid"
-        # Ready when the last interface is up in its namespace.
-        for _ in $(seq 100); do
-            ip -n "$prefix$((n - 1))" addr show 2>/dev/null | grep -q "$subnet.$n/" && break
+        # Ready when linkem says so: it prints its "linkem: N hosts" line once every
+        # interface is configured. Setting up 4 hosts runs 16 `ip` commands, which took
+        # over 10 s on 2 loaded cores, so wait on readiness (or linkem's exit), not a guess.
+        local pid waited=0
+        pid=$(cat "$state/linkem.pid")
+        until grep -q '^linkem: ' "$state/linkem.log"; do
+            if ! kill -0 "$pid" 2>/dev/null; then
+                wait "$pid" && rc=0 || rc=$?
+                echo "netns-cluster.sh: lockstep-linkem exited (status $rc) before its links were up:" >&2
+                cat "$state/linkem.log" >&2
+                exit 1
+            fi
+            if [[ $waited -ge 1200 ]]; then
+                echo "netns-cluster.sh: lockstep-linkem not ready after 120 s; its log:" >&2
+                cat "$state/linkem.log" >&2
+                exit 1
+            fi
             sleep 0.1
+            waited=$((waited + 1))
         done
         ip -n "$prefix$((n - 1))" addr show | grep -q "$subnet.$n/" || {
-            cat "$state/linkem.log" >&2
+            echo "netns-cluster.sh: linkem is ready but $prefix$((n - 1)) has no address $subnet.$n:" >&2
+            ip -n "$prefix$((n - 1))" addr show >&2 || true
             exit 1
         }
     fi
     echo "$mode" >"$state/mode"
+    echo "$subnet" >"$state/subnet"
     echo "netns-cluster.sh: $n hosts ($mode, delay ${delay} ms, loss ${loss}%): $(hosts | tr '\n' ' ')" >&2
 }
 
 hosts() {
     local i=0
+    # The subnet `up` used, unless one is given.
+    [[ $subnet_given == 0 && -f $state/subnet ]] && subnet=$(cat "$state/subnet")
     for ns in $(namespaces); do
         echo "$ns $subnet.$((${ns#"$prefix"} + 1))"
         i=$((i + 1))
