@@ -43,7 +43,7 @@ pub enum Which {
     Allreduce {
         #[arg(long, default_value_t = 2, value_parser = crate::parse_workers)]
         workers: usize,
-        /// auto (shared memory on one host), shm or quic.
+        /// auto (shared memory on one host), shm, quic (a QUIC ring) or tcp (a TLS-over-TCP ring).
         #[arg(long, default_value = "auto", value_parser = parse_transport)]
         transport: lockstep_proto::toolbox::Transport,
         /// Message sizes in bytes (repeatable; default 1, 4, 16 and 64 MiB).
@@ -94,7 +94,8 @@ fn parse_transport(s: &str) -> Result<lockstep_proto::toolbox::Transport, String
         "auto" => Ok(Transport::Auto),
         "shm" => Ok(Transport::Shm),
         "quic" => Ok(Transport::Quic),
-        other => Err(format!("unknown transport {other:?}: auto, shm or quic")),
+        "tcp" => Ok(Transport::Tcp),
+        other => Err(format!("unknown transport {other:?}: auto, shm, quic or tcp")),
     }
 }
 

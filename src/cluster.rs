@@ -490,7 +490,12 @@ pub fn bench_allreduce(
     let memcpy = crate::bench::memcpy_bandwidth(64 << 20, 10);
     println!(
         "bench allreduce: transport {transport} ({} on one host), {workers} processes, slowest rank's median of {iters}",
-        if transport == lockstep_proto::toolbox::Transport::Quic || workers == 1 { "quic ring" } else { "shared memory" }
+        match transport {
+            _ if workers == 1 => "no links",
+            lockstep_proto::toolbox::Transport::Quic => "quic ring",
+            lockstep_proto::toolbox::Transport::Tcp => "tls-over-tcp ring",
+            _ => "shared memory",
+        }
     );
     println!("  memcpy, one core, 64 MiB: {:.2} GB/s", memcpy / 1e9);
     println!("  plain TCP stream between two local processes: {:.2} GB/s", tcp / 1e9);

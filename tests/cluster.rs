@@ -90,6 +90,18 @@ fn same_world_and_seed_is_bitwise_identical() {
     assert_eq!(a["test_loss"], b["test_loss"]);
 }
 
+/// The two network rings sum in the same order: QUIC and TLS-over-TCP runs of one job end
+/// with the same bits, and the summary names the link.
+#[test]
+fn tcp_and_quic_rings_give_the_same_weights() {
+    let quic = summary(&local("ring-quic", 3, &["--set", "collective.transport=\"quic\""]));
+    let tcp = summary(&local("ring-tcp", 3, &["--set", "collective.transport=\"tcp\""]));
+    assert_eq!(quic["collective"], "ring: 3 ranks on 1 hosts, quic");
+    assert_eq!(tcp["collective"], "ring: 3 ranks on 1 hosts, tcp");
+    assert_eq!(quic["weight_hash"], tcp["weight_hash"], "quic and tcp rings differ");
+    assert_eq!(tcp["steps"], 12);
+}
+
 /// A `lockstep coordinator` process on a free port; returns it and its join address.
 fn start_coordinator(dir: &Path, token_file: &Path) -> (Child, String) {
     start_coordinator_of(dir, token_file, 1, &[])

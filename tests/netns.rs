@@ -163,6 +163,11 @@ fn launch_reads_slurm_and_mpirun_rank_variables() {
                     .args(["--", "configs/mnist-mlp.toml", "--trace", trace.to_str().unwrap()])
                     .args(["--set", "train.max_steps=20", "--set", "data.train_limit=4000"])
                     .args(["--set", "data.test_limit=500"])
+                    // One launcher's run goes over TLS-over-TCP rings between the hosts.
+                    .args([
+                        "--set",
+                        if launcher == "mpirun" { "collective.inter_host=\"tcp\"" } else { "data.test_limit=500" },
+                    ])
                     .env(rank_var, rank.to_string())
                     .env(size_var, "3")
                     .env(local_var, "0")
@@ -181,6 +186,8 @@ fn launch_reads_slurm_and_mpirun_rank_variables() {
         }
         let s = summary(&out_dir);
         assert_eq!((s["world_size"].as_u64(), s["steps"].as_u64()), (Some(3), Some(20)), "{launcher}");
+        let link = if launcher == "mpirun" { "tcp" } else { "quic" };
+        assert_eq!(s["collective"], format!("ring: 3 ranks on 3 hosts, {link}"), "{launcher}");
         // Each task became the rank its launcher variables said, on its own host.
         let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
         for rank in 0..3 {

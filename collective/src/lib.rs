@@ -2,7 +2,8 @@
 //!
 //! The ring algorithms (`ring`) are written once against a `RingLink` (send to the next
 //! rank, receive from the previous one). Links: `thread` (in-process channels, for tests)
-//! and `quic` (QUIC connections between processes, certificates pinned both ways).
+//! `quic` (QUIC connections between processes, certificates pinned both ways) and `tcp`
+//! (TLS 1.3 over TCP with the same pinned certificates).
 
 #[cfg(target_endian = "big")]
 compile_error!("lockstep sends tensors as raw little-endian bytes");
@@ -13,6 +14,7 @@ pub mod pipe;
 pub mod quic;
 pub mod ring;
 pub mod shm;
+pub mod tcp;
 pub mod thread;
 pub mod tls;
 pub mod topology;

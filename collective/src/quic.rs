@@ -33,6 +33,7 @@ pub struct LinkAbort {
     connections: Vec<Connection>,
     shared_memory: Vec<crate::shm::ShmAbort>,
     pipes: Vec<crate::shm::pipe::ShmPipeAbort>,
+    tcp: Vec<crate::tcp::TcpAbort>,
 }
 
 impl LinkAbort {
@@ -52,6 +53,12 @@ impl LinkAbort {
         self
     }
 
+    /// Also shut the sockets of a TCP ring link.
+    pub fn with_tcp(mut self, tcp: crate::tcp::TcpAbort) -> Self {
+        self.tcp.push(tcp);
+        self
+    }
+
     /// Also fail the waits of a shared-memory pipeline link.
     pub fn with_shm_pipe(mut self, pipe: crate::shm::pipe::ShmPipeAbort) -> Self {
         self.pipes.push(pipe);
@@ -67,6 +74,9 @@ impl LinkAbort {
         }
         for pipe in &self.pipes {
             pipe.abort();
+        }
+        for tcp in &self.tcp {
+            tcp.abort();
         }
     }
 }
@@ -129,6 +139,15 @@ impl QuicLink {
 
 impl RingLink for QuicLink {
     fn exchange_bytes(&mut self, send: &[u8], recv: &mut [u8]) -> Result<()> {
+        self.exchange_sliced(send, recv, &mut |_, _| {})
+    }
+
+    fn exchange_sliced(
+        &mut self,
+        send: &[u8],
+        recv: &mut [u8],
+        arrived: &mut dyn FnMut(&[u8], std::ops::Range<usize>),
+    ) -> Result<()> {
         let seq = self.seq;
         self.seq += 1;
         let mut header = seq.to_le_bytes().to_vec();
@@ -153,10 +172,17 @@ impl RingLink for QuicLink {
                         "rank {prev_rank} sent message {got_seq} of {got_len} bytes; expected message {seq} of {want_len} bytes"
                     )));
                 }
-                from_prev
-                    .read_exact(recv)
-                    .await
-                    .map_err(|e| link_err(format!("from rank {prev_rank}: {e}")))
+                let mut at = 0;
+                while at < recv.len() {
+                    let end = (at + crate::tcp::SLICE_BYTES).min(recv.len());
+                    from_prev
+                        .read_exact(&mut recv[at..end])
+                        .await
+                        .map_err(|e| link_err(format!("from rank {prev_rank}: {e}")))?;
+                    arrived(&recv[..end], at..end);
+                    at = end;
+                }
+                Ok(())
             };
             match tokio::time::timeout(timeout, async { tokio::try_join!(send_all, recv_all) }).await {
                 Ok(r) => r.map(|_| ()),

@@ -1,19 +1,19 @@
 //! Which algorithm and transports a group uses, decided from the ranks' host identities
 //! the same way on every rank (and by the coordinator, which reports it).
 
-use lockstep_proto::toolbox::Transport;
+use lockstep_proto::toolbox::{InterHost, Transport};
 use lockstep_proto::wire::PeerInfo;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
     /// One rank: nothing to reduce.
     Solo,
-    /// A QUIC ring over every rank.
+    /// A ring over every rank on the network link.
     Ring,
     /// Every rank on one host: shared memory.
     Shm,
     /// Several hosts with the same number (≥ 2) of ranks each: reduce-scatter in shared
-    /// memory, one QUIC ring per local index between hosts, all-gather in shared memory.
+    /// memory, one network ring per local index between hosts, all-gather in shared memory.
     Hierarchical,
 }
 
@@ -22,11 +22,14 @@ pub enum Layout {
 pub struct Topology {
     pub layout: Layout,
     pub hosts: Vec<Vec<usize>>,
+    /// The network link of the rings (Ring, Hierarchical).
+    pub link: InterHost,
 }
 
 impl Topology {
-    /// The layout `transport` asks for over `peers` (rank i is `peers[i]`).
-    pub fn plan(peers: &[PeerInfo], transport: Transport) -> Result<Self, String> {
+    /// The layout `transport` asks for over `peers` (rank i is `peers[i]`); `inter_host`
+    /// is the network link under `Auto`.
+    pub fn plan(peers: &[PeerInfo], transport: Transport, inter_host: InterHost) -> Result<Self, String> {
         let mut hosts: Vec<(String, Vec<usize>)> = Vec::new();
         for (rank, p) in peers.iter().enumerate() {
             match hosts.iter_mut().find(|(id, _)| *id == p.host_id) {
@@ -39,7 +42,7 @@ impl Topology {
         let even = hosts.iter().all(|h| h.len() == per_host);
         let layout = match transport {
             _ if peers.len() <= 1 => Layout::Solo,
-            Transport::Quic => Layout::Ring,
+            Transport::Quic | Transport::Tcp => Layout::Ring,
             Transport::Shm if hosts.len() == 1 => Layout::Shm,
             Transport::Shm => {
                 return Err(format!(
@@ -52,7 +55,12 @@ impl Topology {
             Transport::Auto if even && per_host >= 2 => Layout::Hierarchical,
             Transport::Auto => Layout::Ring,
         };
-        Ok(Self { layout, hosts })
+        let link = match transport {
+            Transport::Quic => InterHost::Quic,
+            Transport::Tcp => InterHost::Tcp,
+            Transport::Auto | Transport::Shm => inter_host,
+        };
+        Ok(Self { layout, hosts, link })
     }
 
     /// (host index, local index) of `rank`.
@@ -65,13 +73,14 @@ impl Topology {
         let ranks: usize = self.hosts.iter().map(Vec::len).sum();
         match self.layout {
             Layout::Solo => "solo: 1 rank".into(),
-            Layout::Ring => format!("ring: {ranks} ranks on {} hosts, quic", self.hosts.len()),
+            Layout::Ring => format!("ring: {ranks} ranks on {} hosts, {}", self.hosts.len(), self.link),
             Layout::Shm => format!("shm: {ranks} ranks on 1 host"),
             Layout::Hierarchical => format!(
-                "hierarchical: {} hosts x {} ranks, shm inside each host, {} quic rings between",
+                "hierarchical: {} hosts x {} ranks, shm inside each host, {} {} rings between",
                 self.hosts.len(),
                 self.hosts[0].len(),
-                self.hosts[0].len()
+                self.hosts[0].len(),
+                self.link
             ),
         }
     }
@@ -96,7 +105,7 @@ mod tests {
 
     #[test]
     fn layouts_follow_the_hosts() {
-        let plan = |h: &[&str], t| Topology::plan(&peers(h), t);
+        let plan = |h: &[&str], t| Topology::plan(&peers(h), t, InterHost::Quic);
         assert_eq!(plan(&["a"], Transport::Auto).unwrap().layout, Layout::Solo);
         assert_eq!(plan(&["a", "a", "a"], Transport::Auto).unwrap().layout, Layout::Shm);
         assert_eq!(plan(&["a", "a", "a"], Transport::Quic).unwrap().layout, Layout::Ring);
@@ -108,5 +117,10 @@ mod tests {
         assert_eq!(hier.locate(3), Some((1, 1)));
         let err = plan(&["a", "b"], Transport::Shm).unwrap_err();
         assert!(err.contains("2 hosts"), "{err}");
+        let tcp = plan(&["a", "a", "a"], Transport::Tcp).unwrap();
+        assert_eq!((tcp.layout, tcp.link), (Layout::Ring, InterHost::Tcp));
+        let hier_tcp = Topology::plan(&peers(&["a", "b", "a", "b"]), Transport::Auto, InterHost::Tcp).unwrap();
+        assert_eq!((&hier_tcp.layout, hier_tcp.link), (&Layout::Hierarchical, InterHost::Tcp));
+        assert!(hier_tcp.describe().contains("2 tcp rings between"), "{}", hier_tcp.describe());
     }
 }

@@ -30,6 +30,28 @@ pub enum Transport {
     Shm,
     /// A QUIC ring over every rank, wherever it is.
     Quic,
+    /// A TLS-over-TCP ring over every rank, wherever it is.
+    Tcp,
+}
+
+/// The network link between hosts under `transport = "auto"` (`collective.inter_host`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InterHost {
+    /// QUIC: keeps its rate on links that lose packets (BBR), the safe default.
+    #[default]
+    Quic,
+    /// TLS 1.3 over TCP, same pinned certificates: several times QUIC's rate on clean links.
+    Tcp,
+}
+
+impl std::fmt::Display for InterHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InterHost::Quic => "quic",
+            InterHost::Tcp => "tcp",
+        })
+    }
 }
 
 impl std::fmt::Display for Transport {
@@ -38,6 +60,7 @@ impl std::fmt::Display for Transport {
             Transport::Auto => "auto",
             Transport::Shm => "shm",
             Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
         })
     }
 }
@@ -48,6 +71,8 @@ impl std::fmt::Display for Transport {
 pub struct CollectiveSpec {
     #[serde(default)]
     pub transport: Transport,
+    #[serde(default)]
+    pub inter_host: InterHost,
 }
 
 /// `[parallel]` (T42): world = pipeline_stages × data_parallel. Rank r is stage r mod P of

@@ -15,6 +15,7 @@ use lockstep_collective::pipe::QuicPipe;
 use lockstep_collective::quic::{LinkAbort, QuicLink};
 use lockstep_collective::shm::pipe::ShmPipe;
 use lockstep_collective::shm::{ShmComm, ShmGroupSpec};
+use lockstep_collective::tcp::TcpLink;
 use lockstep_collective::tls::{
     endpoint, parse_join_address, pinned_client_config, resolve, server_config, AllowedPeers, Identity,
 };
@@ -23,7 +24,7 @@ use lockstep_collective::{Communicator, RingComm, WireFormat};
 use lockstep_kernels::{Backend, CpuBackend};
 use lockstep_proto::job::Device;
 use lockstep_proto::preempt::RESCALE;
-use lockstep_proto::toolbox::{Dtype, Transport};
+use lockstep_proto::toolbox::{Dtype, InterHost, Transport};
 use lockstep_proto::topology::Topology as RankTopology;
 use lockstep_proto::wire::{
     read_frame, write_frame, AllReduceTiming, Assign, Task, ToCoordinator, ToWorker, PROTOCOL_VERSION,
@@ -74,6 +75,8 @@ struct Node<'a> {
     data_ep: &'a quinn::Endpoint,
     allowed: &'a AllowedPeers,
     me: &'a Identity,
+    /// TCP at the data-plane port's number, for TLS-over-TCP rings (None: could not bind).
+    tcp: Option<&'a std::net::TcpListener>,
     opts: &'a DaemonOptions,
     /// The ring link of the running task: closed when the coordinator aborts the task or
     /// goes away, so a collective blocked on a dead peer fails now rather than at its timeout.
@@ -128,6 +131,9 @@ pub fn run_daemon(opts: &DaemonOptions) -> Result<()> {
         endpoint(SocketAddr::new(opts.bind, 0), server).map_err(net("data-plane endpoint"))?
     };
     let data_port = data_ep.local_addr().map_err(net("data-plane endpoint"))?.port();
+    let tcp = lockstep_collective::tcp::listen(SocketAddr::new(opts.bind, data_port))
+        .inspect_err(|e| tracing::warn!("no TCP listener at port {data_port} ({e}): tcp rings cannot form here"))
+        .ok();
     let advertise = opts.advertise.or_else(|| local_ip_towards(coord)).unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let data_addr = SocketAddr::new(advertise, data_port).to_string();
     let node = Node {
@@ -135,6 +141,7 @@ pub fn run_daemon(opts: &DaemonOptions) -> Result<()> {
         data_ep: &data_ep,
         allowed: &allowed,
         me: &identity,
+        tcp: tcp.as_ref(),
         opts,
         active_link: Default::default(),
         topology: Default::default(),
@@ -320,16 +327,21 @@ impl Node<'_> {
     /// This rank's communicator (None at world size 1): shared memory between the ranks
     /// of one host, a QUIC ring between hosts, hierarchical when several hosts each have
     /// several ranks (`collective.transport`).
-    fn build_comm(&self, assign: &Assign, transport: Transport) -> Result<Option<Box<dyn Communicator>>> {
-        let topology = Topology::plan(&assign.peers, transport).map_err(WorkerError::Config)?;
+    fn build_comm(
+        &self,
+        assign: &Assign,
+        transport: Transport,
+        inter_host: InterHost,
+    ) -> Result<Option<Box<dyn Communicator>>> {
+        let topology = Topology::plan(&assign.peers, transport, inter_host).map_err(WorkerError::Config)?;
         self.set_topology(assign.rank, topology.describe());
         let rank = assign.rank;
         let comm: Box<dyn Communicator> = match topology.layout {
             Layout::Solo => return Ok(None),
             Layout::Ring => {
-                let link = self.quic_ring(rank, &assign.peers)?;
-                self.set_active(link.abort_handle());
-                Box::new(RingComm { link, rank, world: assign.world })
+                let (ring, abort) = self.network_ring(topology.link, assign, rank, &assign.peers)?;
+                self.set_active(abort);
+                ring
             }
             Layout::Shm => {
                 let local = self.shm_group(assign, "host", rank, (0..assign.world).collect())?;
@@ -353,6 +365,35 @@ impl Node<'_> {
     fn set_active(&self, abort: LinkAbort) {
         if let Ok(mut active) = self.active_link.lock() {
             *active = Some(abort);
+        }
+    }
+
+    /// A ring over `peers` on `link`, this rank being `peers[index]` (ring rank `index`),
+    /// with what aborts it.
+    fn network_ring(
+        &self,
+        link: InterHost,
+        assign: &Assign,
+        index: usize,
+        peers: &[lockstep_proto::wire::PeerInfo],
+    ) -> Result<(Box<dyn Communicator>, LinkAbort)> {
+        let world = peers.len();
+        match link {
+            InterHost::Quic => {
+                let link = self.quic_ring(index, peers)?;
+                let abort = link.abort_handle();
+                Ok((Box::new(RingComm { link, rank: index, world }), abort))
+            }
+            InterHost::Tcp => {
+                let listener = self.tcp.ok_or_else(|| {
+                    WorkerError::Collective("collective link tcp: this worker has no TCP listener (see its log)".into())
+                })?;
+                let secret = assign.group_secret.as_bytes();
+                let timeout = self.opts.collective_timeout;
+                let link = TcpLink::connect(listener, self.me, secret, index, peers, timeout)?;
+                let abort = LinkAbort::default().with_tcp(link.abort_handle()?);
+                Ok((Box::new(RingComm { link, rank: index, world }), abort))
+            }
         }
     }
 
@@ -388,9 +429,8 @@ impl Node<'_> {
         let (host, local_index) = locate(rank)?;
         let local = self.shm_group(assign, &format!("host{host}"), rank, topology.hosts[host].clone())?;
         let ring_peers: Vec<_> = topology.hosts.iter().map(|h| assign.peers[h[local_index]].clone()).collect();
-        let link = self.quic_ring(host, &ring_peers)?;
-        self.set_active(link.abort_handle().with_shm(local.abort_handle()));
-        let inter: Box<dyn Communicator> = Box::new(RingComm { link, rank: host, world: ring_peers.len() });
+        let (inter, abort) = self.network_ring(topology.link, assign, host, &ring_peers)?;
+        self.set_active(abort.with_shm(local.abort_handle()));
         let locations = (0..assign.world).map(locate).collect::<Result<Vec<_>>>()?;
         Ok(HierComm::new(local, Some(inter), locations, rank))
     }
@@ -506,7 +546,7 @@ impl Node<'_> {
                     let (comm, stage) = self.build_pipeline_links(assign, &spec)?;
                     (comm, Some(stage))
                 } else {
-                    (self.build_comm(assign, spec.collective.transport)?, None)
+                    (self.build_comm(assign, spec.collective.transport, spec.collective.inter_host)?, None)
                 };
                 let job = TrainJob {
                     spec: &spec,
@@ -547,7 +587,7 @@ impl Node<'_> {
                 Ok(())
             }
             Task::BenchAllReduce { sizes, iters, transport } => {
-                let mut comm = self.build_comm(assign, *transport)?;
+                let mut comm = self.build_comm(assign, *transport, InterHost::Quic)?;
                 let results = sizes
                     .iter()
                     .map(|&bytes| time_all_reduce(&mut comm, bytes, (*iters).max(1)))
@@ -601,7 +641,8 @@ impl PipelinePlace {
         let transport = spec.collective.transport;
         let on_this_host = |ranks: &[usize]| {
             let here = &assign.peers[at.rank].host_id;
-            transport != Transport::Quic && ranks.iter().all(|&r| assign.peers[r].host_id == *here)
+            !matches!(transport, Transport::Quic | Transport::Tcp)
+                && ranks.iter().all(|&r| assign.peers[r].host_id == *here)
         };
         let pipe_on_shm = on_this_host(&at.replica_ranks());
         let ring_on_shm = at.replicas() > 1 && on_this_host(&at.stage_ranks());
