@@ -410,13 +410,14 @@ impl Node<'_> {
         let member = ranks.iter().position(|&r| r == rank).ok_or_else(|| {
             WorkerError::Collective(format!("rank {rank} is not in shared-memory group {group} {ranks:?}"))
         })?;
+        let sub_len = lockstep_collective::shm::sub_len_for(ranks.len());
         let spec = ShmGroupSpec {
             secret: assign.group_secret.as_bytes().to_vec(),
             group: group.to_string(),
             member,
             ranks,
             timeout: self.opts.collective_timeout,
-            sub_len: lockstep_collective::shm::DEFAULT_SUB_LEN,
+            sub_len,
         };
         Ok(ShmComm::connect(&spec)?)
     }

@@ -83,7 +83,19 @@ fn all_reduce_is_exact_with_identical_bits_on_every_member() {
 #[test]
 fn all_reduce_of_64_mib_is_exact() {
     for world in [2, 3, 5] {
-        check_all_reduce(world, 16 << 20, DEFAULT_SUB_LEN);
+        check_all_reduce(world, 16 << 20, sub_len_for(world));
+    }
+}
+
+/// The staging the daemon gives a group (`sub_len_for`): one round while every slice fits
+/// it, L2-sized rounds past it; exact on both sides of the switch.
+#[test]
+fn one_round_and_many_round_buffers_are_exact_at_the_switch() {
+    for world in [2, 3] {
+        let staging = sub_len_for(world);
+        for len in [world * staging - 1, world * staging, world * staging + 1, 3 * world * staging + 5] {
+            check_all_reduce(world, len, staging);
+        }
     }
 }
 
