@@ -159,7 +159,13 @@ impl RingLink for QuicLink {
         self.rt.block_on(async move {
             let send_all = async {
                 to_next.write_all(&header).await.map_err(link_err)?;
-                to_next.write_all(send).await.map_err(link_err)
+                // In 1 MiB pieces: quinn copies what it is given into one buffer, and a
+                // whole chunk (32 MiB of a 64 MiB all-reduce) would be a fresh mmap,
+                // page-faulted in and unmapped on every exchange.
+                for piece in send.chunks(1 << 20) {
+                    to_next.write_all(piece).await.map_err(link_err)?;
+                }
+                Ok(())
             };
             let recv_all = async {
                 let mut h = [0u8; 16];
