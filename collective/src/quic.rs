@@ -150,8 +150,7 @@ impl RingLink for QuicLink {
     ) -> Result<()> {
         let seq = self.seq;
         self.seq += 1;
-        let mut header = seq.to_le_bytes().to_vec();
-        header.extend((std::mem::size_of_val(send) as u64).to_le_bytes());
+        let header = crate::ring::message_header(seq, send.len());
         let to_next = &mut self.to_next;
         let from_prev = &mut self.from_prev;
         let prev_rank = self.prev_rank;
@@ -170,14 +169,7 @@ impl RingLink for QuicLink {
             let recv_all = async {
                 let mut h = [0u8; 16];
                 from_prev.read_exact(&mut h).await.map_err(|e| link_err(format!("from rank {prev_rank}: {e}")))?;
-                let got_seq = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
-                let got_len = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
-                let want_len = std::mem::size_of_val(recv) as u64;
-                if got_seq != seq || got_len != want_len {
-                    return Err(CollectiveError::Protocol(format!(
-                        "rank {prev_rank} sent message {got_seq} of {got_len} bytes; expected message {seq} of {want_len} bytes"
-                    )));
-                }
+                crate::ring::check_message_header(h, seq, recv.len(), prev_rank)?;
                 let mut at = 0;
                 while at < recv.len() {
                     let end = (at + crate::tcp::SLICE_BYTES).min(recv.len());

@@ -36,6 +36,25 @@ pub trait RingLink: Send {
     }
 }
 
+/// The header a network link puts before each ring message: its sequence number and length.
+pub(crate) fn message_header(seq: u64, len: usize) -> [u8; 16] {
+    let mut header = [0u8; 16];
+    header[..8].copy_from_slice(&seq.to_le_bytes());
+    header[8..].copy_from_slice(&(len as u64).to_le_bytes());
+    header
+}
+
+/// Checks a received header against the message the ring expects next from `prev_rank`.
+pub(crate) fn check_message_header(header: [u8; 16], seq: u64, want_len: usize, prev_rank: usize) -> Result<()> {
+    let [got_seq, got_len] = [&header[..8], &header[8..]].map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    if got_seq != seq || got_len != want_len as u64 {
+        return Err(crate::CollectiveError::Protocol(format!(
+            "rank {prev_rank} sent message {got_seq} of {got_len} bytes; expected message {seq} of {want_len} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// `send` and `recv`, two disjoint ranges of `buf`, borrowed together.
 fn send_and_recv(buf: &mut [f32], send: std::ops::Range<usize>, recv: std::ops::Range<usize>) -> (&[f32], &mut [f32]) {
     debug_assert!(send.end <= recv.start || recv.end <= send.start || send.is_empty() || recv.is_empty());

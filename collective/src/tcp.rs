@@ -237,14 +237,7 @@ fn receive_message(
     let from = |e: std::io::Error| link_err(format!("tcp ring: from rank {prev_rank}: {e}"));
     let mut header = [0u8; 16];
     from_prev.read_exact(&mut header).map_err(from)?;
-    let got_seq = u64::from_le_bytes(header[..8].try_into().map_err(link_err)?);
-    let got_len = u64::from_le_bytes(header[8..].try_into().map_err(link_err)?);
-    if got_seq != seq || got_len != recv.len() as u64 {
-        return Err(CollectiveError::Protocol(format!(
-            "rank {prev_rank} sent message {got_seq} of {got_len} bytes; expected message {seq} of {} bytes",
-            recv.len()
-        )));
-    }
+    crate::ring::check_message_header(header, seq, recv.len(), prev_rank)?;
     let mut at = 0;
     while at < recv.len() {
         let end = (at + SLICE_BYTES).min(recv.len());
@@ -287,9 +280,7 @@ struct SendHalf<'a>(&'a mut StreamOwned<ClientConnection, TcpStream>);
 
 impl SendHalf<'_> {
     fn send(&mut self, seq: u64, send: &[u8]) -> std::io::Result<()> {
-        let mut header = seq.to_le_bytes().to_vec();
-        header.extend((send.len() as u64).to_le_bytes());
-        self.0.write_all(&header)?;
+        self.0.write_all(&crate::ring::message_header(seq, send.len()))?;
         for piece in send.chunks(WRITE_BYTES) {
             self.0.write_all(piece)?;
         }
