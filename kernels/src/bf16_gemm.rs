@@ -31,6 +31,12 @@ pub fn bf16_bits(x: f32) -> u32 {
 /// c (+)= op(a)·op(b) with bf16 operands on `unit`; op(a) is (m,k), op(b) (k,n), c (m,n)
 /// row-major, `trans_*` meaning the operand is stored transposed. The caller checks lengths
 /// and that the CPU has `unit` (one of [`crate::isa::bf16_units`]).
+///
+/// One parallel region per product: the longer side of the output is cut into one part per
+/// thread, and each thread packs what its part reads (its share of that side's operand, all
+/// of the other) before computing it. Three regions (pack a, pack b, compute) cost three
+/// thread wake-ups per GEMM, which on the GPT's ~50 small GEMMs a step was more than the
+/// packing the threads now repeat.
 pub fn matmul(
     unit: Bf16Unit,
     (a, trans_a): (&[f32], bool),
@@ -42,46 +48,25 @@ pub fn matmul(
 ) {
     assert!(crate::isa::bf16_units().contains(&unit), "{unit:?} is not on this CPU");
     let pairs = k.div_ceil(2 * PAIRS_PER_ROW) * PAIRS_PER_ROW;
+    let blocks = Blocks { m, n, mp: m.next_multiple_of(TILE), np: n.next_multiple_of(TILE) };
     // Below ~1 MFLOP the fork/join costs more than it saves.
-    let (mp, np) = (m.next_multiple_of(TILE), n.next_multiple_of(TILE));
-    // Packing buffers are kept per thread: fresh ones would be zeroed (or page-faulted in)
-    // on every call, which costs as much as the products. Taken, not borrowed: rayon may
-    // start another GEMM on this thread while this one waits.
-    let (mut a_rows, mut b_panels) = PACKING.take();
-    grow(&mut a_rows, mp * pairs);
-    grow(&mut b_panels, np * pairs);
-    let parallel = threads > 1 && m * k * n >= (1 << 20);
-    // Each packs whole 16-row groups (16-column panels), split between threads.
-    let tiles_per_part = |len: usize| if parallel { len.div_ceil(TILE).div_ceil(threads) } else { len.div_ceil(TILE) };
-    let a_part = tiles_per_part(mp) * TILE * pairs;
-    // SAFETY (both): the CPU has AVX-512 (every bf16 unit implies it).
-    a_rows[..mp * pairs]
-        .par_chunks_mut(a_part)
-        .enumerate()
-        .for_each(|(i, part)| unsafe { x86::pack_rows(a, trans_a, (m, k), pairs, part, i * a_part / pairs) });
-    let b_part = tiles_per_part(np) * TILE * pairs;
-    b_panels[..np * pairs].par_chunks_mut(b_part).enumerate().for_each(|(i, part)| unsafe {
-        x86::pack_panels(b, trans_b, (k, n), pairs, part, i * b_part / (TILE * pairs))
-    });
-    let blocks = Blocks { m, n, mp, np };
+    let threads = if m * k * n >= (1 << 20) { threads.max(1) } else { 1 };
+    let parts = blocks.parts(threads);
+    let work = Work { unit, a: (a, trans_a), b: (b, trans_b), k, pairs, accumulate };
     let out = SharedOut { ptr: c.as_mut_ptr(), n };
-    let per_thread = blocks.count().div_ceil(threads.max(1));
-    let run = |range: std::ops::Range<usize>| {
-        let packed = Packed { a_rows: &a_rows, b_panels: &b_panels, pairs };
-        // SAFETY: the unit is on this CPU (asserted above); blocks of distinct indices write
-        // disjoint parts of `c`, which holds m·n values (checked by the caller).
-        unsafe { run_blocks(unit, &packed, &blocks, range, &out, accumulate) }
-    };
-    if !parallel {
-        run(0..blocks.count());
+    // SAFETY: the unit is on this CPU (asserted above); parts are disjoint blocks of `c`,
+    // which holds m·n values (checked by the caller).
+    let run = |part: &Part| unsafe { run_part(&work, &blocks, part, &out) };
+    if parts.len() == 1 {
+        run(&parts[0]);
     } else {
-        (0..threads).into_par_iter().for_each(|t| run(t * per_thread..((t + 1) * per_thread).min(blocks.count())));
+        parts.par_iter().for_each(run);
     }
-    PACKING.set((a_rows, b_panels));
 }
 
 thread_local! {
-    /// (packed op(a), packed op(b)) of this thread's last GEMM, reused.
+    /// (packed op(a), packed op(b)) of this thread's last GEMM, reused: fresh buffers would
+    /// be zeroed (or page-faulted in) on every call, which costs as much as the products.
     static PACKING: std::cell::Cell<(Vec<u32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
@@ -91,13 +76,17 @@ fn grow(buf: &mut Vec<u32>, len: usize) {
     }
 }
 
-struct Packed<'a> {
-    a_rows: &'a [u32],
-    b_panels: &'a [u32],
+/// What every part of one product shares.
+struct Work<'a> {
+    unit: Bf16Unit,
+    a: (&'a [f32], bool),
+    b: (&'a [f32], bool),
+    k: usize,
     pairs: usize,
+    accumulate: bool,
 }
 
-/// The output's blocks of up to 32×32, column blocks outer (a thread's run shares b panels).
+/// The output's blocks of up to 32×32.
 struct Blocks {
     m: usize,
     n: usize,
@@ -105,17 +94,32 @@ struct Blocks {
     np: usize,
 }
 
+/// A thread's share of the output: padded rows `rows` × padded columns `cols` (multiples of
+/// a block's side, clipped to the padded output).
+struct Part {
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
 impl Blocks {
     const SIDE: usize = 2 * TILE;
-    fn count(&self) -> usize {
-        self.mp.div_ceil(Self::SIDE) * self.np.div_ceil(Self::SIDE)
+
+    /// Up to `threads` parts, cut along the longer side in whole blocks.
+    fn parts(&self, threads: usize) -> Vec<Part> {
+        let cut = |len: usize| -> Vec<std::ops::Range<usize>> {
+            let per = len.div_ceil(Self::SIDE).div_ceil(threads) * Self::SIDE;
+            (0..len).step_by(per.max(Self::SIDE)).map(|s| s..(s + per).min(len)).collect()
+        };
+        if self.np >= self.mp {
+            cut(self.np).into_iter().map(|cols| Part { rows: 0..self.mp, cols }).collect()
+        } else {
+            cut(self.mp).into_iter().map(|rows| Part { rows, cols: 0..self.np }).collect()
+        }
     }
-    /// (first row, tile rows, first column, tile columns) of block `i`.
-    fn get(&self, i: usize) -> (usize, usize, usize, usize) {
-        let row_blocks = self.mp.div_ceil(Self::SIDE);
-        let (row0, col0) = ((i % row_blocks) * Self::SIDE, (i / row_blocks) * Self::SIDE);
-        let tiles = |left: usize| (left / TILE).min(2);
-        (row0, tiles(self.mp - row0), col0, tiles(self.np - col0))
+
+    /// Tiles (1 or 2) of the block starting at `start` on a side of padded length `len`.
+    fn tiles(start: usize, len: usize) -> usize {
+        ((len - start) / TILE).min(2)
     }
 }
 
@@ -124,7 +128,7 @@ struct SharedOut {
     ptr: *mut f32,
     n: usize,
 }
-// SAFETY: threads write disjoint blocks (see `matmul`).
+// SAFETY: threads write disjoint parts (see `matmul`).
 unsafe impl Sync for SharedOut {}
 
 /// A block's 2×2 tiles of fp32 before they are rounded into c: tile (r, c) at row r·16,
@@ -132,36 +136,41 @@ unsafe impl Sync for SharedOut {}
 #[repr(C, align(64))]
 struct Staging([f32; 4 * TILE * TILE]);
 
-unsafe fn run_blocks(
-    unit: Bf16Unit,
-    packed: &Packed,
-    blocks: &Blocks,
-    range: std::ops::Range<usize>,
-    out: &SharedOut,
-    accumulate: bool,
-) {
-    if range.is_empty() {
-        return;
-    }
+/// Packs what `part` reads into this thread's buffers and computes its blocks, column
+/// blocks outer (consecutive blocks share b's panels).
+unsafe fn run_part(work: &Work, blocks: &Blocks, part: &Part, out: &SharedOut) {
+    let pairs = work.pairs;
+    let (mut a_rows, mut b_panels) = PACKING.take();
+    grow(&mut a_rows, part.rows.len() * pairs);
+    grow(&mut b_panels, part.cols.len() * pairs);
+    let (a, trans_a) = work.a;
+    let (b, trans_b) = work.b;
+    // SAFETY (both): the CPU has AVX-512 (every bf16 unit implies it).
+    x86::pack_rows(a, trans_a, (blocks.m, work.k), pairs, &mut a_rows[..part.rows.len() * pairs], part.rows.start);
+    let first_panel = part.cols.start / TILE;
+    x86::pack_panels(b, trans_b, (work.k, blocks.n), pairs, &mut b_panels[..part.cols.len() * pairs], first_panel);
     let mut staging = Staging([0.0; 4 * TILE * TILE]);
-    if unit == Bf16Unit::Amx {
+    if work.unit == Bf16Unit::Amx {
         x86::amx::configure();
     }
-    for i in range {
-        let (row0, rt, col0, ct) = blocks.get(i);
-        let a = packed.a_rows.as_ptr().add(row0 * packed.pairs);
-        let b = packed.b_panels.as_ptr().add(col0 * packed.pairs);
-        match unit {
-            Bf16Unit::Amx => x86::amx::block(a, b, packed.pairs, (rt, ct), &mut staging),
-            Bf16Unit::Avx512Bf16 => x86::dpbf16::block(a, b, packed.pairs, (rt, ct), &mut staging),
+    for col0 in part.cols.clone().step_by(Blocks::SIDE) {
+        for row0 in part.rows.clone().step_by(Blocks::SIDE) {
+            let (rt, ct) = (Blocks::tiles(row0, blocks.mp), Blocks::tiles(col0, blocks.np));
+            let a_block = a_rows.as_ptr().add((row0 - part.rows.start) * pairs);
+            let b_block = b_panels.as_ptr().add((col0 - part.cols.start) * pairs);
+            match work.unit {
+                Bf16Unit::Amx => x86::amx::block(a_block, b_block, pairs, (rt, ct), &mut staging),
+                Bf16Unit::Avx512Bf16 => x86::dpbf16::block(a_block, b_block, pairs, (rt, ct), &mut staging),
+            }
+            let rows = (blocks.m - row0).min(rt * TILE);
+            let cols = (blocks.n - col0).min(ct * TILE);
+            x86::store(&staging, out.ptr.add(row0 * out.n + col0), out.n, (rows, cols), work.accumulate);
         }
-        let rows = (blocks.m - row0).min(rt * TILE);
-        let cols = (blocks.n - col0).min(ct * TILE);
-        x86::store(&staging, out.ptr.add(row0 * out.n + col0), out.n, (rows, cols), accumulate);
     }
-    if unit == Bf16Unit::Amx {
+    if work.unit == Bf16Unit::Amx {
         x86::amx::release();
     }
+    PACKING.set((a_rows, b_panels));
 }
 
 mod x86 {
@@ -518,7 +527,9 @@ mod tests {
 
     #[test]
     fn every_unit_matches_rounded_operands_for_every_shape_and_transpose() {
-        let shapes = [(1, 1, 1), (5, 7, 3), (16, 32, 16), (33, 65, 17), (40, 100, 70), (128, 96, 10)];
+        // The last two are past the parallel threshold: cut by rows, then by columns.
+        let shapes =
+            [(1, 1, 1), (5, 7, 3), (16, 32, 16), (33, 65, 17), (40, 100, 70), (128, 96, 10), (200, 90, 70), (70, 90, 200)];
         for &unit in bf16_units() {
             for &(m, k, n) in &shapes {
                 for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
