@@ -174,7 +174,12 @@ fn accept(
 ) -> Result<StreamOwned<ServerConnection, TcpStream>> {
     let allowed = AllowedPeers::default();
     allowed.write().map_err(|_| link_err("peer set poisoned"))?.insert(prev.fingerprint.to_ascii_lowercase());
-    let config = Arc::new(rustls_server(me, Some(allowed))?);
+    let mut config = rustls_server(me, Some(allowed))?;
+    // No session tickets: the dialer never reads its connection, so tickets would sit
+    // unread there, and closing a socket with unread data sends a reset that can destroy
+    // our last message still queued on the other side (seen as ECONNRESET in a test).
+    config.send_tls13_tickets = 0;
+    let config = Arc::new(config);
     listener.set_nonblocking(true)?;
     loop {
         if Instant::now() >= deadline {
@@ -289,9 +294,10 @@ impl SendHalf<'_> {
 }
 
 impl Drop for TcpLink {
-    /// Tell the next rank we are done (TLS close_notify), so its last read ends cleanly.
+    /// Tell the next rank we are done (TLS close_notify, then FIN after all our data).
     fn drop(&mut self) {
         self.to_next.conn.send_close_notify();
         let _ = self.to_next.flush();
+        let _ = self.to_next.sock.shutdown(Shutdown::Write);
     }
 }
