@@ -158,13 +158,20 @@ unsafe fn run_part(work: &Work, blocks: &Blocks, part: &Part, out: &SharedOut) {
             let (rt, ct) = (Blocks::tiles(row0, blocks.mp), Blocks::tiles(col0, blocks.np));
             let a_block = a_rows.as_ptr().add((row0 - part.rows.start) * pairs);
             let b_block = b_panels.as_ptr().add((col0 - part.cols.start) * pairs);
+            let block_out = x86::BlockOut {
+                c: out.ptr.add(row0 * out.n + col0),
+                n: out.n,
+                rows: (blocks.m - row0).min(rt * TILE),
+                cols: (blocks.n - col0).min(ct * TILE),
+                accumulate: work.accumulate,
+            };
             match work.unit {
-                Bf16Unit::Amx => x86::amx::block(a_block, b_block, pairs, (rt, ct), &mut staging),
-                Bf16Unit::Avx512Bf16 => x86::dpbf16::block(a_block, b_block, pairs, (rt, ct), &mut staging),
+                Bf16Unit::Amx => {
+                    x86::amx::block(a_block, b_block, pairs, (rt, ct), &mut staging);
+                    x86::store(&staging, &block_out);
+                }
+                Bf16Unit::Avx512Bf16 => x86::dpbf16::block(a_block, b_block, pairs, (rt, ct), &block_out),
             }
-            let rows = (blocks.m - row0).min(rt * TILE);
-            let cols = (blocks.n - col0).min(ct * TILE);
-            x86::store(&staging, out.ptr.add(row0 * out.n + col0), out.n, (rows, cols), work.accumulate);
         }
     }
     if work.unit == Bf16Unit::Amx {
@@ -323,29 +330,48 @@ mod x86 {
         }
     }
 
-    /// c (+)= the block's staged fp32, rounded to bf16: `rows`×`cols` of it, c's row stride `n`.
+    /// Where a block's results go: c at its first element, c's row stride `n`, the block's
+    /// `rows`×`cols` inside the matrix, and whether to add to c.
+    pub struct BlockOut {
+        pub c: *mut f32,
+        pub n: usize,
+        pub rows: usize,
+        pub cols: usize,
+        pub accumulate: bool,
+    }
+
+    impl BlockOut {
+        /// Columns `c0..c0+16` of row `r`, rounded to bf16, into c (masked at the edge).
+        #[inline(always)]
+        unsafe fn put(&self, r: usize, c0: usize, x: __m512) {
+            let mask = if self.cols - c0 >= TILE { u16::MAX } else { ((1u32 << (self.cols - c0)) - 1) as u16 };
+            let mut v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bf16_lanes(x)));
+            let to = self.c.add(r * self.n + c0);
+            if self.accumulate {
+                v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, to), v);
+            }
+            _mm512_mask_storeu_ps(to, mask, v);
+        }
+    }
+
+    /// c (+)= the block's staged fp32, rounded to bf16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-    pub unsafe fn store(staging: &Staging, c: *mut f32, n: usize, (rows, cols): (usize, usize), accumulate: bool) {
-        for r in 0..rows {
-            for c0 in (0..cols).step_by(TILE) {
-                let mask = if cols - c0 >= TILE { u16::MAX } else { ((1u32 << (cols - c0)) - 1) as u16 };
-                let staged = _mm512_load_ps(staging.0.as_ptr().add(r * 2 * TILE + c0));
-                let mut v = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bf16_lanes(staged)));
-                let to = c.add(r * n + c0);
-                if accumulate {
-                    v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, to), v);
-                }
-                _mm512_mask_storeu_ps(to, mask, v);
+    pub unsafe fn store(staging: &Staging, out: &BlockOut) {
+        for r in 0..out.rows {
+            for c0 in (0..out.cols).step_by(TILE) {
+                out.put(r, c0, _mm512_load_ps(staging.0.as_ptr().add(r * 2 * TILE + c0)));
             }
         }
     }
 
-    /// AVX512-BF16: eight rows at a time, 16 fp32 accumulators (8 rows × 2 panels).
+    /// AVX512-BF16: eight rows at a time, 16 fp32 accumulators (8 rows × 2 panels), rounded
+    /// and stored straight from the registers.
     pub mod dpbf16 {
-        use super::super::{Staging, TILE};
+        use super::super::TILE;
+        use super::BlockOut;
         use std::arch::x86_64::*;
 
-        pub unsafe fn block(a: *const u32, b: *const u32, pairs: usize, (rt, ct): (usize, usize), out: &mut Staging) {
+        pub unsafe fn block(a: *const u32, b: *const u32, pairs: usize, (rt, ct): (usize, usize), out: &BlockOut) {
             match ct {
                 1 => rows::<1>(a, b, pairs, rt * TILE, out),
                 _ => rows::<2>(a, b, pairs, rt * TILE, out),
@@ -360,9 +386,13 @@ mod x86 {
         }
 
         #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl,avx2,fma")]
-        unsafe fn rows<const CT: usize>(a: *const u32, b: *const u32, pairs: usize, rows: usize, out: &mut Staging) {
+        unsafe fn rows<const CT: usize>(a: *const u32, b: *const u32, pairs: usize, rows: usize, out: &BlockOut) {
             for group in 0..rows / 8 {
-                let a = a.add(group * 8 * pairs);
+                let first = group * 8;
+                if first >= out.rows {
+                    return;
+                }
+                let a = a.add(first * pairs);
                 let mut acc = [[_mm512_setzero_ps(); CT]; 8];
                 for p in 0..pairs {
                     let mut panel = [_mm512_setzero_si512(); CT];
@@ -376,9 +406,9 @@ mod x86 {
                         }
                     }
                 }
-                for (r, acc_row) in acc.iter().enumerate() {
-                    for (j, sum) in acc_row.iter().enumerate() {
-                        _mm512_storeu_ps(out.0.as_mut_ptr().add((group * 8 + r) * 2 * TILE + j * TILE), *sum);
+                for (r, acc_row) in acc.iter().enumerate().take(out.rows - first) {
+                    for (j, sum) in acc_row.iter().enumerate().filter(|(j, _)| j * TILE < out.cols) {
+                        out.put(first + r, j * TILE, *sum);
                     }
                 }
             }
@@ -528,8 +558,16 @@ mod tests {
     #[test]
     fn every_unit_matches_rounded_operands_for_every_shape_and_transpose() {
         // The last two are past the parallel threshold: cut by rows, then by columns.
-        let shapes =
-            [(1, 1, 1), (5, 7, 3), (16, 32, 16), (33, 65, 17), (40, 100, 70), (128, 96, 10), (200, 90, 70), (70, 90, 200)];
+        let shapes = [
+            (1, 1, 1),
+            (5, 7, 3),
+            (16, 32, 16),
+            (33, 65, 17),
+            (40, 100, 70),
+            (128, 96, 10),
+            (200, 90, 70),
+            (70, 90, 200),
+        ];
         for &unit in bf16_units() {
             for &(m, k, n) in &shapes {
                 for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
