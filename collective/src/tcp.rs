@@ -78,8 +78,9 @@ fn tune(stream: &TcpStream) -> Result<()> {
     Ok(())
 }
 
-fn parse_addr(p: &PeerInfo) -> Result<SocketAddr> {
-    crate::tls::resolve(&p.data_addr)
+/// What is left until `deadline`, at least 1 ms (a zero socket timeout means none).
+fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))
 }
 
 impl TcpLink {
@@ -124,10 +125,9 @@ fn dial(
     tag: &[u8; 32],
     deadline: Instant,
 ) -> Result<StreamOwned<ClientConnection, TcpStream>> {
-    let addr = parse_addr(next)?;
+    let addr = crate::tls::resolve(&next.data_addr)?;
     let stream = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1))) {
+        match TcpStream::connect_timeout(&addr, left(deadline)) {
             Ok(s) => break s,
             Err(e) if Instant::now() < deadline => {
                 tracing::trace!("tcp ring: dialing rank {} at {addr}: {e}; retrying", next.rank);
@@ -137,7 +137,7 @@ fn dial(
         }
     };
     tune(&stream)?;
-    stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))?;
+    stream.set_read_timeout(Some(left(deadline)))?;
     let (config, mismatch) = pinned_rustls_client(me, &next.fingerprint)?;
     let name = ServerName::try_from("lockstep").map_err(link_err)?;
     let conn = ClientConnection::new(Arc::new(config), name).map_err(link_err)?;
@@ -211,7 +211,7 @@ fn admit(
     stream.set_nonblocking(false)?;
     tune(&stream)?;
     // A caller that never speaks must not hold the setup past the deadline.
-    stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))))?;
+    stream.set_read_timeout(Some(left(deadline)))?;
     let conn = ServerConnection::new(config.clone()).map_err(link_err)?;
     let mut tls = StreamOwned::new(conn, stream);
     let mut hello = [0u8; 44];
@@ -270,8 +270,7 @@ impl RingLink for TcpLink {
         let Self { to_next, from_prev, .. } = self;
         std::thread::scope(|s| {
             let sender = s.spawn(move || {
-                let mut link = SendHalf(to_next);
-                link.send(seq, send).map_err(|e| link_err(format!("tcp ring: to rank {next_rank}: {e}")))
+                send_message(to_next, seq, send).map_err(|e| link_err(format!("tcp ring: to rank {next_rank}: {e}")))
             });
             let received = receive_message(from_prev, prev_rank, seq, recv, arrived);
             let sent = sender.join().map_err(|_| link_err("tcp ring: the sending thread panicked"))?;
@@ -280,17 +279,13 @@ impl RingLink for TcpLink {
     }
 }
 
-/// The sending half during an exchange (the receiving half stays on the caller's thread).
-struct SendHalf<'a>(&'a mut StreamOwned<ClientConnection, TcpStream>);
-
-impl SendHalf<'_> {
-    fn send(&mut self, seq: u64, send: &[u8]) -> std::io::Result<()> {
-        self.0.write_all(&crate::ring::message_header(seq, send.len()))?;
-        for piece in send.chunks(WRITE_BYTES) {
-            self.0.write_all(piece)?;
-        }
-        self.0.flush()
+/// Sends message `seq` to the next rank (on its own thread during an exchange).
+fn send_message(to_next: &mut StreamOwned<ClientConnection, TcpStream>, seq: u64, send: &[u8]) -> std::io::Result<()> {
+    to_next.write_all(&crate::ring::message_header(seq, send.len()))?;
+    for piece in send.chunks(WRITE_BYTES) {
+        to_next.write_all(piece)?;
     }
+    to_next.flush()
 }
 
 impl Drop for TcpLink {
