@@ -40,6 +40,11 @@ pub type Result<T> = std::result::Result<T, CollectiveError>;
 pub trait Communicator: Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
+    /// Whether every rank of the group is on this host, in shared memory: a collective then
+    /// costs microseconds, not round trips, so a reducer can afford small buckets.
+    fn on_one_host(&self) -> bool {
+        false
+    }
     /// In place: buf ← Σ over ranks of buf.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;
     /// `all_reduce_sum` with `buf[..half_len]` travelling in a 16-bit `format` (T25). A

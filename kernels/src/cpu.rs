@@ -3,11 +3,12 @@
 
 use crate::isa::Bf16Unit;
 use crate::{
-    attention, need_len, norm, recurrent, rotary, window, Activation, AttentionDims, Backend, Gemm, KernelError,
-    MatmulPrecision, Result, Rotary, UpdateRule, Window, IGNORE_TARGET,
+    attention, check_row_range, need_len, norm, recurrent, rotary, window, Activation, AttentionDims, Backend, Gemm,
+    KernelError, MatmulPrecision, Result, Rotary, UpdateRule, Window, IGNORE_TARGET,
 };
 use gemm::Parallelism;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Element-wise work is split into chunks of this many elements; buffers smaller than one
 /// chunk run on the calling thread. Fixed chunks keep reductions deterministic: partial
@@ -172,46 +173,9 @@ fn row_norm_backward(
     total
 }
 
-impl Backend for CpuBackend {
-    type Buf = Vec<f32>;
-
-    fn name(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
-    }
-
-    fn len(&self, buf: &Vec<f32>) -> usize {
-        buf.len()
-    }
-    fn check(&self) -> Result<()> {
-        Ok(()) // every op has finished when it returns
-    }
-
-    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; len])
-    }
-    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
-        Ok(data.to_vec())
-    }
-    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(buf.clone())
-    }
-    fn duplicate(&self, src: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(src.clone())
-    }
-    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
-        dst.copy_from_slice(src);
-        Ok(())
-    }
-    fn fill(&self, buf: &mut Vec<f32>, value: f32) -> Result<()> {
-        buf.fill(value);
-        Ok(())
-    }
-    fn copy_range(&self, src: &Vec<f32>, src_off: usize, dst: &mut Vec<f32>, dst_off: usize, len: usize) -> Result<()> {
-        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
-        Ok(())
-    }
-
-    fn matmul(&self, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>, g: Gemm) -> Result<()> {
+impl CpuBackend {
+    /// `Backend::matmul` on slices (a piece of a product writes into part of `c`).
+    fn matmul_slices(&self, a: &[f32], b: &[f32], c: &mut [f32], g: Gemm) -> Result<()> {
         let Gemm { m, k, n, trans_a, trans_b, accumulate, precision } = g;
         need_len("matmul", "a", a.len(), m * k)?;
         need_len("matmul", "b", b.len(), k * n)?;
@@ -246,7 +210,7 @@ impl Backend for CpuBackend {
             let b_half: Vec<f32> = b[..k * n].iter().map(|&x| p.round(x)).collect();
             let mut product = vec![0.0f32; m * n];
             let fp32 = Gemm { accumulate: false, ..g }.in_precision(MatmulPrecision::Fp32);
-            self.matmul(&a_half, &b_half, &mut product, fp32)?;
+            self.matmul_slices(&a_half, &b_half, &mut product, fp32)?;
             for (out, v) in c[..m * n].iter_mut().zip(product) {
                 *out = if accumulate { *out + p.round(v) } else { p.round(v) };
             }
@@ -283,7 +247,75 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+}
 
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn check(&self) -> Result<()> {
+        Ok(()) // every op has finished when it returns
+    }
+
+    fn zeros(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+    fn upload_into(&self, data: &[f32], buf: &mut Vec<f32>, offset: usize) -> Result<()> {
+        need_len("upload_into", "the buffer", buf.len(), offset + data.len())?;
+        buf[offset..offset + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn download_into(&self, buf: &Vec<f32>, offset: usize, out: &mut [f32]) -> Result<()> {
+        need_len("download_into", "the buffer", buf.len(), offset + out.len())?;
+        out.copy_from_slice(&buf[offset..offset + out.len()]);
+        Ok(())
+    }
+    fn duplicate(&self, src: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(src.clone())
+    }
+    fn copy(&self, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+    fn fill(&self, buf: &mut Vec<f32>, value: f32) -> Result<()> {
+        buf.fill(value);
+        Ok(())
+    }
+    fn copy_range(&self, src: &Vec<f32>, src_off: usize, dst: &mut Vec<f32>, dst_off: usize, len: usize) -> Result<()> {
+        dst[dst_off..dst_off + len].copy_from_slice(&src[src_off..src_off + len]);
+        Ok(())
+    }
+
+    fn matmul(&self, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>, g: Gemm) -> Result<()> {
+        self.matmul_slices(a, b, c, g)
+    }
+    fn matmul_rows(&self, a: &Vec<f32>, b: &Vec<f32>, c: &mut Vec<f32>, g: Gemm, rows: Range<usize>) -> Result<()> {
+        let Gemm { m, k, n, trans_a, .. } = g;
+        check_row_range(rows.clone(), m)?;
+        need_len("matmul_rows", "a", a.len(), m * k)?;
+        need_len("matmul_rows", "c", c.len(), m * n)?;
+        let piece = Gemm { m: rows.len(), ..g };
+        let c_rows = &mut c[rows.start * n..rows.end * n];
+        if trans_a {
+            // op(a)'s rows are columns of the stored (k, m) a: gathered into a (k, rows) block.
+            let a_rows: Vec<f32> = a[..m * k].chunks_exact(m).flat_map(|row| &row[rows.clone()]).copied().collect();
+            self.matmul_slices(&a_rows, b, c_rows, piece)
+        } else {
+            self.matmul_slices(&a[rows.start * k..rows.end * k], b, c_rows, piece)
+        }
+    }
     fn set_matmul_precision(&mut self, precision: MatmulPrecision) -> Result<()> {
         self.precision = precision;
         if precision == MatmulPrecision::Bf16 {
@@ -414,8 +446,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
     fn sum_squares(&self, x: &Vec<f32>) -> Result<f64> {
-        let partial: Vec<f64> =
-            x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).collect();
+        let partial: Vec<f64> = x.par_chunks(CHUNK).map(crate::vector::sum_squares).collect();
         Ok(partial.iter().sum())
     }
     fn add_sign(&self, alpha: f32, src: &Vec<f32>, dst: &mut Vec<f32>) -> Result<()> {
@@ -941,6 +972,38 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Rows of a product alone equal those rows of the whole product, in every layout and
+    /// precision; the other rows of c stay untouched.
+    #[test]
+    fn matmul_rows_equals_those_rows_of_the_whole_product() {
+        let (m, k, n) = (37, 53, 29);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
+        let units = std::iter::once(None).chain(crate::isa::bf16_units().iter().copied().map(Some));
+        for (unit, precision) in units.flat_map(|u| [(u, MatmulPrecision::Fp32), (u, MatmulPrecision::Bf16)]) {
+            let be = CpuBackend { precision, bf16_unit: unit, ..CpuBackend::new(2) };
+            for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+                let g = Gemm { trans_a: ta, trans_b: tb, ..Gemm::nn(m, k, n) }.accumulate();
+                let mut whole = vec![0.5; m * n];
+                be.matmul(&a, &b, &mut whole, g).unwrap();
+                let mut pieces = vec![0.5; m * n];
+                be.matmul_rows(&a, &b, &mut pieces, g, 5..20).unwrap();
+                let (rows, rest) =
+                    (5 * n..20 * n, pieces.iter().enumerate().filter(|(i, _)| !(5 * n..20 * n).contains(i)));
+                for (x, y) in pieces[rows.clone()].iter().zip(&whole[rows]) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                        "{unit:?} {precision:?} ta={ta} tb={tb}: {x} vs {y}"
+                    );
+                }
+                assert!(rest.into_iter().all(|(_, &v)| v == 0.5), "rows outside the range are left alone");
+            }
+        }
+        let be = CpuBackend::new(1);
+        let err = be.matmul_rows(&a, &b, &mut vec![0.0; m * n], Gemm::nn(m, k, n), 30..40).unwrap_err();
+        assert_eq!(err.to_string(), "matmul_rows: rows 30..40 of a product with 37");
     }
 
     #[test]

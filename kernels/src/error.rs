@@ -32,3 +32,11 @@ pub fn need_len(op: &'static str, what: &str, buf_len: usize, need: usize) -> Re
     }
     Ok(())
 }
+
+/// `Err(Shape)` unless `rows` is a range of the `m` rows of a product.
+pub fn check_row_range(rows: std::ops::Range<usize>, m: usize) -> Result<()> {
+    if rows.start > rows.end || rows.end > m {
+        return Err(KernelError::Shape { op: "matmul_rows", detail: format!("rows {rows:?} of a product with {m}") });
+    }
+    Ok(())
+}

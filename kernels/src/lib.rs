@@ -23,8 +23,9 @@ pub mod window;
 
 pub use attention::AttentionDims;
 pub use cpu::CpuBackend;
-pub use error::{need_len, KernelError, Result};
+pub use error::{check_row_range, need_len, KernelError, Result};
 pub use rotary::Rotary;
+use std::ops::Range;
 
 /// A target with this value is padding (T29): it adds nothing to the loss, to the count of
 /// correct predictions or to any gradient.
@@ -127,6 +128,10 @@ pub trait Backend: Send + Sync + 'static {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// buf[offset..offset + data.len()] = data: into an existing buffer, no allocation.
+    fn upload_into(&self, data: &[f32], buf: &mut Self::Buf, offset: usize) -> Result<()>;
+    /// out = buf[offset..offset + out.len()], into an existing host slice.
+    fn download_into(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]) -> Result<()>;
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()>;
     /// A new buffer with `src`'s contents (one pass: no zero-fill, then copy).
     fn duplicate(&self, src: &Self::Buf) -> Result<Self::Buf>;
@@ -148,6 +153,9 @@ pub trait Backend: Send + Sync + 'static {
     /// c = op(a)·op(b) (+ c if `g.accumulate`), shaped by `g` (see [`Gemm`]); the operand
     /// precision is the backend's (`set_matmul_precision`).
     fn matmul(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: Gemm) -> Result<()>;
+    /// Rows `rows` of that product alone, `g` shaped for the whole of it; the other rows of
+    /// c are left as they are. A weight gradient in pieces (`Linear::backward_in_pieces`).
+    fn matmul_rows(&self, a: &Self::Buf, b: &Self::Buf, c: &mut Self::Buf, g: Gemm, rows: Range<usize>) -> Result<()>;
     /// A new buffer (rows, cols) whose every row is `row` (cols): a layer's output that a GEMM
     /// then accumulates into (bias + x·Wᵀ), with no zero-fill first.
     fn repeat_rows(&self, row: &Self::Buf, rows: usize) -> Result<Self::Buf>;

@@ -157,6 +157,23 @@ fn dot_lanes(x: &[f32], y: &[f32]) -> f32 {
 }
 
 multiversion! {
+    /// Σ x² in f64, in 32 lanes (four AVX-512 or eight AVX2 accumulators, so the adds do
+    /// not wait on each other) summed in a fixed order: the same bits on every ISA.
+    pub fn sum_squares / sum_squares_on(x: &[f32]) -> f64 {
+        const WIDE: usize = 32;
+        let mut lanes = [0.0f64; WIDE];
+        let chunks = x.chunks_exact(WIDE);
+        let tail: f64 = chunks.remainder().iter().map(|&v| v as f64 * v as f64).sum();
+        for c in chunks {
+            for k in 0..WIDE {
+                lanes[k] += c[k] as f64 * c[k] as f64;
+            }
+        }
+        lanes.iter().sum::<f64>() + tail
+    }
+}
+
+multiversion! {
     /// Softmax of row[..visible] in place (scaled logits in, probabilities out); the rest
     /// of the row becomes exactly 0 (masked keys).
     pub fn softmax_row / softmax_row_on(row: &mut [f32], visible: usize) {
@@ -247,6 +264,20 @@ mod tests {
             let dbeta = swish_backward_on(isa, &x, &dy, &mut dx, beta, true);
             [dx, vec![dbeta as f32]].concat()
         });
+    }
+
+    #[test]
+    fn sum_squares_is_exact_to_f64_rounding_and_the_same_on_every_isa() {
+        for n in [0usize, 1, 31, 32, 33, 1000] {
+            let x = wave(n, n as f32);
+            let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+            let got = sum_squares(&x);
+            assert!((got - want).abs() <= 1e-12 * want.max(1.0), "n = {n}: {got} vs {want}");
+            same_bits("sum of squares", |isa| {
+                let bits = sum_squares_on(isa, &x).to_bits();
+                vec![f32::from_bits(bits as u32), f32::from_bits((bits >> 32) as u32)]
+            });
+        }
     }
 
     #[test]

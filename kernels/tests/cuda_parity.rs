@@ -59,9 +59,21 @@ fn every_op_matches_the_cpu_reference() {
                 )
                 .unwrap();
                 close(&format!("matmul ta={ta} tb={tb} acc={acc}"), &gpu.download(&gc).unwrap(), &cc);
+                // Rows 9..40 alone (a weight gradient in pieces), on strided device views.
+                let g = Gemm { trans_a: ta, trans_b: tb, ..Gemm::nn(m, k, n) }.accumulate_if(acc);
+                let (mut cc, mut gc) = (init.clone(), gpu.upload(&init).unwrap());
+                cpu.matmul_rows(&a, &b, &mut cc, g, 9..40).unwrap();
+                gpu.matmul_rows(&gpu.upload(&a).unwrap(), &gpu.upload(&b).unwrap(), &mut gc, g, 9..40).unwrap();
+                close(&format!("matmul_rows ta={ta} tb={tb} acc={acc}"), &gpu.download(&gc).unwrap(), &cc);
             }
         }
     }
+    // Into and out of part of an existing buffer.
+    let mut part = gpu.upload(&data(50, 4)).unwrap();
+    gpu.upload_into(&[1.0, 2.0, 3.0], &mut part, 10).unwrap();
+    let mut back = [0.0; 4];
+    gpu.download_into(&part, 9, &mut back).unwrap();
+    assert_eq!(&back[1..], &[1.0, 2.0, 3.0]);
 
     let (rows, cols) = (37, 300);
     let x = data(rows * cols, 4);

@@ -4,8 +4,9 @@ use crate::{ForwardCtx, Layer, Param, Result, Tensor};
 use lockstep_kernels::Backend;
 use std::ops::Range;
 
-/// Called by `backward_with_hook` with (index of the layer's first parameter, its params).
-pub type GradsReadyHook<'a, B> = dyn FnMut(usize, &[&Param<B>]) -> Result<()> + 'a;
+/// Called by `backward_with_hook` with (index of a parameter in `params()`, the parameter,
+/// the range of its gradient that is final): see [`Layer::backward_in_pieces`].
+pub type GradsReadyHook<'a, B> = dyn FnMut(usize, &Param<B>, Range<usize>) -> Result<()> + 'a;
 
 pub struct Sequential<B: Backend> {
     pub layers: Vec<Box<dyn Layer<B>>>,
@@ -40,13 +41,13 @@ impl<B: Backend> Sequential<B> {
     }
 
     pub fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
-        self.backward_with_hook(be, dy, &mut |_, _| Ok(()))
+        self.backward_with_hook(be, dy, &mut |_, _, _| Ok(()))
     }
 
-    /// Backward that calls `grads_ready(first_param_index, params)` as soon as each layer's
-    /// parameter gradients are final (last layer first), so a data-parallel reducer can
-    /// start sending them while earlier layers still compute. `first_param_index` is the
-    /// position of the layer's first parameter in `params()`.
+    /// Backward that calls `grads_ready(param_index, param, range)` as soon as a piece of a
+    /// parameter's gradient is final (last layer first; a large weight in pieces), so a
+    /// data-parallel reducer can start sending it while the rest still computes.
+    /// `param_index` is the parameter's position in `params()`.
     pub fn backward_with_hook(
         &mut self,
         be: &B,
@@ -73,11 +74,8 @@ impl<B: Backend> Sequential<B> {
         }
         let mut d = dy;
         for (i, layer) in self.layers.iter_mut().enumerate().skip(layers.start).take(layers.len()).rev() {
-            d = layer.backward(be, d)?;
-            let params = layer.params();
-            if !params.is_empty() {
-                grads_ready(first_index[i], &params)?;
-            }
+            d = layer
+                .backward_in_pieces(be, d, &mut |j, param, range| grads_ready(first_index[i] + j, param, range))?;
         }
         Ok(d)
     }

@@ -14,14 +14,18 @@ use lockstep_kernels::Backend;
 use lockstep_nn::layers::{StatSync, StatSyncHandle};
 use lockstep_nn::Param;
 use lockstep_proto::trace::SpanKind;
+use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+/// `len` values of parameter `param`'s gradient, from its value `from`, at `offset` in the
+/// bucket.
 pub(crate) struct Slot {
     pub(crate) param: usize,
     pub(crate) offset: usize,
     pub(crate) len: usize,
+    pub(crate) from: usize,
 }
 
 pub(crate) struct Bucket {
@@ -30,6 +34,7 @@ pub(crate) struct Bucket {
     pub(crate) data: Vec<f32>,
     /// Gradient values in the bucket.
     pub(crate) len: usize,
+    /// Values of this step's gradients not yet in the bucket.
     pub(crate) pending: usize,
 }
 
@@ -93,8 +98,8 @@ impl StatSync for CommStatSync {
 
 pub struct BucketReducer {
     pub(crate) buckets: Vec<Bucket>,
-    /// Bucket of each parameter index (None: frozen).
-    bucket_of: Vec<Option<usize>>,
+    /// The (bucket, slot) places of each parameter index (none: frozen).
+    places: Vec<Vec<(usize, usize)>>,
     pub(crate) next_launch: usize,
     /// This step's scalars (f64 split into f32 pairs), appended to the last bucket launched.
     staged_scalars: Vec<f32>,
@@ -118,21 +123,34 @@ pub struct BucketReducer {
     wire: WireFormat,
 }
 
-/// Parameters into buckets of at most `cap` values (one larger parameter gets its own), in
-/// reverse order, the order backward finishes them; frozen ones (None) into none. Returns
-/// the buckets and each parameter's bucket.
-fn plan_buckets(param_sizes: &[Option<usize>], cap: usize) -> (Vec<Bucket>, Vec<Option<usize>>) {
+/// Parameters into buckets of at most `cap` values, in reverse order, the order backward
+/// finishes them; frozen ones (None) into none. With `split` a parameter fills what is
+/// left of a bucket and goes on in the next (its gradient is reported in pieces, so its
+/// first buckets can go while the rest computes); without, a larger parameter gets a bucket
+/// of its own (ZeRO keeps one range of a parameter per rank). Returns the buckets and the
+/// (bucket, slot) places of each parameter.
+fn plan_buckets(param_sizes: &[Option<usize>], cap: usize, split: bool) -> (Vec<Bucket>, Vec<Vec<(usize, usize)>>) {
     let mut buckets: Vec<Bucket> = Vec::new();
-    let mut bucket_of = vec![None; param_sizes.len()];
+    let mut places = vec![Vec::new(); param_sizes.len()];
     let mut current = Bucket::empty();
     for (i, size) in param_sizes.iter().enumerate().rev() {
         let Some(len) = *size else { continue };
-        if current.len > 0 && current.len + len > cap {
-            buckets.push(std::mem::replace(&mut current, Bucket::empty()));
+        let mut from = 0;
+        loop {
+            let full = if split { current.len >= cap } else { current.len + len > cap };
+            if current.len > 0 && full {
+                buckets.push(std::mem::replace(&mut current, Bucket::empty()));
+            }
+            // cap ≥ 1 and the bucket is not full: a split slot takes at least one value.
+            let take = if split { (len - from).min(cap - current.len) } else { len };
+            places[i].push((buckets.len(), current.slots.len()));
+            current.slots.push(Slot { param: i, offset: current.len, len: take, from });
+            current.len += take;
+            from += take;
+            if from >= len {
+                break;
+            }
         }
-        bucket_of[i] = Some(buckets.len());
-        current.slots.push(Slot { param: i, offset: current.len, len });
-        current.len += len;
     }
     if current.len > 0 || !current.slots.is_empty() {
         buckets.push(current);
@@ -140,7 +158,22 @@ fn plan_buckets(param_sizes: &[Option<usize>], cap: usize) -> (Vec<Bucket>, Vec<
     for b in &mut buckets {
         b.data = vec![0.0; b.len];
     }
-    (buckets, bucket_of)
+    (buckets, places)
+}
+
+/// The smallest bucket a group on one host is cut into (256 KiB): a collective there costs
+/// microseconds, so a model of a few MB still gets four buckets to overlap with backward.
+const MIN_LOCAL_BUCKET: usize = 1 << 16;
+
+/// Values per bucket: `bucket_bytes`' worth, or on one host at most a quarter of the model
+/// (a network link keeps the buckets it was given: each collective costs round trips).
+fn bucket_cap(param_sizes: &[Option<usize>], bucket_bytes: usize, on_one_host: bool) -> usize {
+    let asked = (bucket_bytes / 4).max(1);
+    if !on_one_host {
+        return asked;
+    }
+    let total: usize = param_sizes.iter().flatten().sum();
+    asked.min((total / 4).max(MIN_LOCAL_BUCKET))
 }
 
 type BucketResult = std::result::Result<(usize, Vec<f32>), String>;
@@ -213,8 +246,8 @@ impl BucketReducer {
         wire: WireFormat,
         zero_stage: u8,
     ) -> Self {
-        let bucket_cap = (bucket_bytes / 4).max(1);
-        let (mut buckets, bucket_of) = plan_buckets(param_sizes, bucket_cap);
+        let bucket_cap = bucket_cap(param_sizes, bucket_bytes, comm.on_one_host());
+        let (mut buckets, places) = plan_buckets(param_sizes, bucket_cap, zero_stage == 0);
         let zero = (zero_stage > 0)
             .then(|| crate::zero::ZeroState::plan(comm.as_ref(), &mut buckets, param_sizes.len(), zero_stage));
         let (rank, world) = (comm.rank(), comm.world());
@@ -230,7 +263,7 @@ impl BucketReducer {
             .ok();
         let mut reducer = Self {
             buckets,
-            bucket_of,
+            places,
             next_launch: 0,
             staged_scalars: Vec::new(),
             jobs,
@@ -257,12 +290,12 @@ impl BucketReducer {
         if self.zero.is_some() {
             return Err(WorkerError::Config("a ZeRO reducer has no sibling (parallel.zero = 0 here)".into()));
         }
-        let (buckets, bucket_of) = plan_buckets(param_sizes, self.bucket_cap);
+        let (buckets, places) = plan_buckets(param_sizes, self.bucket_cap, true);
         let (results_to, results) = channel();
         let mut reducer = Self {
             bytes_per_step: buckets.iter().map(|b| b.len as u64 * self.value_bytes).sum(),
             buckets,
-            bucket_of,
+            places,
             next_launch: 0,
             staged_scalars: Vec::new(),
             jobs: self.jobs.clone(),
@@ -283,7 +316,7 @@ impl BucketReducer {
 
     pub(crate) fn reset(&mut self) {
         for b in &mut self.buckets {
-            b.pending = b.slots.len();
+            b.pending = b.len;
         }
         self.next_launch = 0;
     }
@@ -364,7 +397,7 @@ impl BucketReducer {
             data.truncate(grads);
         }
         for slot in &self.buckets[id].slots {
-            params[slot.param].grad = be.upload(&data[slot.offset..slot.offset + slot.len])?;
+            be.upload_into(&data[slot.offset..slot.offset + slot.len], &mut params[slot.param].grad, slot.from)?;
         }
         self.buckets[id].data = data;
         Ok(())
@@ -384,15 +417,19 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
         self.reduce_f32(values)
     }
 
-    fn grads_ready(&mut self, be: &B, first_index: usize, params: &[&Param<B>]) -> Result<()> {
-        for (j, p) in params.iter().enumerate() {
-            let Some(Some(b)) = self.bucket_of.get(first_index + j).copied() else { continue };
+    fn grad_ready(&mut self, be: &B, index: usize, param: &Param<B>, range: Range<usize>) -> Result<()> {
+        let Some(places) = self.places.get(index) else { return Ok(()) };
+        for (b, s) in places.clone() {
+            let slot = &self.buckets[b].slots[s];
+            let (start, end) = (range.start.max(slot.from), range.end.min(slot.from + slot.len));
+            if start >= end {
+                continue;
+            }
+            let at = slot.offset + start - slot.from;
             self.ensure_buffer(b)?;
             let bucket = &mut self.buckets[b];
-            let slot = bucket.slots.iter().find(|s| s.param == first_index + j).expect("planned slot");
-            let grad = be.download(&p.grad)?;
-            bucket.data[slot.offset..slot.offset + slot.len].copy_from_slice(&grad);
-            bucket.pending -= 1;
+            be.download_into(&param.grad, start, &mut bucket.data[at..at + end - start])?;
+            bucket.pending -= end - start;
         }
         self.launch_ready()
     }
@@ -553,7 +590,42 @@ mod tests {
         assert_eq!(r.buckets.len(), 2);
         assert_eq!(r.buckets[0].slots.iter().map(|s| s.param).collect::<Vec<_>>(), vec![3, 2]);
         assert_eq!(r.buckets[1].slots.iter().map(|s| s.param).collect::<Vec<_>>(), vec![0]);
-        assert_eq!(r.bucket_of[1], None);
+        assert!(r.places[1].is_empty());
         assert_eq!(r.bytes_per_step, 23 * 4);
+    }
+
+    /// A parameter larger than what is left of a bucket goes on in the next ones, and a
+    /// bucket goes out as soon as the pieces that cover it are in, in plan order.
+    #[test]
+    fn a_split_parameter_fills_buckets_and_its_pieces_launch_them() {
+        let comm = thread_group(1).pop().unwrap();
+        let mut r = BucketReducer::new(Box::new(comm), &[Some(10), Some(7)], 8 * 4, WireFormat::F32, 0);
+        let slots = |b: &Bucket| b.slots.iter().map(|s| (s.param, s.from, s.len)).collect::<Vec<_>>();
+        let plan: Vec<_> = r.buckets.iter().map(slots).collect();
+        assert_eq!(plan, vec![vec![(1, 0, 7), (0, 0, 1)], vec![(0, 1, 8)], vec![(0, 9, 1)]]);
+        let be = CpuBackend::new(1);
+        let mut params: Vec<Param<CpuBackend>> = [10usize, 7]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let mut p = Param::new(&be, format!("p{i}"), &[n], &vec![0.0; n], false).unwrap();
+                p.grad = (0..n).map(|v| (10 * i + v) as f32).collect();
+                p
+            })
+            .collect();
+        GradReducer::<CpuBackend>::stage_scalars(&mut r, &[1.0]);
+        r.grad_ready(&be, 1, &params[1], 0..7).unwrap();
+        assert_eq!(r.next_launch, 0, "bucket 0 also holds the first value of parameter 0");
+        r.grad_ready(&be, 0, &params[0], 0..4).unwrap();
+        assert_eq!(r.next_launch, 1, "bucket 0 complete, bucket 1 still waits for values 4..9");
+        r.grad_ready(&be, 0, &params[0], 4..10).unwrap();
+        assert_eq!(r.next_launch, 2, "the last bucket runs inline in finish_grads");
+        let want: Vec<Vec<f32>> = params.iter().map(|p| p.grad.clone()).collect();
+        params.iter_mut().for_each(|p| p.grad.fill(-1.0));
+        let mut refs: Vec<&mut Param<CpuBackend>> = params.iter_mut().collect();
+        let mut scalars = [0.0];
+        GradReducer::<CpuBackend>::finish_grads(&mut r, &be, &mut refs, &mut scalars).unwrap();
+        assert_eq!(params.iter().map(|p| p.grad.clone()).collect::<Vec<_>>(), want);
+        assert_eq!(scalars, [1.0]);
     }
 }

@@ -25,9 +25,17 @@ use std::time::Instant;
 /// Sums gradients and a few scalars across data-parallel ranks. Every rank must end with
 /// identical bits.
 pub trait GradReducer<B: Backend> {
-    /// Called during backward as soon as `params` (starting at `first_index` of
-    /// `model.params()`) hold final local gradients; a bucketed reducer starts sending here.
-    fn grads_ready(&mut self, _be: &B, _first_index: usize, _params: &[&Param<B>]) -> Result<()> {
+    /// Called during backward as soon as `range` of the gradient of `param` (number `index`
+    /// of `model.params()`) holds final local values; a bucketed reducer starts sending
+    /// here. A parameter's pieces come in order.
+    fn grad_ready(&mut self, _be: &B, _index: usize, _param: &Param<B>, _range: std::ops::Range<usize>) -> Result<()> {
+        Ok(())
+    }
+    /// Every one of `params` (from number `first_index`) final, whole.
+    fn grads_ready(&mut self, be: &B, first_index: usize, params: &[&Param<B>]) -> Result<()> {
+        for (j, p) in params.iter().enumerate() {
+            self.grad_ready(be, first_index + j, p, 0..p.numel())?;
+        }
         Ok(())
     }
     /// Called once per step before backward with a few values to sum across ranks (the
@@ -71,8 +79,8 @@ pub(crate) fn backward_into<B: Backend>(
 ) -> Result<Tensor<B>> {
     // The hook's own error (a failed all-reduce) is kept whole, not flattened to text.
     let mut hook_error = None;
-    let backward = model.backward_layers(be, layers, dy, &mut |first, params| {
-        reducer.grads_ready(be, first, params).map_err(|e| {
+    let backward = model.backward_layers(be, layers, dy, &mut |index, param, range| {
+        reducer.grad_ready(be, index, param, range).map_err(|e| {
             hook_error = Some(e);
             lockstep_nn::NnError::HookFailed
         })

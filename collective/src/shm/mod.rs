@@ -472,6 +472,9 @@ impl Communicator for ShmComm {
     fn world(&self) -> usize {
         self.ranks.len()
     }
+    fn on_one_host(&self) -> bool {
+        true
+    }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         if self.ranks.len() <= 1 {
             return Ok(());

@@ -190,6 +190,16 @@ impl Backend for CudaBackend {
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>> {
         self.stream.clone_dtoh(buf).map_err(|e| self.device_err("download", e))
     }
+    fn upload_into(&self, data: &[f32], buf: &mut Self::Buf, offset: usize) -> Result<()> {
+        crate::need_len("upload_into", "the buffer", buf.len(), offset + data.len())?;
+        let mut part = buf.slice_mut(offset..offset + data.len());
+        self.stream.memcpy_htod(data, &mut part).map_err(|e| self.device_err("upload_into", e))
+    }
+    fn download_into(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]) -> Result<()> {
+        crate::need_len("download_into", "the buffer", buf.len(), offset + out.len())?;
+        let part = buf.slice(offset..offset + out.len());
+        self.stream.memcpy_dtoh(&part, out).map_err(|e| self.device_err("download_into", e))
+    }
     fn copy(&self, src: &Self::Buf, dst: &mut Self::Buf) -> Result<()> {
         self.stream.memcpy_dtod(src, dst).map_err(|e| self.device_err("copy", e))
     }
@@ -255,6 +265,46 @@ impl Backend for CudaBackend {
         };
         // SAFETY: the lengths checked above cover m·k, k·n and m·n values.
         unsafe { self.blas.gemm(cfg, b, a, c) }.map_err(|e| self.device_err("matmul (cublasSgemm)", e))
+    }
+
+    fn matmul_rows(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        c: &mut Self::Buf,
+        g: crate::Gemm,
+        rows: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let crate::Gemm { m, k, n, trans_a, trans_b, accumulate, precision } = g;
+        if precision.unwrap_or(MatmulPrecision::Fp32) != MatmulPrecision::Fp32 {
+            return Err(self.unsupported("matmul_rows in half precision"));
+        }
+        crate::check_row_range(rows.clone(), m)?;
+        crate::need_len("matmul_rows", "a", a.len(), m * k)?;
+        crate::need_len("matmul_rows", "b", b.len(), k * n)?;
+        crate::need_len("matmul_rows", "c", c.len(), m * n)?;
+        if rows.is_empty() || n == 0 {
+            return Ok(());
+        }
+        // As `matmul`, on views: op(a)'s rows start at column `rows.start` of a stored (k, m)
+        // (leading dimension m), or at its row `rows.start` when a is stored (m, k).
+        let (a_rows, ldb) = if trans_a { (a.slice(rows.start..), m) } else { (a.slice(rows.start * k..), k) };
+        let mut c_rows = c.slice_mut(rows.start * n..rows.end * n);
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let cfg = GemmConfig {
+            transa: op(trans_b),
+            transb: op(trans_a),
+            m: n as i32,
+            n: rows.len() as i32,
+            k: k as i32,
+            alpha: 1.0f32,
+            lda: if trans_b { k } else { n } as i32,
+            ldb: ldb as i32,
+            beta: if accumulate { 1.0 } else { 0.0 },
+            ldc: n as i32,
+        };
+        // SAFETY: the lengths checked above cover every value the strided views reach.
+        unsafe { self.blas.gemm(cfg, b, &a_rows, &mut c_rows) }.map_err(|e| self.device_err("matmul_rows", e))
     }
 
     fn repeat_rows(&self, row: &Self::Buf, rows: usize) -> Result<Self::Buf> {

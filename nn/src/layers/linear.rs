@@ -1,6 +1,13 @@
-use super::{cached, ForwardCtx, Layer, Param};
+use super::{cached, ForwardCtx, Layer, Param, PieceReady};
 use crate::{shape_err, Result, Tensor};
 use lockstep_kernels::{Backend, Gemm};
+
+/// A weight gradient of at least twice this many values is computed in row blocks of about
+/// this size, each handed to the reducer as soon as it is done: the last layer backward
+/// reaches is the first of the model, often its largest, and without pieces its whole
+/// all-reduce would wait for its whole product (512 KiB: a few blocks for an MLP's first
+/// layer, and still large enough for GEMM speed).
+pub const GRAD_PIECE: usize = 1 << 17;
 
 /// y = x·Wᵀ + b (T5), or y = x·Wᵀ without a bias (`Linear::without_bias`, LLaMA-style
 /// blocks). W is stored (out, in) as in PyTorch, so checkpoints map one to one.
@@ -57,7 +64,7 @@ impl<B: Backend> Linear<B> {
     /// rows: one pass over dW instead of one per micro-batch (at 16 rows a micro-batch the
     /// k passes over the MLP's 1.6 MB dW cost more than the products). It waits only while
     /// the rows it keeps stay under half the weight's size.
-    fn weight_grad(&mut self, be: &B, x: Tensor<B>, dy: Tensor<B>) -> Result<()> {
+    fn weight_grad(&mut self, be: &B, x: Tensor<B>, dy: Tensor<B>, ready: &mut PieceReady<'_, B>) -> Result<()> {
         let (i, o) = (self.in_features, self.out_features);
         let rows = x.rows_cols().0;
         if let Some((index, count)) = self.micro_batch {
@@ -67,7 +74,15 @@ impl<B: Backend> Linear<B> {
             }
         }
         if self.deferred.is_empty() {
-            return Ok(be.matmul(&dy.buf, &x.buf, &mut self.weight.grad, Gemm::tn(o, rows, i).accumulate())?);
+            // In row blocks, each handed on as soon as it is done (see `GRAD_PIECE`).
+            let dw = Gemm::tn(o, rows, i).accumulate();
+            let block = o.div_ceil((o * i / GRAD_PIECE).max(1));
+            for start in (0..o).step_by(block.max(1)) {
+                let end = (start + block).min(o);
+                be.matmul_rows(&dy.buf, &x.buf, &mut self.weight.grad, dw, start..end)?;
+                ready(0, &self.weight, start * i..end * i)?;
+            }
+            return Ok(());
         }
         let mut pending = std::mem::take(&mut self.deferred);
         pending.push((x, dy));
@@ -80,7 +95,8 @@ impl<B: Backend> Linear<B> {
             be.copy_range(&dy.buf, 0, &mut dys.buf, row * o, n * o)?;
             row += n;
         }
-        Ok(be.matmul(&dys.buf, &xs.buf, &mut self.weight.grad, Gemm::tn(o, total, i).accumulate())?)
+        be.matmul(&dys.buf, &xs.buf, &mut self.weight.grad, Gemm::tn(o, total, i).accumulate())?;
+        ready(0, &self.weight, 0..o * i)
     }
 }
 
@@ -119,14 +135,23 @@ impl<B: Backend> Layer<B> for Linear<B> {
     }
 
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
+        self.backward_in_pieces(be, dy, &mut |_, _, _| Ok(()))
+    }
+
+    /// db, then dx, then dW in row blocks of about `GRAD_PIECE` values, each reported as
+    /// it is done (a deferred dW, and a frozen weight, once, whole).
+    fn backward_in_pieces(&mut self, be: &B, dy: Tensor<B>, ready: &mut PieceReady<'_, B>) -> Result<Tensor<B>> {
         let x = cached(&mut self.input_cache, &self.name)?; // (B, in)
         let (rows, _) = x.rows_cols();
         if dy.numel() != rows * self.out_features {
             return shape_err("Linear::backward", format!("{}: dy {:?}", self.name, dy.shape));
         }
         let (i, o) = (self.in_features, self.out_features);
-        if let Some(bias) = self.bias.as_mut().filter(|b| b.trainable) {
-            be.sum_rows(&dy.buf, &mut bias.grad, rows, o, true)?; // db (out) += Σ_rows dy
+        if let Some(bias) = self.bias.as_mut() {
+            if bias.trainable {
+                be.sum_rows(&dy.buf, &mut bias.grad, rows, o, true)?; // db (out) += Σ_rows dy
+            }
+            ready(1, bias, 0..o)?;
         }
         let dx = if self.input_grad {
             let mut dx = Tensor::zeros(be, &x.shape)?; // dx (B,in) = dy (B,out) · W (out,in)
@@ -136,7 +161,9 @@ impl<B: Backend> Layer<B> for Linear<B> {
             Tensor::zeros(be, &[0])?
         };
         if self.weight.trainable {
-            self.weight_grad(be, x, dy)?;
+            self.weight_grad(be, x, dy, ready)?;
+        } else {
+            ready(0, &self.weight, 0..o * i)?;
         }
         Ok(dx)
     }
@@ -173,6 +200,43 @@ mod gradient_tests {
         let mut layer = Linear::new(&be, "fc", 4, 3, &w).unwrap();
         layer.bias.as_mut().unwrap().value = vec![0.1, -0.2, 0.3];
         check_layer(&be, &mut layer, &[5, 4], &input(20), &ForwardCtx { train: true, ..Default::default() });
+    }
+
+    /// A weight of several `GRAD_PIECE`s reports its gradient in row blocks, in order and
+    /// covering it once, after the bias; the pieces add up to the gradient of one product.
+    #[test]
+    fn a_large_weight_gradient_comes_in_ordered_pieces_equal_to_one_product() {
+        use crate::layers::GRAD_PIECE;
+        use crate::{Layer, Tensor};
+        use lockstep_kernels::{Backend, Gemm};
+        let be = CpuBackend::new(2);
+        let (rows, i, o) = (4, 512, 2 * GRAD_PIECE / 512 + 3);
+        let w: Vec<f32> = (0..o * i).map(|v| ((v as f32) * 0.013).sin()).collect();
+        let x: Vec<f32> = (0..rows * i).map(|v| ((v as f32) * 0.07).cos()).collect();
+        let dy: Vec<f32> = (0..rows * o).map(|v| ((v as f32) * 0.11).sin()).collect();
+        let mut layer = Linear::new(&be, "fc", i, o, &w).unwrap();
+        let ctx = ForwardCtx { train: true, ..Default::default() };
+        layer.forward(&be, Tensor::from_slice(&be, &[rows, i], &x).unwrap(), &ctx).unwrap();
+        let mut seen = Vec::new();
+        let dy_t = Tensor::from_slice(&be, &[rows, o], &dy).unwrap();
+        layer
+            .backward_in_pieces(&be, dy_t, &mut |j, _, range| {
+                seen.push((j, range));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seen[0], (1, 0..o), "the bias first, whole");
+        let weight: Vec<_> = seen[1..].iter().map(|(j, r)| (*j, r.clone())).collect();
+        assert!(weight.len() >= 2, "{weight:?}");
+        assert!(weight.iter().all(|(j, r)| *j == 0 && r.start % i == 0 && r.end % i == 0));
+        assert_eq!(weight.first().map(|w| w.1.start), Some(0));
+        assert_eq!(weight.last().map(|w| w.1.end), Some(o * i));
+        assert!(weight.windows(2).all(|p| p[0].1.end == p[1].1.start), "in order, no gap: {weight:?}");
+        let mut want = vec![0.0; o * i];
+        be.matmul(&dy, &x, &mut want, Gemm::tn(o, rows, i)).unwrap();
+        for (g, w) in layer.weight.grad.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{g} vs {w}");
+        }
     }
 
     /// Under accumulation the first micro-batch's dW waits; after the last one dW is the

@@ -26,7 +26,7 @@ pub use conv_transpose::ConvTranspose2d;
 pub use dropout::Dropout;
 pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
 pub use layout::FileLayout;
-pub use linear::Linear;
+pub use linear::{Linear, GRAD_PIECE};
 pub use lora::LoraLinear;
 pub use mlp::{GeluMlp, SwiGlu};
 pub use norm::{BatchNorm, LayerNorm};
@@ -134,12 +134,26 @@ pub struct ForwardCtx {
     pub decode_from: Option<usize>,
 }
 
+/// Told by [`Layer::backward_in_pieces`] which values of which parameter's gradient are final.
+pub type PieceReady<'a, B> = dyn FnMut(usize, &Param<B>, std::ops::Range<usize>) -> Result<()> + 'a;
+
 pub trait Layer<B: Backend>: Send {
     fn name(&self) -> &str;
     /// y = f(x). Takes x by value so a layer that needs it in backward keeps it without a copy.
     fn forward(&mut self, be: &B, x: Tensor<B>, ctx: &ForwardCtx) -> Result<Tensor<B>>;
     /// dL/dx from dL/dy; parameter gradients are accumulated (+=).
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>>;
+    /// `backward` that calls `ready(j, param, range)` as soon as `range` of the layer's
+    /// j-th parameter's gradient is final, so a data-parallel reducer can send it while the
+    /// rest still computes. Each parameter's pieces come in order and end at its length.
+    /// The default reports every parameter whole, once backward is done.
+    fn backward_in_pieces(&mut self, be: &B, dy: Tensor<B>, ready: &mut PieceReady<'_, B>) -> Result<Tensor<B>> {
+        let dx = self.backward(be, dy)?;
+        for (j, p) in self.params().into_iter().enumerate() {
+            ready(j, p, 0..p.numel())?;
+        }
+        Ok(dx)
+    }
     fn params(&self) -> Vec<&Param<B>> {
         Vec::new()
     }
