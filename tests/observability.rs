@@ -120,13 +120,19 @@ fn a_local_run_writes_tensorboard_events_a_trace_rank_logs_and_a_plot() {
         let (forward, backward, optimizer, all_reduce) =
             (spans("forward"), spans("backward"), spans("optimizer"), spans("all-reduce"));
         assert_eq!(forward.len() as u64, steps, "rank {rank}");
-        assert_eq!((backward.len(), optimizer.len(), all_reduce.len()), (forward.len(), forward.len(), forward.len()));
+        assert_eq!((backward.len(), optimizer.len()), (forward.len(), forward.len()));
+        // On one host the 2.7 MB model is cut into buckets of a quarter of it at most.
+        let buckets = all_reduce.len() / forward.len();
+        assert!(buckets >= 4 && all_reduce.len() == buckets * forward.len(), "{} all-reduces", all_reduce.len());
         for i in 0..forward.len() {
-            let (f, b, o, a) = (forward[i], backward[i], optimizer[i], all_reduce[i]);
-            assert!(f.0 == b.0 && b.0 == o.0 && o.0 == a.0, "step numbers differ: {f:?} {b:?} {o:?} {a:?}");
+            let (f, b, o) = (forward[i], backward[i], optimizer[i]);
+            assert!(f.0 == b.0 && b.0 == o.0, "step numbers differ: {f:?} {b:?} {o:?}");
             assert!(f.1 + f.2 <= b.1 && b.1 + b.2 <= o.1, "rank {rank} step {}: out of order", f.0);
-            // The all-reduce starts during or after backward and ends before the update.
-            assert!(a.1 >= b.1 && a.1 + a.2 <= o.1 + 1, "rank {rank} step {}: all-reduce {a:?} outside", f.0);
+            // Each bucket's all-reduce starts during or after backward and ends before the update.
+            for a in all_reduce.iter().filter(|a| a.0 == f.0) {
+                assert!(a.1 >= b.1 && a.1 + a.2 <= o.1 + 1, "rank {rank} step {}: all-reduce {a:?} outside", f.0);
+            }
+            assert_eq!(all_reduce.iter().filter(|a| a.0 == f.0).count(), buckets, "rank {rank} step {}", f.0);
         }
         assert!(events
             .iter()
