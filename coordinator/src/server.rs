@@ -495,8 +495,10 @@ impl Group {
         }
     }
 
-    /// `next`, but every 100 ms it checks whether this process was asked to stop
-    /// (SIGTERM/SIGINT) and, once, tells every worker to stop after its current step. A
+    /// `next`, but before each message and every 100 ms without one it checks whether this
+    /// process was asked to stop (SIGTERM/SIGINT) and, once, tells every worker to stop
+    /// after its current step (checked before waiting, not only when the wait times out:
+    /// a fast run reports more often than every 100 ms and would never stop). A
     /// worker joining with room to admit it (`admission`) asks for the same stop, once, as a
     /// `Rescale` (`rescaling` is set).
     async fn next_or_preempt(
@@ -506,6 +508,11 @@ impl Group {
         rescaling: &mut bool,
     ) -> Result<(usize, ToCoordinator)> {
         loop {
+            if let (false, Some(signal)) = (*told, lockstep_proto::preempt::requested()) {
+                tracing::warn!("signal {signal}: every rank stops after its current step, with a checkpoint");
+                self.broadcast(&ToWorker::Preempt { signal }).await;
+                *told = true;
+            }
             let joined = tokio::select! {
                 msg = self.next() => return msg,
                 w = next_joiner(admission) => Some(w),
@@ -520,10 +527,6 @@ impl Group {
                     self.broadcast(&ToWorker::Rescale).await;
                     (*told, *rescaling) = (true, true);
                 }
-            } else if let (false, Some(signal)) = (*told, lockstep_proto::preempt::requested()) {
-                tracing::warn!("signal {signal}: every rank stops after its current step, with a checkpoint");
-                self.broadcast(&ToWorker::Preempt { signal }).await;
-                *told = true;
             }
         }
     }
