@@ -54,16 +54,18 @@ impl<B: Backend> Sequential<B> {
         dy: Tensor<B>,
         grads_ready: &mut GradsReadyHook<'_, B>,
     ) -> Result<Tensor<B>> {
-        self.backward_layers(be, 0..self.layers.len(), dy, grads_ready)
+        self.backward_layers(be, 0..self.layers.len(), dy, usize::MAX, grads_ready)
     }
 
-    /// `backward_with_hook` through `layers` alone; the hook's indices are still positions
-    /// in the whole stack's `params()`.
+    /// `backward_with_hook` through `layers` alone, large gradients in pieces of about
+    /// `piece` values (see [`Layer::backward_in_pieces`]); the hook's indices are still
+    /// positions in the whole stack's `params()`.
     pub fn backward_layers(
         &mut self,
         be: &B,
         layers: Range<usize>,
         dy: Tensor<B>,
+        piece: usize,
         grads_ready: &mut GradsReadyHook<'_, B>,
     ) -> Result<Tensor<B>> {
         let mut first_index: Vec<usize> = Vec::with_capacity(self.layers.len());
@@ -74,8 +76,9 @@ impl<B: Backend> Sequential<B> {
         }
         let mut d = dy;
         for (i, layer) in self.layers.iter_mut().enumerate().skip(layers.start).take(layers.len()).rev() {
-            d = layer
-                .backward_in_pieces(be, d, &mut |j, param, range| grads_ready(first_index[i] + j, param, range))?;
+            d = layer.backward_in_pieces(be, d, piece, &mut |j, param, range| {
+                grads_ready(first_index[i] + j, param, range)
+            })?;
         }
         Ok(d)
     }

@@ -266,7 +266,13 @@ impl<B: Backend> Trainer<B> {
             let out = softmax_cross_entropy(&self.be, &logits, &vec![REAL; n], None, 1.0)?;
             (scalars[0], scalars[1]) = (out.loss_sum, n as f64);
             reducer.stage_scalars(&scalars);
-            let d_fake = self.model.backward_layers(&self.be, gan.d(&self.model), out.grad, &mut |_, _, _| Ok(()))?;
+            let d_fake = self.model.backward_layers(
+                &self.be,
+                gan.d(&self.model),
+                out.grad,
+                usize::MAX,
+                &mut |_, _, _| Ok(()),
+            )?;
             backward_into(&self.be, &mut self.model, gan.g(), d_fake, reducer)?;
         } else {
             reducer.stage_scalars(&scalars);
@@ -487,8 +493,9 @@ beta1 = 0.5
         let ctx = ForwardCtx { train: true, ..Default::default() };
         let logits = t.model.forward_layers(&t.be, gan.d(&t.model), fake, &ctx).unwrap();
         let out = softmax_cross_entropy(&t.be, &logits, &vec![REAL; ids.len()], None, 1.0).unwrap();
-        let d_fake = t.model.backward_layers(&t.be, gan.d(&t.model), out.grad, &mut |_, _, _| Ok(())).unwrap();
-        t.model.backward_layers(&t.be, gan.g(), d_fake, &mut |_, _, _| Ok(())).unwrap();
+        let d_fake =
+            t.model.backward_layers(&t.be, gan.d(&t.model), out.grad, usize::MAX, &mut |_, _, _| Ok(())).unwrap();
+        t.model.backward_layers(&t.be, gan.g(), d_fake, usize::MAX, &mut |_, _, _| Ok(())).unwrap();
         let analytic: Vec<Vec<f32>> = t.model.params()[..gan.g_params].iter().map(|p| p.grad.clone()).collect();
         let h = 1e-2f32;
         for (param, grads) in analytic.iter().enumerate() {

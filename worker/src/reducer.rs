@@ -417,6 +417,14 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
         self.reduce_f32(values)
     }
 
+    fn grad_piece(&self) -> usize {
+        if self.zero.is_none() {
+            self.bucket_cap
+        } else {
+            usize::MAX
+        }
+    }
+
     fn grad_ready(&mut self, be: &B, index: usize, param: &Param<B>, range: Range<usize>) -> Result<()> {
         let Some(places) = self.places.get(index) else { return Ok(()) };
         for (b, s) in places.clone() {

@@ -31,6 +31,11 @@ pub trait GradReducer<B: Backend> {
     fn grad_ready(&mut self, _be: &B, _index: usize, _param: &Param<B>, _range: std::ops::Range<usize>) -> Result<()> {
         Ok(())
     }
+    /// The size of the gradient pieces this reducer can use (`Layer::backward_in_pieces`):
+    /// its bucket size when buckets may split a parameter; `usize::MAX` (whole) otherwise.
+    fn grad_piece(&self) -> usize {
+        usize::MAX
+    }
     /// Every one of `params` (from number `first_index`) final, whole.
     fn grads_ready(&mut self, be: &B, first_index: usize, params: &[&Param<B>]) -> Result<()> {
         for (j, p) in params.iter().enumerate() {
@@ -79,7 +84,8 @@ pub(crate) fn backward_into<B: Backend>(
 ) -> Result<Tensor<B>> {
     // The hook's own error (a failed all-reduce) is kept whole, not flattened to text.
     let mut hook_error = None;
-    let backward = model.backward_layers(be, layers, dy, &mut |index, param, range| {
+    let piece = reducer.grad_piece();
+    let backward = model.backward_layers(be, layers, dy, piece, &mut |index, param, range| {
         reducer.grad_ready(be, index, param, range).map_err(|e| {
             hook_error = Some(e);
             lockstep_nn::NnError::HookFailed

@@ -2,13 +2,6 @@ use super::{cached, ForwardCtx, Layer, Param, PieceReady};
 use crate::{shape_err, Result, Tensor};
 use lockstep_kernels::{Backend, Gemm};
 
-/// A weight gradient of at least twice this many values is computed in row blocks of about
-/// this size, each handed to the reducer as soon as it is done: the last layer backward
-/// reaches is the first of the model, often its largest, and without pieces its whole
-/// all-reduce would wait for its whole product (512 KiB: a few blocks for an MLP's first
-/// layer, and still large enough for GEMM speed).
-pub const GRAD_PIECE: usize = 1 << 17;
-
 /// y = x·Wᵀ + b (T5), or y = x·Wᵀ without a bias (`Linear::without_bias`, LLaMA-style
 /// blocks). W is stored (out, in) as in PyTorch, so checkpoints map one to one.
 pub struct Linear<B: Backend> {
@@ -64,7 +57,16 @@ impl<B: Backend> Linear<B> {
     /// rows: one pass over dW instead of one per micro-batch (at 16 rows a micro-batch the
     /// k passes over the MLP's 1.6 MB dW cost more than the products). It waits only while
     /// the rows it keeps stay under half the weight's size.
-    fn weight_grad(&mut self, be: &B, x: Tensor<B>, dy: Tensor<B>, ready: &mut PieceReady<'_, B>) -> Result<()> {
+    /// dW in row blocks of about `piece` values when it holds two or more, each handed on
+    /// as soon as it is done: the last layer backward reaches is the first of the model,
+    /// often its largest, and its all-reduce would otherwise wait for its whole product.
+    fn weight_grad(
+        &mut self,
+        be: &B,
+        (x, dy): (Tensor<B>, Tensor<B>),
+        piece: usize,
+        ready: &mut PieceReady<'_, B>,
+    ) -> Result<()> {
         let (i, o) = (self.in_features, self.out_features);
         let rows = x.rows_cols().0;
         if let Some((index, count)) = self.micro_batch {
@@ -73,16 +75,20 @@ impl<B: Backend> Linear<B> {
                 return Ok(());
             }
         }
-        if self.deferred.is_empty() {
-            // In row blocks, each handed on as soon as it is done (see `GRAD_PIECE`).
+        let pieces = o * i / piece.max(1);
+        if self.deferred.is_empty() && pieces >= 2 {
             let dw = Gemm::tn(o, rows, i).accumulate();
-            let block = o.div_ceil((o * i / GRAD_PIECE).max(1));
+            let block = o.div_ceil(pieces);
             for start in (0..o).step_by(block.max(1)) {
                 let end = (start + block).min(o);
                 be.matmul_rows(&dy.buf, &x.buf, &mut self.weight.grad, dw, start..end)?;
                 ready(0, &self.weight, start * i..end * i)?;
             }
             return Ok(());
+        }
+        if self.deferred.is_empty() {
+            be.matmul(&dy.buf, &x.buf, &mut self.weight.grad, Gemm::tn(o, rows, i).accumulate())?;
+            return ready(0, &self.weight, 0..o * i);
         }
         let mut pending = std::mem::take(&mut self.deferred);
         pending.push((x, dy));
@@ -135,12 +141,18 @@ impl<B: Backend> Layer<B> for Linear<B> {
     }
 
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>> {
-        self.backward_in_pieces(be, dy, &mut |_, _, _| Ok(()))
+        self.backward_in_pieces(be, dy, usize::MAX, &mut |_, _, _| Ok(()))
     }
 
-    /// db, then dx, then dW in row blocks of about `GRAD_PIECE` values, each reported as
-    /// it is done (a deferred dW, and a frozen weight, once, whole).
-    fn backward_in_pieces(&mut self, be: &B, dy: Tensor<B>, ready: &mut PieceReady<'_, B>) -> Result<Tensor<B>> {
+    /// db, then dx, then dW (in row blocks of about `piece` values when it holds two or
+    /// more), each reported as it is done; a deferred dW and a frozen weight once, whole.
+    fn backward_in_pieces(
+        &mut self,
+        be: &B,
+        dy: Tensor<B>,
+        piece: usize,
+        ready: &mut PieceReady<'_, B>,
+    ) -> Result<Tensor<B>> {
         let x = cached(&mut self.input_cache, &self.name)?; // (B, in)
         let (rows, _) = x.rows_cols();
         if dy.numel() != rows * self.out_features {
@@ -161,7 +173,7 @@ impl<B: Backend> Layer<B> for Linear<B> {
             Tensor::zeros(be, &[0])?
         };
         if self.weight.trainable {
-            self.weight_grad(be, x, dy, ready)?;
+            self.weight_grad(be, (x, dy), piece, ready)?;
         } else {
             ready(0, &self.weight, 0..o * i)?;
         }
@@ -202,15 +214,15 @@ mod gradient_tests {
         check_layer(&be, &mut layer, &[5, 4], &input(20), &ForwardCtx { train: true, ..Default::default() });
     }
 
-    /// A weight of several `GRAD_PIECE`s reports its gradient in row blocks, in order and
-    /// covering it once, after the bias; the pieces add up to the gradient of one product.
+    /// Asked for pieces of a third of the weight, a weight reports its gradient in row
+    /// blocks, in order and covering it once, after the bias; the pieces add up to the
+    /// gradient of one product.
     #[test]
     fn a_large_weight_gradient_comes_in_ordered_pieces_equal_to_one_product() {
-        use crate::layers::GRAD_PIECE;
         use crate::{Layer, Tensor};
         use lockstep_kernels::{Backend, Gemm};
         let be = CpuBackend::new(2);
-        let (rows, i, o) = (4, 512, 2 * GRAD_PIECE / 512 + 3);
+        let (rows, i, o) = (4, 96, 61);
         let w: Vec<f32> = (0..o * i).map(|v| ((v as f32) * 0.013).sin()).collect();
         let x: Vec<f32> = (0..rows * i).map(|v| ((v as f32) * 0.07).cos()).collect();
         let dy: Vec<f32> = (0..rows * o).map(|v| ((v as f32) * 0.11).sin()).collect();
@@ -220,14 +232,14 @@ mod gradient_tests {
         let mut seen = Vec::new();
         let dy_t = Tensor::from_slice(&be, &[rows, o], &dy).unwrap();
         layer
-            .backward_in_pieces(&be, dy_t, &mut |j, _, range| {
+            .backward_in_pieces(&be, dy_t, o * i / 3, &mut |j, _, range| {
                 seen.push((j, range));
                 Ok(())
             })
             .unwrap();
         assert_eq!(seen[0], (1, 0..o), "the bias first, whole");
         let weight: Vec<_> = seen[1..].iter().map(|(j, r)| (*j, r.clone())).collect();
-        assert!(weight.len() >= 2, "{weight:?}");
+        assert_eq!(weight.len(), 3, "{weight:?}");
         assert!(weight.iter().all(|(j, r)| *j == 0 && r.start % i == 0 && r.end % i == 0));
         assert_eq!(weight.first().map(|w| w.1.start), Some(0));
         assert_eq!(weight.last().map(|w| w.1.end), Some(o * i));

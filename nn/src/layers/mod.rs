@@ -26,7 +26,7 @@ pub use conv_transpose::ConvTranspose2d;
 pub use dropout::Dropout;
 pub use embedding::{sinusoid_table, Embedding, PositionalEncoding};
 pub use layout::FileLayout;
-pub use linear::{Linear, GRAD_PIECE};
+pub use linear::Linear;
 pub use lora::LoraLinear;
 pub use mlp::{GeluMlp, SwiGlu};
 pub use norm::{BatchNorm, LayerNorm};
@@ -145,9 +145,16 @@ pub trait Layer<B: Backend>: Send {
     fn backward(&mut self, be: &B, dy: Tensor<B>) -> Result<Tensor<B>>;
     /// `backward` that calls `ready(j, param, range)` as soon as `range` of the layer's
     /// j-th parameter's gradient is final, so a data-parallel reducer can send it while the
-    /// rest still computes. Each parameter's pieces come in order and end at its length.
-    /// The default reports every parameter whole, once backward is done.
-    fn backward_in_pieces(&mut self, be: &B, dy: Tensor<B>, ready: &mut PieceReady<'_, B>) -> Result<Tensor<B>> {
+    /// rest still computes; a layer that can cuts a large gradient into pieces of at most
+    /// about `piece` values (`usize::MAX`: whole). Each parameter's pieces come in order and
+    /// end at its length. The default reports every parameter whole, once backward is done.
+    fn backward_in_pieces(
+        &mut self,
+        be: &B,
+        dy: Tensor<B>,
+        _piece: usize,
+        ready: &mut PieceReady<'_, B>,
+    ) -> Result<Tensor<B>> {
         let dx = self.backward(be, dy)?;
         for (j, p) in self.params().into_iter().enumerate() {
             ready(j, p, 0..p.numel())?;
