@@ -159,6 +159,15 @@ impl RunWriter {
         std::fs::write(path, text).map_err(io_err(format!("writing trace {}", path.display())))?;
         let spans: usize = ranks.iter().map(|(_, _, s)| s.len()).sum();
         tracing::info!("trace of {} ranks ({spans} spans) written to {}", ranks.len(), path.display());
+        if let Some(b) = lockstep_proto::trace::comm_breakdown(ranks) {
+            tracing::info!(
+                "over {} steps: communication after the last rank's backward {:.1}% of the step, \
+                 ranks waiting for slower ones {:.1}%",
+                b.steps,
+                b.exposed * 100.0,
+                b.imbalance * 100.0
+            );
+        }
         Ok(())
     }
 
