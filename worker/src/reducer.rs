@@ -426,8 +426,8 @@ impl<B: Backend> GradReducer<B> for BucketReducer {
     }
 
     fn grad_ready(&mut self, be: &B, index: usize, param: &Param<B>, range: Range<usize>) -> Result<()> {
-        let Some(places) = self.places.get(index) else { return Ok(()) };
-        for (b, s) in places.clone() {
+        for p in 0..self.places.get(index).map_or(0, Vec::len) {
+            let (b, s) = self.places[index][p];
             let slot = &self.buckets[b].slots[s];
             let (start, end) = (range.start.max(slot.from), range.end.min(slot.from + slot.len));
             if start >= end {

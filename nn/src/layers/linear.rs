@@ -75,20 +75,20 @@ impl<B: Backend> Linear<B> {
                 return Ok(());
             }
         }
+        let dw = Gemm::tn(o, rows, i).accumulate();
         let pieces = o * i / piece.max(1);
-        if self.deferred.is_empty() && pieces >= 2 {
-            let dw = Gemm::tn(o, rows, i).accumulate();
+        if self.deferred.is_empty() && pieces < 2 {
+            be.matmul(&dy.buf, &x.buf, &mut self.weight.grad, dw)?;
+            return ready(0, &self.weight, 0..o * i);
+        }
+        if self.deferred.is_empty() {
             let block = o.div_ceil(pieces);
-            for start in (0..o).step_by(block.max(1)) {
+            for start in (0..o).step_by(block) {
                 let end = (start + block).min(o);
                 be.matmul_rows(&dy.buf, &x.buf, &mut self.weight.grad, dw, start..end)?;
                 ready(0, &self.weight, start * i..end * i)?;
             }
             return Ok(());
-        }
-        if self.deferred.is_empty() {
-            be.matmul(&dy.buf, &x.buf, &mut self.weight.grad, Gemm::tn(o, rows, i).accumulate())?;
-            return ready(0, &self.weight, 0..o * i);
         }
         let mut pending = std::mem::take(&mut self.deferred);
         pending.push((x, dy));
