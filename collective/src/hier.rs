@@ -52,6 +52,12 @@ impl Communicator for HierComm {
     fn world(&self) -> usize {
         self.locations.len()
     }
+    fn set_beside_compute(&mut self, beside: bool) {
+        self.local.set_beside_compute(beside);
+        if let Some(inter) = self.inter.as_mut() {
+            inter.set_beside_compute(beside);
+        }
+    }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
         self.reduce(buf, |inter, slice, _| inter.all_reduce_sum(slice))
     }

@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod pipe;
 pub mod quic;
 pub mod ring;
+pub mod sched;
 pub mod shm;
 pub mod tcp;
 pub mod thread;
@@ -44,6 +45,13 @@ pub trait Communicator: Send {
     /// costs microseconds, not round trips, so a reducer can afford small buckets.
     fn on_one_host(&self) -> bool {
         false
+    }
+    /// Tells the communicator that the threads calling it share their cores with busy
+    /// compute threads (a training step), so a wait should sleep rather than poll: a
+    /// poller that yields its core to the trainer gets it back only when the trainer's
+    /// time slice ends, milliseconds later. Default: nothing to change.
+    fn set_beside_compute(&mut self, beside: bool) {
+        let _ = beside;
     }
     /// In place: buf ← Σ over ranks of buf.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()>;

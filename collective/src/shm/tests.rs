@@ -228,3 +228,22 @@ fn mixed_collectives_back_to_back_stay_exact() {
         }
     }
 }
+
+/// Beside compute a waiter spins briefly and then sleeps, never yields; a member that
+/// arrives 30 ms late still meets the others, and the sums are exact.
+#[test]
+fn waits_beside_compute_sleep_and_still_sum_exactly() {
+    let len = 3 * 1000 + 1;
+    let got = on_group("beside", 3, 64, move |m, c| {
+        c.set_beside_compute(true);
+        assert_eq!(c.yield_for, Duration::ZERO, "no yielding beside a trainer thread");
+        if m == 2 {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        let mut buf = input(m, len);
+        c.all_reduce_sum(&mut buf).expect("all-reduce");
+        bits(&buf)
+    });
+    let want = member_order_sum(3, len);
+    assert!(got.iter().all(|g| g == &want));
+}
