@@ -18,6 +18,7 @@ pub mod peak;
 pub mod recurrent;
 pub mod rotary;
 pub mod skinny;
+pub mod transpose;
 pub mod vector;
 pub mod window;
 
