@@ -232,9 +232,11 @@ impl CpuBackend {
         // AVX-512 only, so other ISAs keep the direct call.
         if trans_b && !trans_a && crate::isa::current() == crate::isa::Isa::Avx512 {
             let mut b_t = TRANSPOSED_B.take();
-            b_t.resize(k * n, 0.0);
-            crate::transpose::transpose(&b[..n * k], &mut b_t, n, k);
-            let outcome = self.matmul_slices(a, &b_t, c, Gemm { trans_b: false, ..g });
+            if b_t.len() < k * n {
+                b_t.resize(k * n, 0.0);
+            }
+            crate::transpose::transpose(&b[..n * k], &mut b_t, n, k, self.threads);
+            let outcome = self.matmul_slices(a, &b_t[..k * n], c, Gemm { trans_b: false, ..g });
             TRANSPOSED_B.set(b_t);
             return outcome;
         }
