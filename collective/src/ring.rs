@@ -30,6 +30,26 @@ pub trait RingLink: Send {
         Ok(())
     }
 
+    /// Sends `send` to the next rank while adding the f32 values received from the
+    /// previous rank, `sums.len()` of them, into `sums` (a reduce-scatter step). The default
+    /// receives into a buffer kept per thread and adds each slice as it arrives; a link
+    /// that hands out its own receive buffers adds straight from them.
+    fn exchange_add(&mut self, send: &[u8], sums: &mut [f32]) -> Result<()> {
+        // A fresh vector per call would be a fresh mmap of up to 1/W of the largest bucket,
+        // page-faulted in on every collective (measured: ~10% of a 64 MiB QUIC all-reduce).
+        let mut incoming = INCOMING.take();
+        incoming.resize(sums.len(), 0.0);
+        // Add each slice as it arrives (slice boundaries are multiples of 4 bytes).
+        let mut add = |received: &[u8], bytes: std::ops::Range<usize>| {
+            let values: &[f32] = bytemuck::cast_slice(received);
+            let part = bytes.start / 4..bytes.end / 4;
+            sums[part.clone()].iter_mut().zip(&values[part]).for_each(|(s, x)| *s += x);
+        };
+        let outcome = self.exchange_sliced(send, bytemuck::cast_slice_mut(&mut incoming[..]), &mut add);
+        INCOMING.set(incoming);
+        outcome
+    }
+
     /// `exchange_bytes` of f32 values.
     fn exchange(&mut self, send: &[f32], recv: &mut [f32]) -> Result<()> {
         self.exchange_bytes(bytemuck::cast_slice(send), bytemuck::cast_slice_mut(recv))
@@ -88,44 +108,60 @@ pub fn ring_reduce_scatter(link: &mut dyn RingLink, rank: usize, world: usize, b
         return Ok(());
     }
     let len = buf.len();
-    // A fresh vector per call would be a fresh mmap of up to 1/W of the largest bucket,
-    // page-faulted in on every collective (measured: ~10% of a 64 MiB QUIC all-reduce).
-    let mut incoming = INCOMING.take();
-    incoming.resize(max_chunk(len, world), 0.0);
-    let outcome = (|| {
-        for s in 0..world - 1 {
-            let send = chunk_range(len, world, (rank + world - s) % world);
-            let recv = chunk_range(len, world, (rank + 2 * world - s - 1) % world);
-            receive_and_add(link, buf, send, recv, &mut incoming)?;
-        }
-        Ok(())
-    })();
-    INCOMING.set(incoming);
-    outcome
+    for s in 0..world - 1 {
+        let send = chunk_range(len, world, (rank + world - s) % world);
+        let recv = chunk_range(len, world, (rank + 2 * world - s - 1) % world);
+        let (outgoing, sums) = send_and_recv(buf, send, recv);
+        link.exchange_add(bytemuck::cast_slice(outgoing), sums)?;
+    }
+    Ok(())
 }
 
 thread_local! {
-    /// The receive buffer of `ring_reduce_scatter`, kept per thread between calls.
+    /// The receive buffer of `RingLink::exchange_add`, kept per thread between calls.
     static INCOMING: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// One reduce-scatter step: send `buf[send]`, add what arrives into `buf[recv]`.
-fn receive_and_add(
-    link: &mut dyn RingLink,
-    buf: &mut [f32],
-    send: std::ops::Range<usize>,
-    recv: std::ops::Range<usize>,
-    incoming: &mut [f32],
-) -> Result<()> {
-    let n = recv.len();
-    let (outgoing, sums) = send_and_recv(buf, send, recv);
-    // Add each slice as it arrives (slice boundaries are multiples of 4 bytes).
-    let mut add = |received: &[u8], bytes: std::ops::Range<usize>| {
-        let values: &[f32] = bytemuck::cast_slice(received);
-        let part = bytes.start / 4..bytes.end / 4;
-        sums[part.clone()].iter_mut().zip(&values[part]).for_each(|(s, x)| *s += x);
-    };
-    link.exchange_sliced(bytemuck::cast_slice(outgoing), bytemuck::cast_slice_mut(&mut incoming[..n]), &mut add)
+/// Adds little-endian f32 values arriving as byte runs of any length and alignment (a
+/// network stream's own buffers) into `sums`, in order; a value split between two runs
+/// waits in `carry`.
+pub(crate) struct ByteAdder<'a> {
+    sums: &'a mut [f32],
+    /// Bytes added so far.
+    at: usize,
+    carry: [u8; 4],
+}
+
+impl<'a> ByteAdder<'a> {
+    pub(crate) fn new(sums: &'a mut [f32]) -> Self {
+        Self { sums, at: 0, carry: [0; 4] }
+    }
+
+    /// Bytes still expected.
+    pub(crate) fn remaining(&self) -> usize {
+        4 * self.sums.len() - self.at
+    }
+
+    /// Adds the next run of bytes (at most `remaining()`).
+    pub(crate) fn add(&mut self, mut bytes: &[u8]) {
+        let partial = self.at % 4;
+        if partial != 0 {
+            let take = (4 - partial).min(bytes.len());
+            self.carry[partial..partial + take].copy_from_slice(&bytes[..take]);
+            (self.at, bytes) = (self.at + take, &bytes[take..]);
+            if self.at.is_multiple_of(4) {
+                self.sums[self.at / 4 - 1] += f32::from_le_bytes(self.carry);
+            }
+        }
+        let whole = bytes.len() / 4 * 4;
+        let start = self.at / 4;
+        for (s, v) in self.sums[start..start + whole / 4].iter_mut().zip(bytes.chunks_exact(4)) {
+            *s += f32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+        }
+        let rest = &bytes[whole..];
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.at += bytes.len();
+    }
 }
 
 /// The all-gather half of the ring: each rank's `ring_shard` passed around to every rank.
@@ -142,10 +178,6 @@ pub fn ring_all_gather(link: &mut dyn RingLink, rank: usize, world: usize, buf: 
         link.exchange(outgoing, place)?;
     }
     Ok(())
-}
-
-fn max_chunk(len: usize, world: usize) -> usize {
-    (0..world).map(|c| chunk_range(len, world, c).len()).max().unwrap_or(0)
 }
 
 /// Number format of values on the wire (T25): 16-bit formats halve the bytes; sums are
@@ -325,5 +357,34 @@ pub struct SoloLink;
 impl RingLink for SoloLink {
     fn exchange_bytes(&mut self, _: &[u8], _: &mut [u8]) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ByteAdder;
+
+    /// Byte runs cut anywhere (mid-value, one byte long, starting at odd addresses) add the
+    /// very values a whole-buffer add gives.
+    #[test]
+    fn byte_runs_of_any_length_and_alignment_add_exactly() {
+        let n = 1001;
+        let incoming: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 1e3).collect();
+        let start: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: Vec<u32> = start.iter().zip(&incoming).map(|(s, x)| (s + x).to_bits()).collect();
+        // One byte of padding in front, so every run starts misaligned.
+        let mut wire = vec![0u8];
+        wire.extend(incoming.iter().flat_map(|v| v.to_le_bytes()));
+        for cuts in [vec![1, 2, 3, 4, 5], vec![4003], vec![7, 1, 1, 1, 4096], vec![3]] {
+            let mut sums = start.clone();
+            let mut adder = ByteAdder::new(&mut sums);
+            let (mut at, mut next) = (1, 0);
+            while adder.remaining() > 0 {
+                let len = cuts[next % cuts.len()].min(adder.remaining());
+                adder.add(&wire[at..at + len]);
+                (at, next) = (at + len, next + 1);
+            }
+            assert_eq!(sums.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "cuts {cuts:?}");
+        }
     }
 }
