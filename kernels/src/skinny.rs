@@ -1,5 +1,5 @@
-//! c (m×n) = a (m×k) · bᵀ for a few rows of a (b is n×k row-major, as a `Linear` weight):
-//! dot products along k that stream b once, with no packing.
+//! c (m×n) = a (m×k) · bᵀ for a few rows of a, or a few rows of b (b is n×k row-major, as a
+//! `Linear` weight): dot products along k that stream b once, with no packing.
 //!
 //! `gemm` packs b on every call. With few rows of a (the micro-batches of gradient
 //! accumulation, a pipeline's micro-batches, small per-rank batches) packing the whole
@@ -10,8 +10,10 @@
 
 use std::ops::Range;
 
-/// Largest m for which `matmul` takes this path.
+/// Largest m for which `matmul` takes this path...
 pub const MAX_ROWS: usize = 24;
+/// ...and largest n, for any m.
+pub const MAX_COLS: usize = 16;
 
 use crate::isa::{self, Isa};
 
@@ -251,7 +253,9 @@ mod tests {
             println!("skipped the {name:?} kernel: this CPU lacks it");
         }
         for &kernel in have.iter().filter(|&&k| k != Isa::Scalar) {
-            for (m, k, n) in [(16, 784, 512), (5, 33, 17), (1, 7, 3), (24, 64, 10), (3, 16, 4), (4, 1, 4)] {
+            for (m, k, n) in
+                [(16, 784, 512), (5, 33, 17), (1, 7, 3), (24, 64, 10), (3, 16, 4), (4, 1, 4), (130, 512, 10)]
+            {
                 let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
                 let b: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
                 let want = naive(&a, &b, m, k, n);
