@@ -2,6 +2,7 @@ use super::{cached, ForwardCtx, Layer};
 use crate::rng::Stream;
 use crate::{Result, Tensor};
 use lockstep_kernels::Backend;
+use rayon::prelude::*;
 
 /// Inverted dropout (T9): in training keep each unit with probability 1−p and scale it by
 /// 1/(1−p); identity at eval. The mask of row i is drawn from the stream
@@ -40,11 +41,15 @@ impl<B: Backend> Layer<B> for Dropout<B> {
             );
         }
         let keep_scale = 1.0 / (1.0 - self.p);
-        let mut mask = Vec::with_capacity(rows * cols);
-        for &example in &ctx.example_ids {
-            let mut stream = Stream::new(ctx.seed, "dropout", &[self.layer_id, ctx.step, example]);
-            mask.extend((0..cols).map(|_| if stream.uniform() >= self.p { keep_scale } else { 0.0 }));
-        }
+        // Each example's stream is its own (counter-based Philox), so the rows are drawn in
+        // parallel with the same bits on any number of threads (serial, this was 8% of an
+        // MNIST-MLP step with the other core idle).
+        let mut mask = vec![0.0f32; rows * cols];
+        let (p, layer_id, step, seed) = (self.p, self.layer_id, ctx.step, ctx.seed);
+        mask.par_chunks_mut(cols.max(1)).zip(ctx.example_ids.par_iter()).for_each(|(row, &example)| {
+            let mut stream = Stream::new(seed, "dropout", &[layer_id, step, example]);
+            row.iter_mut().for_each(|m| *m = if stream.uniform() >= p { keep_scale } else { 0.0 });
+        });
         let mask = Tensor::from_slice(be, &x.shape, &mask)?;
         let mut y = Tensor::zeros(be, &x.shape)?;
         be.mul(&x.buf, &mask.buf, &mut y.buf)?;
