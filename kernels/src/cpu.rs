@@ -187,9 +187,6 @@ impl CpuBackend {
         need_len("matmul", "a", a.len(), m * k)?;
         need_len("matmul", "b", b.len(), k * n)?;
         need_len("matmul", "c", c.len(), m * n)?;
-        // Strides of op(a) (m,k): row-major (k,1); stored transposed (k,m) -> (1,m).
-        let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
-        let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -207,43 +204,69 @@ impl CpuBackend {
             return Ok(());
         }
         if precision != MatmulPrecision::Fp32 {
-            // Mixed precision (T25) as tensor cores do it: operands rounded to bf16/fp16,
-            // exact products (a half mantissa squared fits in fp32's), fp32 sums, the result
-            // rounded to the half format (activations and input gradients live in it; an
-            // fp16 overflow becomes inf). An accumulating matmul (weight gradients) adds its
-            // rounded result to the fp32 master gradient.
-            let p = precision;
-            let a_half: Vec<f32> = a[..m * k].iter().map(|&x| p.round(x)).collect();
-            let b_half: Vec<f32> = b[..k * n].iter().map(|&x| p.round(x)).collect();
-            let mut product = vec![0.0f32; m * n];
-            let fp32 = Gemm { accumulate: false, ..g }.in_precision(MatmulPrecision::Fp32);
-            self.matmul_slices(&a_half, &b_half, &mut product, fp32)?;
-            for (out, v) in c[..m * n].iter_mut().zip(product) {
-                *out = if accumulate { *out + p.round(v) } else { p.round(v) };
-            }
-            return Ok(());
+            return self.matmul_rounded(a, b, c, g, precision);
         }
-        // A few rows against a weight stored (n, k), or any rows against a weight of a few
-        // rows (an output layer of ten classes: 61–65 → 22–30 µs at 128×512×10): dot
-        // products that stream the weight once instead of `gemm` repacking it (see `skinny`).
+        if trans_b && !trans_a {
+            return self.matmul_nt(a, b, c, g);
+        }
+        self.gemm_fp32(a, b, c, g);
+        Ok(())
+    }
+
+    /// Mixed precision (T25) as tensor cores do it: operands rounded to bf16/fp16, exact
+    /// products (a half mantissa squared fits in fp32's), fp32 sums, the result rounded to
+    /// the half format (activations and input gradients live in it; an fp16 overflow becomes
+    /// inf). An accumulating matmul (weight gradients) adds its rounded result to the fp32
+    /// master gradient.
+    fn matmul_rounded(&self, a: &[f32], b: &[f32], c: &mut [f32], g: Gemm, p: MatmulPrecision) -> Result<()> {
+        let Gemm { m, k, n, accumulate, .. } = g;
+        let a_half: Vec<f32> = a[..m * k].iter().map(|&x| p.round(x)).collect();
+        let b_half: Vec<f32> = b[..k * n].iter().map(|&x| p.round(x)).collect();
+        let mut product = vec![0.0f32; m * n];
+        let fp32 = Gemm { accumulate: false, ..g }.in_precision(MatmulPrecision::Fp32);
+        self.matmul_slices(&a_half, &b_half, &mut product, fp32)?;
+        for (out, v) in c[..m * n].iter_mut().zip(product) {
+            *out = if accumulate { *out + p.round(v) } else { p.round(v) };
+        }
+        Ok(())
+    }
+
+    /// fp32 c (+)= a·bᵀ, b a (n, k) weight.
+    fn matmul_nt(&self, a: &[f32], b: &[f32], c: &mut [f32], g: Gemm) -> Result<()> {
+        let Gemm { m, k, n, accumulate, .. } = g;
+        // A few rows against the weight, or any rows against a weight of a few rows (an
+        // output layer of ten classes: 61–65 → 22–30 µs at 128×512×10): dot products that
+        // stream the weight once instead of `gemm` repacking it (see `skinny`).
         let skinny_shape = m <= skinny::MAX_ROWS || n <= skinny::MAX_COLS;
-        if trans_b && !trans_a && skinny_shape && skinny::matmul_nt(a, b, c, m, k, n, accumulate) {
+        if skinny_shape && skinny::matmul_nt(a, b, c, m, k, n, accumulate) {
             return Ok(());
         }
-        // a·bᵀ as a·(bᵀ stored): the same bits, without `gemm`'s slow gather of b's columns
-        // (see `transpose`; `bench mlp` 12–14% faster, `bench gpt` unchanged). Measured on
+        // a·(bᵀ stored): the same bits, without `gemm`'s slow gather of b's columns (see
+        // `transpose`; `bench mlp` 12–14% faster, `bench gpt` unchanged). Measured on
         // AVX-512 only, so other ISAs keep the direct call.
-        if trans_b && !trans_a && crate::isa::current() == crate::isa::Isa::Avx512 {
-            let mut b_t = TRANSPOSED_B.take();
-            if b_t.len() < k * n {
-                b_t.resize(k * n, 0.0);
-            }
-            crate::transpose::transpose(&b[..n * k], &mut b_t, n, k, self.threads);
-            let outcome = self.matmul_slices(a, &b_t[..k * n], c, Gemm { trans_b: false, ..g });
-            TRANSPOSED_B.set(b_t);
-            return outcome;
+        if crate::isa::current() != crate::isa::Isa::Avx512 {
+            self.gemm_fp32(a, b, c, g);
+            return Ok(());
         }
-        // SAFETY: the length checks above bound every index gemm touches by the strides given.
+        let mut b_t = TRANSPOSED_B.take();
+        if b_t.len() < k * n {
+            b_t.resize(k * n, 0.0);
+        }
+        crate::transpose::transpose(&b[..n * k], &mut b_t, n, k, self.threads);
+        let outcome = self.matmul_slices(a, &b_t[..k * n], c, Gemm { trans_b: false, ..g });
+        TRANSPOSED_B.set(b_t);
+        outcome
+    }
+
+    /// fp32 `gemm` (c (+)= op(a)·op(b)).
+    fn gemm_fp32(&self, a: &[f32], b: &[f32], c: &mut [f32], g: Gemm) {
+        let Gemm { m, k, n, trans_a, trans_b, accumulate, .. } = g;
+        // Strides of op(a) (m,k): row-major (k,1); stored transposed (k,m) -> (1,m).
+        let (a_rs, a_cs) = if trans_a { (1, m as isize) } else { (k as isize, 1) };
+        let (b_rs, b_cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+        assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm_fp32: short buffers");
+        // SAFETY: the lengths asserted above bound every index gemm touches by the strides
+        // given.
         unsafe {
             gemm::gemm(
                 m,
@@ -267,7 +290,6 @@ impl CpuBackend {
                 self.parallelism(m, k, n),
             );
         }
-        Ok(())
     }
 }
 
