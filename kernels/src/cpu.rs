@@ -313,6 +313,9 @@ impl Backend for CpuBackend {
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         Ok(data.to_vec())
     }
+    fn upload_vec(&self, data: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(data)
+    }
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
     }

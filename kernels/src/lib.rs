@@ -15,6 +15,7 @@ pub mod fast_math;
 pub mod isa;
 pub mod norm;
 pub mod peak;
+pub mod philox;
 pub mod recurrent;
 pub mod rotary;
 pub mod skinny;
@@ -128,6 +129,10 @@ pub trait Backend: Send + Sync + 'static {
     // ---- memory ----
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// As `upload`, taking the host vector: a host backend keeps it without a copy.
+    fn upload_vec(&self, data: Vec<f32>) -> Result<Self::Buf> {
+        self.upload(&data)
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     /// buf[offset..offset + data.len()] = data: into an existing buffer, no allocation.
     fn upload_into(&self, data: &[f32], buf: &mut Self::Buf, offset: usize) -> Result<()>;

@@ -4,24 +4,8 @@
 //! so no stream ever depends on the rank or the device that draws it, nor on draw order
 //! across streams.
 
-const PHILOX_M0: u32 = 0xD251_1F53;
-const PHILOX_M1: u32 = 0xCD9E_8D57;
-const PHILOX_W0: u32 = 0x9E37_79B9;
-const PHILOX_W1: u32 = 0xBB67_AE85;
-
-/// Philox4x32 with 10 rounds (Salmon et al., SC'11).
-pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
-    for round in 0..10 {
-        if round > 0 {
-            key[0] = key[0].wrapping_add(PHILOX_W0);
-            key[1] = key[1].wrapping_add(PHILOX_W1);
-        }
-        let p0 = (PHILOX_M0 as u64) * (ctr[0] as u64);
-        let p1 = (PHILOX_M1 as u64) * (ctr[2] as u64);
-        ctr = [((p1 >> 32) as u32) ^ ctr[1] ^ key[0], p1 as u32, ((p0 >> 32) as u32) ^ ctr[3] ^ key[1], p0 as u32];
-    }
-    ctr
-}
+pub use lockstep_kernels::philox::philox4x32_10;
+use lockstep_kernels::philox::{philox_blocks, LANES};
 
 /// FNV-1a then a SplitMix64 finaliser: a stable 64-bit name for a stream.
 fn stream_id(purpose: &str, ids: &[u64]) -> u64 {
@@ -76,13 +60,32 @@ impl Stream {
         self.buf[self.used - 1]
     }
 
+    /// The next `out.len()` words, as that many `next_u32` calls would give them; whole
+    /// runs of blocks are computed side by side (`philox_blocks`).
+    pub fn fill_u32(&mut self, out: &mut [u32]) {
+        let mut at = 0;
+        while self.used < 4 && at < out.len() {
+            out[at] = self.next_u32();
+            at += 1;
+        }
+        let bulk = (out.len() - at) / (4 * LANES) * (4 * LANES);
+        if bulk > 0 {
+            philox_blocks(self.block, self.id, self.key, &mut out[at..at + bulk]);
+            self.block += (bulk / 4) as u64;
+            at += bulk;
+        }
+        for word in &mut out[at..] {
+            *word = self.next_u32();
+        }
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         (self.next_u32() as u64) << 32 | self.next_u32() as u64
     }
 
     /// Uniform in [0, 1) with 24 bits of precision.
     pub fn uniform(&mut self) -> f32 {
-        (self.next_u32() >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
+        uniform_of(self.next_u32())
     }
 
     /// Standard normal by Box-Muller (one value per call, in f64 for accuracy).
@@ -105,6 +108,12 @@ impl Stream {
     }
 }
 
+/// A random word as a uniform in [0, 1) with 24 bits of precision.
+#[inline(always)]
+pub fn uniform_of(word: u32) -> f32 {
+    (word >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
+}
+
 /// Fisher-Yates permutation of 0..n from the (seed, "shuffle", epoch) stream.
 pub fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<u32> {
     let mut order: Vec<u32> = (0..n as u32).collect();
@@ -125,14 +134,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn philox_known_answers() {
-        // Known-answer vectors of Random123 (kat_vectors, philox4x32_10).
-        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
-        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]);
-        assert_eq!(
-            philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
-            [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
-        );
+    fn filled_words_equal_one_at_a_time_from_any_position() {
+        for (skip, len) in [(0, 0), (0, 64), (0, 1000), (1, 63), (3, 129), (6, 640), (2, 7)] {
+            let mut one = Stream::new(9, "dropout", &[4, skip as u64]);
+            let mut filled = one.clone();
+            (0..skip).for_each(|_| {
+                one.next_u32();
+                filled.next_u32();
+            });
+            let want: Vec<u32> = (0..len + 5).map(|_| one.next_u32()).collect();
+            let mut got = vec![0u32; len];
+            filled.fill_u32(&mut got);
+            got.extend((0..5).map(|_| filled.next_u32()));
+            assert_eq!(got, want, "skip {skip}, len {len}");
+        }
     }
 
     #[test]

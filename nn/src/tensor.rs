@@ -27,6 +27,14 @@ impl<B: Backend> Tensor<B> {
         Ok(Self { shape: shape.to_vec(), buf: be.upload(data)? })
     }
 
+    /// As `from_slice`, taking the host vector (no copy on a host backend).
+    pub fn from_vec(be: &B, shape: &[usize], data: Vec<f32>) -> Result<Self> {
+        if shape.iter().product::<usize>() != data.len() {
+            return shape_err("Tensor::from_vec", format!("shape {shape:?} vs {} values", data.len()));
+        }
+        Ok(Self { shape: shape.to_vec(), buf: be.upload_vec(data)? })
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

@@ -1,5 +1,5 @@
 use super::{cached, ForwardCtx, Layer};
-use crate::rng::Stream;
+use crate::rng::{uniform_of, Stream};
 use crate::{Result, Tensor};
 use lockstep_kernels::Backend;
 use rayon::prelude::*;
@@ -48,9 +48,16 @@ impl<B: Backend> Layer<B> for Dropout<B> {
         let (p, layer_id, step, seed) = (self.p, self.layer_id, ctx.step, ctx.seed);
         mask.par_chunks_mut(cols.max(1)).zip(ctx.example_ids.par_iter()).for_each(|(row, &example)| {
             let mut stream = Stream::new(seed, "dropout", &[layer_id, step, example]);
-            row.iter_mut().for_each(|m| *m = if stream.uniform() >= p { keep_scale } else { 0.0 });
+            let mut words = [0u32; 256];
+            for piece in row.chunks_mut(words.len()) {
+                let words = &mut words[..piece.len()];
+                stream.fill_u32(words);
+                for (m, &word) in piece.iter_mut().zip(words.iter()) {
+                    *m = if uniform_of(word) >= p { keep_scale } else { 0.0 };
+                }
+            }
         });
-        let mask = Tensor::from_slice(be, &x.shape, &mask)?;
+        let mask = Tensor::from_vec(be, &x.shape, mask)?;
         let mut y = Tensor::zeros(be, &x.shape)?;
         be.mul(&x.buf, &mask.buf, &mut y.buf)?;
         self.mask_cache = Some(mask);
