@@ -281,11 +281,15 @@ fn accumulating_four_micro_batches_is_one_step_of_the_whole_batch() {
     // The same gradients summed in another order: equal to float rounding, not bit for bit.
     let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(b.abs()).max(1e-3);
     let loss_diff = l1.iter().zip(&l4).map(|(&a, &b)| rel(a, b)).fold(0.0, f64::max);
-    let weight_diff = w1.iter().zip(&w4).map(|(&a, &b)| rel(a as f64, b as f64)).fold(0.0, f64::max);
+    // Weights: the largest difference against the weights' own scale (their RMS), since a
+    // weight near zero has no meaningful relative error (GEMM blockings differ by ISA, and so
+    // does the rounding: AVX2 gave 1.02e-4 relative on a weight of ~1e-3, AVX-512 less).
+    let rms = (w1.iter().map(|&w| (w as f64).powi(2)).sum::<f64>() / w1.len() as f64).sqrt();
+    let weight_diff = w1.iter().zip(&w4).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max) / rms;
     println!(
-        "k=4 vs k=1 after 50 steps: max relative difference {weight_diff:.2e} (weights), {loss_diff:.2e} (losses)"
+        "k=4 vs k=1 after 50 steps: max difference {weight_diff:.2e} of the weights' RMS, {loss_diff:.2e} relative (losses)"
     );
-    assert!(weight_diff < 1e-4 && loss_diff < 1e-5, "{weight_diff:e} {loss_diff:e}");
+    assert!(weight_diff < 1e-5 && loss_diff < 1e-5, "{weight_diff:e} {loss_diff:e}");
     assert!(l4[49] < 0.5 * l4[0], "it trains: {} → {}", l4[0], l4[49]);
     // More micro-batches than examples is refused before anything runs.
     let sets = ["train.batch_size=128".to_string(), "train.accumulate=129".to_string()];
